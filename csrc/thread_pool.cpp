@@ -1,0 +1,97 @@
+#include "thread_pool.h"
+
+#include <memory>
+
+namespace k2sys {
+
+ThreadPool::ThreadPool(int num_threads) {
+  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_work_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::drain(const std::function<void(std::size_t)>* fn) {
+  for (;;) {
+    std::size_t idx;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (job_ != fn || next_task_ >= num_tasks_) return;
+      idx = next_task_++;
+    }
+    try {
+      (*fn)(idx);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (++done_tasks_ == num_tasks_) cv_done_.notify_all();
+    }
+  }
+}
+
+void ThreadPool::worker_loop() {
+  std::size_t seen = 0;
+  for (;;) {
+    const std::function<void(std::size_t)>* fn;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_work_.wait(lk, [&] { return stop_ || (job_ != nullptr && generation_ != seen); });
+      if (stop_) return;
+      seen = generation_;
+      fn = job_;
+    }
+    drain(fn);
+  }
+}
+
+void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn) {
+  if (num_tasks == 0) return;
+  std::lock_guard<std::mutex> one(run_mu_);
+  if (workers_.empty() || num_tasks == 1) {
+    for (std::size_t i = 0; i < num_tasks; ++i) fn(i);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    job_ = &fn;
+    num_tasks_ = num_tasks;
+    next_task_ = 0;
+    done_tasks_ = 0;
+    error_ = nullptr;
+    ++generation_;
+  }
+  cv_work_.notify_all();
+  drain(&fn);
+  std::exception_ptr err;
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_done_.wait(lk, [&] { return done_tasks_ == num_tasks_; });
+    job_ = nullptr;
+    err = error_;
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+ThreadPool& ThreadPool::global(int threads) {
+  static std::mutex mu;
+  static std::unique_ptr<ThreadPool> pool;
+  if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
+  if (threads <= 0) threads = 1;
+  std::lock_guard<std::mutex> g(mu);
+  if (!pool || pool->size() != threads) {
+    pool.reset();
+    pool = std::make_unique<ThreadPool>(threads);
+  }
+  return *pool;
+}
+
+}  // namespace k2sys

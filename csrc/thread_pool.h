@@ -1,0 +1,44 @@
+// A fixed-size worker pool for byte-moving jobs (host copies, slice copies, checksums).
+// One pool per process, created lazily; parallel_for splits [0, n) into contiguous ranges.
+#pragma once
+#include <condition_variable>
+#include <cstddef>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace k2sys {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }  // + the calling thread
+
+  // Runs fn(task_index) for task_index in [0, num_tasks) on the pool and the caller; blocks
+  // until all are done. The first exception thrown by a task is rethrown in the caller.
+  void run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn);
+
+  // The process-wide pool, resized on demand (threads <= 0: hardware concurrency).
+  static ThreadPool& global(int threads);
+
+ private:
+  void worker_loop();
+  void drain(const std::function<void(std::size_t)>* fn);
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  const std::function<void(std::size_t)>* job_ = nullptr;
+  std::size_t num_tasks_ = 0, next_task_ = 0, done_tasks_ = 0;
+  std::size_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::mutex run_mu_;  // one job at a time
+};
+
+}  // namespace k2sys
