@@ -1,0 +1,1 @@
+"""Pipelines that `k2sys run` executes, one per RunConfig.pipeline value."""
