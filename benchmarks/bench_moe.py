@@ -1,0 +1,192 @@
+"""MoE kernel benchmark: Triton fused MoE vs a dense bf16 matmul of equal FLOPs and vs the torch
+per-expert reference, all measured in the same run.
+
+GPU: Kimi-K2 per-GPU shapes, H=7168, top-8:
+  ep8  E=48 local experts, I=2048   (expert parallel over 8 GPUs; every routed pair is local)
+  tp8  E=384 experts, I=256         (tensor parallel over 8 GPUs: I = 2048 / 8)
+  tokens 1..8192. Targets at 4096 tokens: >= 35% of the dense matmul's TFLOP/s, >= 5x the
+  torch reference. Router rows compare the Triton router with its torch reference (E=384).
+CPU (no GPU): tiny shapes, the torch reference vs the dense matmul only; labelled as a CPU run
+  (the Triton interpreter is a test tool, its timings mean nothing).
+
+  python benchmarks/bench_moe.py --json benchmarks/results/moe_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+FLOPS_PER_PAIR = 6  # x @ w13^T (2 * H * 2I) + act @ w2^T (2 * I * H) = 6 * H * I per pair
+K2_SHAPES = {"ep8": dict(E=48, I=2048), "tp8": dict(E=384, I=256)}
+GPU_TOKENS = [1, 16, 64, 256, 1024, 4096, 8192]
+CPU_SHAPE = dict(E=16, I=64, H=256, top_k=4)
+CPU_TOKENS = [1, 8, 32, 128]
+TARGET_TOKENS = 4096
+
+
+def time_fn(fn, device: str, iters: int, warmup: int) -> float:
+    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_problem(T, H, I, E, top_k, dtype, device, seed=0):
+    """Random activations/weights and routing through the K2 router (sigmoid + bias, top-k)."""
+    from k2sys.kernels import k2_router_topk_torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, H, device=device, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, device=device, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, device=device, generator=g) / I**0.5).to(dtype)
+    logits = torch.randn(T, E, device=device, generator=g)
+    bias = torch.randn(E, device=device, generator=g) * 0.1
+    w, ids = k2_router_topk_torch(logits, bias, top_k, 1, 1, 2.827, True)
+    return x, w13, w2, w, ids
+
+
+def dense_peer(P, H, I, dtype, device):
+    """A [P, H] x [H, 3I] matmul: the same 6*P*H*I FLOPs as the MoE, with no routing."""
+    a = torch.randn(max(P, 1), H, device=device).to(dtype)
+    b = torch.randn(H, 3 * I, device=device).to(dtype)
+    return lambda: torch.matmul(a, b)
+
+
+def row(name, value, unit, baseline, target=None, **extra):
+    ratio = value / baseline if baseline else None
+    return dict(name=name, value=value, unit=unit, baseline=baseline, ratio=ratio, target=target, **extra)
+
+
+def bench_gpu(args) -> list[dict]:
+    from k2sys.kernels import fused_moe, fused_moe_torch, k2_router_topk, k2_router_topk_torch, quantize_fp8_block
+
+    results, dtype, H, k = [], torch.bfloat16, 7168, 8
+    for shape in args.shapes:
+        E, I = K2_SHAPES[shape]["E"], K2_SHAPES[shape]["I"]
+        x_all, w13, w2, _, _ = make_problem(max(args.tokens), H, I, E, k, dtype, "cuda")
+        q = quantize_fp8_block(w13) + quantize_fp8_block(w2) if args.fp8 else None
+        for T in args.tokens:
+            x = x_all[:T]
+            _, _, _, w, ids = make_problem(T, 16, 16, E, k, dtype, "cuda", seed=T)
+            flops = FLOPS_PER_PAIR * T * k * H * I
+            t_tri = time_fn(lambda: fused_moe(x, w13, w2, w, ids), "cuda", args.iters, args.warmup)
+            t_ref = time_fn(lambda: fused_moe_torch(x, w13, w2, w, ids), "cuda", max(3, args.iters // 4), 1)
+            t_dense = time_fn(dense_peer(T * k, H, I, dtype, "cuda"), "cuda", args.iters, args.warmup)
+            tgt = T == TARGET_TOKENS
+            base = f"moe_{shape}_E{E}_I{I}_T{T}"
+            results.append(row(f"{base}_tflops_vs_dense_bf16", flops / t_tri / 1e12, "TFLOP/s", flops / t_dense / 1e12,
+                               0.35 if tgt else None, time_ms=t_tri * 1e3, dense_ms=t_dense * 1e3))  # fmt: skip
+            results.append(row(f"{base}_speedup_vs_torch_ref", T / t_tri, "tok/s", T / t_ref,
+                               5.0 if tgt else None, time_ms=t_tri * 1e3, ref_ms=t_ref * 1e3))  # fmt: skip
+            if q is not None:
+                t8 = time_fn(lambda: fused_moe(x, q[0], q[2], w, ids, w13_scale=q[1], w2_scale=q[3]), "cuda",
+                             args.iters, args.warmup)  # fmt: skip
+                results.append(row(f"{base}_fp8_speedup_vs_bf16_triton", T / t8, "tok/s", T / t_tri, None,
+                                   time_ms=t8 * 1e3))  # fmt: skip
+        del w13, w2, x_all, q
+        torch.cuda.empty_cache()
+    for T in (256, TARGET_TOKENS):
+        logits = torch.randn(T, 384, device="cuda")
+        bias = torch.randn(384, device="cuda") * 0.1
+        t_k = time_fn(lambda: k2_router_topk(logits, bias, 8, 1, 1, 2.827), "cuda", args.iters, args.warmup)
+        t_r = time_fn(lambda: k2_router_topk_torch(logits, bias, 8, 1, 1, 2.827), "cuda", args.iters, args.warmup)
+        results.append(row(f"router_E384_top8_T{T}_speedup_vs_torch_ref", T / t_k, "tok/s", T / t_r, None,
+                           time_ms=t_k * 1e3))  # fmt: skip
+    return results
+
+
+def bench_cpu(args) -> list[dict]:
+    from k2sys.kernels import fused_moe_torch
+
+    results, s = [], CPU_SHAPE
+    for T in CPU_TOKENS:
+        x, w13, w2, w, ids = make_problem(T, s["H"], s["I"], s["E"], s["top_k"], torch.float32, "cpu", seed=T)
+        flops = FLOPS_PER_PAIR * T * s["top_k"] * s["H"] * s["I"]
+        t_ref = time_fn(lambda: fused_moe_torch(x, w13, w2, w, ids), "cpu", args.iters, args.warmup)
+        t_dense = time_fn(dense_peer(T * s["top_k"], s["H"], s["I"], torch.float32, "cpu"), "cpu", args.iters, args.warmup)
+        name = f"cpu_torch_ref_E{s['E']}_H{s['H']}_I{s['I']}_top{s['top_k']}_T{T}_tflops_vs_dense_fp32"
+        results.append(row(name, flops / t_ref / 1e12, "TFLOP/s", flops / t_dense / 1e12, None,
+                           time_ms=t_ref * 1e3, dense_ms=t_dense * 1e3))  # fmt: skip
+    return results
+
+
+def env_info(device: str) -> dict:
+    import triton
+
+    info = dict(device=device, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                host=platform.node(), threads=torch.get_num_threads())  # fmt: skip
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    else:
+        info.update(note="CPU run: torch reference vs dense matmul on tiny shapes; no Triton timings (GPU only)")
+    return info
+
+
+def write_json(path: str, body: dict) -> None:
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(body, f, indent=1)
+    os.replace(tmp, path)
+
+
+def print_table(results: list[dict], header: str) -> None:
+    print(header)
+    print(f"{'name':<62} {'value':>10} {'baseline':>10} {'unit':>8} {'ratio':>7} {'target':>7} {'ms':>9}")
+    for r in results:
+        tgt = "" if r["target"] is None else f"{r['target']:.2f}"
+        ok = "" if r["target"] is None else (" ok" if r["ratio"] >= r["target"] else " MISS")
+        print(f"{r['name']:<62} {r['value']:>10.4g} {r['baseline']:>10.4g} {r['unit']:>8} {r['ratio']:>7.3f} "
+              f"{tgt:>7}{ok} {r.get('time_ms', float('nan')):>9.3f}")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write {'results': [...], 'env': {...}} here")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(K2_SHAPES), default=sorted(K2_SHAPES))
+    ap.add_argument("--tokens", type=int, nargs="+", default=GPU_TOKENS, help="GPU token counts")
+    ap.add_argument("--fp8", action="store_true", help="also time fp8 block-scaled weights (GPU)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device visible")
+    if min(args.tokens) < 1:
+        ap.error("--tokens must all be >= 1")
+    results = bench_gpu(args) if device == "cuda" else bench_cpu(args)
+    env = env_info(device)
+    print_table(results, f"# MoE benchmark on {env.get('gpu', 'CPU (reference path only)')}")
+    if args.json:
+        write_json(args.json, {"results": results, "env": env})
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""MoE kernels for the native engine and the trainer: Triton on GPU, torch references on CPU.
+
+The kernels live in the `k2sys_triton` package (source folder triton_kernels/k2sys_triton);
+this facade is the import path the rest of k2sys uses.
+
+HAS_TRITON      triton imports (the `kernels` extra is installed).
+HAS_TRITON_GPU  triton imports *and* a CUDA device is visible: the fused kernels can run.
+
+`moe_forward` is the dispatcher: the Triton fused MoE on CUDA tensors when HAS_TRITON_GPU
+(unless use_triton=False), the per-expert torch reference otherwise. The CPU interpreter
+(TRITON_INTERPRET=1) is for tests only, so the dispatcher never picks it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k2sys_triton import (
+    HAS_TRITON,
+    FusedMoEFunction,
+    MoEAlignment,
+    MoEKernelConfig,
+    dequantize_fp8_block,
+    fused_moe,
+    fused_moe_torch,
+    get_config,
+    k2_router_topk,
+    k2_router_topk_torch,
+    moe_align_block_size,
+    moe_align_block_size_torch,
+    quantize_fp8_block,
+)
+
+HAS_TRITON_GPU = HAS_TRITON and torch.cuda.is_available()
+
+__all__ = [
+    "HAS_TRITON",
+    "HAS_TRITON_GPU",
+    "FusedMoEFunction",
+    "MoEAlignment",
+    "MoEKernelConfig",
+    "dequantize_fp8_block",
+    "fused_moe",
+    "fused_moe_torch",
+    "get_config",
+    "k2_router_topk",
+    "k2_router_topk_torch",
+    "moe_align_block_size",
+    "moe_align_block_size_torch",
+    "moe_forward",
+    "quantize_fp8_block",
+    "uses_triton",
+]
+
+
+def uses_triton(hidden: torch.Tensor, use_triton: bool | None = None) -> bool:
+    """Whether moe_forward takes the Triton path for this tensor (None = auto: on when CUDA)."""
+    if use_triton is None:
+        return HAS_TRITON_GPU and hidden.is_cuda
+    if use_triton and not (HAS_TRITON_GPU and hidden.is_cuda):
+        raise RuntimeError(
+            "moe_forward(use_triton=True) needs triton and a CUDA tensor "
+            f"(HAS_TRITON={HAS_TRITON}, cuda={torch.cuda.is_available()}, hidden on {hidden.device}); "
+            "pass use_triton=None to fall back to the torch reference"
+        )
+    return bool(use_triton)
+
+
+def moe_forward(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Routed-expert MLP output [T, H]: w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I]."""
+    if uses_triton(hidden, use_triton):
+        return fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
