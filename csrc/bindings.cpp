@@ -7,7 +7,11 @@
 #include <thread>
 #include <vector>
 
+#include "buffer_pool.h"
+#include "crc32c.h"
 #include "host_copy.h"
+#include "onload.h"
+#include "strided_copy.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
@@ -29,6 +33,13 @@ std::size_t contiguous_nbytes(const py::buffer_info& info, const char* what) {
     expect *= info.shape[i];
   }
   return static_cast<std::size_t>(info.size * info.itemsize);
+}
+
+k2sys::CrcImpl parse_impl(const std::string& impl) {
+  if (impl == "auto") return k2sys::CrcImpl::kAuto;
+  if (impl == "table") return k2sys::CrcImpl::kTable;
+  if (impl == "hw") return k2sys::CrcImpl::kHardware;
+  throw std::invalid_argument("crc32c: impl must be 'auto', 'table' or 'hw', got '" + impl + "'");
 }
 
 }  // namespace
@@ -75,4 +86,99 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dst"), py::arg("src"), py::arg("sizes"), py::arg("threads") = 0, py::arg("chunk_bytes") = 0,
       "Apply many (dst, src, nbytes) copies in one call, balanced over the thread pool.");
+
+  // ---- strided batched slice copy (reshard apply) ----
+  m.attr("STRIDED_COLS") = k2sys::kStridedCols;
+  m.def(
+      "batched_strided_copy_ptr",
+      [](std::uintptr_t rows, std::size_t n, int threads, std::int64_t chunk_bytes) {
+        if (n && !rows) throw std::invalid_argument("batched_strided_copy_ptr: null rows address");
+        py::gil_scoped_release nogil;
+        k2sys::batched_strided_copy(reinterpret_cast<const k2sys::StridedRow*>(rows), n, threads, chunk_bytes);
+      },
+      py::arg("rows"), py::arg("n"), py::arg("threads") = 0, py::arg("chunk_bytes") = 0,
+      "Apply n strided box copies described by an int64 [n, 12] row table at address `rows`.");
+
+  // ---- crc32c ----
+  m.def("crc32c_hw_available", &k2sys::crc32c_hw_available);
+  m.def(
+      "crc32c",
+      [](py::buffer data, std::uint32_t crc, const std::string& impl) {
+        py::buffer_info info = data.request();
+        const std::size_t n = contiguous_nbytes(info, "data");
+        const auto which = parse_impl(impl);
+        py::gil_scoped_release nogil;
+        return k2sys::crc32c(crc, info.ptr, n, which);
+      },
+      py::arg("data"), py::arg("crc") = 0, py::arg("impl") = "auto",
+      "crc32c of a C-contiguous buffer, continuing from `crc`.");
+  m.def(
+      "crc32c_ptr",
+      [](std::uintptr_t ptr, std::size_t n, std::uint32_t crc, const std::string& impl) {
+        if (n && !ptr) throw std::invalid_argument("crc32c_ptr: null address");
+        const auto which = parse_impl(impl);
+        py::gil_scoped_release nogil;
+        return k2sys::crc32c(crc, reinterpret_cast<const void*>(ptr), n, which);
+      },
+      py::arg("ptr"), py::arg("nbytes"), py::arg("crc") = 0, py::arg("impl") = "auto");
+  m.def(
+      "crc32c_batched_ptr",
+      [](const std::vector<std::uint64_t>& ptrs, const std::vector<std::uint64_t>& sizes, int threads,
+         const std::string& impl) {
+        if (ptrs.size() != sizes.size()) throw std::invalid_argument("crc32c_batched_ptr: ptrs and sizes differ in length");
+        const auto which = parse_impl(impl);
+        std::vector<std::uint32_t> out(ptrs.size());
+        {
+          py::gil_scoped_release nogil;
+          k2sys::crc32c_batched(ptrs.data(), sizes.data(), ptrs.size(), out.data(), threads, which);
+        }
+        return out;
+      },
+      py::arg("ptrs"), py::arg("sizes"), py::arg("threads") = 0, py::arg("impl") = "auto",
+      "crc32c of many buffers, chunked over the thread pool and combined.");
+  m.def("crc32c_combine", &k2sys::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
+
+  // ---- aligned staging pool ----
+  py::class_<k2sys::HostPool>(m, "HostPool", "Aligned, pre-touched host buffers reused across updates.")
+      .def(py::init<std::size_t>(), py::arg("alignment") = 4096)
+      .def("acquire", [](k2sys::HostPool& p, std::size_t n) { return reinterpret_cast<std::uintptr_t>(p.acquire(n)); },
+           py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())
+      .def("release", [](k2sys::HostPool& p, std::uintptr_t a) { p.release(reinterpret_cast<void*>(a)); })
+      .def("capacity_of", [](k2sys::HostPool& p, std::uintptr_t a) { return p.capacity_of(reinterpret_cast<void*>(a)); })
+      .def("trim", &k2sys::HostPool::trim)
+      .def_property_readonly("alignment", &k2sys::HostPool::alignment)
+      .def("stats", [](k2sys::HostPool& p) {
+        const auto s = p.stats();
+        py::dict d;
+        d["bytes_cached"] = s.bytes_cached;
+        d["bytes_leased"] = s.bytes_leased;
+        d["allocations"] = s.allocations;
+        d["reuses"] = s.reuses;
+        return d;
+      });
+  m.def(
+      "memoryview_at",
+      [](std::uintptr_t ptr, std::size_t nbytes) {
+        return py::memoryview::from_memory(reinterpret_cast<void*>(ptr), static_cast<py::ssize_t>(nbytes), false);
+      },
+      py::arg("ptr"), py::arg("nbytes"),
+      "A writable memoryview over raw host memory (the caller keeps the memory alive).");
+
+  // ---- CPU pipelined onload (same API as k2sys._cuda.H2DOnloader) ----
+  py::class_<k2sys::CpuOnloader>(m, "CpuOnloader")
+      .def(py::init<std::size_t, int, int>(), py::arg("chunk_bytes") = 16u << 20, py::arg("ring") = 4,
+           py::arg("threads") = 0)
+      .def(
+          "submit",
+          [](k2sys::CpuOnloader& o, std::uintptr_t dst, std::uintptr_t src, std::size_t n, bool pinned) {
+            if (n && (!dst || !src)) throw std::invalid_argument("CpuOnloader.submit: null address");
+            return o.submit(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n, pinned);
+          },
+          py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("src_pinned") = true)
+      .def("done", &k2sys::CpuOnloader::done)
+      .def("wait", &k2sys::CpuOnloader::wait, py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &k2sys::CpuOnloader::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("chunk_bytes", &k2sys::CpuOnloader::chunk_bytes)
+      .def_property_readonly("ring", &k2sys::CpuOnloader::ring)
+      .def_property_readonly("threads", &k2sys::CpuOnloader::threads);
 }

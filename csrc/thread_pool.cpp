@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <map>
 #include <memory>
 
 namespace k2sys {
@@ -55,8 +56,11 @@ void ThreadPool::worker_loop() {
 
 void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn) {
   if (num_tasks == 0) return;
-  std::lock_guard<std::mutex> one(run_mu_);
-  if (workers_.empty() || num_tasks == 1) {
+  // One job owns the workers at a time. A second concurrent caller (e.g. the pipeline's stage
+  // thread while its apply thread holds the pool) runs its job inline instead of queueing, so
+  // both make progress and neither waits for the other's whole job.
+  std::unique_lock<std::mutex> one(run_mu_, std::try_to_lock);
+  if (!one.owns_lock() || workers_.empty() || num_tasks == 1) {
     for (std::size_t i = 0; i < num_tasks; ++i) fn(i);
     return;
   }
@@ -82,15 +86,15 @@ void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t
 }
 
 ThreadPool& ThreadPool::global(int threads) {
+  // One pool per requested size, created on first use and kept for the process lifetime:
+  // replacing a pool here could destroy one that another thread is running a job on.
   static std::mutex mu;
-  static std::unique_ptr<ThreadPool> pool;
+  static std::map<int, std::unique_ptr<ThreadPool>> pools;
   if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
   if (threads <= 0) threads = 1;
   std::lock_guard<std::mutex> g(mu);
-  if (!pool || pool->size() != threads) {
-    pool.reset();
-    pool = std::make_unique<ThreadPool>(threads);
-  }
+  auto& pool = pools[threads];
+  if (!pool) pool = std::make_unique<ThreadPool>(threads);
   return *pool;
 }
 

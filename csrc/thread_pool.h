@@ -23,7 +23,8 @@ class ThreadPool {
   // until all are done. The first exception thrown by a task is rethrown in the caller.
   void run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn);
 
-  // The process-wide pool, resized on demand (threads <= 0: hardware concurrency).
+  // The process-wide pool of that size (threads <= 0: hardware concurrency); pools are never
+  // destroyed, so a reference stays valid while other threads ask for other sizes.
   static ThreadPool& global(int threads);
 
  private:
@@ -38,7 +39,7 @@ class ThreadPool {
   std::size_t generation_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;
-  std::mutex run_mu_;  // one job at a time
+  std::mutex run_mu_;  // one job on the workers at a time; concurrent callers run inline
 };
 
 }  // namespace k2sys

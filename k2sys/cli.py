@@ -65,10 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.set_defaults(fn=_cmd_run)
+
+    for name, text in (
+        ("serve", "serve a checkpoint with the native engine (SGLang-compatible HTTP API)"),
+        ("convert", "megatron-to-hf SRC DST | hf-to-megatron SRC DST --tp N --ep M"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     return p
 
 
+PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:  # these own their flags (incl. --help)
+        import importlib
+
+        return int(importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -96,6 +96,237 @@ def h2d_copy_(dst: torch.Tensor, src: torch.Tensor, chunk_bytes: int = 32 << 20,
     return dst
 
 
+# ---------------------------------------------------------------- crc32c
+
+def crc32c(data, crc: int = 0, impl: str = "auto") -> int:
+    """crc32c (Castagnoli) of a contiguous tensor's bytes or a bytes-like object.
+
+    CPU data: C++ (SSE4.2 when present, `impl="table"` forces the portable slicing-by-8 path).
+    CUDA tensors: per-segment crcs on the GPU, folded on the host (same value as on the CPU).
+    `crc` continues a previous result, so crc32c(b, crc32c(a)) == crc32c(a + b).
+    """
+    if isinstance(data, torch.Tensor):
+        if not data.is_contiguous():
+            raise ValueError("crc32c: tensor must be contiguous (call .contiguous())")
+        nbytes = data.numel() * data.element_size()
+        if data.device.type == "cuda":
+            if crc:
+                raise ValueError("crc32c: continuing a crc is only supported for CPU data")
+            return require_cuda().crc32c_device(data.data_ptr(), nbytes, data.device.index or 0, 0)
+        return require_cpp().crc32c_ptr(data.data_ptr(), nbytes, crc, impl)
+    return require_cpp().crc32c(data, crc, impl)
+
+
+def crc32c_many(tensors: list[torch.Tensor], threads: int = 0, impl: str = "auto") -> list[int]:
+    """crc32c of each contiguous CPU tensor, hashed in parallel chunks and combined in C++."""
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"crc32c_many: tensor {i} must be a contiguous CPU tensor")
+    return require_cpp().crc32c_batched_ptr(
+        [t.data_ptr() for t in tensors], [t.numel() * t.element_size() for t in tensors], threads, impl
+    )
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """crc32c of A||B from crc32c(A), crc32c(B) and len(B)."""
+    return require_cpp().crc32c_combine(crc_a, crc_b, len_b)
+
+
+# ---------------------------------------------------------------- staging pool
+
+class StagingBuffer:
+    """A leased staging buffer: `.tensor` is a uint8 view of the first `nbytes` bytes.
+
+    Give it back with release() (or use it as a context manager); the memory is then reused
+    by the next lease of a similar size, so the tensor must not be used after release.
+    """
+
+    def __init__(self, pool: "StagingPool", addr: int, nbytes: int, capacity: int):
+        self._pool, self.addr, self.nbytes, self.capacity = pool, addr, nbytes, capacity
+        mv = _C.memoryview_at(addr, nbytes) if nbytes else memoryview(bytearray(0))
+        self.tensor = torch.frombuffer(mv, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+
+    def release(self) -> None:
+        if self._pool is not None:
+            self._pool.release(self)
+            self._pool = None
+            self.tensor = None
+
+    def __enter__(self) -> "StagingBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class StagingPool:
+    """Aligned host buffers reused across updates (C++ HostPool; cudaHostAlloc when pinned=True).
+
+    Leases are binned by power-of-two capacity; stats() counts allocations vs reuses so a
+    caller can check that steady-state updates allocate nothing.
+    """
+
+    def __init__(self, pinned: bool = False, alignment: int = 4096):
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"StagingPool: alignment must be a power of two, got {alignment}")
+        self.pinned = pinned
+        self._pool = require_cuda().PinnedPool(alignment) if pinned else require_cpp().HostPool(alignment)
+        self._live: dict[int, StagingBuffer] = {}
+
+    def acquire(self, nbytes: int) -> StagingBuffer:
+        if nbytes < 0:
+            raise ValueError(f"StagingPool.acquire: nbytes must be >= 0, got {nbytes}")
+        addr = self._pool.acquire(max(nbytes, 1))
+        buf = StagingBuffer(self, addr, nbytes, self._pool.capacity_of(addr))
+        self._live[addr] = buf
+        return buf
+
+    def release(self, buf: StagingBuffer) -> None:
+        if self._live.pop(buf.addr, None) is None:
+            raise ValueError("StagingPool.release: buffer does not belong to this pool or was released twice")
+        self._pool.release(buf.addr)
+
+    def stats(self) -> dict:
+        return dict(self._pool.stats())
+
+    def trim(self) -> None:
+        """Free cached (unleased) buffers, e.g. before the trainer takes the memory back."""
+        self._pool.trim()
+
+
+# ---------------------------------------------------------------- pipelined onload
+
+class Onloader:
+    """Pipelined onload with one API on both devices (a ring of `ring` staging chunks).
+
+    device "cpu": C++ worker threads copy host->host (the CPU stand-in for H2D, same
+    semantics); device "cuda[:i]": the CUDA H2D ring on a copy stream with events.
+    submit() returns a ticket at once; done()/wait() are event query/synchronize.
+    Tensors are kept alive until their ticket has been waited on.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", chunk_bytes: int = 16 << 20, ring: int = 4,
+                 threads: int = 0):
+        if chunk_bytes <= 0 or ring < 1:
+            raise ValueError(f"Onloader: chunk_bytes must be > 0 and ring >= 1 (got {chunk_bytes}, {ring})")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self._impl = require_cuda().H2DOnloader(self.device.index or 0, chunk_bytes, ring)
+        elif self.device.type == "cpu":
+            self._impl = require_cpp().CpuOnloader(chunk_bytes, ring, threads)
+        else:
+            raise ValueError(f"Onloader: device must be cpu or cuda, got {self.device}")
+        self._keep: dict[int, tuple] = {}
+
+    def submit(self, dst: torch.Tensor, src: torch.Tensor, src_pinned: bool | None = None) -> int:
+        if src.device.type != "cpu" or dst.device.type != self.device.type:
+            raise ValueError(f"Onloader.submit: src must be on the CPU and dst on {self.device}")
+        nbytes = _check_pair(dst, src)
+        pinned = src.is_pinned() if src_pinned is None else src_pinned
+        if self.device.type == "cpu" and src_pinned is None:
+            pinned = True  # host memory is directly readable on the CPU path
+        t = self._impl.submit(dst.data_ptr(), src.data_ptr(), nbytes, pinned)
+        self._keep[t] = (dst, src)
+        return t
+
+    def done(self, ticket: int) -> bool:
+        return self._impl.done(ticket)
+
+    def wait(self, ticket: int) -> None:
+        self._impl.wait(ticket)
+        for t in [t for t in self._keep if t <= ticket]:
+            del self._keep[t]
+
+    def synchronize(self) -> None:
+        self._impl.synchronize()
+        self._keep.clear()
+
+    def copy_(self, dst: torch.Tensor, src: torch.Tensor, src_pinned: bool | None = None) -> torch.Tensor:
+        self.wait(self.submit(dst, src, src_pinned))
+        return dst
+
+
+# ---------------------------------------------------------------- strided batched copy
+
+STRIDED_COLS = 12  # [dst, src, run_bytes, n0, n1, n2, dst_s0, dst_s1, dst_s2, src_s0, src_s1, src_s2]
+
+
+def strided_rows(shape, dst_strides, src_strides, itemsize: int, dst_base: int = 0, src_base: int = 0) -> list[list[int]]:
+    """Rows (see csrc/strided_copy.h) that copy a box of `shape` between two strided layouts.
+
+    Strides are in elements. Unit dims are dropped, mergeable dims coalesced so the innermost
+    dim becomes one contiguous byte run; more than 3 outer dims are unrolled into several rows.
+    """
+    if not (len(shape) == len(dst_strides) == len(src_strides)):
+        raise ValueError("strided_rows: shape and strides must have the same length")
+    dims = [(n, d * itemsize, s * itemsize) for n, d, s in zip(shape, dst_strides, src_strides) if n != 1]
+    if any(n == 0 for n in shape):
+        return []
+    merged: list[list[int]] = []
+    for n, d, s in dims:
+        if merged and merged[-1][1] == d * n and merged[-1][2] == s * n:
+            merged[-1][0] *= n
+            merged[-1][1], merged[-1][2] = d, s
+        else:
+            merged.append([n, d, s])
+    if merged and merged[-1][1] == itemsize and merged[-1][2] == itemsize:
+        run = merged[-1][0] * itemsize
+        outer = merged[:-1]
+    else:
+        run = itemsize
+        outer = merged
+    rows = []
+    lead, tail = outer[:-3] if len(outer) > 3 else [], outer[-3:]
+    tail = [[1, 0, 0]] * (3 - len(tail)) + tail
+
+    def emit(dst_off: int, src_off: int, k: int) -> None:
+        if k == len(lead):
+            rows.append([dst_base + dst_off, src_base + src_off, run, *(t[0] for t in tail),
+                         *(t[1] for t in tail), *(t[2] for t in tail)])
+            return
+        n, d, s = lead[k]
+        for i in range(n):
+            emit(dst_off + i * d, src_off + i * s, k + 1)
+
+    emit(0, 0, 0)
+    return rows
+
+
+def view_copy_rows(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """An int64 [n, 12] row table that copies each src view into its dst view (same shape/dtype)."""
+    rows: list[list[int]] = []
+    for i, (dst, src) in enumerate(pairs):
+        if dst.shape != src.shape or dst.dtype != src.dtype:
+            raise ValueError(f"view_copy_rows: pair {i} has dst {tuple(dst.shape)}/{dst.dtype} "
+                             f"but src {tuple(src.shape)}/{src.dtype}; shapes and dtypes must match")
+        rows += strided_rows(dst.shape, dst.stride(), src.stride(), dst.element_size(), dst.data_ptr(), src.data_ptr())
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, STRIDED_COLS)
+
+
+def batched_strided_copy_(rows: torch.Tensor, device: str | torch.device = "cpu", threads: int = 0) -> None:
+    """Apply a row table of strided box copies in one call (C++ threads on CPU, one kernel on CUDA)."""
+    if rows.dtype != torch.int64 or rows.dim() != 2 or rows.shape[1] != STRIDED_COLS or rows.device.type != "cpu":
+        raise ValueError(f"batched_strided_copy_: rows must be a CPU int64 tensor [n, {STRIDED_COLS}], "
+                         f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
+    rows = rows.contiguous()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        require_cuda().batched_strided_copy_ptr(rows.data_ptr(), rows.shape[0], dev.index or 0, 0)
+    else:
+        require_cpp().batched_strided_copy_ptr(rows.data_ptr(), rows.shape[0], threads, 0)
+
+
+def batched_view_copy_(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 0) -> None:
+    """dst.copy_(src) for many (dst, src) view pairs in one native call."""
+    if not pairs:
+        return
+    dev = pairs[0][0].device
+    for i, (d, s) in enumerate(pairs):
+        if d.device != dev or s.device != dev:
+            raise ValueError(f"batched_view_copy_: pair {i} is not on {dev}; all views must share one device")
+    batched_strided_copy_(view_copy_rows(pairs), dev, threads)
+
+
 def summary() -> dict:
     """What is built and usable, for `k2sys env`."""
     return {
@@ -104,4 +335,5 @@ def summary() -> dict:
         "cuda_built": CUDA_BUILT,
         "cuda_usable": HAS_CUDA,
         "cpp_threads": _C.hardware_threads() if HAS_CPP else None,
+        "crc32c_hw": _C.crc32c_hw_available() if HAS_CPP else None,
     }

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from k2sys.config import ConfigError
+from k2sys.coordinator.rollout import RolloutConfig
+from k2sys.coordinator.sections import EngineSection, RLSection, SFTSection, TasksSection
+from k2sys.eval.harness import EvalConfig
 
 
 @dataclass(kw_only=True)
@@ -48,6 +51,35 @@ class RunConfig:
             raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
 
 
+@dataclass(kw_only=True)
+class RLRunConfig:
+    """data -> SFT -> eval -> RL through the coordinator -> eval -> report (k2sys.coordinator.driver)."""
+    name: str = "tiny-k2"
+    output_root: str = "runs"
+    pipeline: Literal["sft-rl"] = "sft-rl"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    tasks: TasksSection = field(default_factory=TasksSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    rl: RLSection = field(default_factory=RLSection)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineSection = field(default_factory=EngineSection)
+
+    def validate(self) -> None:
+        RunConfig.validate(self)  # same name rule
+        missing = [f for f in self.tasks.families if f not in self.rl.budgets]
+        if missing:
+            raise ConfigError(f"rl.budgets: no token budget for task families {missing}; "
+                              f"add them, e.g. --set 'rl.budgets={{\"{missing[0]}\": 16}}'")
+
+
+def tiny_k2() -> RLRunConfig:
+    """The README's main job: SFT then RL of k2-tiny on list and arithmetic tasks, CPU, < 20 min."""
+    return RLRunConfig(name="tiny-k2")
+
+
 def tiny_model() -> RunConfig:
     """Build a k2-tiny model and tokenizer, save as HF, reload, check logits agree."""
     return RunConfig(name="tiny-model", model=ModelSection(preset="k2-tiny"))
@@ -57,13 +89,14 @@ def small_model() -> RunConfig:
     return RunConfig(name="small-model", model=ModelSection(preset="k2-small"), tokenizer=TokenizerSection(vocab_size=8192))
 
 
-RECIPES: dict[str, Callable[[], RunConfig]] = {
+RECIPES: dict[str, Callable[[], RunConfig | RLRunConfig]] = {
+    "tiny-k2": tiny_k2,
     "tiny-model": tiny_model,
     "small-model": small_model,
 }
 
 
-def get_recipe(name: str) -> RunConfig:
+def get_recipe(name: str) -> RunConfig | RLRunConfig:
     if name not in RECIPES:
         raise ConfigError(f"recipe {name!r} is unknown; choose one of {', '.join(sorted(RECIPES))}")
     return RECIPES[name]()

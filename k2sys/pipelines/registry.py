@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 from k2sys.recipes import RunConfig
 
 
-def run(cfg: RunConfig):
+def run(cfg):
     if cfg.pipeline == "model-roundtrip":
         from k2sys.pipelines.model_roundtrip import run as go
 
         return go(cfg)
+    if cfg.pipeline == "sft-rl":
+        import logging
+
+        from k2sys.coordinator.driver import RecipeRunner
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+        report = RecipeRunner(cfg).run()
+        print(json.dumps(report, indent=2))
+        return report
     raise ValueError(f"pipeline {cfg.pipeline!r} has no runner")

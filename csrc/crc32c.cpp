@@ -1,0 +1,181 @@
+#include "crc32c.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <nmmintrin.h>
+#define K2_CRC_X86 1
+#endif
+
+#include "thread_pool.h"
+
+namespace k2sys {
+namespace {
+
+constexpr std::uint32_t kPoly = 0x82F63B78u;  // reflected Castagnoli polynomial
+
+struct Tables {
+  std::uint32_t t[8][256];
+  Tables() {
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      std::uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ kPoly : c >> 1;
+      t[0][i] = c;
+    }
+    // t[k][i]: crc of byte i followed by k zero bytes; lets 8 bytes be folded per step.
+    for (std::uint32_t i = 0; i < 256; ++i)
+      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFF];
+  }
+};
+
+const Tables& tables() {
+  static const Tables tb;
+  return tb;
+}
+
+// Raw (no pre/post inversion) register updates.
+std::uint32_t update_table(std::uint32_t c, const unsigned char* p, std::size_t n) {
+  const Tables& tb = tables();
+  while (n && (reinterpret_cast<std::uintptr_t>(p) & 7)) {
+    c = (c >> 8) ^ tb.t[0][(c ^ *p++) & 0xFF];
+    --n;
+  }
+  while (n >= 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p, 8);  // little-endian host assumed (x86-64, aarch64)
+    w ^= c;
+    c = tb.t[7][w & 0xFF] ^ tb.t[6][(w >> 8) & 0xFF] ^ tb.t[5][(w >> 16) & 0xFF] ^ tb.t[4][(w >> 24) & 0xFF] ^
+        tb.t[3][(w >> 32) & 0xFF] ^ tb.t[2][(w >> 40) & 0xFF] ^ tb.t[1][(w >> 48) & 0xFF] ^ tb.t[0][w >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = (c >> 8) ^ tb.t[0][(c ^ *p++) & 0xFF];
+  return c;
+}
+
+#ifdef K2_CRC_X86
+__attribute__((target("sse4.2"))) std::uint32_t update_hw(std::uint32_t c, const unsigned char* p, std::size_t n) {
+  while (n && (reinterpret_cast<std::uintptr_t>(p) & 7)) {
+    c = _mm_crc32_u8(c, *p++);
+    --n;
+  }
+  std::uint64_t c64 = c;
+  while (n >= 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p, 8);
+    c64 = _mm_crc32_u64(c64, w);
+    p += 8;
+    n -= 8;
+  }
+  c = static_cast<std::uint32_t>(c64);
+  while (n--) c = _mm_crc32_u8(c, *p++);
+  return c;
+}
+#endif
+
+bool hw_supported() {
+#ifdef K2_CRC_X86
+  static const bool ok = __builtin_cpu_supports("sse4.2");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// GF(2) polynomial arithmetic modulo the CRC polynomial, reflected bit order (bit 31 = x^0).
+std::uint32_t multmodp(std::uint32_t a, std::uint32_t b) {
+  std::uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
+  }
+  return p;
+}
+
+// x^(2^k) mod P for k in [0, 64).
+const std::array<std::uint32_t, 64>& x2n_table() {
+  static const std::array<std::uint32_t, 64> tb = [] {
+    std::array<std::uint32_t, 64> t{};
+    std::uint32_t p = 1u << 30;  // x^1
+    for (auto& e : t) {
+      e = p;
+      p = multmodp(p, p);
+    }
+    return t;
+  }();
+  return tb;
+}
+
+constexpr std::size_t kMinChunk = 1 << 20;
+
+}  // namespace
+
+bool crc32c_hw_available() { return hw_supported(); }
+
+std::uint32_t crc32c(std::uint32_t crc, const void* data, std::size_t n, CrcImpl impl) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  std::uint32_t c = ~crc;
+  if (impl == CrcImpl::kHardware && !hw_supported())
+    throw std::runtime_error("crc32c: the hardware path needs SSE4.2, which this CPU lacks; use impl='table'");
+#ifdef K2_CRC_X86
+  if (impl != CrcImpl::kTable && hw_supported()) return ~update_hw(c, p, n);
+#endif
+  return ~update_table(c, p, n);
+}
+
+std::uint32_t crc32c_zeros_op(std::uint64_t len) {
+  // x^(8*len) mod P, built from the x^(2^k) table: len bytes = len * 2^3 bits.
+  std::uint32_t p = 1u << 31;  // x^0
+  unsigned k = 3;
+  for (std::uint64_t n = len; n; n >>= 1, ++k)
+    if (n & 1) p = multmodp(x2n_table()[k & 63], p);
+  return p;
+}
+
+std::uint32_t crc32c_shift(std::uint32_t op, std::uint32_t crc) { return multmodp(op, crc); }
+
+std::uint32_t crc32c_combine(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t len_b) {
+  return multmodp(crc32c_zeros_op(len_b), crc_a) ^ crc_b;
+}
+
+void crc32c_batched(const std::uint64_t* ptrs, const std::uint64_t* sizes, std::size_t n, std::uint32_t* out,
+                    int threads, CrcImpl impl) {
+  ThreadPool& pool = ThreadPool::global(threads);
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < n; ++i) total += sizes[i];
+  // Chunks give every thread a few tasks; equal lengths inside a buffer keep the fold cheap.
+  std::size_t chunk = std::max<std::size_t>(kMinChunk, total / (static_cast<std::size_t>(pool.size()) * 4 + 1));
+  chunk = (chunk + 4095) / 4096 * 4096;
+  struct Task {
+    std::size_t buf, off, len;
+  };
+  std::vector<Task> tasks;
+  std::vector<std::size_t> first(n + 1, 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    first[i] = tasks.size();
+    for (std::size_t off = 0; off < sizes[i]; off += chunk) tasks.push_back({i, off, std::min(chunk, sizes[i] - off)});
+  }
+  first[n] = tasks.size();
+  std::vector<std::uint32_t> part(tasks.size());
+  pool.run(tasks.size(), [&](std::size_t t) {
+    const Task& k = tasks[t];
+    part[t] = crc32c(0, reinterpret_cast<const unsigned char*>(ptrs[k.buf]) + k.off, k.len, impl);
+  });
+  const std::uint32_t op = crc32c_zeros_op(chunk);
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t c = 0;  // crc of the empty string
+    for (std::size_t t = first[i]; t < first[i + 1]; ++t)
+      c = (tasks[t].len == chunk ? crc32c_shift(op, c) : crc32c_shift(crc32c_zeros_op(tasks[t].len), c)) ^ part[t];
+    out[i] = c;
+  }
+}
+
+}  // namespace k2sys

@@ -1,0 +1,1 @@
+"""The central controller: ownership state machine, rollouts, RL batches, the recipe driver."""

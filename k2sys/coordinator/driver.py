@@ -1,0 +1,394 @@
+"""The SFT -> RL recipe driver: data -> SFT -> eval -> RL (colocated, partial rollouts) -> eval -> report.
+
+Every stage is resumable: state.json (atomic) records what is done; SFT and RL checkpoints,
+the data cursor and the partial-rollout buffer are committed together, so `kill -9` and a rerun
+of the same command continue from the last completed step without losing an iteration.
+
+One RL iteration (the paper's loop, section 5; the phases are k2sys.coordinator.state):
+
+    continue -> rollout (engine owns the device) -> pause long tails -> release engine memory
+      -> onload trainer -> K2 + PTX loss steps -> offload trainer
+      -> resume engine weights -> checkpoint-engine update -> resume KV cache
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2sys.config import render, to_dict
+from k2sys.coordinator import state as sm
+from k2sys.coordinator.engine_handle import EngineHandle
+from k2sys.coordinator.metrics import MetricsLog
+from k2sys.coordinator.rl_batch import build_rl_batch, k2_ptx_loss_fn, set_old_logprobs
+from k2sys.coordinator.rollout import new_group, run_rollout
+from k2sys.ckpt.pipeline import TrainerShards
+from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.eval import evaluate
+from k2sys.models import build_model, preset, save_hf
+from k2sys.models.hf_io import write_json_atomic
+from k2sys.rl import (BudgetConfig, BudgetController, DifficultyFilter, RolloutBuffer, StalePolicyConfig,
+                      TemperatureSchedule, logprob_mismatch)
+from k2sys.tasks import Task, get_family
+from k2sys.tasks.format import prompt_ids, sft_rows, stop_token_ids
+
+log = logging.getLogger("k2sys.coordinator")
+
+
+class RecipeRunner:
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.dir = Path(cfg.output_root) / cfg.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        saved = self.dir / "config.json"
+        if saved.exists() and self.state and json.loads(saved.read_text()) != to_dict(cfg):
+            raise RuntimeError(f"{saved} holds a different config than this command: resuming would mix runs; "
+                               f"use another run name (--set name=...) or delete {self.dir}")
+        saved.write_text(render(cfg) + "\n")
+        self.metrics = MetricsLog(self.dir)
+        self.families = {f: get_family(f, **cfg.tasks.params.get(f, {})) for f in cfg.tasks.families}
+        self.engine: EngineHandle | None = None
+        self.trainer = None
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def save_state(self, **updates: Any) -> None:
+        self.state.update(updates)
+        write_json_atomic(self.state_path, self.state)
+
+    def tasks(self, split: str) -> dict[str, list[Task]]:
+        path = self.dir / "data" / f"{split}.json"
+        return {f: [Task.from_dict(d) for d in rows] for f, rows in json.loads(path.read_text()).items()}
+
+    # ---- stages ------------------------------------------------------------------------------
+    def stage_data(self) -> None:
+        from k2sys.data import write_chat_jsonl
+        from k2sys.tokenizer import default_corpus, load_tokenizer, train_tokenizer
+
+        data = self.dir / "data"
+        if self.state.get("data_done"):
+            self.tok = load_tokenizer(data / "tokenizer")
+            return
+        data.mkdir(exist_ok=True)
+        train_tokenizer(default_corpus(), self.cfg.tokenizer.vocab_size, data / "tokenizer")
+        self.tok = load_tokenizer(data / "tokenizer")
+        c = self.cfg.tasks
+        splits = {}
+        for split, n, seed in (("train", c.n_train, self.cfg.seed), ("heldout", c.n_heldout, self.cfg.seed + 1)):
+            splits[split] = {}
+            for name, fam in self.families.items():
+                splits[split][name] = [t.to_dict() for t in _generate_upto(fam, n, seed, split)]
+            write_json_atomic(data / f"{split}.json", splits[split])
+        rows = []
+        for name, fam in self.families.items():
+            rows += sft_rows(fam, [Task.from_dict(d) for d in splits["train"][name]])
+        random.Random(self.cfg.seed).shuffle(rows)
+        write_chat_jsonl(data / "sft.jsonl", rows)
+        self.save_state(data_done=True)
+
+    def _trainer_from(self, hf_dir: Path, optimizer: str, lr: float):
+        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
+        from k2sys.trainer.optim import OptimConfig
+
+        return MegatronBackend.from_hf(hf_dir, train=TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr)))
+
+    def stage_sft(self) -> Path:
+        from k2sys.data import Cursor, SFTDataConfig, load_sft_data
+        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
+        from k2sys.trainer.optim import OptimConfig
+
+        out = self.dir / "sft_hf"
+        if self.state.get("sft_done"):
+            return out
+        init = self.dir / "init_hf"
+        if not init.exists():
+            mcfg = preset(self.cfg.model.preset, vocab_size=self.cfg.model.vocab_size or self.tok.get_vocab_size())
+            save_hf(build_model(mcfg, seed=self.cfg.model.seed), init, tokenizer=self.dir / "data" / "tokenizer")
+        s = self.cfg.sft
+        data = load_sft_data(SFTDataConfig(path=str(self.dir / "data" / "sft.jsonl"), seq_len=s.seq_len,
+                                           rows_per_batch=s.rows_per_batch, pack=False), tokenizer=self.tok)
+        ckpt = self.dir / "sft_ckpt"
+        tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr))
+        if ckpt.exists():
+            trainer = MegatronBackend.from_checkpoint(ckpt, train=tcfg)
+            cursor = Cursor.from_dict(self.state["sft_cursor"])
+            step = self.state["sft_step"]
+        else:
+            trainer = MegatronBackend.from_hf(init, train=tcfg)
+            cursor, step = Cursor(), 0
+        t0 = time.perf_counter()
+        for batch, nxt in data.train_batches(cursor):
+            if step >= s.steps:
+                break
+            res = trainer.train_step(batch)
+            step += 1
+            ntok = float(batch["loss_mask"].sum())
+            self.metrics.log("sft", step, loss=res.loss, grad_norm=res.grad_norm, tokens_per_s=ntok / res.seconds)
+            if step % s.checkpoint_every == 0 or step == s.steps:
+                trainer.save(ckpt)
+                self.save_state(sft_step=step, sft_cursor=nxt.to_dict())
+            if step % 10 == 0:
+                log.info("sft step %d/%d loss %.4f (%.1f s)", step, s.steps, res.loss, time.perf_counter() - t0)
+        eval_loss = _eval_loss(trainer, data)
+        self.metrics.log("sft", step, eval_loss=eval_loss)
+        trainer.save_hf(out)
+        # tokenizer files travel with the checkpoint the engine serves
+        for f in (self.dir / "data" / "tokenizer").iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+        self.save_state(sft_done=True, sft_eval_loss=eval_loss)
+        return out
+
+    def run_eval(self, tag: str) -> dict:
+        if tag in self.state.get("eval", {}):
+            return self.state["eval"][tag]
+        heldout = self.tasks("heldout")
+        fams = {f: (self.families[f], heldout[f]) for f in self.families}
+        rep = evaluate(self.engine.client, self.tok, fams, self.cfg.eval)
+        self.save_state(eval={**self.state.get("eval", {}), tag: rep})
+        for f, r in rep.items():
+            self.metrics.log("eval", self.state.get("rl_iter", 0), **{f"{tag}/{f}/accuracy": r["accuracy"]})
+        log.info("eval %s: %s", tag, {f: round(r["accuracy"], 3) for f, r in rep.items()})
+        return rep
+
+    def difficulty_filter(self) -> list[Task]:
+        path = self.dir / "data" / "rl_prompts.json"
+        if path.exists():
+            return [Task.from_dict(d) for d in json.loads(path.read_text())]
+        r = self.cfg.rl
+        flt = DifficultyFilter(k=r.filter_k, low=r.filter_low, high=r.filter_high)
+        train = self.tasks("train")
+        rng = random.Random(self.cfg.seed + 2)
+        pool = [t for f in self.families for t in train[f]]
+        rng.shuffle(pool)
+        pool = pool[: r.filter_prompts]
+        stops = stop_token_ids(self.tok)
+        reqs = [GenerateRequest(input_ids=tuple(prompt_ids(self.tok, t)),
+                                sampling=SamplingParams(temperature=r.t_start, max_new_tokens=r.budgets.get(t.family, 16),
+                                                        stop_token_ids=tuple(stops), n=r.filter_k, seed=i))
+                for i, t in enumerate(pool)]
+        outs = self.engine.client.generate(reqs)
+        from k2sys.tasks.format import score
+
+        kept = []
+        for i, t in enumerate(pool):
+            group = outs[i * r.filter_k:(i + 1) * r.filter_k]
+            c = sum(score(self.families[t.family], t, self.tok, o.output_ids, o.finish_reason, stops) >= 1.0 for o in group)
+            if flt(r.filter_k, c).keep:
+                kept.append(t)
+        write_json_atomic(path, [t.to_dict() for t in kept])
+        self.metrics.log("filter", 0, pool=len(pool), kept=len(kept))
+        if not kept:
+            raise RuntimeError("difficulty filter kept no prompt: widen rl.filter_low/filter_high")
+        return kept
+
+    # ---- RL ----------------------------------------------------------------------------------
+    def _memory_probe(self) -> tuple[int | None, int | None]:
+        t = self.trainer
+        trainer_bytes = 0 if (t is None or t.offloaded) else t.state_bytes()
+        return self.engine.memory_bytes() if self.engine else None, trainer_bytes
+
+    def stage_rl(self, prompts: list[Task]) -> None:
+        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
+        from k2sys.trainer.optim import OptimConfig
+
+        r = self.cfg.rl
+        it = self.state.get("rl_iter", 0)
+        ckpt = self.dir / "rl_ckpt"
+        tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr))
+        if it > 0 and ckpt.exists():
+            self.trainer = MegatronBackend.from_checkpoint(ckpt, train=tcfg)
+        else:
+            self.trainer = MegatronBackend.from_hf(self.dir / "sft_hf", train=tcfg)
+        buffer = RolloutBuffer.load(self.dir / "rollout_buffer.json", max_age=self.cfg.rollout.max_age) \
+            if (self.dir / "rollout_buffer.json").exists() else RolloutBuffer(self.dir / "rollout_buffer.json",
+                                                                               max_age=self.cfg.rollout.max_age)
+        if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
+            self.engine.push(self._shards())
+        self.trainer.offload()
+        machine = sm.OwnershipMachine(sm.Phase.READY, memory_probe=self._memory_probe)
+        budget = BudgetController(BudgetConfig(budgets=dict(r.budgets), penalty=r.budget_penalty))
+        temps = TemperatureSchedule(r.t_start, r.t_end, max(r.iterations - 1, 1), kind=r.t_schedule)
+        stale = StalePolicyConfig(mode=r.stale_mode, max_staleness=r.max_staleness)
+        stops = stop_token_ids(self.tok)
+        pad = self.tok.token_to_id("[PAD]") or 0
+        ptx_pool = self._ptx_pool()
+        loss_fn = k2_ptx_loss_fn(r.tau)
+        rng = random.Random(self.cfg.seed * 7 + it)
+        while it < r.iterations:
+            t_iter = time.perf_counter()
+            version = it  # policy version = number of updates applied
+            self._ensure_engine()
+            machine.do("continue", self.engine.client.continue_generation)
+            groups = _regroup(buffer.take())
+            next_gid = max([g[0].group_id for g in groups], default=-1) + 1 + it * 100_000
+            for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
+                groups.append(new_group(task, next_gid + j, self.cfg.rollout.samples_per_prompt, self.tok))
+            temperature = temps(it)
+            ro = run_rollout(self.engine.client, self.tok, self.families, groups, version, temperature, budget,
+                             self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause), seed=it)
+            probe = self._probe_prompts(prompts, rng)
+            machine.do("release_engine", lambda: self.engine.client.release_memory(["kv_cache", "weights"]))
+            machine.do("onload_trainer", lambda: sm.StepResult(bytes_moved=int(self.trainer.onload()["bytes"])))
+            train_stats: dict = {}
+
+            def train() -> sm.StepResult:
+                batch, bstats = build_rl_batch(ro.samples, pad, version, stale, rng.sample(ptx_pool, r.ptx_rows)
+                                               if r.ptx_coef > 0 else None, r.ptx_coef)
+                trainer_lp = self.trainer.logprobs(batch)
+                n_rl = bstats["samples"]
+                mm = logprob_mismatch(batch["behaviour_lp"][:n_rl], trainer_lp[:n_rl], batch["loss_mask"][:n_rl]) \
+                    if temperature == 1.0 else None
+                if r.old_logprobs == "trainer":
+                    set_old_logprobs(batch, trainer_lp)
+                losses = [self.trainer.train_step(batch, loss_fn) for _ in range(r.inner_steps)]
+                train_stats.update(bstats, loss=losses[-1].loss, loss_first=losses[0].loss,
+                                   grad_norm=losses[-1].grad_norm)
+                if mm is not None:
+                    train_stats.update({f"mismatch/{k}": v for k, v in mm.items()})
+                if probe is not None:
+                    train_stats.update(self._mismatch_probe(probe))
+                return sm.StepResult()
+
+            machine.do("train", train)
+            self.trainer.save(ckpt)  # resume point: trainer, then buffer + state below
+            shards = self._shards()
+            machine.do("offload_trainer", lambda: sm.StepResult(bytes_moved=int(self.trainer.offload()["bytes"])))
+            machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
+            machine.do("update_weights", lambda: sm.StepResult(bytes_moved=self.engine.push(shards)["bytes"]))
+            machine.do("resume_kv", lambda: self.engine.client.resume_memory(["kv_cache"]))
+            it += 1
+            buffer.put(ro.unfinished)
+            buffer.commit(it)
+            self.save_state(rl_iter=it)
+            recs = machine.drain_records()
+            for rec in recs:
+                self.metrics.log("switch", it, **{f"{rec['action']}_s": rec["seconds"],
+                                                  f"{rec['action']}_bytes": rec["bytes_moved"],
+                                                  f"{rec['action']}_engine_mem": rec["engine_device_bytes"] or 0,
+                                                  f"{rec['action']}_trainer_mem": rec["trainer_device_bytes"] or 0})
+            self.metrics.log("rl", it, **ro.stats, **train_stats, **sm.summarize(recs),
+                             buffer_size=len(buffer), iter_s=time.perf_counter() - t_iter, **buffer.last_stats.as_dict())
+            log.info("rl iter %d/%d reward %.3f loss %.4f paused %d (%.1f s)", it, r.iterations,
+                     ro.stats.get("reward_mean", sum(s.reward for s in ro.samples) / max(len(ro.samples), 1)),
+                     train_stats.get("loss", float("nan")), ro.stats["paused_requests"], time.perf_counter() - t_iter)
+
+    def _pause(self) -> None:
+        self.engine.client.pause("abort")
+
+    def _shards(self) -> TrainerShards:
+        tensors, layout = self.trainer.export_shards()
+        return TrainerShards(layout=layout, tensors=tensors)
+
+    def _ensure_engine(self) -> None:
+        if self.engine.alive():
+            return
+        # the trainer holds the current weights (offloaded); export needs them onloaded
+        self.trainer.onload()
+        shards = self._shards()
+        self.engine.restart(shards, self.trainer.config, shards.layout.tensors[next(iter(shards.layout.tensors))].dtype)
+        self.trainer.offload()
+        self.metrics.log("fault", self.state.get("rl_iter", 0), engine_restarted=1)
+
+    def _ptx_pool(self) -> list[tuple[list[int], list[int]]]:
+        from k2sys.tokenizer import tokenize_chat
+
+        rows = []
+        for line in (self.dir / "data" / "sft.jsonl").read_text().splitlines()[:2000]:
+            ids, mask = tokenize_chat(self.tok, json.loads(line)["messages"])
+            rows.append((list(ids), list(mask)))
+        return rows
+
+    def _probe_prompts(self, prompts: list[Task], rng: random.Random):
+        """A few T=1 samples with engine log-probs: the train/inference mismatch check."""
+        n = self.cfg.rl.mismatch_probe
+        if n <= 0:
+            return None
+        stops = stop_token_ids(self.tok)
+        reqs = [GenerateRequest(input_ids=tuple(prompt_ids(self.tok, t)), return_logprob=True,
+                                sampling=SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=tuple(stops),
+                                                        seed=rng.randrange(1 << 30)))
+                for t in rng.sample(prompts, min(n, len(prompts)))]
+        return [(list(rq.input_ids), out) for rq, out in zip(reqs, self.engine.client.generate(reqs))]
+
+    def _mismatch_probe(self, probe) -> dict:
+        from k2sys.coordinator.rl_batch import Sample
+
+        samples = [Sample(group_id=i, family="probe", prompt_tokens=p, response_tokens=list(o.output_ids),
+                          logprobs=list(o.output_logprobs or []), versions=[0] * len(o.output_ids))
+                   for i, (p, o) in enumerate(probe) if o.output_ids]
+        if not samples:
+            return {}
+        pad = self.tok.token_to_id("[PAD]") or 0
+        batch, _ = build_rl_batch(samples, pad, 0, StalePolicyConfig(mode="none"))
+        lp = self.trainer.logprobs(batch)
+        mm = logprob_mismatch(batch["behaviour_lp"], lp, batch["loss_mask"])
+        return {f"probe_mismatch/{k}": v for k, v in mm.items()}
+
+    # ---- the whole recipe ----------------------------------------------------------------------
+    def run(self) -> dict:
+        from k2sys.coordinator.report import write_report
+
+        t0 = time.perf_counter()
+        self.stage_data()
+        sft_hf = self.stage_sft()
+        import k2sys.models as models
+
+        mcfg = models.load_config(sft_hf)
+        self.engine = EngineHandle(self.cfg.engine.kind, self.dir, self.cfg.engine.port,
+                                   self.cfg.engine.max_running_requests, self.cfg.engine.startup_timeout_s,
+                                   self.cfg.engine.restarts)
+        try:
+            self.engine.start(sft_hf, mcfg, torch.float32 if mcfg.torch_dtype == "float32" else torch.bfloat16)
+            self.run_eval("sft")
+            prompts = self.difficulty_filter()
+            self.stage_rl(prompts)
+            self.run_eval("rl")
+        finally:
+            self.engine.stop()
+            self.metrics.close()
+        if not self.state.get("final_exported") and self.trainer is not None:
+            if self.trainer.offloaded:
+                self.trainer.onload()
+            self.trainer.save_hf(self.dir / "final_hf")
+            self.save_state(final_exported=True)
+        self.save_state(total_s=self.state.get("total_s", 0.0) + time.perf_counter() - t0)
+        return write_report(self.dir, self.cfg, self.state)
+
+
+def _generate_upto(fam, n: int, seed: int, split: str) -> list[Task]:
+    """fam.generate(n), or as many distinct tasks as the family has (small difficulty settings)."""
+    try:
+        return fam.generate(n, seed=seed, split=split)
+    except ValueError as e:
+        import re
+
+        m = re.search(r"found only (\d+) distinct", str(e))
+        if not m:
+            raise
+        return fam.generate(int(m.group(1)), seed=seed, split=split)
+
+
+def _regroup(trajs) -> list[list]:
+    groups: dict[int, list] = {}
+    for t in trajs:
+        groups.setdefault(t.group_id, []).append(t)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def _eval_loss(trainer, data) -> float:
+    tot, n = 0.0, 0.0
+    for batch in data.eval_batches():
+        lp = trainer.logprobs(batch)
+        m = batch["loss_mask"].float()
+        tot += float(-(lp * m).sum())
+        n += float(m.sum())
+    return tot / max(n, 1.0)

@@ -1,0 +1,128 @@
+"""From scored rollouts to one trainer batch, and the K2 + PTX loss in the trainer's loss_fn form.
+
+Rows: RL samples (prompt + response) then PTX rows (curated SFT data). Columns follow the
+trainer's batch format (k2sys.trainer.backend) plus loss inputs:
+  rl_coef   [B]     1 / (K_g * G) for RL rows (K_g samples in the row's group, G groups), 0 for PTX
+  advantage [B]     r_i - mean_j r_j within the group
+  old_lp    [B]     log pi_old(y_i|x) summed over the row's loss tokens
+  is_weight [B]     importance weight for stale tokens (1 unless StalePolicyConfig.mode="importance")
+  ptx_w     [B, T]  lambda / (PTX loss tokens) on PTX loss tokens, 0 elsewhere
+  row_share [B]     1 / B, so the summed denominator over any split of the rows is exactly 1
+so that  sum(loss_sum) / sum(denom) = L_K2 + lambda * L_PTX  for any micro-batch / DP split:
+  L_K2 = (1/G) sum_g (1/K_g) sum_i (adv_i - tau * (lp_i - old_i))^2   (k2sys.rl.losses.k2_policy_loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from k2sys.rl.losses import StalePolicyConfig, correct_stale_tokens
+
+
+@dataclass
+class Sample:
+    """One finished response of a K2 group."""
+    group_id: int
+    family: str
+    prompt_tokens: list[int]
+    response_tokens: list[int]
+    logprobs: list[float]
+    """Engine sampling log-probs, one per response token."""
+    versions: list[int]
+    """Policy version that produced each response token."""
+    reward: float = 0.0
+    truncated: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+def _pad_rows(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def build_rl_batch(samples: list[Sample], pad_id: int, policy_version: int, stale: StalePolicyConfig,
+                   ptx_rows: list[tuple[list[int], list[int]]] | None = None, ptx_coef: float = 0.0,
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """samples -> batch (see module doc). ptx_rows: (input_ids, loss_mask) pairs from tokenize_chat."""
+    if not samples:
+        raise ValueError("build_rl_batch: no samples")
+    ptx_rows = ptx_rows or []
+    if ptx_coef > 0 and not ptx_rows:
+        raise ValueError("build_rl_batch: ptx_coef > 0 but no PTX rows were given")
+    seqs = [s.prompt_tokens + s.response_tokens for s in samples] + [ids for ids, _ in ptx_rows]
+    tokens = _pad_rows(seqs, pad_id)
+    B, T = tokens.shape
+    n_rl = len(samples)
+    labels = torch.full_like(tokens, pad_id)
+    labels[:, :-1] = tokens[:, 1:]
+    mask = torch.zeros(B, T)
+    versions = torch.zeros(B, T, dtype=torch.long)
+    behaviour = torch.zeros(B, T)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_tokens), len(s.response_tokens)
+        # position t predicts labels[t] = tokens[t+1]: response token j sits at p+j, predicted at p+j-1
+        mask[i, p - 1: p - 1 + r] = 1.0
+        versions[i, p - 1: p - 1 + r] = torch.tensor(s.versions, dtype=torch.long)
+        behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.logprobs, dtype=torch.float32)
+    ptx_w = torch.zeros(B, T)
+    for j, (ids, m) in enumerate(ptx_rows):
+        row = n_rl + j
+        m_t = torch.tensor(m[1:], dtype=torch.float32)  # mask over targets: target t+1 predicted at t
+        mask[row, : len(m_t)] = m_t
+        ptx_w[row, : len(m_t)] = m_t
+    if ptx_rows:
+        ptx_w = ptx_w * (ptx_coef / max(float(ptx_w.sum()), 1.0))
+
+    corr = correct_stale_tokens(stale, versions[:n_rl], policy_version, mask[:n_rl])
+    mask[:n_rl] = corr.mask.to(mask.dtype)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.group_id, []).append(i)
+    G = len(groups)
+    rl_coef = torch.zeros(B)
+    advantage = torch.zeros(B)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    for members in groups.values():
+        idx = torch.tensor(members)
+        advantage[idx] = rewards[idx] - rewards[idx].mean()
+        rl_coef[idx] = 1.0 / (len(members) * G)
+    is_weight = torch.ones(B)
+    if corr.weights is not None:
+        is_weight[:n_rl] = corr.weights
+    batch = {
+        "tokens": tokens, "labels": labels, "loss_mask": mask,
+        "position_ids": torch.arange(T).expand(B, T).contiguous(),
+        "rl_coef": rl_coef, "advantage": advantage, "is_weight": is_weight, "ptx_w": ptx_w,
+        "row_share": torch.full((B,), 1.0 / B),
+        "behaviour_lp": behaviour, "old_lp": (behaviour * mask).sum(-1),
+    }
+    stats = {"groups": G, "samples": n_rl, "ptx_rows": len(ptx_rows), "stale_tokens": corr.num_stale_tokens,
+             "masked_stale_tokens": corr.num_masked_tokens, "reward_mean": float(rewards.mean()),
+             "response_tokens": int(mask[:n_rl].sum())}
+    return batch, stats
+
+
+def set_old_logprobs(batch: dict[str, torch.Tensor], token_logprobs: torch.Tensor) -> None:
+    """Use a trainer recompute [B, T] of log pi_old instead of the engine's sampling log-probs."""
+    batch["old_lp"] = (token_logprobs * batch["loss_mask"]).sum(-1)
+
+
+def k2_ptx_loss_fn(tau: float):
+    """loss_fn(logprobs [b, T], local batch) -> (loss_sum, denom) for MegatronBackend.train_step."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+    def loss_fn(lp: torch.Tensor, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rl_rows = (b["rl_coef"] > 0).to(lp.dtype)
+        seq = (lp * b["loss_mask"] * rl_rows[:, None]).sum(-1)
+        resid = b["advantage"] - tau * (seq - b["old_lp"])
+        rl = (b["rl_coef"] * b["is_weight"] * resid.pow(2)).sum()
+        ptx = -(b["ptx_w"] * lp).sum()
+        return rl + ptx, b["row_share"].sum()
+
+    return loss_fn

@@ -1,0 +1,105 @@
+"""Config sections of the SFT -> RL recipe (k2sys.recipes composes them into RunConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from k2sys.config import ConfigError
+
+
+@dataclass(kw_only=True)
+class TasksSection:
+    families: list[str] = field(default_factory=lambda: ["list_ops", "arithmetic"])
+    params: dict = field(default_factory=lambda: {"list_ops": {"length": 3}, "arithmetic": {"digits": 1, "ops": "+"}})
+    """Difficulty parameters per family (JSON object), passed to k2sys.tasks.get_family."""
+    n_train: int = 1200
+    """Train tasks per family (capped by how many distinct tasks the family has)."""
+    n_heldout: int = 200
+
+    def validate(self) -> None:
+        from k2sys.tasks import list_families
+
+        if not self.families:
+            raise ConfigError("tasks.families: name at least one task family")
+        for f in self.families:
+            if f not in list_families():
+                raise ConfigError(f"tasks.families: {f!r} is unknown; choose from {list_families()}")
+        if self.n_train < 1 or self.n_heldout < 1:
+            raise ConfigError("tasks.n_train and tasks.n_heldout must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SFTSection:
+    steps: int = 150
+    rows_per_batch: int = 64
+    seq_len: int = 64
+    lr: float = 2e-3
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    checkpoint_every: int = 50
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.rows_per_batch < 1 or self.seq_len < 8 or self.checkpoint_every < 1:
+            raise ConfigError("sft: steps >= 0, rows_per_batch >= 1, seq_len >= 8, checkpoint_every >= 1")
+
+
+@dataclass(kw_only=True)
+class RLSection:
+    iterations: int = 30
+    tau: float = 0.1
+    """K2 loss regulariser (the tau of the K1.5/K2 objective)."""
+    lr: float = 5e-4
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    inner_steps: int = 2
+    """Optimizer steps per iteration on the same rollouts (pi_old stays the rollout policy)."""
+    ptx_coef: float = 0.1
+    """lambda: total = RL loss + lambda * CE on curated SFT rows."""
+    ptx_rows: int = 16
+    old_logprobs: Literal["trainer", "engine"] = "trainer"
+    """pi_old from a trainer recompute, or the engine's sampling log-probs (valid at temperature 1 only)."""
+    stale_mode: Literal["none", "mask", "importance"] = "mask"
+    max_staleness: int = 1
+    t_start: float = 1.0
+    t_end: float = 0.8
+    t_schedule: Literal["linear", "exponential", "cosine"] = "linear"
+    budgets: dict = field(default_factory=lambda: {"list_ops": 8, "arithmetic": 4})
+    """Max response tokens per task family (budget control)."""
+    budget_penalty: float = 0.5
+    filter_low: float = 0.0
+    """Difficulty filter: keep train prompts with low < pass@k < high under the SFT model."""
+    filter_high: float = 1.0
+    filter_k: int = 4
+    filter_prompts: int = 400
+    mismatch_probe: int = 16
+    """Prompts per iteration sampled at T=1 to compare engine and trainer log-probs."""
+
+    def validate(self) -> None:
+        if self.iterations < 0 or self.inner_steps < 1:
+            raise ConfigError("rl.iterations must be >= 0 and rl.inner_steps >= 1")
+        if not self.tau > 0:
+            raise ConfigError(f"rl.tau: must be > 0, got {self.tau}")
+        if self.ptx_coef < 0:
+            raise ConfigError(f"rl.ptx_coef: must be >= 0, got {self.ptx_coef}")
+        if self.old_logprobs == "engine" and (self.t_start != 1.0 or self.t_end != 1.0):
+            raise ConfigError("rl.old_logprobs=engine: engine log-probs are of the tempered distribution; "
+                              "use it with rl.t_start=1 and rl.t_end=1, or set rl.old_logprobs=trainer")
+        if not 0 <= self.filter_low < self.filter_high <= 1:
+            raise ConfigError("rl.filter_low/filter_high: need 0 <= low < high <= 1")
+
+
+@dataclass(kw_only=True)
+class EngineSection:
+    kind: Literal["native", "sglang"] = "native"
+    port: int = 0
+    """0 picks a free port."""
+    max_running_requests: int = 256
+    restarts: int = 3
+    """How many times a dead engine is restarted (and reloaded from the trainer) per run."""
+    startup_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        if self.kind == "sglang":
+            import importlib.util
+
+            if importlib.util.find_spec("sglang") is None:
+                raise ConfigError("engine.kind=sglang: sglang is not installed (GPU nodes: pip install sglang)")

@@ -1,0 +1,569 @@
+"""`HTTPEngine`: the InferenceEngine protocol over SGLang's HTTP dialect, plus weight payloads.
+
+One client for both servers (`k2sys serve` and `sglang.launch_server`):
+
+    requests -> [bounded thread pool | asyncio semaphore] -> POST /generate (one request per
+    call, so abort/pause act per request) -> GenerateOutput
+
+Weights cross the process edge as base64 text inside JSON (SGLang's
+`serialized_named_tensors`). Our own encoding is safetensors bytes, so it is safe to decode in
+another process (no pickle) and bit-exact for every dtype:
+
+    serialize_named_tensors([(name, t)...])  -> base64(safetensors{name: t}, order in metadata)
+    FlattenedBucket.pack([(name, t)...])     -> one uint8 buffer + (name, dtype, shape, offset)
+    FlattenedBucket.serialize()              -> base64(safetensors{"buffer"}, entries in metadata)
+
+A real SGLang server cannot read that: it unpickles `MultiprocessingSerializer` output.
+`SGLangEngine` (sglang_adapter.py) overrides the two encode hooks below to produce SGLang's
+own format (sglang's serializer and FlattenedTensorBucket when sglang is importable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+
+import httpx
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from k2sys.engine.protocol import (GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
+                                   UpdateWeightsFromTensorPayload, abort_payload, memory_payload, pause_payload)
+
+_FORMAT_NAMED = "k2sys.named_tensors.v1"
+_FORMAT_BUCKET = "k2sys.flattened_bucket.v1"
+
+
+class EngineHTTPError(RuntimeError):
+    """An engine route answered with an error (or could not be reached)."""
+
+    def __init__(self, route: str, status: int | None, message: str):
+        self.route, self.status, self.message = route, status, message
+        where = f"status {status}" if status is not None else "no response"
+        super().__init__(f"{route}: {where}: {message}")
+
+
+# ---------------------------------------------------------------- tensors <-> text
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ProtocolError(f"dtype: {name!r} is not a torch dtype; use names like 'bfloat16'")
+    return dt
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob; {} for anything that is not one (e.g. a pickle)."""
+    if len(blob) < 8:
+        return {}
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        return {}
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _b64decode(payload: str | bytes, field_name: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"{field_name}: not valid base64 ({exc}); encode with serialize_named_tensors()") from exc
+
+
+def serialize_named_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """base64 text of a safetensors blob holding the tensors (order kept in its metadata)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in named:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise ProtocolError(f"named_tensors: expected (str, Tensor) pairs, got ({type(name).__name__}, "
+                                f"{type(t).__name__})")
+        if name in tensors:
+            raise ProtocolError(f"named_tensors: duplicate name {name!r}; send each tensor once")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():  # safetensors refuses tensors sharing storage (tied weights, views)
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    if not tensors:
+        raise ProtocolError("named_tensors: empty; send at least one tensor")
+    blob = st_save(tensors, metadata={"format": _FORMAT_NAMED, "order": json.dumps(list(tensors))})
+    return base64.b64encode(blob).decode("ascii")
+
+
+def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of serialize_named_tensors; also accepts a serialized FlattenedBucket."""
+    blob = _b64decode(payload, "serialized_named_tensors")
+    meta = _safetensors_metadata(blob)
+    if meta.get("format") == _FORMAT_BUCKET:
+        return FlattenedBucket.from_bytes(blob).unpack()
+    if meta.get("format") != _FORMAT_NAMED:
+        raise ProtocolError("serialized_named_tensors: not a k2sys payload (no format tag); an SGLang pickle "
+                            "payload cannot be read by the native server, send safetensors via HTTPEngine")
+    tensors = st_load(blob)
+    return [(name, tensors[name]) for name in json.loads(meta["order"])]
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Byte offset in the bucket buffer (aligned, so the slice can be viewed as `dtype`)."""
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": _dtype_name(self.dtype), "shape": list(self.shape), "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BucketEntry:
+        return cls(name=d["name"], dtype=_dtype_from_name(d["dtype"]), shape=tuple(int(x) for x in d["shape"]),
+                   offset=int(d["offset"]))
+
+
+class FlattenedBucket:
+    """Many tensors of any dtypes in one contiguous uint8 buffer: one copy, one message.
+
+    Entries start at `alignment`-byte offsets so `unpack()` returns zero-copy views.
+    """
+
+    def __init__(self, buffer: torch.Tensor, entries: Sequence[BucketEntry]):
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+            raise ProtocolError("buffer: must be a contiguous 1-D uint8 tensor; build buckets with FlattenedBucket.pack")
+        names = set()
+        for e in entries:
+            if e.name in names:
+                raise ProtocolError(f"entries: duplicate name {e.name!r}; each tensor goes in once")
+            names.add(e.name)
+            if e.offset < 0 or e.offset + e.nbytes > buffer.numel() or e.offset % e.dtype.itemsize:
+                raise ProtocolError(f"entries[{e.name!r}]: offset {e.offset} (+{e.nbytes} bytes) does not fit a "
+                                    f"{buffer.numel()}-byte buffer aligned for {e.dtype}")
+        self.buffer = buffer
+        self.entries = tuple(entries)
+
+    @classmethod
+    def pack(cls, named: Iterable[tuple[str, torch.Tensor]], alignment: int = 64,
+             device: torch.device | str | None = None) -> FlattenedBucket:
+        named = list(named)
+        if not named:
+            raise ProtocolError("named_tensors: empty; a bucket needs at least one tensor")
+        if alignment < 16 or alignment & (alignment - 1):
+            raise ProtocolError(f"alignment: {alignment} must be a power of two >= 16 (the largest itemsize)")
+        entries, offset = [], 0
+        for name, t in named:
+            entries.append(BucketEntry(name=name, dtype=t.dtype, shape=tuple(t.shape), offset=offset))
+            offset += -(-entries[-1].nbytes // alignment) * alignment
+        dev = torch.device(device) if device is not None else named[0][1].device
+        buffer = torch.empty(offset, dtype=torch.uint8, device=dev)
+        for e, (_, t) in zip(entries, named):
+            if e.nbytes:
+                buffer[e.offset:e.offset + e.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
+        return cls(buffer, entries)
+
+    def unpack(self) -> list[tuple[str, torch.Tensor]]:
+        return [(e.name, self.buffer[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape))
+                for e in self.entries]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def to_bytes(self) -> bytes:
+        meta = {"format": _FORMAT_BUCKET, "entries": json.dumps([e.to_json() for e in self.entries])}
+        return st_save({"buffer": self.buffer.detach().to("cpu").contiguous()}, metadata=meta)
+
+    def serialize(self) -> str:
+        return base64.b64encode(self.to_bytes()).decode("ascii")
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> FlattenedBucket:
+        meta = _safetensors_metadata(blob)
+        if meta.get("format") != _FORMAT_BUCKET:
+            raise ProtocolError("serialized_named_tensors: not a flattened bucket; send load_format=None for "
+                                "plain named tensors")
+        entries = [BucketEntry.from_json(d) for d in json.loads(meta["entries"])]
+        return cls(st_load(blob)["buffer"], entries)
+
+    @classmethod
+    def deserialize(cls, payload: str | bytes) -> FlattenedBucket:
+        return cls.from_bytes(_b64decode(payload, "serialized_named_tensors"))
+
+
+def tensors_from_update(payload: UpdateWeightsFromTensorPayload, tp_rank: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """What a native server applies for one /update_weights_from_tensor body (its TP rank's entry)."""
+    entries = payload.serialized_named_tensors
+    data = entries[tp_rank] if len(entries) > 1 else entries[0]
+    if payload.load_format == "flattened_bucket":
+        return FlattenedBucket.deserialize(data).unpack()
+    return deserialize_named_tensors(data)
+
+
+def _next_version(current: str | None) -> str:
+    return str(int(current) + 1) if current is not None and current.isdigit() else "1"
+
+
+# ---------------------------------------------------------------- the client
+
+@dataclass
+class _InFlight:
+    request: GenerateRequest
+    done: threading.Event
+    outputs: list[GenerateOutput]
+
+
+class HTTPEngine:
+    """InferenceEngine over HTTP. Retries only idempotent calls (and connect failures, which
+    never reached the server); every error names the route and the status."""
+
+    ROUTES = {
+        "generate": "/generate", "health": "/health", "flush_cache": "/flush_cache",
+        "abort": "/abort_request", "pause": "/pause_generation", "continue": "/continue_generation",
+        "release": "/release_memory_occupation", "resume": "/resume_memory_occupation",
+        "begin": "/begin_weight_update", "update_tensor": "/update_weights_from_tensor",
+        "end": "/end_weight_update", "get_weights": "/get_weights_by_name", "model_info": "/get_model_info",
+    }
+
+    def __init__(self, base_url: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
+                 max_concurrency: int = 64, retries: int = 3, backoff_s: float = 0.25, tp_size: int = 1,
+                 incremental_stream: bool = False, api_key: str | None = None):
+        if not base_url.startswith(("http://", "https://")):
+            raise ProtocolError(f"base_url: {base_url!r} needs a scheme; use e.g. http://127.0.0.1:30000")
+        if max_concurrency < 1 or retries < 0 or tp_size < 1:
+            raise ProtocolError("max_concurrency/tp_size must be >= 1 and retries >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_concurrency, self.retries, self.backoff_s, self.tp_size = max_concurrency, retries, backoff_s, tp_size
+        self.incremental_stream = incremental_stream
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers,
+                                    limits=httpx.Limits(max_connections=max_concurrency + 8))
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _InFlight] = {}
+        self._weight_version: str | None = None
+        self._pending_version: str | None = None
+
+    # -- plumbing
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HTTPEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _url(self, key: str) -> str:
+        return self.ROUTES[key]
+
+    @staticmethod
+    def _message(resp: httpx.Response) -> str:
+        try:
+            body = resp.json()
+        except ValueError:
+            return resp.text[:500] or resp.reason_phrase
+        if isinstance(body, dict):
+            err = body.get("error")
+            if isinstance(err, dict) and "message" in err:
+                return str(err["message"])
+            for k in ("message", "detail", "error"):
+                if body.get(k):
+                    return str(body[k])
+        return json.dumps(body)[:500]
+
+    def _parse(self, route: str, resp: httpx.Response) -> Any:
+        if resp.status_code >= 400:
+            raise EngineHTTPError(route, resp.status_code, self._message(resp))
+        try:
+            body = resp.json() if resp.content else None
+        except ValueError:
+            return resp.text
+        if isinstance(body, dict) and body.get("success") is False:  # SGLang reports some failures with 200
+            raise EngineHTTPError(route, resp.status_code, str(body.get("message", body)))
+        return body
+
+    def _call(self, method: str, key: str, payload: Any = None, *, idempotent: bool,
+              timeout: float | None = None) -> Any:
+        route = self._url(key)
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                resp = self._client.request(method, route, json=payload,
+                                            timeout=timeout if timeout is not None else self._timeout)
+            except httpx.ConnectError as exc:  # never reached the server: safe to retry anything
+                if last:
+                    raise EngineHTTPError(route, None, f"cannot connect to {self.base_url} ({exc})") from exc
+            except httpx.TransportError as exc:
+                if last or not idempotent:
+                    raise EngineHTTPError(route, None, f"{type(exc).__name__}: {exc}") from exc
+            else:
+                if resp.status_code in (502, 503, 504) and idempotent and not last:
+                    pass
+                else:
+                    return self._parse(route, resp)
+            time.sleep(self.backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _post(self, key: str, payload: Any = None, *, idempotent: bool = False, timeout: float | None = None) -> Any:
+        return self._call("POST", key, {} if payload is None else payload, idempotent=idempotent, timeout=timeout)
+
+    # -- generation
+    def _track(self, req: GenerateRequest) -> _InFlight:
+        entry = _InFlight(req, threading.Event(), [])
+        with self._lock:
+            if req.rid in self._inflight:
+                raise ProtocolError(f"rid: {req.rid!r} is already in flight on this client; use a unique rid")
+            self._inflight[req.rid] = entry
+        return entry
+
+    def _untrack(self, entry: _InFlight, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+        entry.outputs.extend(outputs)
+        with self._lock:
+            self._inflight.pop(entry.request.rid, None)
+        entry.done.set()
+        return outputs
+
+    @staticmethod
+    def _outputs(body: Any) -> list[GenerateOutput]:
+        items = body if isinstance(body, list) else [body]
+        return [GenerateOutput.from_sglang(it) for it in items]
+
+    def _generate_one(self, req: GenerateRequest) -> list[GenerateOutput]:
+        entry = self._track(req)
+        outputs: list[GenerateOutput] = []
+        try:
+            outputs = self._outputs(self._post("generate", req.to_sglang()))
+        finally:
+            self._untrack(entry, outputs)
+        return outputs
+
+    @staticmethod
+    def _check_requests(requests: Sequence[GenerateRequest]) -> list[GenerateRequest]:
+        reqs = list(requests)
+        for i, r in enumerate(reqs):
+            if not isinstance(r, GenerateRequest):
+                raise ProtocolError(f"requests[{i}]: expected GenerateRequest, got {type(r).__name__}")
+        return reqs
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        """Outputs in request order (n per request), at most max_concurrency requests in flight."""
+        reqs = self._check_requests(requests)
+        if len(reqs) <= 1:
+            return [o for r in reqs for o in self._generate_one(r)]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(reqs)), thread_name_prefix="k2sys-gen") as pool:
+            groups = list(pool.map(self._generate_one, reqs))
+        return [o for g in groups for o in g]
+
+    def _async_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, headers=self._headers,
+                                 limits=httpx.Limits(max_connections=self.max_concurrency + 8))
+
+    async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        reqs = self._check_requests(requests)
+        sem = asyncio.Semaphore(self.max_concurrency)
+        route = self._url("generate")
+        async with self._async_client() as client:
+            async def one(req: GenerateRequest) -> list[GenerateOutput]:
+                async with sem:
+                    entry = self._track(req)
+                    outputs: list[GenerateOutput] = []
+                    try:
+                        try:
+                            resp = await client.post(route, json=req.to_sglang())
+                        except httpx.TransportError as exc:
+                            raise EngineHTTPError(route, None, f"{type(exc).__name__}: {exc}") from exc
+                        outputs = self._outputs(self._parse(route, resp))
+                    finally:
+                        self._untrack(entry, outputs)
+                    return outputs
+            groups = await asyncio.gather(*(one(r) for r in reqs))
+        return [o for g in groups for o in g]
+
+    def _stream_chunk(self, route: str, line: str, prev: GenerateOutput | None) -> GenerateOutput | None:
+        if not line.startswith("data:"):
+            return None
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return None
+        body = json.loads(data)
+        if isinstance(body, dict) and "error" in body:
+            err = body["error"]
+            raise EngineHTTPError(route, 200, str(err.get("message", err) if isinstance(err, dict) else err))
+        out = GenerateOutput.from_sglang(body)
+        if self.incremental_stream and prev is not None:  # server sends deltas: accumulate them
+            lps = None if out.output_logprobs is None else (prev.output_logprobs or ()) + out.output_logprobs
+            out = GenerateOutput(rid=out.rid, output_ids=prev.output_ids + out.output_ids, text=prev.text + out.text,
+                                 output_logprobs=lps, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+                                 completion_tokens=out.completion_tokens, weight_version=out.weight_version,
+                                 matched_stop=out.matched_stop)
+        return out
+
+    @staticmethod
+    def _stream_request(req: GenerateRequest) -> dict[str, Any]:
+        if req.sampling.n != 1:
+            raise ProtocolError("n: streaming supports one sample per request; send n requests with n=1")
+        return req.to_sglang(stream=True)
+
+    def stream_generate(self, req: GenerateRequest) -> Iterator[GenerateOutput]:
+        """Cumulative snapshots of one request as it decodes; the last one has finish_reason set."""
+        route, payload = self._url("generate"), self._stream_request(req)
+        entry, prev = self._track(req), None
+        try:
+            with self._client.stream("POST", route, json=payload) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise EngineHTTPError(route, resp.status_code, self._message(resp))
+                for line in resp.iter_lines():
+                    out = self._stream_chunk(route, line, prev)
+                    if out is not None:
+                        prev = out
+                        yield out
+        finally:
+            self._untrack(entry, [prev] if prev is not None else [])
+
+    async def astream_generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        route, payload = self._url("generate"), self._stream_request(req)
+        entry, prev = self._track(req), None
+        try:
+            async with self._async_client() as client, client.stream("POST", route, json=payload) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise EngineHTTPError(route, resp.status_code, self._message(resp))
+                async for line in resp.aiter_lines():
+                    out = self._stream_chunk(route, line, prev)
+                    if out is not None:
+                        prev = out
+                        yield out
+        finally:
+            self._untrack(entry, [prev] if prev is not None else [])
+
+    # -- partial rollout
+    def abort(self, rid: str | None = None) -> None:
+        """Abort one request, or every request when rid is None."""
+        self._post("abort", abort_payload(rid), idempotent=True)
+
+    def pause(self, mode: str = "abort") -> list[PausedRequest]:
+        """Pause the server. In "abort" mode the in-flight requests of this client come back with
+        finish_reason "abort" and their tokens so far; they are returned as PausedRequests (only
+        requests sent as token ids can be resumed from a prefix). A server that lists paused
+        requests in its answer ("paused_requests", k2sys serve) is taken at its word. In
+        "retract"/"in_place" modes the requests stay queued on the server and resume on continue.
+        """
+        payload = pause_payload(mode)
+        with self._lock:
+            waiting = list(self._inflight.values())
+        body = self._post("pause", payload)
+        if mode != "abort":
+            return []
+        if isinstance(body, dict) and body.get("paused_requests") is not None:
+            return [PausedRequest.from_json(d) for d in body["paused_requests"]]
+        deadline = time.monotonic() + self.timeout
+        paused = []
+        for entry in waiting:
+            if not entry.done.wait(max(0.0, deadline - time.monotonic())):
+                raise EngineHTTPError(self._url("pause"), None, f"request {entry.request.rid!r} did not return "
+                                      f"within {self.timeout:.0f} s of the pause; is the server stuck?")
+            for out in entry.outputs:
+                if out.finish_reason == "abort" and entry.request.input_ids is not None:
+                    paused.append(PausedRequest.from_output(entry.request, out))
+        return paused
+
+    def continue_generation(self) -> None:
+        self._post("continue", {})
+
+    # -- memory
+    def release_memory(self, tags: Iterable[str] | None = None) -> None:
+        self._post("release", memory_payload(tags))
+
+    def resume_memory(self, tags: Iterable[str] | None = None) -> None:
+        self._post("resume", memory_payload(tags))
+
+    def flush_cache(self) -> None:
+        self._post("flush_cache", None, idempotent=True)
+
+    # -- weights
+    def begin_weight_update(self) -> None:
+        self._post("begin", {})
+        self._pending_version = _next_version(self._weight_version)
+
+    def encode_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> str:
+        """Hook: one payload string for plain named tensors (load_format None)."""
+        return serialize_named_tensors(named)
+
+    def encode_bucket(self, bucket: FlattenedBucket) -> list[tuple[str | None, str]]:
+        """Hook: (load_format, payload) pairs that carry one bucket."""
+        return [("flattened_bucket", bucket.serialize())]
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | Iterable[FlattenedBucket], *,
+                       weight_version: str | None = None, flush_cache: bool = False) -> None:
+        """Send named tensors (one request) or flattened buckets (one request per bucket)."""
+        items = list(weights)
+        if not items:
+            raise ProtocolError("weights: empty; send at least one tensor or bucket")
+        version = weight_version if weight_version is not None else self._pending_version
+        if weight_version is not None:
+            self._pending_version = weight_version
+        if all(isinstance(b, FlattenedBucket) for b in items):
+            calls = [pair for b in items for pair in self.encode_bucket(b)]
+        elif all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in items):
+            calls = [(None, self.encode_named_tensors(items))]
+        else:
+            raise ProtocolError("weights: pass either (name, tensor) pairs or FlattenedBuckets, not a mix")
+        for fmt, data in calls:
+            payload = UpdateWeightsFromTensorPayload(serialized_named_tensors=[data] * self.tp_size, load_format=fmt,
+                                                     flush_cache=flush_cache, weight_version=version)
+            self._post("update_tensor", payload.to_sglang())
+
+    def end_weight_update(self) -> str | None:
+        self._post("end", {})
+        if self._pending_version is not None:
+            self._weight_version, self._pending_version = self._pending_version, None
+        return self._weight_version
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
+        return self._post("get_weights", {"name": name, "truncate_size": truncate_size}, idempotent=True)
+
+    def get_model_info(self) -> dict[str, Any]:
+        return self._call("GET", "model_info", idempotent=True)
+
+    @property
+    def weight_version(self) -> str | None:
+        """The version set by the last completed update session from this client (None before)."""
+        return self._weight_version
+
+    def health(self, timeout: float = 5.0) -> bool:
+        try:
+            return self._client.get(self._url("health"), timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False

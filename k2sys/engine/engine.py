@@ -1,0 +1,565 @@
+"""`NativeEngine`: the embedded inference engine behind the `InferenceEngine` protocol.
+
+    callers (any thread) --submit / control commands--> scheduler thread (owns all state)
+        loop: run queued commands -> scheduler.step() -> listeners push outputs to callers
+
+Every state change (new request, abort, pause, memory release, applying a weight update) runs
+on the scheduler thread between two forward steps, so no lock guards the model or the cache.
+Weight updates are staged by the caller's thread (validated and copied aside) and applied all
+at once by `end_weight_update`: a bad name, shape or dtype leaves the old weights in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
+from k2sys.engine.kv_cache import PagedLatentCache
+from k2sys.engine.model_runner import ModelRunner
+from k2sys.engine.protocol import (PAUSE_MODES, GenerateOutput, GenerateRequest, PausedRequest,
+                                   validate_tags)
+from k2sys.engine.protocol import SamplingParams as ProtocolSampling
+from k2sys.engine.scheduler import Request, Scheduler, Sequence as Seq
+from k2sys.models import K2Config, K2ForCausalLM, load_config, load_state_dict, param_shapes
+
+__all__ = ["NativeEngine", "RequestHandle"]
+
+log = logging.getLogger(__name__)
+_PAUSED_KEYS = ("rid", "input_ids", "output_ids", "output_logprobs", "sampling_params", "return_logprob",
+                "weight_version")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestHandle:
+    """A submitted request: blocking `result()`, or `updates` (a queue of (sample_idx, output dict,
+    finished) tuples; None marks the end) for streaming."""
+    request: Request
+    engine: "NativeEngine"
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: dict[int, dict] = field(default_factory=dict)
+    updates: "queue.Queue[tuple[int, dict, bool] | None]" = field(default_factory=queue.Queue)
+    on_update: Callable[[int, dict, bool], None] | None = None
+
+    def _listen(self, seq: Seq, finished: bool) -> None:
+        out = self.engine._output(seq)
+        self.outputs[seq.sample_idx] = out
+        if self.on_update is not None:
+            self.on_update(seq.sample_idx, out, finished)
+        self.updates.put((seq.sample_idx, out, finished))
+        if self.request.finished:
+            self.done.set()
+            self.updates.put(None)
+
+    def result(self, timeout: float | None = None) -> list[dict]:
+        """SGLang-shaped outputs, one per sample, once every sample has finished."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.request.rid!r} not finished after {timeout} s")
+        return [self.outputs[i] for i in sorted(self.outputs)]
+
+    def stream(self) -> Iterator[tuple[int, dict, bool]]:
+        while (item := self.updates.get()) is not None:
+            yield item
+
+
+class NativeEngine:
+    def __init__(self, state_dict: dict[str, torch.Tensor], model_config: K2Config,
+                 config: EngineConfig | None = None, tokenizer: Any = None, model_path: str | None = None):
+        self.config = config = config or EngineConfig()
+        self.model_config, self.tokenizer, self.model_path = model_config, tokenizer, model_path
+        dtype = _DTYPES[config.dtype or model_config.torch_dtype]
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.runner = ModelRunner(model_config, state_dict, dtype, config.device, max_positions=self.max_model_len)
+        self.cache = PagedLatentCache(model_config.num_hidden_layers, config.num_blocks, config.block_size,
+                                      model_config.kv_lora_rank, model_config.qk_rope_head_dim, dtype, config.device)
+        self.scheduler = Scheduler(config, self.runner, self.cache, self.max_model_len, model_config.eos_token_id,
+                                   self._detokenize if tokenizer is not None else None)
+        self.version = 0
+        self._weight_version: str = "0"
+        self._released: set[str] = set()
+        self._stale: set[str] = set()
+        self._session: dict[str, Any] | None = None
+        self._session_lock = threading.Lock()
+        self._paused: str | None = None
+        self._commands: list[tuple[Callable[[], Any], Future]] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._thread = threading.Thread(target=self._loop, name="k2sys-engine", daemon=True)
+        self._thread.start()
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **overrides: Any) -> "NativeEngine":
+        """Load an HF DeepseekV3/Kimi-K2 checkpoint directory (+ its tokenizer when present)."""
+        if config is None:
+            config = EngineConfig(**overrides)
+        path = Path(path)
+        cfg = load_config(path)
+        names = set(param_shapes(cfg))
+        state = {k: v for k, v in load_state_dict(path).items() if k in names}  # drops MTP layers
+        tokenizer = None
+        if (path / "tokenizer.json").exists():
+            from k2sys.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(path)
+        return cls(state, cfg, config, tokenizer, model_path=str(path))
+
+    @classmethod
+    def from_model(cls, model: K2ForCausalLM, config: EngineConfig | None = None, tokenizer: Any = None) -> "NativeEngine":
+        state = {k: v for k, v in model.state_dict().items() if k in param_shapes(model.config)}
+        return cls(state, model.config, config, tokenizer)
+
+    # ---- the scheduler thread ------------------------------------------------------------------
+    def _can_step(self) -> bool:
+        return self._paused is None and not self._released and self.scheduler.has_work()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._commands and not self._can_step() and not self._stopping:
+                    self._cv.wait()
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # the caller gets the error; the loop keeps serving
+                    fut.set_exception(e)
+            if stopping and not commands:
+                return
+            if self._can_step():
+                if self._stale:
+                    self.scheduler.abort(None, f"weights are stale ({len(self._stale)} tensors released and not "
+                                               "updated since); run a weight update session first")
+                    continue
+                try:
+                    self.scheduler.step()
+                except Exception as e:
+                    log.exception("engine step failed; aborting in-flight requests")
+                    self.scheduler.abort(None, f"engine error: {type(e).__name__}: {e}")
+
+    def _call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+        with self._cv:
+            if self._stopping and not self._thread.is_alive():
+                raise EngineError("engine is shut down")
+            self._commands.append((fn, fut))
+            self._cv.notify()
+        return fut.result(timeout)
+
+    def begin_shutdown(self, message: str = "server shutting down") -> None:
+        """Abort everything in flight without waiting (safe from a signal handler)."""
+        with self._cv:
+            self._draining = True
+            self._commands.append((lambda: self.scheduler.abort(None, message), Future()))
+            self._cv.notify()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort everything in flight (callers get finish_reason abort) and stop the thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._call(lambda: self.scheduler.abort(None, "server shutting down"), timeout)
+        finally:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify()
+            self._thread.join(timeout)
+
+    # ---- tokenizer ---------------------------------------------------------------------------
+    def _detokenize(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("text: this model has no tokenizer.json; send input_ids instead")
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_id(self, token: str) -> int | None:
+        return None if self.tokenizer is None else self.tokenizer.token_to_id(token)
+
+    def decode_token(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else str(token)
+
+    # ---- chat (OpenAI /v1/chat/completions) ------------------------------------------------
+    def _k2_chat(self) -> bool:
+        from k2sys.tokenizer import STOP_TOKENS
+
+        return self.tokenizer is not None and all(self.token_id(t) is not None for t in STOP_TOKENS)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """Prompt ids for a chat: the K2 chat format when the tokenizer has its tokens, else the
+        checkpoint's own Jinja chat_template (tokenizer_config.json)."""
+        if self.tokenizer is None:
+            raise RequestError("messages: this model has no tokenizer; use /generate with input_ids")
+        if self._k2_chat():
+            from k2sys.tokenizer import render_chat
+
+            try:
+                text = render_chat(messages, tools, add_generation_prompt=True)
+            except (ValueError, TypeError, KeyError) as e:
+                raise RequestError(f"messages: {e}") from None
+        else:
+            text = self._jinja_chat(messages, tools)
+        return self.encode(text)
+
+    def _jinja_chat(self, messages: list[dict], tools: list[dict] | None) -> str:
+        import json as _json
+
+        import jinja2.sandbox
+
+        cfg = Path(self.model_path or "") / "tokenizer_config.json"
+        template = _json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+        if not template:
+            raise RequestError("messages: the tokenizer has no chat template; use /v1/completions")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True)
+
+    def chat_stop_ids(self) -> list[int]:
+        from k2sys.tokenizer import STOP_TOKENS
+
+        ids = [self.token_id(t) for t in STOP_TOKENS] if self.tokenizer is not None else []
+        return [i for i in ids if i is not None]
+
+    def parse_chat_output(self, text: str) -> tuple[dict, bool]:
+        """Generated assistant text -> (OpenAI message, has tool calls)."""
+        if not self._k2_chat():
+            return {"role": "assistant", "content": text}, False
+        import json as _json
+
+        from k2sys.tokenizer import parse_assistant
+
+        parsed = parse_assistant(text)
+        msg: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
+        if parsed.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": _json.dumps(c.arguments)}}
+                                 for c in parsed.tool_calls]
+        return msg, bool(parsed.tool_calls)
+
+    # ---- generation --------------------------------------------------------------------------
+    def submit(self, input_ids: Sequence[int] | None = None, params: SamplingParams | None = None, *,
+               text: str | None = None, rid: str | None = None, return_logprob: bool = False,
+               on_update: Callable[[int, dict, bool], None] | None = None) -> RequestHandle:
+        """Queue one prompt (n samples); returns at once. on_update runs on the scheduler thread."""
+        params = params or SamplingParams()
+        if self._draining:
+            raise EngineError("engine is shutting down; not accepting requests")
+        if (input_ids is None) == (text is None):
+            raise RequestError("input_ids/text: give exactly one")
+        ids = self.encode(text) if text is not None else [int(t) for t in input_ids]
+        if not ids:
+            raise RequestError("input_ids: empty prompt; give at least one token")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"input_ids: token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"input_ids: prompt of {len(ids)} tokens does not fit max_model_len="
+                               f"{self.max_model_len}; shorten it")
+        if len(ids) > self.cache.num_blocks * self.cache.block_size:
+            raise RequestError(f"input_ids: prompt of {len(ids)} tokens exceeds the KV cache "
+                               f"({self.config.max_total_tokens} tokens)")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("sampling_params.stop: stop strings need a tokenizer; use stop_token_ids")
+        req = Request(rid=rid or uuid.uuid4().hex, input_ids=ids, params=params, return_logprob=return_logprob)
+        handle = RequestHandle(request=req, engine=self, on_update=on_update)
+        req.listener = handle._listen
+
+        def add() -> None:
+            if req.rid in self.scheduler.requests:
+                raise RequestError(f"rid: {req.rid!r} is already in flight; use a unique rid")
+            self.scheduler.add(req)
+        self._call(add)
+        return handle
+
+    def _output(self, seq: Seq) -> dict:
+        """SGLang /generate item for one sample (cumulative so far)."""
+        req = seq.request
+        text = seq.text if seq.finished else self.scheduler.running_text(seq)
+        meta: dict[str, Any] = {
+            "id": req.sample_rid(seq.sample_idx), "finish_reason": seq.finish_reason,
+            "prompt_tokens": len(req.input_ids), "completion_tokens": len(seq.output_ids), "cached_tokens": 0,
+            "weight_version": self._weight_version, "e2e_latency": time.time() - req.created,
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(seq.output_logprobs, seq.output_ids)]
+        return {"text": text, "output_ids": list(seq.output_ids), "meta_info": meta}
+
+    def generate_sglang(self, prompts: Sequence[Sequence[int] | str], params: SamplingParams,
+                        return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[dict]:
+        """Blocking batch generate; outputs are prompt-major (prompt 0's n samples first)."""
+        handles = []
+        for i, p in enumerate(prompts):
+            kw = {"text": p} if isinstance(p, str) else {"input_ids": p}
+            handles.append(self.submit(params=params, rid=rids[i] if rids else None, return_logprob=return_logprob, **kw))
+        return [o for h in handles for o in h.result()]
+
+    @staticmethod
+    def _internal_params(p: ProtocolSampling) -> SamplingParams:
+        return SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
+                              top_k=p.top_k, n=p.n, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
+                              sampling_seed=p.seed)
+
+    def _submit_protocol(self, r: GenerateRequest) -> RequestHandle:
+        return self.submit(r.input_ids, self._internal_params(r.sampling), text=r.text, rid=r.rid,
+                           return_logprob=r.return_logprob)
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        handles = [self._submit_protocol(r) for r in requests]
+        return [GenerateOutput.from_sglang(o) for h in handles for o in h.result()]
+
+    async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        loop = asyncio.get_running_loop()
+        handles = [self._submit_protocol(r) for r in requests]
+        outs = []
+        for h in handles:
+            outs.extend(await loop.run_in_executor(None, h.result))
+        return [GenerateOutput.from_sglang(o) for o in outs]
+
+    # ---- partial rollout ---------------------------------------------------------------------
+    def abort(self, rid: str | None = None) -> None:
+        """Abort one request (its rid, or one sample's "rid-i") or every request (None)."""
+        def run() -> None:
+            target = rid
+            if rid is not None and rid not in self.scheduler.requests and "-" in rid:
+                target = rid.rsplit("-", 1)[0]  # a sample of an n > 1 request aborts its whole group
+            self.scheduler.abort(target)
+        self._call(run)
+
+    def pause(self, mode: str = "abort") -> list[PausedRequest]:
+        """Stop scheduling (requests submitted meanwhile queue until continue_generation).
+
+        abort: in-flight requests finish with "abort" and come back as PausedRequests, to be
+        resumed from their token prefix (next iteration, new weights). retract: they give up
+        their KV and wait in the queue; in_place: they keep their KV; both return [] because
+        the engine itself resumes them on continue_generation (as HTTPEngine documents).
+        """
+        detail = self.pause_detail(mode)
+        if mode != "abort":
+            return []
+        return [PausedRequest.from_json({k: d[k] for k in _PAUSED_KEYS}) for d in detail]
+
+    def pause_detail(self, mode: str) -> list[dict]:
+        """pause() returning every in-flight sample's state: rid, input_ids, output_ids,
+        output_logprobs, sampling_params, finish_reason (abort in abort mode, else None)."""
+        if mode not in PAUSE_MODES:
+            raise RequestError(f"mode: {mode!r} is unknown; use one of {list(PAUSE_MODES)}")
+
+        def run() -> list[dict]:
+            self._paused = mode
+            seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+            if mode == "abort":
+                self.scheduler.abort(None, "paused (mode=abort)")
+            elif mode == "retract":
+                self.scheduler.retract_all()
+            items = []
+            for seq in sorted(seqs, key=lambda q: q.order):
+                # an n > 1 request still prefilling has one sequence standing for all n samples
+                n = 1 if seq.request.forked else seq.request.params.n
+                items.extend(self._paused_item(seq, i if n > 1 else seq.sample_idx) for i in range(n))
+            return items
+        return self._call(run)
+
+    def _paused_item(self, seq: Seq, sample_idx: int) -> dict:
+        p = seq.request.params
+        sampling = {"max_new_tokens": max(p.max_new_tokens, 1), "temperature": p.temperature, "top_p": p.top_p,
+                    "top_k": p.top_k, "n": 1}
+        if p.stop:
+            sampling["stop"] = list(p.stop)
+        if p.stop_token_ids:
+            sampling["stop_token_ids"] = list(p.stop_token_ids)
+        if p.sampling_seed is not None:
+            sampling["sampling_seed"] = p.sampling_seed
+        return {"rid": seq.request.sample_rid(sample_idx), "input_ids": list(seq.request.input_ids),
+                "output_ids": list(seq.output_ids),
+                "output_logprobs": list(seq.output_logprobs), "sampling_params": sampling,
+                "return_logprob": seq.request.return_logprob, "weight_version": self._weight_version,
+                "finish_reason": seq.finish_reason}
+
+    def continue_generation(self) -> None:
+        def run() -> None:
+            self._paused = None
+        self._call(run)
+
+    @property
+    def paused(self) -> str | None:
+        return self._paused
+
+    # ---- memory ------------------------------------------------------------------------------
+    def release_memory(self, tags: Iterable[str] | None = None) -> None:
+        """Free KV cache and/or weight storage for real (tags: kv_cache, weights; cuda_graph is a no-op)."""
+        tags = validate_tags(tags)
+
+        def run() -> None:
+            if self.scheduler.running:
+                raise EngineError(f"release_memory: {len(self.scheduler.running)} requests hold KV; "
+                                  "pause_generation(mode='retract' or 'abort') first")
+            for tag in tags:
+                if tag in self._released or tag == "cuda_graph":
+                    continue
+                if tag == "kv_cache":
+                    self.cache.release()
+                elif tag == "weights":
+                    self.runner.release_weights()
+                self._released.add(tag)
+            self._empty_device_cache()
+        self._call(run)
+
+    def resume_memory(self, tags: Iterable[str] | None = None) -> None:
+        """Give storage back; resumed weights are stale until a weight update covers them."""
+        tags = validate_tags(tags)
+
+        def run() -> None:
+            for tag in tags:
+                if tag not in self._released:
+                    continue
+                if tag == "kv_cache":
+                    self.cache.resume()
+                elif tag == "weights":
+                    self.runner.resume_weights()
+                    self._stale = set(self.runner.params)
+                self._released.discard(tag)
+        self._call(run)
+
+    def _empty_device_cache(self) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def released(self) -> set[str]:
+        return set(self._released)
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"weights": self.runner.weight_bytes, "kv_cache": self.cache.nbytes}
+
+    def flush_cache(self) -> None:
+        """Drop cached KV (SGLang semantics: only when no request holds KV)."""
+        def run() -> None:
+            if self.scheduler.running:
+                raise EngineError(f"flush_cache: {len(self.scheduler.running)} requests are running; "
+                                  "pause or wait for them first")
+            if "kv_cache" not in self._released:
+                self.cache.allocator.reset()
+        self._call(run)
+
+    # ---- weight updates ----------------------------------------------------------------------
+    def begin_weight_update(self) -> None:
+        with self._session_lock:
+            if self._session is not None:
+                raise EngineError("begin_weight_update: a session is already open; call end_weight_update() first")
+            if "weights" in self._released:
+                raise EngineError("begin_weight_update: weights are released; resume_memory(['weights']) first")
+            self._session = {"staged": {}, "error": None, "version": None}
+
+    def update_weights(self, weights: Iterable[Any], *, weight_version: str | None = None) -> None:
+        """Stage (name, tensor) pairs or FlattenedBuckets (HF names, any order) in the open session."""
+        with self._session_lock:
+            s = self._session
+            if s is None:
+                raise EngineError("update_weights: no weight update session; call begin_weight_update() first "
+                                  "(SGLang >= 0.5.23 refuses updates outside a session too)")
+            if s["error"] is not None:
+                raise EngineError(f"update_weights: this session already failed ({s['error']}); "
+                                  "end it and start a new one")
+            try:
+                for name, t in self._named(weights):
+                    s["staged"][name] = self._check_tensor(name, t)
+            except (RequestError, EngineError) as e:
+                s["error"] = str(e)
+                raise
+            if weight_version is not None:
+                s["version"] = str(weight_version)
+
+    update_weights_from_tensor = update_weights
+
+    @staticmethod
+    def _named(weights: Iterable[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        for item in weights:
+            if hasattr(item, "unpack") and hasattr(item, "entries"):  # a FlattenedBucket
+                yield from item.unpack()
+            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                yield item
+            else:
+                raise RequestError(f"weights: expected (name, tensor) pairs or FlattenedBuckets, got {type(item).__name__}")
+
+    def _check_tensor(self, name: str, t: Any) -> torch.Tensor:
+        params = self.runner.params
+        if name not in params:
+            near = [n for n in params if n.split(".")[-2:] == name.split(".")[-2:]][:3]
+            raise RequestError(f"weights: unknown tensor {name!r}; names are HF DeepseekV3 names"
+                               + (f" (e.g. {near})" if near else ""))
+        if not isinstance(t, torch.Tensor):
+            raise RequestError(f"weights[{name!r}]: expected a tensor, got {type(t).__name__}")
+        want = params[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise RequestError(f"weights[{name!r}]: shape {tuple(t.shape)} does not match the model's "
+                               f"{tuple(want.shape)}")
+        if t.dtype != want.dtype:
+            raise RequestError(f"weights[{name!r}]: dtype {t.dtype} does not match the engine's {want.dtype}; "
+                               f"cast before sending")
+        return t.detach().to(want.device, copy=True)
+
+    def end_weight_update(self) -> str:
+        """Apply the whole session at once (or nothing, if any part failed); returns the new version."""
+        with self._session_lock:
+            s, self._session = self._session, None
+        if s is None:
+            raise EngineError("end_weight_update: no open session; call begin_weight_update() first")
+        if s["error"] is not None:
+            raise EngineError(f"end_weight_update: session discarded, weights unchanged (version "
+                              f"{self._weight_version}): {s['error']}")
+
+        def run() -> str:
+            if "weights" in self._released:
+                raise EngineError("end_weight_update: weights were released during the session; nothing applied")
+            with torch.no_grad():
+                for name, t in s["staged"].items():
+                    self.runner.params[name].copy_(t)
+            self._stale -= set(s["staged"])
+            self.version += 1
+            self._weight_version = s["version"] or str(self.version)
+            return self._weight_version
+        return self._call(run)
+
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        if name not in self.runner.params:
+            raise RequestError(f"name: unknown tensor {name!r}; use an HF DeepseekV3 parameter name")
+        if "weights" in self._released:
+            raise EngineError("get_weights_by_name: weights are released; resume them first")
+        return self._call(lambda: self.runner.params[name].float().reshape(-1)[:truncate_size].tolist())
+
+    # ---- status ------------------------------------------------------------------------------
+    def health(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stats(self) -> dict[str, Any]:
+        sch = self.scheduler
+        return {"running": len(sch.running), "waiting": len(sch.waiting), "generated_tokens": sch.generated_tokens,
+                "steps": sch.steps, "free_blocks": self.cache.allocator.num_free, "paused": self._paused,
+                "released": sorted(self._released), "stale_tensors": len(self._stale),
+                "weight_version": self._weight_version}
+
+    def __enter__(self) -> "NativeEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+

@@ -1,0 +1,209 @@
+"""Start, health-check and stop an inference server subprocess (SGLang or `k2sys serve`).
+
+    config.command() -> Popen (own session, so the server's children share one process group)
+    -> poll GET /health until 200 (fail fast if the process dies, with its log tail)
+    -> stop(): SIGTERM the group, wait, then SIGKILL whatever is left
+
+Used by the coordinator; the server's stdout/stderr go to a log file so a failed start can
+say why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+
+
+class LaunchError(RuntimeError):
+    """The server did not come up (or did not go down) as asked; the message says why."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (another process may still take it before the server binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _check_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise LaunchError(f"port: {port} is out of range; use 1..65535 (free_port() picks one)")
+
+
+@dataclass(kw_only=True)
+class SGLangLaunchConfig:
+    """`python -m sglang.launch_server` for the colocated RL setup."""
+    model_path: str
+    tp_size: int = 1
+    host: str = "127.0.0.1"
+    port: int = 30000
+    mem_fraction_static: float | None = None
+    """Fraction of GPU memory for weights + KV; leave room for the trainer when colocated."""
+    enable_memory_saver: bool = True
+    """Needed for release/resume_memory_occupation (colocated training)."""
+    dtype: str | None = None
+    context_length: int | None = None
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+    extra_args: tuple[str, ...] = ()
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise LaunchError("model_path: empty; pass an HF checkpoint directory or hub id")
+        if self.tp_size < 1:
+            raise LaunchError(f"tp_size: {self.tp_size} must be >= 1")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
+            raise LaunchError(f"mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]")
+        _check_port(self.port)
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
+               "--tp-size", str(self.tp_size), "--host", self.host, "--port", str(self.port)]
+        if self.mem_fraction_static is not None:
+            cmd += ["--mem-fraction-static", str(self.mem_fraction_static)]
+        if self.enable_memory_saver:
+            cmd.append("--enable-memory-saver")
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        if self.context_length:
+            cmd += ["--context-length", str(self.context_length)]
+        if self.trust_remote_code:
+            cmd.append("--trust-remote-code")
+        if self.skip_tokenizer_init:
+            cmd.append("--skip-tokenizer-init")
+        return cmd + list(self.extra_args)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(kw_only=True)
+class NativeLaunchConfig:
+    """`k2sys serve --model PATH --port P` (run as `python -m k2sys.cli serve` so no PATH lookup)."""
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 30000
+    extra_args: tuple[str, ...] = ()
+    module: tuple[str, ...] = ("k2sys.cli", "serve")
+    """The module to run and its leading args; ("k2sys.engine.server",) runs the server directly."""
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise LaunchError("model_path: empty; pass a checkpoint directory written by save_hf")
+        _check_port(self.port)
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", *self.module, "--model", str(self.model_path), "--host", self.host,
+                "--port", str(self.port), *self.extra_args]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class ServerProcess:
+    """A started server: `wait_healthy()`, then `stop()` (also on context exit)."""
+    command: list[str]
+    base_url: str
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False)
+
+    def start(self) -> ServerProcess:
+        if self.proc is not None:
+            raise LaunchError(f"already started (pid {self.proc.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            # a new session puts the server and its workers (sglang spawns schedulers) in one group
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        return self
+
+    def log_tail(self, n_bytes: int = 4000) -> str:
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-n_bytes:].decode("utf-8", "replace")
+
+    def wait_healthy(self, timeout: float = 600.0, poll_s: float = 0.5) -> ServerProcess:
+        if self.proc is None:
+            raise LaunchError("not started; call start() first")
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                code = self.proc.poll()
+                if code is not None:
+                    raise LaunchError(f"server exited with code {code} before it was healthy: {self.command}\n"
+                                      f"--- {self.log_path} (tail) ---\n{self.log_tail()}")
+                try:
+                    if client.get(self.base_url + "/health").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise LaunchError(f"{self.base_url}/health not 200 within {timeout:.0f} s; stopped it\n"
+                                      f"--- {self.log_path} (tail) ---\n{self.log_tail()}")
+                time.sleep(poll_s)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """SIGTERM the server's process group, then SIGKILL after `grace_s`; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        # workers that outlived the leader (or ignored SIGTERM) would hold GPU memory: kill them too
+        self._signal_group(signal.SIGKILL)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def launch_server(config: SGLangLaunchConfig | NativeLaunchConfig, *, log_path: str | os.PathLike,
+                  timeout: float = 600.0, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start the server described by `config` and return once /health answers 200."""
+    server = ServerProcess(command=config.command(), base_url=config.base_url, log_path=Path(log_path), env=env)
+    return server.start().wait_healthy(timeout=timeout)
+
+
+def command_for(argv: Sequence[str]) -> str:
+    """The command line as one shell-quoted string, for logs and sbatch scripts."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in argv)

@@ -1,0 +1,515 @@
+"""The one `InferenceEngine` protocol and the request/response types at the process edge.
+
+Both engines (the native one and SGLang) sit behind `InferenceEngine`, and both speak the same
+HTTP dialect: SGLang's routes and JSON payloads for the subset we use. The dataclasses here
+validate at construction (a bad field raises `ProtocolError` naming the field and the fix) and
+convert to/from SGLang's JSON field names, so the client, the native server and the adapter
+share one definition of every payload.
+
+SGLang field names were read from sgl-project/sglang (the copies in our reference index:
+`python/sglang/srt/managers/io_struct.py` at commit 001067fffe33 (2026, msgspec structs),
+`python/sglang/srt/entrypoints/http_server.py`, `python/sglang/srt/sampling/sampling_params.py`
+at 00c17cafcb9e, `python/sglang/srt/weight_sync/tensor_bucket.py`) and cross-checked against
+users of sglang 0.5.23 (miles, NeMo-RL). Payloads used:
+
+    /generate                   GenerateReqInput: rid, text | input_ids, sampling_params,
+                                return_logprob, stream -> {"text", "output_ids", "meta_info":
+                                {"id", "finish_reason": {"type": stop|length|abort, ...},
+                                "prompt_tokens", "completion_tokens", "weight_version",
+                                "output_token_logprobs": [[logprob, token_id, text|null]]}}
+    sampling_params             max_new_tokens, temperature, top_p, top_k (-1 = off), stop,
+                                stop_token_ids, n, sampling_seed
+    /release_memory_occupation  ReleaseMemoryOccupationReqInput: tags (None = all)
+    /resume_memory_occupation   ResumeMemoryOccupationReqInput: tags
+    /update_weights_from_tensor UpdateWeightsFromTensorReqInput: serialized_named_tensors
+                                (one base64 string per TP rank), load_format
+                                (None | "flattened_bucket"), flush_cache, abort_all_requests,
+                                weight_version
+    /update_weights_from_distributed, /init_weights_update_group   SGLang-only (NCCL broadcast
+                                from the trainer): their payloads live in sglang_adapter.py
+    /begin_weight_update, /end_weight_update   sessions from sglang PRs #28710/#28001 (June
+                                2026; required by 0.5.23 per FACTS.md): every update_weights_from_*
+                                must sit inside one. The io_struct copy we read predates them, so
+                                their fields were read from their users (BeginWeightUpdateReqInput
+                                has only defaulted fields): we send `{}`.
+    /pause_generation           PauseGenerationReqInput: mode abort|retract|in_place (HTTP only)
+    /continue_generation        ContinueGenerationReqInput (all defaults)
+    /abort_request              AbortReq: rid, abort_all
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:  # only for annotations: client.py imports this module
+    import torch
+
+    from k2sys.engine.client import FlattenedBucket
+
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+FINISH_REASONS = ("stop", "length", "abort")
+PAUSE_MODES = ("abort", "retract", "in_place")
+LOAD_FORMATS = (None, "flattened_bucket")
+
+
+class ProtocolError(ValueError):
+    """A payload or argument at the engine edge is invalid; the message names the field."""
+
+
+def _fail(field_name: str, problem: str, fix: str) -> ProtocolError:
+    return ProtocolError(f"{field_name}: {problem}; {fix}")
+
+
+def validate_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
+    """Memory tags in canonical order; None means all of them (SGLang's default)."""
+    if tags is None:
+        return MEMORY_TAGS
+    if isinstance(tags, str):
+        raise _fail("tags", f"got the string {tags!r}", "pass a list such as ['kv_cache']")
+    got = list(tags)
+    bad = [t for t in got if t not in MEMORY_TAGS]
+    if bad:
+        raise _fail("tags", f"unknown tag(s) {bad}", f"use a subset of {list(MEMORY_TAGS)}")
+    if not got:
+        raise _fail("tags", "empty list", "pass None for all tags or name at least one")
+    return tuple(t for t in MEMORY_TAGS if t in got)
+
+
+def _int_list(name: str, value: Any, *, allow_empty: bool) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise _fail(name, f"expected a list of ints, got {type(value).__name__}", "pass token ids as a list")
+    out = list(value)
+    for i, v in enumerate(out):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _fail(f"{name}[{i}]", f"{v!r} is not a non-negative int", "token ids are ints >= 0")
+    if not out and not allow_empty:
+        raise _fail(name, "is empty", "give at least one token")
+    return out
+
+
+def _check_unknown(kind: str, payload: Mapping[str, Any], known: Iterable[str]) -> None:
+    extra = sorted(set(payload) - set(known))
+    if extra:
+        raise _fail(kind, f"unknown field(s) {extra}", f"allowed: {sorted(known)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k (SGLang's convention)."""
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    """Samples per prompt; the engine shares the prompt's KV between them."""
+    seed: int | None = None
+    """Per-request seed: the same seed and prompt give the same tokens (SGLang: sampling_seed)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(_int_list("stop_token_ids", list(self.stop_token_ids),
+                                                                   allow_empty=True)))
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise _fail("temperature", f"{t!r} is not a finite number >= 0", "use 0 for greedy or a positive value")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise _fail("top_p", f"{p!r} is outside (0, 1]", "use 1.0 to disable nucleus sampling")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
+            raise _fail("top_k", f"{self.top_k!r} is invalid", "use -1 (off) or an int >= 1")
+        m = self.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+            raise _fail("max_new_tokens", f"{m!r} is not a positive int", "ask for at least 1 new token")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise _fail("n", f"{self.n!r} is not an int >= 1", "use n=1 for one sample per prompt")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise _fail("seed", f"{self.seed!r} is not an int", "pass an int or None")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise _fail(f"stop[{i}]", f"{s!r} is not a non-empty string", "stop strings are non-empty text")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_sglang(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                               "top_p": self.top_p, "top_k": self.top_k, "n": self.n}
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.seed is not None:
+            out["sampling_seed"] = self.seed
+        return out
+
+    @classmethod
+    def from_sglang(cls, payload: Mapping[str, Any] | None) -> SamplingParams:
+        """Parse SGLang `sampling_params`; fields we do not implement are an error, not ignored."""
+        if payload is None:
+            return cls()
+        if not isinstance(payload, Mapping):
+            raise _fail("sampling_params", f"expected an object, got {type(payload).__name__}", "send a JSON object")
+        _check_unknown("sampling_params", payload, _SGLANG_SAMPLING_FIELDS)
+        kw: dict[str, Any] = {}
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                             ("max_new_tokens", "max_new_tokens"), ("n", "n"), ("seed", "sampling_seed")):
+            if payload.get(theirs) is not None:
+                kw[ours] = payload[theirs]
+        if payload.get("stop") is not None:
+            kw["stop"] = payload["stop"]
+        if payload.get("stop_token_ids") is not None:
+            kw["stop_token_ids"] = tuple(payload["stop_token_ids"])
+        return cls(**kw)
+
+
+_SGLANG_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop", "stop_token_ids",
+                           "n", "sampling_seed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    input_ids: tuple[int, ...] | None = None
+    text: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    return_logprob: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rid, str) or not self.rid:
+            raise _fail("rid", f"{self.rid!r} is not a non-empty string", "omit rid to get a random one")
+        if (self.input_ids is None) == (self.text is None):
+            raise _fail("input_ids/text", "exactly one must be given", "pass token ids or a prompt string, not both")
+        if self.input_ids is not None:
+            object.__setattr__(self, "input_ids", tuple(_int_list("input_ids", self.input_ids, allow_empty=False)))
+        if self.text is not None and not isinstance(self.text, str):
+            raise _fail("text", f"expected a string, got {type(self.text).__name__}", "pass the prompt as str")
+        if not isinstance(self.sampling, SamplingParams):
+            raise _fail("sampling", f"expected SamplingParams, got {type(self.sampling).__name__}",
+                        "build it with SamplingParams(...)")
+        if not isinstance(self.return_logprob, bool):
+            raise _fail("return_logprob", f"{self.return_logprob!r} is not a bool", "pass True or False")
+
+    def to_sglang(self, stream: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"rid": self.rid, "sampling_params": self.sampling.to_sglang(),
+                               "return_logprob": self.return_logprob, "stream": stream}
+        if self.input_ids is not None:
+            out["input_ids"] = list(self.input_ids)
+        else:
+            out["text"] = self.text
+        return out
+
+    @classmethod
+    def from_sglang(cls, payload: Mapping[str, Any]) -> list[GenerateRequest]:
+        """Parse a /generate body (single or batched) into requests; `stream` is read by the caller."""
+        if not isinstance(payload, Mapping):
+            raise _fail("body", f"expected a JSON object, got {type(payload).__name__}", "send a JSON object")
+        _check_unknown("generate", payload, _SGLANG_GENERATE_FIELDS)
+        text, ids = payload.get("text"), payload.get("input_ids")
+        if (text is None) == (ids is None):
+            raise _fail("input_ids/text", "exactly one must be given", "send token ids or a prompt string")
+        batched = isinstance(text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
+        prompts: list[Any] = (text if text is not None else ids) if batched else [text if text is not None else ids]
+        k = len(prompts)
+        if k == 0:
+            raise _fail("input_ids/text", "empty batch", "send at least one prompt")
+
+        def per_item(name: str, value: Any, default: Any) -> list[Any]:
+            if value is None:
+                return [default] * k
+            if batched and isinstance(value, list):
+                if len(value) != k:
+                    raise _fail(name, f"has {len(value)} entries for {k} prompts", "send one per prompt")
+                return value
+            return [value] * k
+
+        rids = payload.get("rid")
+        if rids is None:
+            rids = [uuid.uuid4().hex for _ in range(k)]
+        elif batched and isinstance(rids, str):
+            rids = [f"{rids}-{i}" for i in range(k)]
+        else:
+            rids = per_item("rid", rids, None)
+        sps = per_item("sampling_params", payload.get("sampling_params"), None)
+        lps = per_item("return_logprob", payload.get("return_logprob"), False)
+        out = []
+        for i in range(k):
+            key = "text" if text is not None else "input_ids"
+            out.append(cls(rid=rids[i], sampling=SamplingParams.from_sglang(sps[i]), return_logprob=bool(lps[i]),
+                           **{key: prompts[i]}))
+        return out
+
+
+_SGLANG_GENERATE_FIELDS = ("rid", "text", "input_ids", "sampling_params", "return_logprob", "stream",
+                           "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateOutput:
+    rid: str
+    output_ids: tuple[int, ...] = ()
+    text: str = ""
+    output_logprobs: tuple[float, ...] | None = None
+    """Log-probability of each sampled token under the sampling policy (None unless asked)."""
+    finish_reason: str | None = None
+    """stop | length | abort; None while a streamed request is still running."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    weight_version: str | None = None
+    matched_stop: int | str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_ids", tuple(_int_list("output_ids", list(self.output_ids), allow_empty=True)))
+        if self.output_logprobs is not None:
+            lps = tuple(float(x) for x in self.output_logprobs)
+            if len(lps) != len(self.output_ids):
+                raise _fail("output_logprobs", f"has {len(lps)} entries for {len(self.output_ids)} tokens",
+                            "send one logprob per output token")
+            object.__setattr__(self, "output_logprobs", lps)
+        if self.finish_reason is not None and self.finish_reason not in FINISH_REASONS:
+            raise _fail("finish_reason", f"{self.finish_reason!r} is unknown", f"use one of {list(FINISH_REASONS)}")
+        for name in ("prompt_tokens", "completion_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _fail(name, f"{v!r} is not an int >= 0", "report token counts as ints")
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def to_sglang(self) -> dict[str, Any]:
+        reason: dict[str, Any] | None = None
+        if self.finish_reason is not None:
+            reason = {"type": self.finish_reason}
+            if self.finish_reason == "stop" and self.matched_stop is not None:
+                reason["matched"] = self.matched_stop
+            if self.finish_reason == "length":
+                reason["length"] = self.completion_tokens
+        meta: dict[str, Any] = {"id": self.rid, "finish_reason": reason, "prompt_tokens": self.prompt_tokens,
+                                "completion_tokens": self.completion_tokens, "weight_version": self.weight_version}
+        if self.output_logprobs is not None:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.output_logprobs, self.output_ids)]
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+    @classmethod
+    def from_sglang(cls, item: Mapping[str, Any]) -> GenerateOutput:
+        if not isinstance(item, Mapping) or not isinstance(item.get("meta_info"), Mapping):
+            raise _fail("meta_info", "missing from the /generate response item",
+                        "the server must answer in SGLang's {text, output_ids, meta_info} form")
+        meta = item["meta_info"]
+        reason = meta.get("finish_reason")
+        kind, matched = None, None
+        if isinstance(reason, Mapping):
+            kind, matched = reason.get("type"), reason.get("matched")
+        elif isinstance(reason, str):
+            kind = reason
+        lps = meta.get("output_token_logprobs")
+        ids = item.get("output_ids")
+        if ids is None and lps is not None:  # servers started with skip_tokenizer_init omit nothing; others may
+            ids = [row[1] for row in lps]
+        version = meta.get("weight_version")
+        return cls(rid=str(meta.get("id", "")), output_ids=tuple(ids or ()), text=item.get("text") or "",
+                   output_logprobs=None if lps is None else tuple(row[0] for row in lps), finish_reason=kind,
+                   prompt_tokens=int(meta.get("prompt_tokens") or 0),
+                   completion_tokens=int(meta.get("completion_tokens") or len(ids or ())),
+                   weight_version=None if version is None else str(version), matched_stop=matched)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PausedRequest:
+    """An unfinished trajectory taken out of an engine: enough to continue it with new weights."""
+    rid: str
+    input_ids: tuple[int, ...]
+    """The prompt the request started from."""
+    output_ids: tuple[int, ...] = ()
+    output_logprobs: tuple[float, ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    return_logprob: bool = False
+    weight_version: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_ids", tuple(_int_list("input_ids", self.input_ids, allow_empty=False)))
+        object.__setattr__(self, "output_ids", tuple(_int_list("output_ids", self.output_ids, allow_empty=True)))
+        if self.output_logprobs is not None:
+            object.__setattr__(self, "output_logprobs", tuple(float(x) for x in self.output_logprobs))
+            if len(self.output_logprobs) != len(self.output_ids):
+                raise _fail("output_logprobs", f"has {len(self.output_logprobs)} entries for "
+                            f"{len(self.output_ids)} tokens", "keep one logprob per output token")
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.sampling.max_new_tokens - len(self.output_ids)
+
+    def resume_request(self, rid: str | None = None) -> GenerateRequest:
+        """The request that continues this trajectory from its token prefix (prompt + output so far)."""
+        if self.remaining_tokens <= 0:
+            raise _fail("output_ids", f"already has {len(self.output_ids)} tokens of max_new_tokens="
+                        f"{self.sampling.max_new_tokens}", "treat the trajectory as finished (length)")
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=self.remaining_tokens, n=1)
+        return GenerateRequest(rid=rid or self.rid, input_ids=self.input_ids + self.output_ids,
+                               sampling=sampling, return_logprob=self.return_logprob)
+
+    @classmethod
+    def from_output(cls, request: GenerateRequest, output: GenerateOutput) -> PausedRequest:
+        if request.input_ids is None:
+            raise _fail("input_ids", "the request was given as text", "send token ids to resume from a prefix")
+        return cls(rid=output.rid or request.rid, input_ids=request.input_ids, output_ids=output.output_ids,
+                   output_logprobs=output.output_logprobs, sampling=request.sampling,
+                   return_logprob=request.return_logprob, weight_version=output.weight_version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rid": self.rid, "input_ids": list(self.input_ids), "output_ids": list(self.output_ids),
+                "output_logprobs": None if self.output_logprobs is None else list(self.output_logprobs),
+                "sampling_params": self.sampling.to_sglang(), "return_logprob": self.return_logprob,
+                "weight_version": self.weight_version}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PausedRequest:
+        # finish_reason is accepted and dropped: a paused request is unfinished by definition
+        _check_unknown("paused_request", d, ("rid", "input_ids", "output_ids", "output_logprobs",
+                                             "sampling_params", "return_logprob", "weight_version", "finish_reason"))
+        return cls(rid=d["rid"], input_ids=d["input_ids"], output_ids=d.get("output_ids") or (),
+                   output_logprobs=d.get("output_logprobs"), sampling=SamplingParams.from_sglang(d.get("sampling_params")),
+                   return_logprob=bool(d.get("return_logprob", False)), weight_version=d.get("weight_version"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateWeightsFromTensorPayload:
+    serialized_named_tensors: tuple[str, ...]
+    """One base64 payload per TP rank (SGLang); a single entry is used by every rank."""
+    load_format: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "serialized_named_tensors", tuple(self.serialized_named_tensors))
+        if not self.serialized_named_tensors or not all(isinstance(s, str) and s for s in self.serialized_named_tensors):
+            raise _fail("serialized_named_tensors", "must be a non-empty list of base64 strings",
+                        "serialize with serialize_named_tensors() or FlattenedBucket.serialize()")
+        if self.load_format not in LOAD_FORMATS:
+            raise _fail("load_format", f"{self.load_format!r} is unsupported", f"use one of {list(LOAD_FORMATS)}")
+
+    def to_sglang(self) -> dict[str, Any]:
+        return {"serialized_named_tensors": list(self.serialized_named_tensors), "load_format": self.load_format,
+                "flush_cache": self.flush_cache, "abort_all_requests": self.abort_all_requests,
+                "weight_version": self.weight_version}
+
+    @classmethod
+    def from_sglang(cls, d: Mapping[str, Any]) -> UpdateWeightsFromTensorPayload:
+        _check_unknown("update_weights_from_tensor", d, ("serialized_named_tensors", "load_format", "flush_cache",
+                                                         "abort_all_requests", "weight_version",
+                                                         "disable_draft_model", "torch_empty_cache"))
+        if "serialized_named_tensors" not in d:
+            raise _fail("serialized_named_tensors", "missing", "send the serialized tensors")
+        return cls(serialized_named_tensors=d["serialized_named_tensors"], load_format=d.get("load_format"),
+                   flush_cache=bool(d.get("flush_cache", True)),
+                   abort_all_requests=bool(d.get("abort_all_requests", False)),
+                   weight_version=d.get("weight_version"))
+
+
+def pause_payload(mode: str) -> dict[str, Any]:
+    if mode not in PAUSE_MODES:
+        raise _fail("mode", f"{mode!r} is unknown", f"use one of {list(PAUSE_MODES)}")
+    return {"mode": mode}
+
+
+def memory_payload(tags: Iterable[str] | None) -> dict[str, Any]:
+    return {"tags": list(validate_tags(tags))}
+
+
+def abort_payload(rid: str | None) -> dict[str, Any]:
+    return {"rid": "", "abort_all": True} if rid is None else {"rid": rid, "abort_all": False}
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """What the coordinator needs from a rollout engine (native or SGLang, in-process or HTTP).
+
+    Weight updates happen inside one session: begin_weight_update -> update_weights (any number
+    of calls, HF names, any order) -> end_weight_update, which returns the new version.
+    """
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]: ...
+
+    async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]: ...
+
+    def abort(self, rid: str | None = None) -> None: ...
+
+    def pause(self, mode: str = "abort") -> list[PausedRequest]: ...
+
+    def continue_generation(self) -> None: ...
+
+    def release_memory(self, tags: Iterable[str] | None = None) -> None: ...
+
+    def resume_memory(self, tags: Iterable[str] | None = None) -> None: ...
+
+    def begin_weight_update(self) -> None: ...
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | Iterable[FlattenedBucket], *,
+                       weight_version: str | None = None) -> None: ...
+
+    def end_weight_update(self) -> str | None: ...
+
+    def flush_cache(self) -> None: ...
+
+    def health(self) -> bool: ...
+
+    @property
+    def weight_version(self) -> str | None: ...
+
+
+WeightSource = Callable[[], Iterable[Any]]
+
+
+def colocated_update(engine: InferenceEngine, weights: Iterable[Any] | WeightSource, *,
+                     train_step: Callable[[], Any] | None = None, pause_mode: str = "abort",
+                     weight_version: str | None = None) -> tuple[list[PausedRequest], str | None]:
+    """One colocated train/rollout switch, in the order SGLang needs (FACTS.md):
+
+    pause -> release(all) -> train_step() -> resume(weights) -> begin -> update(buckets) -> end
+    -> resume(kv_cache, cuda_graph) -> flush_cache -> continue.
+
+    Weights come back before the KV cache so the update never has to fit beside a full KV
+    pool. `weights` may be a callable so the buckets are produced after training; each item it
+    yields is one update call (a FlattenedBucket, a (name, tensor) pair or a list of pairs).
+    Returns the paused trajectories and the new weight version. If an update fails the session
+    is still closed, and the engine stays paused with its KV cache released: the caller decides
+    (retry the update, or resume and continue on the old weights).
+    """
+    paused = engine.pause(pause_mode)
+    engine.release_memory(MEMORY_TAGS)
+    if train_step is not None:
+        train_step()
+    engine.resume_memory(["weights"])
+    engine.begin_weight_update()
+    try:
+        source = weights() if callable(weights) else weights
+        for item in source:
+            engine.update_weights(_as_update_call(item), weight_version=weight_version)
+    finally:
+        # close the session even on failure so the engine is not left refusing the next update
+        version = engine.end_weight_update()
+    engine.resume_memory(["kv_cache", "cuda_graph"])
+    engine.flush_cache()
+    engine.continue_generation()
+    return paused, version
+
+
+def _as_update_call(item: Any) -> list[Any]:
+    """One item of a weight source is one update call: a bucket, one (name, tensor) pair, or a list of pairs."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return [item]
+    if isinstance(item, (list, tuple)):
+        return list(item)
+    return [item]
+

@@ -1,0 +1,357 @@
+"""Continuous batching: requests join the running batch every step, prefill is chunked, and a
+step never processes more than `max_num_batched_tokens` tokens.
+
+One step:  decode tokens of running sequences (1 each, oldest first)
+        -> prefill chunks of partly prefilled sequences
+        -> admit waiting requests FCFS while budget, blocks and the running cap allow
+        -> one forward over all of it -> sample -> stop checks -> stream updates.
+Decode goes first so long prompts cannot starve short generations (fairness under mixed
+lengths); prefill uses whatever budget is left. When the KV cache runs out, the newest running
+sequence is retracted (blocks freed, tokens kept) and recomputed later.
+
+A request with n samples prefills its prompt once; at the end of prefill it forks into n
+sequences that share the prompt's full KV blocks (refcounts) and sample from the same logits.
+
+Not thread-safe: the engine calls it from its scheduler thread only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from k2sys.engine.config import EngineConfig, SamplingParams
+from k2sys.engine.kv_cache import OutOfBlocks, PagedLatentCache
+from k2sys.engine.model_runner import AttnGroup, ModelRunner, StepBatch
+from k2sys.engine.sampling import sample
+
+__all__ = ["Request", "Scheduler", "Sequence"]
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: "Request"
+    sample_idx: int
+    tokens: list[int]
+    """Prompt + generated tokens: the full context."""
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose latent is in the cache."""
+    finish_reason: dict | None = None
+    text: str = ""
+    order: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def snapshot(self, with_logprobs: bool = True) -> dict[str, Any]:
+        return {"rid": self.request.sample_rid(self.sample_idx), "input_ids": list(self.request.input_ids),
+                "output_ids": list(self.output_ids),
+                "output_logprobs": list(self.output_logprobs) if with_logprobs else None,
+                "finish_reason": self.finish_reason, "text": self.text}
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    listener: Callable[["Sequence", bool], None] | None = None
+    """Called from the scheduler thread as listener(seq, finished) when a sequence advances."""
+    seed: int = 0
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    created: float = field(default_factory=time.time)
+
+    def sample_rid(self, i: int) -> str:
+        return self.rid if self.params.n == 1 else f"{self.rid}-{i}"
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.finished for s in self.seqs) or (not self.forked and self.seqs[0].finished)
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, runner: ModelRunner, cache: PagedLatentCache, max_model_len: int,
+                 eos_token_id: int | None, detokenize: Callable[[list[int], bool], str] | None = None):
+        self.cfg, self.runner, self.cache = cfg, runner, cache
+        self.max_model_len, self.eos = max_model_len, eos_token_id
+        self.detokenize = detokenize
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self.generated_tokens = 0
+        self.steps = 0
+        self.retractions = 0
+
+    # ---- intake and removal ----------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if req.params.sampling_seed is None:
+            req.seed = random.getrandbits(62)
+        else:
+            req.seed = req.params.sampling_seed
+        seq = Sequence(request=req, sample_idx=0, tokens=list(req.input_ids))
+        req.seqs = [seq]
+        self.requests[req.rid] = req
+        if req.params.max_new_tokens == 0:
+            self._finish(seq, {"type": "length", "length": 0})
+            return
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.cache.allocator.release(seq.blocks)
+        seq.blocks, seq.num_computed = [], 0
+
+    def _finish(self, seq: Sequence, reason: dict) -> None:
+        seq.finish_reason = reason
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        req = seq.request
+        if self.detokenize is not None:
+            seq.text = self._final_text(seq)
+        if req.listener is not None:
+            req.listener(seq, True)
+        if req.finished:
+            self.requests.pop(req.rid, None)
+
+    def abort(self, rid: str | None = None, message: str = "Abort requested") -> list[dict]:
+        """Abort one request (rid) or all (None); returns the aborted sequences' snapshots."""
+        reqs = list(self.requests.values()) if rid is None else [self.requests[rid]] if rid in self.requests else []
+        out = []
+        for req in reqs:
+            for seq in list(req.seqs):
+                if not seq.finished:
+                    if seq in self.waiting:
+                        self.waiting.remove(seq)
+                    self._finish(seq, {"type": "abort", "message": message})
+                    out.append(seq.snapshot())
+        return out
+
+    def retract_all(self) -> list[dict]:
+        """Free every running sequence's KV; they stay queued (front) with their tokens."""
+        out = []
+        for seq in sorted(self.running, key=lambda s: s.order, reverse=True):
+            self._retract(seq)
+        for seq in self.waiting:
+            out.append(seq.snapshot())
+        return out
+
+    def _retract(self, seq: Sequence) -> None:
+        self.retractions += 1
+        self._release(seq)
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def inflight(self) -> list[dict]:
+        return [s.snapshot() for s in itertools.chain(self.running, self.waiting)]
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _ensure_blocks(self, seq: Sequence, upto: int) -> None:
+        need = self.cache.blocks_for(upto) - len(seq.blocks)
+        if need > 0:
+            seq.blocks.extend(self.cache.allocator.allocate(need))
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        budget = self.cfg.max_num_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
+        # running sequences: decode (1 pending token) first, then unfinished prefills
+        for seq in sorted(self.running, key=lambda s: (len(s.tokens) - s.num_computed > 1, s.order)):
+            if budget <= 0:
+                break
+            if seq not in self.running:  # retracted below to make room
+                continue
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            while True:
+                try:
+                    self._ensure_blocks(seq, seq.num_computed + n)
+                    break
+                except OutOfBlocks:
+                    victim = max((s for s in self.running if s is not seq and all(s is not p for p, _ in plan)),
+                                 key=lambda s: s.order, default=None)
+                    if victim is None:
+                        raise
+                    self._retract(victim)
+            plan.append((seq, n))
+            budget -= n
+        # admissions
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running_requests:
+            seq = self.waiting[0]
+            n = min(len(seq.tokens), budget)
+            # keep a block of headroom per running sequence so admissions do not force retractions
+            headroom = len(self.running) + 1
+            if self.cache.blocks_for(n) + headroom > self.cache.allocator.num_free and self.running:
+                break
+            try:
+                self._ensure_blocks(seq, n)
+            except OutOfBlocks:
+                self._release(seq)
+                if not self.running:
+                    self.waiting.popleft()
+                    self._finish(seq, {"type": "abort", "message": "prompt does not fit in the KV cache; raise "
+                                       "EngineConfig.max_total_tokens"})
+                    continue
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def step(self) -> int:
+        """Run one forward step; returns the number of tokens processed (0 = nothing to do)."""
+        plan = self._plan()
+        if not plan:
+            return 0
+        bs = self.cache.block_size
+        dev = self.runner.device
+        ids, pos, slots, logit_rows, samplers = [], [], [], [], []
+        decode, prefill = [], []
+        row = 0
+        for seq, n in plan:
+            start = seq.num_computed
+            ids.extend(seq.tokens[start:start + n])
+            positions = range(start, start + n)
+            pos.extend(positions)
+            slots.extend(seq.blocks[p // bs] * bs + p % bs for p in positions)
+            (decode if n == 1 else prefill).append((seq, row, n, start + n))
+            if start + n == len(seq.tokens):
+                logit_rows.append(row + n - 1)
+                samplers.append(seq)
+            row += n
+        groups = []
+        for members in (decode, prefill):
+            if not members:
+                continue
+            Q = max(n for _, _, n, _ in members)
+            nb = max(len(s.blocks) for s, _, _, _ in members)
+            rows = [[r + min(i, n - 1) for i in range(Q)] for _, r, n, _ in members]
+            qpos = [[(c - n + i) if i < n else 0 for i in range(Q)] for _, _, n, c in members]
+            valid = [[i < n for i in range(Q)] for _, _, n, _ in members]
+            tables = [s.blocks + [0] * (nb - len(s.blocks)) for s, _, _, _ in members]
+            groups.append(AttnGroup(rows=torch.tensor(rows, device=dev), qpos=torch.tensor(qpos, device=dev),
+                                    block_tables=torch.tensor(tables, device=dev),
+                                    ctx_len=torch.tensor([c for _, _, _, c in members], device=dev),
+                                    valid=torch.tensor(valid, device=dev)))
+        batch = StepBatch(input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
+                          slots=torch.tensor(slots, device=dev), groups=groups,
+                          logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long))
+        logits = self.runner.forward(batch, self.cache)
+        for seq, n in plan:
+            seq.num_computed += n
+        self.steps += 1
+        self._sample_and_advance(samplers, logits)
+        return row
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """End of a prompt's prefill with n > 1: n sequences sharing the full prompt blocks."""
+        req = seq.request
+        req.forked = True
+        if req.params.n == 1:
+            return [seq]
+        bs = self.cache.block_size
+        full = seq.num_computed // bs
+        out = [seq]
+        for i in range(1, req.params.n):
+            child = Sequence(request=req, sample_idx=i, tokens=list(seq.tokens), num_computed=seq.num_computed)
+            child.blocks = self.cache.allocator.share(seq.blocks[:full])
+            if full < len(seq.blocks):  # partial last block: private copy so appends never collide
+                try:
+                    (b,) = self.cache.allocator.allocate(1)
+                except OutOfBlocks:
+                    self.cache.allocator.release(child.blocks)
+                    child.blocks, child.num_computed = [], 0
+                    self.waiting.append(child)  # recompute it alone later
+                    req.seqs.append(child)
+                    continue
+                self.cache.copy_block(seq.blocks[full], b)
+                child.blocks.append(b)
+            req.seqs.append(child)
+            self.running.append(child)
+            out.append(child)
+        return out
+
+    def _sample_and_advance(self, samplers: list[Sequence], logits: torch.Tensor) -> None:
+        rows, seqs = [], []
+        for r, seq in enumerate(samplers):
+            group = self._fork(seq) if not seq.request.forked else [seq]
+            for s in group:
+                rows.append(r)
+                seqs.append(s)
+        # children recomputed after a fork failure land here too, with their own row
+        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        params = [s.request.params for s in seqs]
+        banned = None
+        if any(p.min_new_tokens for p in params):
+            banned = [self._banned(s) for s in seqs]
+        tokens, lps = sample(logits, params, [s.request.seed for s in seqs], [s.sample_idx for s in seqs],
+                             [len(s.output_ids) for s in seqs], banned)
+        for seq, tok, lp in zip(seqs, tokens, lps):
+            seq.tokens.append(tok)
+            seq.output_ids.append(tok)
+            seq.output_logprobs.append(lp)
+            self.generated_tokens += 1
+            reason = self._check_stop(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+            elif seq.request.listener is not None:
+                seq.request.listener(seq, False)
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        p = seq.request.params
+        if len(seq.output_ids) >= p.min_new_tokens:
+            return []
+        out = list(p.stop_token_ids)
+        if self.eos is not None and not p.ignore_eos:
+            out.append(self.eos)
+        return out
+
+    def _check_stop(self, seq: Sequence, tok: int) -> dict | None:
+        p = seq.request.params
+        n_out = len(seq.output_ids)
+        if n_out >= p.min_new_tokens:
+            if not p.ignore_eos and tok == self.eos:
+                return {"type": "stop", "matched": tok}
+            if tok in p.stop_token_ids:
+                return {"type": "stop", "matched": tok}
+            if p.stop and self.detokenize is not None:
+                window = max(len(s) for s in p.stop) + 8
+                tail = self.detokenize(seq.output_ids[-window:], p.skip_special_tokens)
+                for s in p.stop:
+                    if s in tail:
+                        return {"type": "stop", "matched": s}
+        if n_out >= p.max_new_tokens:
+            return {"type": "length", "length": p.max_new_tokens}
+        if len(seq.tokens) >= self.max_model_len:
+            return {"type": "length", "length": n_out}
+        return None
+
+    def _final_text(self, seq: Sequence) -> str:
+        text = self.detokenize(seq.output_ids, seq.request.params.skip_special_tokens)
+        reason = seq.finish_reason or {}
+        matched = reason.get("matched")
+        if isinstance(matched, str) and not seq.request.params.no_stop_trim:
+            cut = text.find(matched)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def running_text(self, seq: Sequence) -> str:
+        return self.detokenize(seq.output_ids, seq.request.params.skip_special_tokens) if self.detokenize else ""

@@ -1,0 +1,308 @@
+"""The InferenceEngine protocol on a real SGLang (>= 0.5.23): over HTTP, or in-process.
+
+`SGLangEngine` is `HTTPEngine` with SGLang's weight encoding. SGLang deserializes
+`serialized_named_tensors` with `MultiprocessingSerializer` (ForkingPickler + base64):
+
+    CUDA tensors -> ForkingPickler (CUDA IPC handles: zero-copy, same node only; the sender
+                    keeps the tensors alive until the HTTP call returns)
+    CPU tensors  -> plain pickle (bytes embedded; ForkingPickler would pass shared-memory file
+                    descriptors, which do not survive an HTTP hop)
+    buckets      -> load_format "flattened_bucket": {"flattened_tensor", "metadata":
+                    [sglang FlattenedTensorMetadata]} per dtype; needs sglang importable for the
+                    metadata class, else the bucket is sent as plain named tensors.
+
+Version notes (sglang 0.5.23, FACTS.md): update_weights_from_* must sit between
+/begin_weight_update and /end_weight_update, else success=False; pause/continue exist only as
+HTTP routes (the in-process wrapper reaches the tokenizer manager directly); release/resume
+need --enable-memory-saver and an idle engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import inspect
+import io
+import pickle
+from multiprocessing.reduction import ForkingPickler
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from k2sys.engine.client import EngineHTTPError, FlattenedBucket, HTTPEngine
+from k2sys.engine.protocol import (LOAD_FORMATS, GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
+                                   colocated_update, validate_tags)
+
+MIN_SGLANG_VERSION = "0.5.23"
+_INSTALL_HINT = ("install sglang>=0.5.23 on a CUDA machine (pip install 'sglang>=0.5.23'); never on CPU "
+                 "machines, its wheel pins a CUDA torch (FACTS.md)")
+
+
+def sglang_available() -> bool:
+    try:
+        import sglang  # noqa: F401
+    except Exception:  # ImportError, or a CUDA stack that fails at import on CPU machines
+        return False
+    return True
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def _has_cuda_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.is_cuda
+    if isinstance(obj, dict):
+        return any(_has_cuda_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_cuda_tensor(v) for v in obj)
+    return False
+
+
+def sglang_serialize(obj: Any) -> str:
+    """Text that sglang's MultiprocessingSerializer.deserialize reads back into `obj`."""
+    buf = io.BytesIO()
+    if _has_cuda_tensor(obj):
+        ForkingPickler(buf).dump(obj)  # torch registers CUDA-IPC reductions with ForkingPickler
+    else:
+        pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sglang_bucket_objects(bucket: FlattenedBucket) -> list[dict[str, Any]]:
+    """One SGLang flattened-bucket object per dtype (SGLang's flattened tensor has one dtype)."""
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in bucket.unpack():
+        by_dtype.setdefault(t.dtype, []).append((name, t))
+    out = []
+    for group in by_dtype.values():
+        b = FlattenedTensorBucket(named_tensors=group)
+        out.append({"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()})
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateWeightsFromDistributedPayload:
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    """torch dtype names without the prefix, e.g. 'bfloat16' (SGLang's convention)."""
+    shapes: tuple[tuple[int, ...], ...]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    load_format: str | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if not n:
+            raise ProtocolError("names: is empty; send at least one tensor")
+        if len(self.dtypes) != n or len(self.shapes) != n:
+            raise ProtocolError(f"dtypes/shapes: lengths {len(self.dtypes)}/{len(self.shapes)} differ from names "
+                                f"({n}); send one dtype and shape per name")
+        object.__setattr__(self, "shapes", tuple(tuple(int(x) for x in s) for s in self.shapes))
+        if self.load_format not in LOAD_FORMATS:
+            raise ProtocolError(f"load_format: {self.load_format!r} is unsupported; use one of {list(LOAD_FORMATS)}")
+
+    def to_sglang(self) -> dict[str, Any]:
+        return {"names": list(self.names), "dtypes": list(self.dtypes), "shapes": [list(s) for s in self.shapes],
+                "group_name": self.group_name, "flush_cache": self.flush_cache,
+                "abort_all_requests": self.abort_all_requests, "weight_version": self.weight_version,
+                "load_format": self.load_format}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitWeightsUpdateGroupPayload:
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.master_port < 65536:
+            raise ProtocolError(f"master_port: {self.master_port} is out of range; use a TCP port in 1..65535")
+        if self.world_size < 2 or not 0 < self.rank_offset < self.world_size:
+            raise ProtocolError(f"rank_offset/world_size: {self.rank_offset}/{self.world_size} is inconsistent; the "
+                                "trainer is rank 0, engine ranks start at rank_offset >= 1 below world_size")
+
+    def to_sglang(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SGLangEngine(HTTPEngine):
+    """A running `sglang.launch_server` behind the InferenceEngine protocol."""
+
+    ROUTES = {**HTTPEngine.ROUTES, "server_info": "/get_server_info",
+              "init_group": "/init_weights_update_group", "update_dist": "/update_weights_from_distributed"}
+
+    def encode_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> str:
+        return sglang_serialize([(name, t.detach()) for name, t in named])
+
+    def encode_bucket(self, bucket: FlattenedBucket) -> list[tuple[str | None, str]]:
+        if not sglang_available():  # no FlattenedTensorMetadata class to pickle: use the plain format
+            return [(None, self.encode_named_tensors(bucket.unpack()))]
+        return [("flattened_bucket", sglang_serialize(obj)) for obj in sglang_bucket_objects(bucket)]
+
+    def server_version(self) -> str:
+        info = self._call("GET", "server_info", idempotent=True)
+        if not isinstance(info, dict) or "version" not in info:
+            raise EngineHTTPError(self._url("server_info"), 200, "no 'version' in the answer; is this SGLang?")
+        return str(info["version"])
+
+    def check_version(self, minimum: str = MIN_SGLANG_VERSION) -> str:
+        v = self.server_version()
+        if _version_tuple(v) < _version_tuple(minimum):
+            raise RuntimeError(f"sglang server is {v}; k2sys needs >= {minimum} (weight-update sessions); "
+                               f"upgrade sglang on the GPU nodes")
+        return v
+
+    def init_weights_update_group(self, payload: InitWeightsUpdateGroupPayload) -> None:
+        self._post("init_group", payload.to_sglang())
+
+    def update_weights_from_distributed(self, payload: UpdateWeightsFromDistributedPayload) -> None:
+        """The engine side of a broadcast from the trainer (call inside a begin/end session)."""
+        self._post("update_dist", payload.to_sglang())
+
+    def colocated_update(self, weights: Iterable[Any] | Callable[[], Iterable[Any]], *,
+                         train_step: Callable[[], Any] | None = None, pause_mode: str = "abort",
+                         weight_version: str | None = None) -> tuple[list[PausedRequest], str | None]:
+        """pause -> release(all) -> train -> resume(weights) -> begin -> update -> end ->
+        resume(kv_cache, cuda_graph) -> flush -> continue (see protocol.colocated_update)."""
+        return colocated_update(self, weights, train_step=train_step, pause_mode=pause_mode,
+                                weight_version=weight_version)
+
+
+class SGLangInProcess:
+    """`sglang.Engine` in this process (GPU only) behind the InferenceEngine protocol."""
+
+    def __init__(self, model_path: str, *, tp_size: int = 1, mem_fraction_static: float | None = None,
+                 enable_memory_saver: bool = True, **engine_kwargs: Any):
+        try:
+            import sglang
+        except Exception as exc:
+            raise ImportError(f"SGLangInProcess needs sglang: {_INSTALL_HINT}") from exc
+        if not torch.cuda.is_available():
+            raise RuntimeError("SGLangInProcess needs a CUDA device; on CPU use the native engine (k2sys serve)")
+        kw = dict(model_path=model_path, tp_size=tp_size, enable_memory_saver=enable_memory_saver, **engine_kwargs)
+        if mem_fraction_static is not None:
+            kw["mem_fraction_static"] = mem_fraction_static
+        self.engine = sglang.Engine(**kw)
+        self.tp_size = tp_size
+        self._weight_version: str | None = None
+        self._pending_version: str | None = None
+
+    # -- generation
+    @staticmethod
+    def _batches(requests: Sequence[GenerateRequest]) -> list[tuple[str, list[GenerateRequest]]]:
+        """Consecutive runs of id-prompts and text-prompts (sglang takes one kind per call)."""
+        runs: list[tuple[str, list[GenerateRequest]]] = []
+        for r in requests:
+            kind = "input_ids" if r.input_ids is not None else "prompt"
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(r)
+            else:
+                runs.append((kind, [r]))
+        return runs
+
+    @staticmethod
+    def _kwargs(kind: str, reqs: list[GenerateRequest]) -> dict[str, Any]:
+        prompts = [list(r.input_ids) if kind == "input_ids" else r.text for r in reqs]
+        return {kind: prompts, "sampling_params": [r.sampling.to_sglang() for r in reqs],
+                "return_logprob": [r.return_logprob for r in reqs], "rid": [r.rid for r in reqs]}
+
+    @staticmethod
+    def _to_outputs(result: Any) -> list[GenerateOutput]:
+        items = result if isinstance(result, list) else [result]
+        return [GenerateOutput.from_sglang(it) for it in items]
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        out: list[GenerateOutput] = []
+        for kind, reqs in self._batches(requests):
+            out += self._to_outputs(self.engine.generate(**self._kwargs(kind, reqs)))
+        return out
+
+    async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        out: list[GenerateOutput] = []
+        for kind, reqs in self._batches(requests):
+            out += self._to_outputs(await self.engine.async_generate(**self._kwargs(kind, reqs)))
+        return out
+
+    # -- partial rollout: sglang.Engine has no pause/continue methods, its tokenizer manager does
+    def _run(self, coro: Any) -> Any:
+        return self.engine.loop.run_until_complete(coro)
+
+    def abort(self, rid: str | None = None) -> None:
+        self.engine.tokenizer_manager.abort_request(rid=rid or "", abort_all=rid is None)
+
+    def pause(self, mode: str = "abort") -> list[PausedRequest]:
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        self._run(self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=mode)))
+        return []  # aborted requests come back to their generate() callers with finish_reason "abort"
+
+    def continue_generation(self) -> None:
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
+
+        self._run(self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput()))
+
+    # -- memory and weights
+    def release_memory(self, tags: Iterable[str] | None = None) -> None:
+        self.engine.release_memory_occupation(tags=list(validate_tags(tags)))
+
+    def resume_memory(self, tags: Iterable[str] | None = None) -> None:
+        self.engine.resume_memory_occupation(tags=list(validate_tags(tags)))
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def begin_weight_update(self) -> None:
+        if not hasattr(self.engine, "begin_weight_update"):
+            raise RuntimeError(f"this sglang has no weight-update sessions; {_INSTALL_HINT}")
+        self.engine.begin_weight_update()
+        v = self._weight_version
+        self._pending_version = str(int(v) + 1) if v is not None and v.isdigit() else "1"
+
+    def update_weights(self, weights: Iterable[Any], *, weight_version: str | None = None) -> None:
+        items = list(weights)
+        update = self.engine.update_weights_from_tensor
+        extra: dict[str, Any] = {}
+        if "weight_version" in inspect.signature(update).parameters:  # not in every sglang release
+            extra["weight_version"] = weight_version or self._pending_version
+        if items and all(isinstance(b, FlattenedBucket) for b in items):
+            for b in items:
+                for obj in sglang_bucket_objects(b):
+                    update(named_tensors=obj, load_format="flattened_bucket", flush_cache=False, **extra)
+        elif items and all(isinstance(p, tuple) and len(p) == 2 for p in items):
+            update(named_tensors=items, flush_cache=False, **extra)
+        else:
+            raise ProtocolError("weights: pass either (name, tensor) pairs or FlattenedBuckets, not a mix")
+
+    def end_weight_update(self) -> str | None:
+        self.engine.end_weight_update()
+        if self._pending_version is not None:
+            self._weight_version, self._pending_version = self._pending_version, None
+        return self._weight_version
+
+    @property
+    def weight_version(self) -> str | None:
+        return self._weight_version
+
+    def health(self) -> bool:
+        return self.engine is not None
+
+    def colocated_update(self, weights: Iterable[Any] | Callable[[], Iterable[Any]], **kw: Any
+                         ) -> tuple[list[PausedRequest], str | None]:
+        return colocated_update(self, weights, **kw)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,203 @@
+"""2-rank gloo tests of the checkpoint engine: trainer TP=2 shards into engines at TP=1 and TP=2,
+bitwise, pipelined and serial, checksums on; failures abort on every rank and keep old weights."""
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+from ckpt_fixtures import TINY, free_port, materialize, megatron_like_layout, random_hf_state
+from k2sys.ckpt import (EngineReceiver, FaultInjection, InProcessReceiver, TrainerShards, UpdateConfig, UpdateError,
+                        engine_tp_layout, hf_layout, load_checkpoint, update_weights)
+
+WORLD = 2
+
+
+def bitwise_equal(got: dict, expect: dict) -> bool:
+    return set(got) == set(expect) and all(
+        got[n].dtype == expect[n].dtype and torch.equal(got[n].view(-1).view(torch.uint8),
+                                                         expect[n].view(-1).view(torch.uint8)) for n in expect)
+
+
+class RecordingEngine:
+    """Test double of the native engine's weight-update session API: records what arrives."""
+
+    def __init__(self):
+        self.calls, self.weights = [], {}
+
+    def begin_weight_update(self):
+        self.calls.append("begin")
+
+    def update_weights_from_tensor(self, named_tensors):
+        self.calls.append("update")
+        self.weights.update({n: t.clone() for n, t in named_tensors})
+
+    def end_weight_update(self):
+        self.calls.append("end")
+
+
+def _init(rank: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+
+
+def worker_main(rank: int, port: int, out_dir: str) -> None:
+    res = {}
+    try:
+        _init(rank, port)
+        g = random_hf_state(TINY, seed=1)
+        src = megatron_like_layout(TINY, 2, rank)
+        shards = TrainerShards(src, materialize(src, g))
+        for dst_tp in (1, 2):
+            dst = engine_tp_layout(TINY, dst_tp, rank % dst_tp)
+            for pipeline in (True, False):
+                r = InProcessReceiver(dst)
+                rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, pipeline=pipeline))
+                res[f"tp{dst_tp}_pipe{pipeline}"] = (bitwise_equal(r.weights, materialize(dst, g)), rep.mode,
+                                                     rep.n_buckets, r.version)
+        # A second update into the same receiver lands the new weights in the same storage.
+        dst = engine_tp_layout(TINY, 2, rank)
+        r = InProcessReceiver(dst)
+        update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096))
+        ptrs = {n: t.data_ptr() for n, t in r.weights.items()}
+        g2 = {n: (t.float() + 1).to(t.dtype) for n, t in g.items()}
+        shards2 = TrainerShards(src, materialize(src, g2))
+        update_weights(shards2, r, config=UpdateConfig(bucket_bytes=4096))
+        res["second_update"] = (bitwise_equal(r.weights, materialize(dst, g2)), r.version,
+                                all(r.weights[n].data_ptr() == p for n, p in ptrs.items()))
+        # Short staging memory: 2 buffers -> 2-stage pipeline, still exact.
+        slot = 4096 + 8
+        rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, max_staging_bytes=2 * slot + 100))
+        res["two_stage"] = (rep.mode, bitwise_equal(r.weights, materialize(dst, g)))
+        # A bit flipped in transit on rank 1, bucket 3: every rank aborts, weights and version kept.
+        before = {n: t.clone() for n, t in r.weights.items()}
+        v = r.version
+        try:
+            update_weights(shards2, r, config=UpdateConfig(bucket_bytes=4096, fault=FaultInjection("corrupt", 3, 1)))
+            res["corrupt"] = ("no error",)
+        except UpdateError as e:
+            res["corrupt"] = (str(e), e.bucket, bitwise_equal(r.weights, before), r.version == v)
+        # Engine target through its begin/update/end session, HF names.
+        eng = RecordingEngine()
+        hf = hf_layout({n: t.shape for n, t in g.items()}, torch.bfloat16)
+        update_weights(shards, eng, layout=hf, config=UpdateConfig(bucket_bytes=1 << 20))
+        res["engine"] = (eng.calls, bitwise_equal(eng.weights, g))
+        # Startup: rank 0 writes a 2-file checkpoint; each rank reads half, the broadcast assembles it.
+        ckpt = os.path.join(out_dir, "ckpt")
+        if rank == 0:
+            os.makedirs(ckpt, exist_ok=True)
+            names = sorted(g)
+            save_file({n: g[n] for n in names[: len(names) // 2]}, os.path.join(ckpt, "a.safetensors"))
+            save_file({n: g[n] for n in names[len(names) // 2:]}, os.path.join(ckpt, "b.safetensors"))
+        dist.barrier()
+        r3 = InProcessReceiver(engine_tp_layout(TINY, 2, rank))
+        rep = load_checkpoint(ckpt, r3, config=UpdateConfig(bucket_bytes=8192))
+        res["startup"] = (bitwise_equal(r3.weights, materialize(r3.layout, g)), rep.n_buckets)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        res["error"] = traceback.format_exc()
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def worker_killed(rank: int, port: int, out_dir: str) -> None:
+    res = {}
+    try:
+        _init(rank, port)
+        g = random_hf_state(TINY, seed=2)
+        src = megatron_like_layout(TINY, 2, rank)
+        shards = TrainerShards(src, materialize(src, g))
+        r = InProcessReceiver(engine_tp_layout(TINY, 1, 0))
+        update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, timeout_s=20))
+        before = {n: t.clone() for n, t in r.weights.items()}
+        g2 = {n: (t.float() * 2).to(t.dtype) for n, t in g.items()}
+        try:  # rank 1 dies (os._exit) when it reaches bucket 4
+            update_weights(TrainerShards(src, materialize(src, g2)), r,
+                           config=UpdateConfig(bucket_bytes=4096, timeout_s=20, fault=FaultInjection("die", 4, 1)))
+            res["killed"] = ("no error",)
+        except UpdateError as e:
+            res["killed"] = (str(e), e.bucket, bitwise_equal(r.weights, before), r.version)
+    except Exception:
+        res["error"] = traceback.format_exc()
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # do not wait in the process group's teardown for the dead peer
+
+
+def spawn(fn, tmp_path, timeout=240):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=fn, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            pytest.fail(f"{fn.__name__}: a rank hung for {timeout} s")
+    out = {}
+    for r in range(WORLD):
+        path = os.path.join(tmp_path, f"rank{r}.pt")
+        out[r] = torch.load(path) if os.path.exists(path) else None
+    return out, [p.exitcode for p in procs]
+
+
+@pytest.fixture(scope="module")
+def main_results(tmp_path_factory):
+    out, codes = spawn(worker_main, tmp_path_factory.mktemp("ckpt"))
+    for r, res in out.items():
+        assert res is not None and "error" not in res, f"rank {r}: {res and res.get('error')}"
+    assert codes == [0, 0]
+    return out
+
+
+@pytest.mark.parametrize("key", ["tp1_pipeTrue", "tp1_pipeFalse", "tp2_pipeTrue", "tp2_pipeFalse"])
+def test_tp2_shards_land_bitwise(main_results, key):
+    for r in range(WORLD):
+        exact, mode, n_buckets, version = main_results[r][key]
+        assert exact, f"rank {r} {key}: weights differ"
+        assert mode == ("3-stage" if key.endswith("True") else "serial")
+        assert n_buckets > 4 and version == 1
+
+
+def test_second_update_in_place(main_results):
+    for r in range(WORLD):
+        assert main_results[r]["second_update"] == (True, 2, True)
+
+
+def test_short_memory_falls_back_to_two_stages(main_results):
+    for r in range(WORLD):
+        assert main_results[r]["two_stage"] == ("2-stage", True)
+
+
+def test_checksum_failure_aborts_every_rank(main_results):
+    for r in range(WORLD):
+        msg, bucket, kept, same_version = main_results[r]["corrupt"]
+        assert "bucket 3" in msg and "rank 1" in msg and "checksum mismatch" in msg, msg
+        assert bucket == 3 and kept and same_version
+
+
+def test_engine_session_target(main_results):
+    for r in range(WORLD):
+        calls, exact = main_results[r]["engine"]
+        assert calls == ["begin", "update", "end"] and exact
+
+
+def test_startup_load_from_peers(main_results):
+    for r in range(WORLD):
+        exact, n_buckets = main_results[r]["startup"]
+        assert exact and n_buckets >= 2
+
+
+def test_killed_rank_aborts_survivor_with_old_weights(tmp_path):
+    out, codes = spawn(worker_killed, tmp_path, timeout=120)
+    assert codes[1] == 17  # the drill's exit code
+    res = out[0]
+    assert res is not None and "error" not in res, res and res.get("error")
+    msg, bucket, kept, version = res["killed"]
+    assert "bucket 4" in msg and "died or timed out" in msg, msg
+    assert bucket == 4 and kept and version == 1

@@ -1,0 +1,145 @@
+"""Native extension pieces of the checkpoint engine, each against an independent reference."""
+
+import random
+
+import pytest
+import torch
+
+from k2sys import ext
+
+pytestmark = pytest.mark.skipif(not ext.HAS_CPP, reason="k2sys._C not built")
+
+
+def crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    """The textbook bit-at-a-time CRC-32C (reflected 0x82F63B78), independent of the C++ tables."""
+    c = crc ^ 0xFFFFFFFF
+    for b in data:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    return c ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("impl", ["auto", "table"] + (["hw"] if ext._C.crc32c_hw_available() else []))
+def test_crc32c_known_vectors(impl):
+    # RFC 3720 (iSCSI) appendix B.4 and the standard check value.
+    assert ext.crc32c(b"123456789", impl=impl) == 0xE3069283
+    assert ext.crc32c(bytes(32), impl=impl) == 0x8A9136AA
+    assert ext.crc32c(b"\xff" * 32, impl=impl) == 0x62A8AB43
+    assert ext.crc32c(bytes(range(32)), impl=impl) == 0x46DD794E
+    assert ext.crc32c(b"", impl=impl) == 0
+
+
+def test_crc32c_matches_bitwise_reference_and_continues():
+    rng = random.Random(0)
+    for n in [1, 7, 8, 9, 63, 1000, 4099]:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        ref = crc32c_bitwise(data)
+        assert ext.crc32c(data) == ref
+        assert ext.crc32c(data, impl="table") == ref
+        # Unaligned start through a tensor view.
+        t = torch.frombuffer(bytearray(b"x" + data), dtype=torch.uint8)[1:]
+        assert ext.crc32c(t) == ref
+        cut = rng.randrange(n + 1)
+        assert ext.crc32c(data[cut:], ext.crc32c(data[:cut])) == ref
+        assert ext.crc32c_combine(crc32c_bitwise(data[:cut]), crc32c_bitwise(data[cut:]), n - cut) == ref
+
+
+def test_crc32c_many_parallel_chunks_equal_serial():
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in [0, 5, (3 << 20) + 17, 9 << 20]]
+    got = ext.crc32c_many(ts, threads=2)
+    assert got == [ext.crc32c(t, impl="table") for t in ts]
+    assert got[1] == crc32c_bitwise(ts[1].numpy().tobytes())
+    ts[3][12345] ^= 1  # a flipped bit changes the sum
+    assert ext.crc32c_many(ts)[3] != got[3]
+
+
+def test_staging_pool_reuses_aligned_buffers():
+    pool = ext.StagingPool(alignment=4096)
+    a = pool.acquire(100_000)
+    assert a.addr % 4096 == 0 and a.capacity >= 100_000 and a.tensor.numel() == 100_000
+    a.tensor.fill_(7)
+    addr = a.addr
+    a.release()
+    b = pool.acquire(90_000)  # same capacity bin -> same memory, no new allocation
+    assert b.addr == addr
+    st = pool.stats()
+    assert st["allocations"] == 1 and st["reuses"] == 1 and st["bytes_leased"] == b.capacity
+    with pytest.raises(ValueError, match="released twice"):
+        b.release()
+        pool.release(b)
+    pool.trim()
+    assert pool.stats()["bytes_cached"] == 0
+    with pytest.raises(ValueError, match="power of two"):
+        ext.StagingPool(alignment=3000)
+
+
+@pytest.mark.parametrize("src_pinned", [True, False])
+def test_cpu_onloader_tickets_and_bytes(src_pinned):
+    g = torch.Generator().manual_seed(2)
+    srcs = [torch.randn(n, generator=g) for n in [0, 1000, (1 << 20) + 3, 3 << 20]]
+    dsts = [torch.empty_like(s) for s in srcs]
+    ol = ext.Onloader("cpu", chunk_bytes=1 << 20, ring=2, threads=2)
+    tickets = [ol.submit(d, s, src_pinned=src_pinned) for d, s in zip(dsts, srcs)]
+    assert tickets == sorted(tickets)
+    ol.wait(tickets[-1])
+    assert all(ol.done(t) for t in tickets)  # in-order completion, like events on one stream
+    for d, s in zip(dsts, srcs):
+        assert torch.equal(d, s)
+    with pytest.raises(ValueError, match="bytes"):
+        ol.submit(torch.empty(3), torch.empty(4))
+
+
+def test_onloader_many_small_jobs_then_synchronize():
+    ol = ext.Onloader("cpu", chunk_bytes=4096, ring=3, threads=2)
+    src = torch.arange(50_000, dtype=torch.int32)
+    dst = torch.zeros_like(src)
+    for i in range(0, 50_000, 5_000):
+        ol.submit(dst[i:i + 5_000], src[i:i + 5_000], src_pinned=False)
+    ol.synchronize()
+    assert torch.equal(dst, src)
+
+
+def test_batched_view_copy_matches_torch_slicing():
+    g = torch.Generator().manual_seed(3)
+    src_a = torch.randn(6, 10, 12, generator=g)
+    src_b = torch.randint(0, 100, (40, 9), dtype=torch.int16, generator=g)
+    big = torch.randn(2, 3, 4, 5, 6, generator=g)  # 5-D: unrolled into several rows
+    dst_a = torch.zeros(3, 20, 12)
+    dst_b = torch.zeros(9, 40, dtype=torch.int16)
+    dst_big = torch.zeros(2, 3, 4, 5, 6)
+    pairs = [
+        (dst_a[1, 4:14, :], src_a[2, :, :]),           # contiguous rows
+        (dst_a[0, ::2, 3:7], src_a[5, 0:10, 1:5]),      # strided dst and src
+        (dst_b.t()[5:25], src_b[0:20]),                 # transposed dst: element-wise runs
+        (dst_big[:, :, 1:3, :, 2:5], big[:, :, 0:2, :, 1:4]),
+        (dst_a[2, 0:0], src_a[0, 0:0]),                 # empty
+    ]
+    expect = [d.clone() for d in (dst_a, dst_b, dst_big)]
+    ref_pairs = [(expect[0][1, 4:14, :], src_a[2]), (expect[0][0, ::2, 3:7], src_a[5, 0:10, 1:5]),
+                 (expect[1].t()[5:25], src_b[0:20]), (expect[2][:, :, 1:3, :, 2:5], big[:, :, 0:2, :, 1:4])]
+    for d, s in ref_pairs:
+        d.copy_(s)
+    ext.batched_view_copy_(pairs, threads=2)
+    for got, ref in zip((dst_a, dst_b, dst_big), expect):
+        assert torch.equal(got, ref)
+
+
+def test_batched_strided_copy_large_multithreaded():
+    g = torch.Generator().manual_seed(4)
+    src = torch.randn(64, 512, 130, generator=g)  # 17 MB: crosses the threading threshold
+    dst = torch.zeros(64, 300, 130)
+    ext.batched_view_copy_([(dst[:, 10:266], src[:, 256:512])], threads=2)
+    assert torch.equal(dst[:, 10:266], src[:, 256:512])
+    assert dst[:, :10].abs().sum() == 0 and dst[:, 266:].abs().sum() == 0
+
+
+def test_strided_rows_errors_name_the_problem():
+    with pytest.raises(ValueError, match="pair 0"):
+        ext.view_copy_rows([(torch.zeros(3), torch.zeros(4))])
+    with pytest.raises(ValueError, match="int64"):
+        ext.batched_strided_copy_(torch.zeros(1, 12))
+    bad = torch.tensor([[1, 2, -1, 1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="row 0"):
+        ext.batched_strided_copy_(bad)
