@@ -126,6 +126,8 @@ class NativeEngine:
         return self._paused is None and not self._released and self.scheduler.has_work()
 
     def _loop(self) -> None:
+        if self.runner.device.type == "cpu" and self.config.cpu_threads is not None:
+            torch.set_num_threads(self.config.cpu_threads)
         while True:
             with self._cv:
                 while not self._commands and not self._can_step() and not self._stopping:
@@ -256,9 +258,30 @@ class NativeEngine:
                text: str | None = None, rid: str | None = None, return_logprob: bool = False,
                on_update: Callable[[int, dict, bool], None] | None = None) -> RequestHandle:
         """Queue one prompt (n samples); returns at once. on_update runs on the scheduler thread."""
-        params = params or SamplingParams()
+        return self.submit_many([dict(input_ids=input_ids, params=params, text=text, rid=rid,
+                                      return_logprob=return_logprob, on_update=on_update)])[0]
+
+    def submit_many(self, items: Sequence[dict]) -> list[RequestHandle]:
+        """Queue several prompts in one scheduler command, so they join the same step; each item
+        holds submit()'s keyword arguments. All are validated before any is queued."""
         if self._draining:
             raise EngineError("engine is shutting down; not accepting requests")
+        handles = [self._make_handle(**kw) for kw in items]
+
+        def add() -> None:
+            rids = [h.request.rid for h in handles]
+            dup = [r for r in rids if r in self.scheduler.requests] or [r for r in rids if rids.count(r) > 1]
+            if dup:
+                raise RequestError(f"rid: {dup[0]!r} is already in flight; use a unique rid")
+            for h in handles:
+                self.scheduler.add(h.request)
+        self._call(add)
+        return handles
+
+    def _make_handle(self, input_ids: Sequence[int] | None = None, params: SamplingParams | None = None, *,
+                     text: str | None = None, rid: str | None = None, return_logprob: bool = False,
+                     on_update: Callable[[int, dict, bool], None] | None = None) -> RequestHandle:
+        params = params or SamplingParams()
         if (input_ids is None) == (text is None):
             raise RequestError("input_ids/text: give exactly one")
         ids = self.encode(text) if text is not None else [int(t) for t in input_ids]
@@ -278,12 +301,6 @@ class NativeEngine:
         req = Request(rid=rid or uuid.uuid4().hex, input_ids=ids, params=params, return_logprob=return_logprob)
         handle = RequestHandle(request=req, engine=self, on_update=on_update)
         req.listener = handle._listen
-
-        def add() -> None:
-            if req.rid in self.scheduler.requests:
-                raise RequestError(f"rid: {req.rid!r} is already in flight; use a unique rid")
-            self.scheduler.add(req)
-        self._call(add)
         return handle
 
     def _output(self, seq: Seq) -> dict:
@@ -302,10 +319,9 @@ class NativeEngine:
     def generate_sglang(self, prompts: Sequence[Sequence[int] | str], params: SamplingParams,
                         return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[dict]:
         """Blocking batch generate; outputs are prompt-major (prompt 0's n samples first)."""
-        handles = []
-        for i, p in enumerate(prompts):
-            kw = {"text": p} if isinstance(p, str) else {"input_ids": p}
-            handles.append(self.submit(params=params, rid=rids[i] if rids else None, return_logprob=return_logprob, **kw))
+        handles = self.submit_many([{("text" if isinstance(p, str) else "input_ids"): p, "params": params,
+                                     "rid": rids[i] if rids else None, "return_logprob": return_logprob}
+                                    for i, p in enumerate(prompts)])
         return [o for h in handles for o in h.result()]
 
     @staticmethod
@@ -314,17 +330,18 @@ class NativeEngine:
                               top_k=p.top_k, n=p.n, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
                               sampling_seed=p.seed)
 
-    def _submit_protocol(self, r: GenerateRequest) -> RequestHandle:
-        return self.submit(r.input_ids, self._internal_params(r.sampling), text=r.text, rid=r.rid,
-                           return_logprob=r.return_logprob)
+    def _submit_protocol(self, requests: Sequence[GenerateRequest]) -> list[RequestHandle]:
+        return self.submit_many([{"input_ids": r.input_ids, "params": self._internal_params(r.sampling),
+                                  "text": r.text, "rid": r.rid, "return_logprob": r.return_logprob}
+                                 for r in requests])
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        handles = [self._submit_protocol(r) for r in requests]
+        handles = self._submit_protocol(requests)
         return [GenerateOutput.from_sglang(o) for h in handles for o in h.result()]
 
     async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
         loop = asyncio.get_running_loop()
-        handles = [self._submit_protocol(r) for r in requests]
+        handles = await loop.run_in_executor(None, self._submit_protocol, requests)
         outs = []
         for h in handles:
             outs.extend(await loop.run_in_executor(None, h.result))

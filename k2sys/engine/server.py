@@ -136,18 +136,12 @@ class Streams:
     async def submit(self, items: list[dict], transform: Callable[[dict], dict] | None = None):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        handles = []
+        subs = []
         for idx, kw in enumerate(items):
             def on_update(sample: int, out: dict, finished: bool, idx: int = idx) -> None:
                 loop.call_soon_threadsafe(q.put_nowait, (idx, sample, out, finished))
-            kw = dict(kw)
-            params = kw.pop("params")
-            try:
-                handles.append(await asyncio.to_thread(self.engine.submit, params=params, on_update=on_update, **kw))
-            except Exception:
-                for h in handles:  # one bad prompt fails the whole call: stop the ones already queued
-                    await asyncio.to_thread(self.engine.abort, h.request.rid)
-                raise
+            subs.append({**kw, "on_update": on_update})
+        handles = await asyncio.to_thread(self.engine.submit_many, subs)
         total = sum(h.request.params.n for h in handles)
         return handles, q, total
 
