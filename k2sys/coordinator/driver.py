@@ -36,7 +36,7 @@ from k2sys.models.hf_io import write_json_atomic
 from k2sys.rl import (BudgetConfig, BudgetController, DifficultyFilter, RolloutBuffer, StalePolicyConfig,
                       TemperatureSchedule, logprob_mismatch)
 from k2sys.tasks import Task, get_family
-from k2sys.tasks.format import prompt_ids, sft_rows, stop_token_ids
+from k2sys.tasks.format import prompt_ids, score, sft_rows, stop_token_ids
 
 log = logging.getLogger("k2sys.coordinator")
 
@@ -58,6 +58,7 @@ class RecipeRunner:
         self.families = {f: get_family(f, **cfg.tasks.params.get(f, {})) for f in cfg.tasks.families}
         self.engine: EngineHandle | None = None
         self.trainer = None
+        self.trainer_offloaded = False
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def save_state(self, **updates: Any) -> None:
@@ -170,30 +171,39 @@ class RecipeRunner:
         rng.shuffle(pool)
         pool = pool[: r.filter_prompts]
         stops = stop_token_ids(self.tok)
+        n = r.filter_samples
         reqs = [GenerateRequest(input_ids=tuple(prompt_ids(self.tok, t)),
-                                sampling=SamplingParams(temperature=r.t_start, max_new_tokens=r.budgets.get(t.family, 16),
-                                                        stop_token_ids=tuple(stops), n=r.filter_k, seed=i))
+                                sampling=SamplingParams(temperature=r.t_start, max_new_tokens=r.budgets[t.family],
+                                                        stop_token_ids=tuple(stops), n=n, seed=i))
                 for i, t in enumerate(pool)]
         outs = self.engine.client.generate(reqs)
-        from k2sys.tasks.format import score
-
-        kept = []
-        for i, t in enumerate(pool):
-            group = outs[i * r.filter_k:(i + 1) * r.filter_k]
-            c = sum(score(self.families[t.family], t, self.tok, o.output_ids, o.finish_reason, stops) >= 1.0 for o in group)
-            if flt(r.filter_k, c).keep:
-                kept.append(t)
+        correct = [sum(score(self.families[t.family], t, self.tok, o.output_ids, o.finish_reason, stops) >= 1.0
+                       for o in outs[i * n:(i + 1) * n]) for i, t in enumerate(pool)]
+        res = flt([n] * len(pool), correct)
+        kept = [pool[i] for i in res.keep]
         write_json_atomic(path, [t.to_dict() for t in kept])
-        self.metrics.log("filter", 0, pool=len(pool), kept=len(kept))
+        self.metrics.log("filter", 0, **res.stats())
         if not kept:
             raise RuntimeError("difficulty filter kept no prompt: widen rl.filter_low/filter_high")
         return kept
 
     # ---- RL ----------------------------------------------------------------------------------
     def _memory_probe(self) -> tuple[int | None, int | None]:
-        t = self.trainer
-        trainer_bytes = 0 if (t is None or t.offloaded) else t.state_bytes()
+        """(engine, trainer) resident bytes: the engine's own report; the trainer's live tensors."""
+        trainer_bytes = 0
+        if self.trainer is not None and not self.trainer_offloaded:
+            trainer_bytes = sum(t.numel() * t.element_size() for t in self.trainer.local_state().values())
         return self.engine.memory_bytes() if self.engine else None, trainer_bytes
+
+    def _offload(self) -> sm.StepResult:
+        rep = self.trainer.offload()
+        self.trainer_offloaded = True
+        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
+
+    def _onload(self) -> sm.StepResult:
+        rep = self.trainer.onload()
+        self.trainer_offloaded = False
+        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
 
     def stage_rl(self, prompts: list[Task]) -> None:
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
@@ -212,7 +222,7 @@ class RecipeRunner:
                                                                                max_age=self.cfg.rollout.max_age)
         if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
             self.engine.push(self._shards())
-        self.trainer.offload()
+        self._offload()
         machine = sm.OwnershipMachine(sm.Phase.READY, memory_probe=self._memory_probe)
         budget = BudgetController(BudgetConfig(budgets=dict(r.budgets), penalty=r.budget_penalty))
         temps = TemperatureSchedule(r.t_start, r.t_end, max(r.iterations - 1, 1), kind=r.t_schedule)
@@ -236,7 +246,7 @@ class RecipeRunner:
                              self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause), seed=it)
             probe = self._probe_prompts(prompts, rng)
             machine.do("release_engine", lambda: self.engine.client.release_memory(["kv_cache", "weights"]))
-            machine.do("onload_trainer", lambda: sm.StepResult(bytes_moved=int(self.trainer.onload()["bytes"])))
+            machine.do("onload_trainer", self._onload)
             train_stats: dict = {}
 
             def train() -> sm.StepResult:
@@ -260,7 +270,7 @@ class RecipeRunner:
             machine.do("train", train)
             self.trainer.save(ckpt)  # resume point: trainer, then buffer + state below
             shards = self._shards()
-            machine.do("offload_trainer", lambda: sm.StepResult(bytes_moved=int(self.trainer.offload()["bytes"])))
+            machine.do("offload_trainer", self._offload)
             machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
             machine.do("update_weights", lambda: sm.StepResult(bytes_moved=self.engine.push(shards)["bytes"]))
             machine.do("resume_kv", lambda: self.engine.client.resume_memory(["kv_cache"]))
@@ -291,10 +301,10 @@ class RecipeRunner:
         if self.engine.alive():
             return
         # the trainer holds the current weights (offloaded); export needs them onloaded
-        self.trainer.onload()
+        self._onload()
         shards = self._shards()
-        self.engine.restart(shards, self.trainer.config, shards.layout.tensors[next(iter(shards.layout.tensors))].dtype)
-        self.trainer.offload()
+        self.engine.restart(shards, self.trainer.config, next(iter(shards.tensors.values())).dtype)
+        self._offload()
         self.metrics.log("fault", self.state.get("rl_iter", 0), engine_restarted=1)
 
     def _ptx_pool(self) -> list[tuple[list[int], list[int]]]:
@@ -355,8 +365,8 @@ class RecipeRunner:
             self.engine.stop()
             self.metrics.close()
         if not self.state.get("final_exported") and self.trainer is not None:
-            if self.trainer.offloaded:
-                self.trainer.onload()
+            if self.trainer_offloaded:
+                self._onload()
             self.trainer.save_hf(self.dir / "final_hf")
             self.save_state(final_exported=True)
         self.save_state(total_s=self.state.get("total_s", 0.0) + time.perf_counter() - t0)

@@ -66,9 +66,12 @@ class RLSection:
     """Max response tokens per task family (budget control)."""
     budget_penalty: float = 0.5
     filter_low: float = 0.0
-    """Difficulty filter: keep train prompts with low < pass@k < high under the SFT model."""
-    filter_high: float = 1.0
-    filter_k: int = 4
+    """Difficulty filter: keep train prompts with low <= pass@k <= high under the SFT model."""
+    filter_high: float = 0.99
+    """< 1 drops the prompts the SFT model always solves (no learning signal in a K2 group)."""
+    filter_k: int = 1
+    filter_samples: int = 4
+    """Samples per prompt for the unbiased pass@k estimate (>= filter_k)."""
     filter_prompts: int = 400
     mismatch_probe: int = 16
     """Prompts per iteration sampled at T=1 to compare engine and trainer log-probs."""
@@ -85,6 +88,8 @@ class RLSection:
                               "use it with rl.t_start=1 and rl.t_end=1, or set rl.old_logprobs=trainer")
         if not 0 <= self.filter_low < self.filter_high <= 1:
             raise ConfigError("rl.filter_low/filter_high: need 0 <= low < high <= 1")
+        if not 1 <= self.filter_k <= self.filter_samples:
+            raise ConfigError(f"rl.filter_k: need 1 <= filter_k <= filter_samples={self.filter_samples}")
 
 
 @dataclass(kw_only=True)

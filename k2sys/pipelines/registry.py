@@ -18,6 +18,7 @@ def run(cfg):
         from k2sys.coordinator.driver import RecipeRunner
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         report = RecipeRunner(cfg).run()
         print(json.dumps(report, indent=2))
         return report

@@ -1,0 +1,435 @@
+"""MegatronBackend: the TrainerBackend contract (DESIGN.md) on megatron-core.
+
+    MegatronBackend.from_hf(dir) -> train_step(batch, loss_fn) ... -> offload() | engine runs | onload()
+                                 -> export_shards() -> checkpoint engine;  save(dir) / load(dir)
+
+Every rank of a torchrun job builds the backend with the same arguments and calls the same
+methods with the same *global* batch; each rank takes its data-parallel rows itself.
+
+Batch (dict of CPU or device tensors; B rows of T tokens, B divisible by the DP size):
+  tokens        int  [B, T]  input ids
+  labels        int  [B, T]  the token to predict at each position (ignored where loss_mask is 0)
+  loss_mask     any  [B, T]  1 where the position counts
+  position_ids  int  [B, T]  optional; must be 0..T-1 per row, or restart at 0 at each packed sequence
+                             (megatron's MLA derives RoPE positions from cu_seqlens; other positions
+                             are refused, not silently ignored)
+  cu_seqlens    int  [n+1]   optional packed-sequence boundaries over the flattened B*T stream
+                             (0, ..., B*T; every row end must be a boundary). Attention is causal
+                             *within* each sequence only.
+
+loss_fn(logprobs [b, T] fp32 (log p(labels)), local batch) -> (loss_sum, denom): the backend
+back-propagates loss_sum and divides gradients by the global sum of denom (over micro-batches and
+DP ranks), so the result equals one big batch's sum/denom whatever the layout. The reported loss
+is sum(loss_sum) / sum(denom). `sft_loss` is token-mean cross entropy on loss_mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from k2sys.models.config import K2Config
+from k2sys.models.hf_io import load_config, load_state_dict, write_json_atomic
+from k2sys.trainer.cpu_compat import ensure_cpu_shims
+from k2sys.trainer.naming import hf_to_megatron, megatron_layout, megatron_to_hf
+from k2sys.trainer.offload import StateOffloader
+from k2sys.trainer.optim import OptimConfig, build_optimizer, set_lr
+from k2sys.trainer.parallel import ParallelConfig, init_parallel, ranks
+
+ensure_cpu_shims()
+
+from megatron.core import dist_checkpointing, parallel_state as ps  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
+from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
+from megatron.core.tensor_parallel import (  # noqa: E402
+    gather_from_tensor_model_parallel_region, vocab_parallel_cross_entropy)
+
+from k2sys.trainer.spec import build_gpt_model, te_available, transformer_config  # noqa: E402
+
+LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+META = "k2sys_megatron.json"
+FORMAT_DIST = "k2sys-megatron-dist-v1"
+
+
+def sft_loss(logprobs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean cross entropy over loss_mask: (sum of -log p, number of tokens)."""
+    mask = batch["loss_mask"].to(logprobs.dtype)
+    return -(logprobs * mask).sum(), mask.sum()
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dtype: str | None = None
+    """Params dtype: float32 / bfloat16; None = the model config's torch_dtype."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward on each rank (gradient accumulation); None = all local rows at once."""
+    bias_update_rate: float = 1e-3
+    """Aux-loss-free balancing: expert bias moves by this * sign(mean load - load) per step."""
+    seq_aux_loss_coeff: float = 0.0
+    recompute: bool = False
+
+    def validate(self) -> None:
+        self.optim.validate()
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"TrainerConfig.micro_batch_size: must be >= 1 or None, got {self.micro_batch_size}")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"TrainerConfig.dtype: expected None, 'float32' or 'bfloat16', got {self.dtype!r}")
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    num_tokens: float
+    """Global sum of the loss_fn denominators (tokens for SFT)."""
+    skipped: bool
+    seconds: float
+
+
+class BatchError(ValueError):
+    """A batch does not follow the format in the backend docstring; the message names the field."""
+
+
+class MegatronBackend:
+    """One rank's Megatron GPTModel + DDP + optimizer for a K2Config (see module doc)."""
+
+    def __init__(self, config: K2Config, parallel: ParallelConfig | None = None, train: TrainerConfig | None = None,
+                 hf_state: Mapping[str, torch.Tensor] | None = None, use_te: bool | None = None):
+        self.config = config
+        self.parallel = parallel or ParallelConfig()
+        self.train = train or TrainerConfig()
+        self.train.validate()
+        init_parallel(self.parallel)
+        self.use_te = te_available() if use_te is None else use_te
+        self.tc = transformer_config(config, self.parallel.tp, self.parallel.ep, self.train.dtype,
+                                     self.train.bias_update_rate, self.train.seq_aux_loss_coeff, self.train.recompute)
+        self.dtype = self.tc.params_dtype
+        self.ranks = ranks()
+        if self.ranks["etp"] != self.ranks["tp"] or self.ranks["etp_rank"] != self.ranks["tp_rank"]:
+            raise RuntimeError("MegatronBackend: expert tensor parallel must equal tensor parallel (megatron default)")
+        gpt = build_gpt_model(config, self.tc, self.use_te)
+        if hf_state is not None:
+            self._load_local(gpt, hf_to_megatron(hf_state, config, self.parallel.tp, self.parallel.ep,
+                                                 self.ranks["tp_rank"], self.ranks["ep_rank"], self.use_te))
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=self.train.optim.use_distributed_optimizer,
+                                            bucket_size=None)
+        self.model = DistributedDataParallel(config=self.tc, ddp_config=ddp, module=gpt)
+        self.optimizer = build_optimizer(self.model, self.train.optim, self.dtype)
+        set_lr(self.optimizer, self.train.optim.lr, self.train.optim.weight_decay)
+        self.step = 0
+        self._offloader: StateOffloader | None = None
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike, parallel: ParallelConfig | None = None,
+                train: TrainerConfig | None = None) -> "MegatronBackend":
+        return cls(load_config(path), parallel, train, hf_state=load_state_dict(path))
+
+    @classmethod
+    def from_model(cls, model, parallel: ParallelConfig | None = None,
+                   train: TrainerConfig | None = None) -> "MegatronBackend":
+        """From a k2sys.models.K2ForCausalLM (e.g. build_model(cfg, seed)): same weights on every layout."""
+        return cls(model.config, parallel, train, hf_state=model.state_dict())
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, parallel: ParallelConfig | None = None,
+                        train: TrainerConfig | None = None) -> "MegatronBackend":
+        """A backend resumed from `save(path)` (any TP/EP layout; dist_checkpointing reshards)."""
+        meta = json.loads((Path(path) / META).read_text())
+        if meta.get("format") != FORMAT_DIST:
+            raise ValueError(f"{path}: format {meta.get('format')!r} is not a MegatronBackend.save checkpoint")
+        cfg = K2Config.from_hf_dict(meta["config"])
+        if train is None:
+            t = dict(meta["train"])
+            t["optim"] = OptimConfig(**t["optim"])
+            train = TrainerConfig(**t)
+        backend = cls(cfg, parallel, train)
+        backend.load(path, optimizer=train.optim.name == meta["train"]["optim"]["name"])
+        return backend
+
+    def _load_local(self, gpt, local: dict[str, torch.Tensor]) -> None:
+        own = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+        if set(own) != set(local):
+            raise KeyError(f"MegatronBackend: naming table and model disagree: model-only {sorted(set(own) - set(local))[:4]}, "
+                           f"table-only {sorted(set(local) - set(own))[:4]}")
+        with torch.no_grad():
+            for k, v in own.items():
+                if tuple(v.shape) != tuple(local[k].shape):
+                    raise ValueError(f"MegatronBackend: {k} is {tuple(v.shape)} in the model, "
+                                     f"{tuple(local[k].shape)} from the table")
+                v.copy_(local[k])
+
+    # ---- batches ----------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _local_rows(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Validate the global batch, take this DP rank's rows, split them into micro-batches."""
+        for key in ("tokens",):
+            if key not in batch:
+                raise BatchError(f"batch['{key}'] is required (int [B, T])")
+        tokens = batch["tokens"]
+        if tokens.dim() != 2:
+            raise BatchError(f"batch['tokens'] must be [B, T], got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        for key in ("labels", "loss_mask", "position_ids"):
+            if key in batch and tuple(batch[key].shape) != (B, T):
+                raise BatchError(f"batch['{key}'] must have the shape of tokens {(B, T)}, got {tuple(batch[key].shape)}")
+        dp, dp_rank = self.ranks["dp"], self.ranks["dp_rank"]
+        if B % dp:
+            raise BatchError(f"batch: {B} rows cannot be split over {dp} data-parallel ranks; use a multiple of {dp}")
+        segs = self._segments(batch, B, T)
+        rows = B // dp
+        mbs = self.train.micro_batch_size or rows
+        if rows % mbs:
+            raise BatchError(f"TrainerConfig.micro_batch_size={mbs} does not divide the {rows} rows per DP rank")
+        out = []
+        for r0 in range(dp_rank * rows, (dp_rank + 1) * rows, mbs):
+            mb = {k: v[r0:r0 + mbs] for k, v in batch.items() if k != "cu_seqlens" and torch.is_tensor(v)
+                  and v.dim() >= 1 and v.shape[0] == B}
+            if segs is not None:
+                lo, hi = r0 * T, (r0 + mbs) * T
+                mb["cu_seqlens"] = torch.tensor([b - lo for b in segs if lo <= b <= hi], dtype=torch.int32)
+            out.append(mb)
+        return out
+
+    def _segments(self, batch, B: int, T: int) -> list[int] | None:
+        cu = batch.get("cu_seqlens")
+        pos = batch.get("position_ids")
+        if cu is None:
+            if pos is not None and not torch.equal(pos.cpu(), torch.arange(T).expand(B, T)):
+                raise BatchError("batch['position_ids'] must be 0..T-1 in every row without cu_seqlens "
+                                 "(megatron MLA computes RoPE positions itself); pack with cu_seqlens instead")
+            return None
+        b = [int(x) for x in cu.reshape(-1).tolist()]
+        if b[0] != 0 or b[-1] != B * T or any(y <= x for x, y in zip(b, b[1:])):
+            raise BatchError(f"batch['cu_seqlens'] must rise strictly from 0 to B*T={B * T}, got {b[:8]}...")
+        missing = sorted(set(range(T, B * T, T)) - set(b))
+        if missing:
+            raise BatchError(f"batch['cu_seqlens'] must include every row end (multiples of T={T}); missing {missing[:4]}")
+        if pos is not None:
+            want = torch.cat([torch.arange(y - x) for x, y in zip(b, b[1:])]).view(B, T)
+            if not torch.equal(pos.cpu(), want):
+                raise BatchError("batch['position_ids'] must restart at 0 at every cu_seqlens boundary")
+        return b
+
+    def _forward_logprobs(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(labels) [b, T] fp32 for one micro-batch (vocab-parallel safe)."""
+        dev = self._device()
+        tokens = mb["tokens"].to(dev)
+        b, T = tokens.shape
+        labels = mb.get("labels", torch.zeros_like(mb["tokens"])).to(dev).long()
+        if "loss_mask" in mb:
+            labels = torch.where(mb["loss_mask"].to(dev).bool(), labels, torch.zeros_like(labels))
+        if ((labels < 0) | (labels >= self.config.vocab_size)).any():
+            raise BatchError(f"batch['labels'] has ids outside [0, vocab_size={self.config.vocab_size}) where loss_mask is 1")
+        tp = self.ranks["tp"]
+        packed = None
+        if "cu_seqlens" in mb:
+            cu = mb["cu_seqlens"].to(dev).int()
+            n = b * T
+            pad = (-n) % tp
+            tokens, labels = tokens.reshape(1, n), labels.reshape(1, n)
+            if pad:  # an extra (ignored) sequence so the pack splits evenly under sequence parallel
+                tokens = torch.cat([tokens, tokens.new_zeros(1, pad)], 1)
+                labels = torch.cat([labels, labels.new_zeros(1, pad)], 1)
+                cu = torch.cat([cu, cu.new_tensor([n + pad])])
+            maxlen = int((cu[1:] - cu[:-1]).max())
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=maxlen, max_seqlen_kv=maxlen)
+            out = self.model(tokens, None, None, packed_seq_params=packed)
+            lp = -vocab_parallel_cross_entropy(out.float(), labels)
+            return lp[:, :n].reshape(b, T)
+        pad = (-T) % tp
+        if pad:  # causal: tokens appended at the end change nothing before them
+            tokens = torch.cat([tokens, tokens.new_zeros(b, pad)], 1)
+            labels = torch.cat([labels, labels.new_zeros(b, pad)], 1)
+        out = self.model(tokens, None, None)
+        lp = -vocab_parallel_cross_entropy(out.float().transpose(0, 1).contiguous(), labels.t().contiguous()).t()
+        return lp[:, :T]
+
+    # ---- the contract -----------------------------------------------------------------------
+    def train_step(self, batch: Mapping[str, torch.Tensor], loss_fn: LossFn = sft_loss) -> StepResult:
+        """One optimizer step on the global batch (see module doc for the format and loss_fn)."""
+        self._require_onloaded("train_step")
+        t0 = time.perf_counter()
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        total_loss = torch.zeros((), dtype=torch.float64)
+        total_denom = torch.zeros((), dtype=torch.float32, device=self._device())
+        for mb in self._local_rows(batch):
+            lp = self._forward_logprobs(mb)
+            loss_sum, denom = loss_fn(lp, {k: v.to(lp.device) for k, v in mb.items()})
+            loss_sum.backward()
+            total_loss += loss_sum.detach().double().cpu()
+            total_denom += torch.as_tensor(denom, dtype=torch.float32, device=total_denom.device).detach()
+        num_tokens = total_denom.clone()
+        # DP all-reduce of grads, SP norm grads, expert-bias update, then grads /= global denom.
+        finalize_model_grads([self.model], num_tokens=num_tokens)
+        ok, grad_norm, _ = self.optimizer.step()
+        stats = torch.stack([total_loss.float(), total_denom.cpu()]).to(total_denom.device)
+        dist.all_reduce(stats, group=ps.get_data_parallel_group())
+        self.step += 1
+        return StepResult(loss=float(stats[0] / stats[1].clamp(min=1e-12)), grad_norm=float(grad_norm or 0.0),
+                          num_tokens=float(stats[1]), skipped=not ok, seconds=time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def logprobs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log p(labels[t] | tokens[:t+1]) [B, T] fp32 on CPU for the global batch (all ranks get it).
+
+        0 where loss_mask is 0 (if given). Each DP rank computes its rows; rows are all-gathered."""
+        self._require_onloaded("logprobs")
+        self.model.eval()
+        parts = [self._forward_logprobs(mb) for mb in self._local_rows(batch)]
+        local = torch.cat(parts, 0)
+        if "loss_mask" in batch:
+            rows = local.shape[0]
+            r0 = self.ranks["dp_rank"] * rows
+            local = local * batch["loss_mask"][r0:r0 + rows].to(local.device, local.dtype)
+        dp = self.ranks["dp"]
+        if dp > 1:
+            bufs = [torch.empty_like(local) for _ in range(dp)]
+            dist.all_gather(bufs, local.contiguous(), group=ps.get_data_parallel_group())
+            local = torch.cat(bufs, 0)
+        return local.cpu()
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [B, T, V] (gathered over TP) of a batch every rank holds whole."""
+        self.model.eval()
+        out = self.model(tokens.to(self._device()), None, None)
+        return gather_from_tensor_model_parallel_region(out).float().cpu()
+
+    def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
+        set_lr(self.optimizer, lr, self.train.optim.weight_decay if weight_decay is None else weight_decay)
+
+    # ---- ownership switching ----------------------------------------------------------------
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of trainer state: params, buffers, grad buffers, optimizer state."""
+        ts: list[torch.Tensor] = list(self.model.module.parameters()) + list(self.model.module.buffers())
+        for buf in list(self.model.buffers) + list(self.model.expert_parallel_buffers):
+            for name in ("param_data", "grad_data"):
+                t = getattr(buf, name, None)
+                if t is not None:
+                    ts.append(t)
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in opts:
+            inner = opt.optimizer
+            for g in inner.param_groups:
+                ts.extend(g["params"])
+            for st in inner.state.values():
+                ts.extend(v for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+        return ts
+
+    def offload(self) -> dict[str, float]:
+        """Params, grads and optimizer state -> host DRAM (pinned with CUDA); device storage freed."""
+        if self._offloader is None:
+            self._offloader = StateOffloader()
+        return self._offloader.offload(self._state_tensors())
+
+    def onload(self) -> dict[str, float]:
+        """Bring everything offload() moved back, bit-exact, into the same tensors."""
+        if self._offloader is None or not self._offloader.offloaded:
+            raise RuntimeError("MegatronBackend.onload: nothing is offloaded; call offload() first")
+        return self._offloader.onload()
+
+    def _require_onloaded(self, what: str) -> None:
+        if self._offloader is not None and self._offloader.offloaded:
+            raise RuntimeError(f"MegatronBackend.{what}: trainer state is offloaded; call onload() first")
+
+    # ---- weights out ------------------------------------------------------------------------
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's Megatron tensors (live, detached), named as in naming.megatron_layout."""
+        return {k: v.detach() for k, v in self.model.module.state_dict(keep_vars=True).items()
+                if not k.endswith("_extra_state")}
+
+    def export_shards(self):
+        """(local tensors, Layout) of this rank, for the checkpoint engine's reshard planner."""
+        self._require_onloaded("export_shards")
+        layout = megatron_layout(self.config, self.ranks["tp"], self.ranks["ep"], self.ranks["tp_rank"],
+                                 self.ranks["ep_rank"], self.dtype, self.use_te)
+        local = self.local_state()
+        return {k: local[k] for k in layout.tensors}, layout
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full HF state dict (every rank participates; all get it). Gathers over the world with
+        all_gather_object: meant for small models and exports, the checkpoint engine does it at scale."""
+        local = {k: v.cpu().clone() for k, v in self.local_state().items()}
+        key = (self.ranks["tp_rank"], self.ranks["ep_rank"])
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (key, local))
+        shards = dict(gathered)
+        return megatron_to_hf(shards, self.config, self.ranks["tp"], self.ranks["ep"], self.use_te)
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        """Write an HF checkpoint directory (rank 0 writes)."""
+        from k2sys.trainer.convert import write_hf
+
+        state = self.hf_state_dict()
+        if dist.get_rank() == 0:
+            write_hf(state, self.config, path)
+        dist.barrier()
+
+    # ---- resume checkpoints (dist_checkpointing) ----------------------------------------------
+    def _sharded(self, optimizer: bool) -> dict[str, Any]:
+        model_sd = self.model.module.sharded_state_dict()
+        sd: dict[str, Any] = {"model": model_sd}
+        if optimizer:
+            sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=False)
+        return sd
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Model + optimizer + step as a megatron dist checkpoint (loadable at any TP/EP), atomically."""
+        self._require_onloaded("save")
+        try:
+            import psutil  # noqa: F401
+        except ImportError as e:  # megatron's writer processes die on it and the save hangs forever
+            raise ImportError("MegatronBackend.save needs psutil (megatron dist_checkpointing writer): "
+                              "pip install psutil") from e
+        dst = Path(path)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded(optimizer=True), str(tmp))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            train = asdict(self.train)
+            write_json_atomic(tmp / META, {"format": FORMAT_DIST, "config": self.config.to_hf_dict(),
+                                           "tp": self.ranks["tp"], "ep": self.ranks["ep"], "step": self.step,
+                                           "train": train})
+            if dst.exists():
+                old = dst.with_name(f".{dst.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dst)
+        dist.barrier()
+        return dst
+
+    def load(self, path: str | os.PathLike, optimizer: bool = True) -> None:
+        self._require_onloaded("load")
+        meta = json.loads((Path(path) / META).read_text())
+        sd = self._sharded(optimizer)
+        if optimizer:
+            sd["optimizer"] = self.optimizer.sharded_state_dict(sd["model"], is_loading=True)
+        state = dist_checkpointing.load(sd, str(path))
+        self.model.module.load_state_dict(state["model"], strict=False)
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(meta.get("step", 0))
