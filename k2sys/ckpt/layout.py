@@ -31,6 +31,7 @@ Build ``Layout(tensors={local_name: TensorSpec}, pieces=[Piece(...)...], name=..
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +40,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 from k2sys.ckpt.types import Box, Piece, PlanError, TensorSpec
+from k2sys.models.config import ConfigError, K2Config
+from k2sys.models.reference import param_shapes
 
 
 def cfg(config: Any, name: str, default: Any = ...) -> Any:
@@ -52,50 +55,41 @@ def cfg(config: Any, name: str, default: Any = ...) -> Any:
     return v
 
 
+# Fields whose absence would silently change shapes if a default stood in for them.
+_REQUIRED = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
+             "n_routed_experts")
+_SHAPES_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def model_config(config: Any) -> K2Config:
+    """A K2Config from a K2Config, an HF config.json dict, or an object with HF fields (e.g. a
+    transformers DeepseekV3Config); a missing shape field is a PlanError naming it."""
+    if isinstance(config, K2Config):
+        return config
+    d = dict(config) if isinstance(config, Mapping) else (config.to_dict() if callable(getattr(config, "to_dict", None))
+                                                          else {k: v for k, v in vars(config).items()})
+    for name in _REQUIRED:
+        cfg(d, name)
+    if cfg(d, "moe_layer_freq", 1) != 1:
+        raise PlanError(f"model config: moe_layer_freq={d['moe_layer_freq']} is not supported (DeepseekV3/Kimi-K2 use 1)")
+    try:
+        return K2Config.from_hf_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise PlanError(f"model config: {e}") from e
+
+
 def hf_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """HF DeepseekV3ForCausalLM parameter names and shapes (experts stored per index)."""
-    H, V, L = cfg(config, "hidden_size"), cfg(config, "vocab_size"), cfg(config, "num_hidden_layers")
-    nh = cfg(config, "num_attention_heads")
-    q_lora, kv_lora = cfg(config, "q_lora_rank", None), cfg(config, "kv_lora_rank")
-    nope, rope, v = cfg(config, "qk_nope_head_dim"), cfg(config, "qk_rope_head_dim"), cfg(config, "v_head_dim")
-    E, Im, I = cfg(config, "n_routed_experts"), cfg(config, "moe_intermediate_size"), cfg(config, "intermediate_size")
-    first_dense, freq = cfg(config, "first_k_dense_replace", 0), cfg(config, "moe_layer_freq", 1)
-    n_shared = cfg(config, "n_shared_experts", 0) or 0
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = (H,)
-        if q_lora:
-            out[p + "self_attn.q_a_proj.weight"] = (q_lora, H)
-            out[p + "self_attn.q_a_layernorm.weight"] = (q_lora,)
-            out[p + "self_attn.q_b_proj.weight"] = (nh * (nope + rope), q_lora)
-        else:
-            out[p + "self_attn.q_proj.weight"] = (nh * (nope + rope), H)
-        out[p + "self_attn.kv_a_proj_with_mqa.weight"] = (kv_lora + rope, H)
-        out[p + "self_attn.kv_a_layernorm.weight"] = (kv_lora,)
-        out[p + "self_attn.kv_b_proj.weight"] = (nh * (nope + v), kv_lora)
-        out[p + "self_attn.o_proj.weight"] = (H, nh * v)
-        out[p + "post_attention_layernorm.weight"] = (H,)
-        if E and i >= first_dense and i % freq == 0:
-            out[p + "mlp.gate.weight"] = (E, H)
-            out[p + "mlp.gate.e_score_correction_bias"] = (E,)
-            for e in range(E):
-                q = f"{p}mlp.experts.{e}."
-                out[q + "gate_proj.weight"] = (Im, H)
-                out[q + "up_proj.weight"] = (Im, H)
-                out[q + "down_proj.weight"] = (H, Im)
-            if n_shared:
-                out[p + "mlp.shared_experts.gate_proj.weight"] = (Im * n_shared, H)
-                out[p + "mlp.shared_experts.up_proj.weight"] = (Im * n_shared, H)
-                out[p + "mlp.shared_experts.down_proj.weight"] = (H, Im * n_shared)
-        else:
-            out[p + "mlp.gate_proj.weight"] = (I, H)
-            out[p + "mlp.up_proj.weight"] = (I, H)
-            out[p + "mlp.down_proj.weight"] = (H, I)
-    out["model.norm.weight"] = (H,)
-    if not cfg(config, "tie_word_embeddings", False):
-        out["lm_head.weight"] = (V, H)
-    return out
+    """HF DeepseekV3ForCausalLM tensor names and shapes (experts stored per index).
+
+    The model package is the single source of these names (`k2sys.models.reference.param_shapes`,
+    built on the meta device); it takes ~8 s at Kimi-K2 scale, so results are cached per config."""
+    k2 = model_config(config)
+    key = json.dumps(k2.to_hf_dict(), sort_keys=True, default=str)
+    shapes = _SHAPES_CACHE.get(key)
+    if shapes is None:
+        shapes = _SHAPES_CACHE[key] = param_shapes(k2)
+    return dict(shapes)
 
 
 def split_range(n: int, parts: int, rank: int, what: str) -> tuple[int, int]:
@@ -223,19 +217,34 @@ def hf_layout(named_shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype | 
 
 
 def engine_tp_layout(config: Any, tp_size: int, tp_rank: int, dtype: torch.dtype = torch.bfloat16) -> Layout:
-    """SGLang-like engine layout at tensor parallel size tp_size (names as in its DeepseekV2 model).
+    """`engine_layout` without expert parallelism (every rank holds every expert, TP-split)."""
+    return engine_layout(config, tp_size, 1, tp_rank, dtype)
 
-    Column-parallel (split output rows): q_b_proj (or q_proj), kv_b_proj, gate|up (fused into
-    ``gate_up_proj``), embed_tokens and lm_head (vocab rows). Row-parallel (split input
-    columns): o_proj, down_proj. Routed experts per MoE layer: ``mlp.experts.w13_weight``
-    [E, 2*I/tp, H] (gate rows then up rows of each expert) and ``mlp.experts.w2_weight``
-    [E, H, I/tp]. Norms, the low-rank A projections and the router are replicated.
+
+def engine_layout(config: Any, tp_size: int, ep_size: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> Layout:
+    """SGLang-like engine layout of `rank` in a replica of tp_size ranks (names as in its DeepseekV2 model).
+
+    Attention and dense MLPs use TP over all tp_size ranks. Column-parallel (split output
+    rows): q_b_proj (or q_proj), kv_b_proj, gate|up (fused into ``gate_up_proj``, also for the
+    shared expert), embed_tokens and lm_head (vocab rows). Row-parallel (split input columns):
+    o_proj, down_proj. Norms, the low-rank A projections and the router are replicated.
+
+    Routed experts follow SGLang's MoE parallelism: ep_size divides tp_size, the ranks form
+    ep_size groups of moe_tp = tp_size // ep_size consecutive ranks; group g holds experts
+    [g*E/ep, (g+1)*E/ep) and splits their intermediate dim moe_tp ways. Per MoE layer:
+    ``mlp.experts.w13_weight`` [E/ep, 2*I/moe_tp, H] (gate rows then up rows of each local
+    expert) and ``mlp.experts.w2_weight`` [E/ep, H, I/moe_tp]; local index = global - first.
     """
-    if tp_size < 1 or not 0 <= tp_rank < tp_size:
-        raise PlanError(f"engine_tp_layout: tp_rank {tp_rank} must be in [0, tp_size={tp_size})")
+    if tp_size < 1 or not 0 <= rank < tp_size:
+        raise PlanError(f"engine_layout: rank {rank} must be in [0, tp_size={tp_size})")
+    if ep_size < 1 or tp_size % ep_size:
+        raise PlanError(f"engine_layout: ep_size={ep_size} must divide tp_size={tp_size} (MoE TP = tp/ep per expert)")
+    moe_tp = tp_size // ep_size
+    ep_rank, moe_rank = divmod(rank, moe_tp)
     shapes = hf_param_shapes(config)
-    b = LayoutBuilder(f"engine tp{tp_size} rank{tp_rank}", dtype)
-    fused_mlps: dict[str, str] = {}  # HF prefix "....mlp." / "....shared_experts." -> fused name
+    b = LayoutBuilder(f"engine tp{tp_size} ep{ep_size} rank{rank}" if ep_size > 1 else f"engine tp{tp_size} rank{rank}",
+                      dtype)
+    fused_mlps: dict[str, str] = {}  # HF prefix "....mlp" / "....shared_experts" -> fused name
     experts: dict[str, int] = {}     # layer prefix -> E
     for gname, shape in shapes.items():
         if ".mlp.experts." in gname:
@@ -247,29 +256,31 @@ def engine_tp_layout(config: Any, tp_size: int, tp_rank: int, dtype: torch.dtype
             continue
         if gname.endswith(("q_b_proj.weight", "q_proj.weight", "kv_b_proj.weight", "embed_tokens.weight",
                            "lm_head.weight")):
-            b.split(gname, shape, 0, tp_size, tp_rank, gname)
+            b.split(gname, shape, 0, tp_size, rank, gname)
         elif gname.endswith(("o_proj.weight", "down_proj.weight")):
-            b.split(gname, shape, 1, tp_size, tp_rank, gname)
+            b.split(gname, shape, 1, tp_size, rank, gname)
         else:
             b.full(gname, shape)
     for prefix in fused_mlps:
         g_shape = shapes[prefix + ".gate_proj.weight"]
-        start, size = split_range(g_shape[0], tp_size, tp_rank, prefix + ".gate_proj.weight dim 0")
+        start, size = split_range(g_shape[0], tp_size, rank, prefix + ".gate_proj.weight dim 0")
         lname = prefix + ".gate_up_proj.weight"
         lshape = (2 * size, g_shape[1])
         b.tensor(lname, lshape)
-        b.split(prefix + ".gate_proj.weight", g_shape, 0, tp_size, tp_rank, lname, (0, 0), lshape)
-        b.split(prefix + ".up_proj.weight", g_shape, 0, tp_size, tp_rank, lname, (size, 0), lshape)
+        b.split(prefix + ".gate_proj.weight", g_shape, 0, tp_size, rank, lname, (0, 0), lshape)
+        b.split(prefix + ".up_proj.weight", g_shape, 0, tp_size, rank, lname, (size, 0), lshape)
     for layer, E in experts.items():
         g = f"{layer}.mlp.experts.0.gate_proj.weight"
         Im, H = shapes[g]
-        _, size = split_range(Im, tp_size, tp_rank, g + " dim 0 (moe_intermediate_size)")
+        first, n_local = split_range(E, ep_size, ep_rank, f"{layer}.mlp.experts (n_routed_experts)")
+        _, size = split_range(Im, moe_tp, moe_rank, g + " dim 0 (moe_intermediate_size / (tp/ep))")
         w13, w2 = f"{layer}.mlp.experts.w13_weight", f"{layer}.mlp.experts.w2_weight"
-        b.tensor(w13, (E, 2 * size, H))
-        b.tensor(w2, (E, H, size))
-        for e in range(E):
-            q = f"{layer}.mlp.experts.{e}."
-            b.split(q + "gate_proj.weight", (Im, H), 0, tp_size, tp_rank, w13, (e, 0, 0), (E, 2 * size, H))
-            b.split(q + "up_proj.weight", (Im, H), 0, tp_size, tp_rank, w13, (e, size, 0), (E, 2 * size, H))
-            b.split(q + "down_proj.weight", (H, Im), 1, tp_size, tp_rank, w2, (e, 0, 0), (E, H, size))
+        w13_shape, w2_shape = (n_local, 2 * size, H), (n_local, H, size)
+        b.tensor(w13, w13_shape)
+        b.tensor(w2, w2_shape)
+        for e in range(first, first + n_local):
+            q, le = f"{layer}.mlp.experts.{e}.", e - first
+            b.split(q + "gate_proj.weight", (Im, H), 0, moe_tp, moe_rank, w13, (le, 0, 0), w13_shape)
+            b.split(q + "up_proj.weight", (Im, H), 0, moe_tp, moe_rank, w13, (le, size, 0), w13_shape)
+            b.split(q + "down_proj.weight", (H, Im), 1, moe_tp, moe_rank, w2, (le, 0, 0), w2_shape)
     return b.build()

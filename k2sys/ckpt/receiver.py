@@ -76,9 +76,11 @@ class StagedReceiver:
     def commit(self) -> None:
         if not self._open:
             raise UpdateError("receiver: commit() without begin()")
-        self._publish(self._staging)
+        try:
+            self._publish(self._staging)
+        finally:  # a failed publish ends the update too (version kept); the next begin() may retry
+            self._open = False
         self.version += 1
-        self._open = False
 
     def abort(self) -> None:
         self._open = False  # staging is simply not published; live weights were never touched
@@ -125,13 +127,25 @@ class EngineReceiver(StagedReceiver):
     """Adapter for an inference engine with a weight-update session API.
 
     The engine exposes begin_weight_update(), update_weights_from_tensor(named_tensors) (or
-    update_weights(named_tensors), k2sys.engine's protocol) and end_weight_update() (the native engine; SGLang >= 0.5.23 refuses updates outside such a
-    session). Names passed are the local names of `layout`: give an hf_layout when the engine
-    loads HF-named full tensors itself, an engine_tp_layout when it takes its own shards.
-    Nothing reaches the engine before commit(), so an aborted update leaves it untouched.
+    update_weights(named_tensors), k2sys.engine's protocol) and end_weight_update() (the native
+    engine; SGLang >= 0.5.23 refuses updates outside such a session). Names passed are the local
+    names of `layout`: give an hf_layout when the engine loads HF-named full tensors itself, an
+    engine_tp_layout when it takes its own shards. Nothing reaches the engine before commit(),
+    so an aborted update leaves it untouched.
+
+    An `HTTPEngine` (k2sys serve or SGLang over HTTP) works as is: its update_weights picks the
+    transport (shared memory on the same host, else HTTP bodies); `send_kwargs` are passed to
+    every send call, e.g. {"transport": "http"} to force one.
+
+    A send that fails inside the session: the engine's abort_weight_update() is called when it
+    has one; otherwise end_weight_update() closes the session. The native engine then discards
+    the session if the engine itself rejected a tensor, but a failure on the sending side (a
+    dropped connection after some buckets) cannot be told apart from success by an engine
+    without an abort call.
     """
 
-    def __init__(self, engine: Any, layout: Layout, device: str | torch.device = "cpu", bucket_tensors: int = 0):
+    def __init__(self, engine: Any, layout: Layout, device: str | torch.device = "cpu", bucket_tensors: int = 0,
+                 send_kwargs: Optional[Mapping[str, Any]] = None):
         for m in ("begin_weight_update", "end_weight_update"):
             if not callable(getattr(engine, m, None)):
                 raise TypeError(f"EngineReceiver: engine {type(engine).__name__} lacks {m}()")
@@ -143,6 +157,7 @@ class EngineReceiver(StagedReceiver):
         super().__init__(layout, device)
         self.engine = engine
         self.bucket_tensors = bucket_tensors  # 0 = all tensors in one call
+        self.send_kwargs = dict(send_kwargs or {})
 
     def _publish(self, staged: Mapping[str, torch.Tensor]) -> None:
         items = list(staged.items())
@@ -150,9 +165,15 @@ class EngineReceiver(StagedReceiver):
         self.engine.begin_weight_update()
         try:
             for i in range(0, len(items), step):
-                self._send(items[i:i + step])
-        finally:
-            self.engine.end_weight_update()
+                self._send(items[i:i + step], **self.send_kwargs)
+        except BaseException:
+            abort = getattr(self.engine, "abort_weight_update", None)
+            try:
+                (abort if callable(abort) else self.engine.end_weight_update)()
+            except Exception:  # the send's error is the one to report
+                pass
+            raise
+        self.engine.end_weight_update()
 
 
 def as_receiver(engine: Any, layout: Optional[Layout] = None, device: str | torch.device = "cpu") -> WeightReceiver:

@@ -44,6 +44,8 @@ log = logging.getLogger("k2sys.coordinator")
 class RecipeRunner:
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        if not torch.cuda.is_available():
+            torch.set_num_threads(cfg.cpu_threads)
         self.dir = Path(cfg.output_root) / cfg.name
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
@@ -58,7 +60,6 @@ class RecipeRunner:
         self.families = {f: get_family(f, **cfg.tasks.params.get(f, {})) for f in cfg.tasks.families}
         self.engine: EngineHandle | None = None
         self.trainer = None
-        self.trainer_offloaded = False
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def save_state(self, **updates: Any) -> None:
@@ -115,7 +116,7 @@ class RecipeRunner:
             save_hf(build_model(mcfg, seed=self.cfg.model.seed), init, tokenizer=self.dir / "data" / "tokenizer")
         s = self.cfg.sft
         data = load_sft_data(SFTDataConfig(path=str(self.dir / "data" / "sft.jsonl"), seq_len=s.seq_len,
-                                           rows_per_batch=s.rows_per_batch, pack=False), tokenizer=self.tok)
+                                           rows_per_batch=s.rows_per_batch, pack=True), tokenizer=self.tok)
         ckpt = self.dir / "sft_ckpt"
         tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr))
         if ckpt.exists():
@@ -191,18 +192,16 @@ class RecipeRunner:
     def _memory_probe(self) -> tuple[int | None, int | None]:
         """(engine, trainer) resident bytes: the engine's own report; the trainer's live tensors."""
         trainer_bytes = 0
-        if self.trainer is not None and not self.trainer_offloaded:
+        if self.trainer is not None and not self.trainer.offloaded:
             trainer_bytes = sum(t.numel() * t.element_size() for t in self.trainer.local_state().values())
         return self.engine.memory_bytes() if self.engine else None, trainer_bytes
 
     def _offload(self) -> sm.StepResult:
         rep = self.trainer.offload()
-        self.trainer_offloaded = True
         return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
 
     def _onload(self) -> sm.StepResult:
         rep = self.trainer.onload()
-        self.trainer_offloaded = False
         return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
 
     def stage_rl(self, prompts: list[Task]) -> None:
@@ -225,7 +224,7 @@ class RecipeRunner:
         self._offload()
         machine = sm.OwnershipMachine(sm.Phase.READY, memory_probe=self._memory_probe)
         budget = BudgetController(BudgetConfig(budgets=dict(r.budgets), penalty=r.budget_penalty))
-        temps = TemperatureSchedule(r.t_start, r.t_end, max(r.iterations - 1, 1), kind=r.t_schedule)
+        temps = TemperatureSchedule(t_start=r.t_start, t_end=r.t_end, total_steps=max(r.iterations - 1, 1), kind=r.t_schedule)
         stale = StalePolicyConfig(mode=r.stale_mode, max_staleness=r.max_staleness)
         stops = stop_token_ids(self.tok)
         pad = self.tok.token_to_id("[PAD]") or 0
@@ -242,9 +241,9 @@ class RecipeRunner:
             for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
                 groups.append(new_group(task, next_gid + j, self.cfg.rollout.samples_per_prompt, self.tok))
             temperature = temps(it)
+            probe = self._probe_prompts(prompts, rng)  # while the engine serves (before the pause)
             ro = run_rollout(self.engine.client, self.tok, self.families, groups, version, temperature, budget,
                              self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause), seed=it)
-            probe = self._probe_prompts(prompts, rng)
             machine.do("release_engine", lambda: self.engine.client.release_memory(["kv_cache", "weights"]))
             machine.do("onload_trainer", self._onload)
             train_stats: dict = {}
@@ -269,8 +268,8 @@ class RecipeRunner:
 
             machine.do("train", train)
             self.trainer.save(ckpt)  # resume point: trainer, then buffer + state below
-            shards = self._shards()
             machine.do("offload_trainer", self._offload)
+            shards = self._shards()  # views into the trainer's host copy: the update reads DRAM
             machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
             machine.do("update_weights", lambda: sm.StepResult(bytes_moved=self.engine.push(shards)["bytes"]))
             machine.do("resume_kv", lambda: self.engine.client.resume_memory(["kv_cache"]))
@@ -289,6 +288,7 @@ class RecipeRunner:
             log.info("rl iter %d/%d reward %.3f loss %.4f paused %d (%.1f s)", it, r.iterations,
                      ro.stats.get("reward_mean", sum(s.reward for s in ro.samples) / max(len(ro.samples), 1)),
                      train_stats.get("loss", float("nan")), ro.stats["paused_requests"], time.perf_counter() - t_iter)
+        machine.do("continue", self.engine.client.continue_generation)  # engine serves the final eval
 
     def _pause(self) -> None:
         self.engine.client.pause("abort")
@@ -300,11 +300,8 @@ class RecipeRunner:
     def _ensure_engine(self) -> None:
         if self.engine.alive():
             return
-        # the trainer holds the current weights (offloaded); export needs them onloaded
-        self._onload()
-        shards = self._shards()
+        shards = self._shards()  # the offloaded trainer's host copy holds the current weights
         self.engine.restart(shards, self.trainer.config, next(iter(shards.tensors.values())).dtype)
-        self._offload()
         self.metrics.log("fault", self.state.get("rl_iter", 0), engine_restarted=1)
 
     def _ptx_pool(self) -> list[tuple[list[int], list[int]]]:
@@ -365,7 +362,7 @@ class RecipeRunner:
             self.engine.stop()
             self.metrics.close()
         if not self.state.get("final_exported") and self.trainer is not None:
-            if self.trainer_offloaded:
+            if self.trainer.offloaded:
                 self._onload()
             self.trainer.save_hf(self.dir / "final_hf")
             self.save_state(final_exported=True)

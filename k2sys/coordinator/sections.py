@@ -32,7 +32,8 @@ class TasksSection:
 @dataclass(kw_only=True)
 class SFTSection:
     steps: int = 150
-    rows_per_batch: int = 64
+    rows_per_batch: int = 16
+    """Packed rows per step (each seq_len tokens, several conversations per row)."""
     seq_len: int = 64
     lr: float = 2e-3
     optimizer: Literal["adamw", "muon"] = "adamw"

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from k2sys.engine.shm import ShmUpdatePayload, ShmWriter, cuda_ipc_handle, split_buckets
 from k2sys.engine.protocol import (GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
                                    UpdateWeightsFromTensorPayload, abort_payload, memory_payload, pause_payload)
 
@@ -184,6 +185,11 @@ class FlattenedBucket:
                 buffer[e.offset:e.offset + e.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
         return cls(buffer, entries)
 
+    @staticmethod
+    def pack_size(named: Sequence[tuple[str, torch.Tensor]], alignment: int = 64) -> int:
+        """Bytes `pack` needs for these tensors."""
+        return sum(-(-t.numel() * t.element_size() // alignment) * alignment for _, t in named)
+
     def unpack(self) -> list[tuple[str, torch.Tensor]]:
         return [(e.name, self.buffer[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape))
                 for e in self.entries]
@@ -252,15 +258,22 @@ class HTTPEngine:
         "release": "/release_memory_occupation", "resume": "/resume_memory_occupation",
         "begin": "/begin_weight_update", "update_tensor": "/update_weights_from_tensor",
         "end": "/end_weight_update", "get_weights": "/get_weights_by_name", "model_info": "/get_model_info",
+        "update_shm": "/update_weights_from_shm", "server_info": "/get_server_info",
     }
+    WEIGHT_TRANSPORTS = ("auto", "http", "shm", "cuda_ipc")
 
     def __init__(self, base_url: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
                  max_concurrency: int = 64, retries: int = 3, backoff_s: float = 0.25, tp_size: int = 1,
-                 incremental_stream: bool = False, api_key: str | None = None):
+                 incremental_stream: bool = False, api_key: str | None = None, weight_transport: str = "auto",
+                 shm_bucket_bytes: int = 512 << 20):
         if not base_url.startswith(("http://", "https://")):
             raise ProtocolError(f"base_url: {base_url!r} needs a scheme; use e.g. http://127.0.0.1:30000")
         if max_concurrency < 1 or retries < 0 or tp_size < 1:
             raise ProtocolError("max_concurrency/tp_size must be >= 1 and retries >= 0")
+        if weight_transport not in self.WEIGHT_TRANSPORTS:
+            raise ProtocolError(f"weight_transport: {weight_transport!r} must be one of {self.WEIGHT_TRANSPORTS}")
+        if shm_bucket_bytes < 1 << 20:
+            raise ProtocolError(f"shm_bucket_bytes: {shm_bucket_bytes} is below 1 MiB; use e.g. 512 << 20")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_concurrency, self.retries, self.backoff_s, self.tp_size = max_concurrency, retries, backoff_s, tp_size
@@ -273,9 +286,13 @@ class HTTPEngine:
         self._inflight: dict[str, _InFlight] = {}
         self._weight_version: str | None = None
         self._pending_version: str | None = None
+        self.weight_transport, self.shm_bucket_bytes = weight_transport, shm_bucket_bytes
+        self._server_transports: list[str] | None = None
+        self._shm = ShmWriter()
 
     # -- plumbing
     def close(self) -> None:
+        self._shm.close()
         self._client.close()
 
     def __enter__(self) -> HTTPEngine:
@@ -526,8 +543,17 @@ class HTTPEngine:
         return [("flattened_bucket", bucket.serialize())]
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | Iterable[FlattenedBucket], *,
-                       weight_version: str | None = None, flush_cache: bool = False) -> None:
-        """Send named tensors (one request) or flattened buckets (one request per bucket)."""
+                       weight_version: str | None = None, flush_cache: bool = False,
+                       transport: str | None = None) -> None:
+        """Send named tensors or flattened buckets inside the open update session.
+
+        transport: "http" (base64 bodies, works with any server; one request for named tensors,
+        one per bucket), "shm" (same host: bytes through a reused /dev/shm segment, buckets of at
+        most shm_bucket_bytes, small JSON requests), "cuda_ipc" (same host, CUDA tensors: IPC
+        handles of device buckets), or None = this client's weight_transport ("auto": "shm" or,
+        for CUDA tensors, "cuda_ipc" when the server is on localhost and lists it in
+        /get_server_info's weight_transports; else "http"). flush_cache is forwarded on http only.
+        """
         items = list(weights)
         if not items:
             raise ProtocolError("weights: empty; send at least one tensor or bucket")
@@ -535,15 +561,74 @@ class HTTPEngine:
         if weight_version is not None:
             self._pending_version = weight_version
         if all(isinstance(b, FlattenedBucket) for b in items):
-            calls = [pair for b in items for pair in self.encode_bucket(b)]
+            buckets = True
         elif all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in items):
-            calls = [(None, self.encode_named_tensors(items))]
+            buckets = False
         else:
             raise ProtocolError("weights: pass either (name, tensor) pairs or FlattenedBuckets, not a mix")
-        for fmt, data in calls:
-            payload = UpdateWeightsFromTensorPayload(serialized_named_tensors=[data] * self.tp_size, load_format=fmt,
-                                                     flush_cache=flush_cache, weight_version=version)
-            self._post("update_tensor", payload.to_sglang())
+        mode = self.resolve_transport(transport, items)
+        if mode == "http":
+            calls = ([pair for b in items for pair in self.encode_bucket(b)] if buckets
+                     else [(None, self.encode_named_tensors(items))])
+            for fmt, data in calls:
+                payload = UpdateWeightsFromTensorPayload(serialized_named_tensors=[data] * self.tp_size,
+                                                         load_format=fmt, flush_cache=flush_cache,
+                                                         weight_version=version)
+                self._post("update_tensor", payload.to_sglang())
+            return
+        groups = [b.unpack() for b in items] if buckets else split_buckets(items, self.shm_bucket_bytes)
+        if mode == "shm":
+            self._send_shm(groups, version)
+        else:
+            self._send_cuda_ipc(groups, version)
+
+    def server_transports(self) -> list[str]:
+        """Weight transports the server lists in /get_server_info (["http"] if it lists none)."""
+        if self._server_transports is None:
+            try:
+                info = self._call("GET", "server_info", idempotent=True)
+            except EngineHTTPError:
+                info = None
+            got = info.get("weight_transports") if isinstance(info, dict) else None
+            self._server_transports = list(got) if isinstance(got, list) else ["http"]
+        return self._server_transports
+
+    def resolve_transport(self, transport: str | None, items: Sequence[Any] = ()) -> str:
+        """The transport an update would use (see update_weights)."""
+        mode = transport or self.weight_transport
+        if mode not in self.WEIGHT_TRANSPORTS:
+            raise ProtocolError(f"transport: {mode!r} must be one of {self.WEIGHT_TRANSPORTS}")
+        if mode != "auto":
+            return mode
+        host = httpx.URL(self.base_url).host
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            return "http"
+        on_cuda = any((b.buffer if isinstance(b, FlattenedBucket) else b[1]).device.type == "cuda" for b in items)
+        want = "cuda_ipc" if on_cuda else "shm"
+        return want if want in self.server_transports() else "http"
+
+    def _send_shm(self, groups: list[list[tuple[str, torch.Tensor]]], version: str | None) -> None:
+        with self._shm.lock:
+            try:
+                seg = self._shm.segment(max(FlattenedBucket.pack_size(g) for g in groups))
+                for i, g in enumerate(groups):
+                    entries = seg.write(g)
+                    payload = ShmUpdatePayload(entries=tuple(entries), shm_name=seg.name, shm_size=seg.nbytes,
+                                               weight_version=version, release=i == len(groups) - 1)
+                    self._post("update_shm", payload.to_json())
+            except BaseException:
+                self._shm.close()  # an aborted update leaves no segment behind
+                raise
+
+    def _send_cuda_ipc(self, groups: list[list[tuple[str, torch.Tensor]]], version: str | None) -> None:
+        for g in groups:
+            bucket = FlattenedBucket.pack(g, device=torch.device("cuda", torch.cuda.current_device()))
+            torch.cuda.current_stream().synchronize()  # the server reads the buffer on its own stream
+            payload = ShmUpdatePayload(entries=tuple(e.to_json() for e in bucket.entries), transport="cuda_ipc",
+                                       cuda_ipc=cuda_ipc_handle(bucket.buffer), weight_version=version)
+            self._post("update_shm", payload.to_json())  # the server copied before answering
+            del bucket
+        torch.cuda.ipc_collect()
 
     def end_weight_update(self) -> str | None:
         self._post("end", {})

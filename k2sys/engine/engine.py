@@ -543,9 +543,7 @@ class NativeEngine:
         def run() -> str:
             if "weights" in self._released:
                 raise EngineError("end_weight_update: weights were released during the session; nothing applied")
-            with torch.no_grad():
-                for name, t in s["staged"].items():
-                    self.runner.params[name].copy_(t)
+            self.runner.load_weights(s["staged"])
             self._stale -= set(s["staged"])
             self.version += 1
             self._weight_version = s["version"] or str(self.version)

@@ -30,6 +30,7 @@ from k2sys.engine.client import tensors_from_update
 from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
 from k2sys.engine.engine import NativeEngine
 from k2sys.engine.protocol import ProtocolError, UpdateWeightsFromTensorPayload
+from k2sys.engine.shm import ShmReader, ShmUpdatePayload, server_transports
 
 __all__ = ["build_app", "main", "parse_generate"]
 
@@ -358,6 +359,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
     app = FastAPI(title="k2sys native engine", openapi_url=None)
     streams = Streams(engine)
     app.state.engine = engine
+    shm_reader = app.state.shm_reader = ShmReader()
 
     @app.exception_handler(RequestError)
     @app.exception_handler(ProtocolError)
@@ -381,7 +383,8 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info() -> dict:
         return {"engine": "k2sys-native", **engine.stats(), "max_total_num_tokens": engine.config.max_total_tokens,
-                "max_model_len": engine.max_model_len, "memory_bytes": engine.memory_bytes()}
+                "max_model_len": engine.max_model_len, "memory_bytes": engine.memory_bytes(),
+                "weight_transports": server_transports()}
 
     @app.get("/get_weight_version")
     async def weight_version() -> dict:
@@ -443,6 +446,12 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
             await asyncio.to_thread(engine.abort, None)
         await asyncio.to_thread(engine.update_weights, named, weight_version=payload.weight_version)
         return JSONResponse({"success": True, "message": f"staged {len(named)} tensors"})
+
+    @app.post("/update_weights_from_shm")
+    async def update_shm(request: Request) -> JSONResponse:
+        payload = ShmUpdatePayload.from_json(await read_json(request, allow_empty=False))
+        n = await asyncio.to_thread(shm_reader.apply, payload, engine.update_weights)
+        return JSONResponse({"success": True, "message": f"staged {n} tensors from {payload.transport}"})
 
     @app.post("/end_weight_update")
     async def end(request: Request) -> JSONResponse:

@@ -345,6 +345,10 @@ class MegatronBackend:
             raise RuntimeError("MegatronBackend.onload: nothing is offloaded; call offload() first")
         return self._offloader.onload()
 
+    @property
+    def offloaded(self) -> bool:
+        return self._offloader is not None and self._offloader.offloaded
+
     def _require_onloaded(self, what: str) -> None:
         if self._offloader is not None and self._offloader.offloaded:
             raise RuntimeError(f"MegatronBackend.{what}: trainer state is offloaded; call onload() first")
@@ -356,11 +360,14 @@ class MegatronBackend:
                 if not k.endswith("_extra_state")}
 
     def export_shards(self):
-        """(local tensors, Layout) of this rank, for the checkpoint engine's reshard planner."""
-        self._require_onloaded("export_shards")
+        """(local tensors, Layout) of this rank, for the checkpoint engine's reshard planner.
+
+        When offloaded, the tensors are views into the host copy (no onload, no clone)."""
         layout = megatron_layout(self.config, self.ranks["tp"], self.ranks["ep"], self.ranks["tp_rank"],
                                  self.ranks["ep_rank"], self.dtype, self.use_te)
         local = self.local_state()
+        if self.offloaded:
+            return {k: self._offloader.host_view(local[k]) for k in layout.tensors}, layout
         return {k: local[k] for k in layout.tensors}, layout
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:

@@ -65,6 +65,19 @@ class StateOffloader:
         return {"bytes": nbytes, "seconds": copy_s, "GBps": nbytes / max(copy_s, 1e-9) / 1e9,
                 "tensors": len(storages)}
 
+    def host_view(self, t: torch.Tensor) -> torch.Tensor:
+        """While offloaded: `t`'s values as a view into the host copy (same shape, strides, offset).
+
+        Lets the checkpoint engine read the weights from DRAM after offload (the paper's path:
+        train -> offload -> broadcast from host), without onloading or cloning."""
+        if not self.offloaded:
+            raise RuntimeError("StateOffloader.host_view: nothing is offloaded")
+        key = t.untyped_storage()._cdata
+        for s, h in zip(self._storages, self._host):
+            if s._cdata == key:
+                return torch.empty(0, dtype=t.dtype).set_(h.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        raise KeyError("StateOffloader.host_view: tensor's storage was not offloaded by this offloader")
+
     def onload(self) -> dict[str, float]:
         if not self.offloaded:
             raise RuntimeError("StateOffloader.onload: nothing is offloaded")

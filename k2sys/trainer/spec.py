@@ -202,16 +202,7 @@ class K2CoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("K2CoreAttention: attention_bias is not supported")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            cu = packed_seq_params.cu_seqlens_q
-            t = query.shape[0]
-            seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), (cu[1:] - cu[:-1]).long())
-            if seg.numel() != t:
-                raise ValueError(f"K2CoreAttention: cu_seqlens cover {seg.numel()} tokens, the pack has {t}")
-            causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
-            mask = causal & (seg[:, None] == seg[None, :])
-            q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [h, t, d]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-            return out.transpose(0, 1).reshape(t, -1)
+            return self._packed(query, key, value, packed_seq_params.cu_seqlens_q)
         s, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
         if attention_mask is None:
@@ -222,6 +213,28 @@ class K2CoreAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & ~attention_mask.bool(),
                                                  scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+    def _packed(self, query, key, value, cu):
+        """[t, h, d] packs: causal attention inside each sequence. Sequences of equal length are
+        stacked and run as one batch, so the cost is sum(len^2), not t^2 (a dense t x t mask over
+        a 64x64 SFT batch is ~4096^2 per head and made a tiny step take seconds)."""
+        t = query.shape[0]
+        lens = (cu[1:] - cu[:-1]).long()
+        if int(lens.sum()) != t:
+            raise ValueError(f"K2CoreAttention: cu_seqlens cover {int(lens.sum())} tokens, the pack has {t}")
+        sizes = lens.tolist()
+        parts = [x.split(sizes) for x in (query, key, value)]  # views; backward is one cat
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(sizes):
+            groups.setdefault(n, []).append(i)
+        outs: list = [None] * len(sizes)
+        for members in groups.values():
+            q, k, v = (torch.stack([p[i] for i in members]).transpose(1, 2) for p in parts)  # [n, h, L, d]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            for i, oi in zip(members, o.transpose(1, 2).unbind(0)):  # unbind: backward is one stack
+                outs[i] = oi
+        return torch.cat(outs).reshape(t, -1)
 
 
 class K2ReplicatedLinear(torch.nn.Module):
