@@ -4,10 +4,14 @@ Figures, each a ratio against a bound or a peer measured in the same run (higher
   onload      pipelined host->host onload GB/s (k2sys Onloader) / one plain memcpy of the same bytes
   update      2-rank gloo update of a TP=2 trainer into a TP=1 engine: serial time / pipelined time
   apply       reshard apply (batched strided copy of a real plan) GB/s / plain memcpy GB/s
+  shm         cross-process update of a `k2sys serve` subprocess (k2-small, fp32): GB/s of
+              update_weights through /dev/shm vs through base64 HTTP bodies, and vs one plain memcpy
+              of the same bytes (shm moves them twice: pack into the segment, server copy to staging,
+              so 0.5 is its bound)
   projection  Kimi-K2 (1.04T params, real shapes) update time on 8/16/256 GPUs from the measured
               efficiencies and stated bandwidths, next to checkpoint-engine's 16 s (256xH20) anchor
 
-    python benchmarks/bench_update.py --json OUT [--sizes 1,2,4] [--update-mib 768] [--repeats 3]
+    python benchmarks/bench_update.py --json OUT [--sizes 1,2,4] [--repeats 3] [--skip-update] [--skip-shm]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -182,6 +187,60 @@ def bench_apply(repeats: int) -> tuple[list[dict], float]:
             result("reshard_apply_rows", n_rows, "strided rows", None, None, None)], ratio
 
 
+# ------------------------------------------------------------------ cross-process (shm vs http)
+def bench_shm(repeats: int, bucket_mib: int, model: str) -> list[dict]:
+    import httpx
+
+    from k2sys.engine.client import HTTPEngine
+    from k2sys.models import build_model, param_shapes, preset, save_hf
+
+    cfg = preset(model)
+    with tempfile.TemporaryDirectory() as d:
+        path = save_hf(build_model(cfg, seed=0), os.path.join(d, "model"))
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(1200):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            names = param_shapes(cfg)
+            named = [(n, t) for n, t in build_model(cfg, seed=1).state_dict().items() if n in names]
+            total = sum(t.numel() * t.element_size() for _, t in named)
+            flat_src = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in named])
+            flat_dst = torch.empty_like(flat_src).fill_(1)
+            with HTTPEngine(url, shm_bucket_bytes=bucket_mib * MiB) as c:
+                def update(transport: str) -> float:
+                    c.begin_weight_update()
+                    t0 = time.perf_counter()
+                    c.update_weights(named, transport=transport)
+                    dt = time.perf_counter() - t0
+                    c.end_weight_update()  # the engine's commit copy is the same for both transports
+                    return dt
+                update("shm"), update("http")  # warm: segment, server pages, allocator
+                trip = [(update("shm"), update("http"), timed(lambda: memmove(flat_dst, flat_src, total), 1))
+                        for _ in range(repeats)]
+                probe = named[-1]
+                got = c.get_weights_by_name(probe[0], truncate_size=64)
+                assert got == probe[1].float().reshape(-1)[:64].tolist(), "server weights differ after the update"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    gbs = lambda t: round(total / t / 1e9, 3)  # noqa: E731
+    shm, http, plain = (statistics.median(t[i] for t in trip) for i in range(3))
+    return [result(f"update_xproc_shm_vs_http_{model}", gbs(shm), "GB/s", gbs(http),
+                   round(statistics.median(t[1] / t[0] for t in trip), 2), None),
+            result(f"update_xproc_shm_vs_memcpy_{model}", gbs(shm), "GB/s", gbs(plain),
+                   round(statistics.median(t[2] / t[0] for t in trip), 3), None)]
+
+
 # ------------------------------------------------------------------ Kimi-K2 projection
 def k2_params() -> tuple[int, int]:
     shapes = hf_param_shapes(KIMI_K2)
@@ -230,6 +289,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bucket-mib", type=int, default=4, help="bucket cap of the 2-rank update")
     ap.add_argument("--skip-update", action="store_true", help="skip the 2-rank gloo update")
+    ap.add_argument("--skip-shm", action="store_true", help="skip the cross-process shm vs http update")
+    ap.add_argument("--shm-model", default="k2-small", help="model preset served for the shm vs http figure")
+    ap.add_argument("--shm-bucket-mib", type=int, default=64, help="shm bucket cap of the cross-process update")
     args = ap.parse_args(argv)
     sizes = [float(x) for x in args.sizes.split(",") if x]
     if not sizes or min(sizes) <= 0:
@@ -242,6 +304,8 @@ def main(argv=None) -> int:
     if not args.skip_update:
         upd, stages = bench_update(args.repeats, args.bucket_mib)
         results += upd
+    if not args.skip_shm:
+        results += bench_shm(args.repeats, args.shm_bucket_mib, args.shm_model)
     # Efficiency vs a plain copy, capped at 1: the projection scales bandwidth bounds, never beyond them.
     onload_eff = min(1.0, min(r["ratio"] for r in results if r["name"].startswith("onload_pipelined")))
     apply_eff = min(1.0, apply_eff)
