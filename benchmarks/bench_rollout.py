@@ -5,12 +5,18 @@ For each model (k2-tiny, optionally k2-small) and batch (1, 32, 128 prompts x 32
 per second of both and reports native / transformers (higher = better). Targets (issue 4):
 >= 2x at 32 and 128 prompts, >= 1x at 1 prompt.
 
-    python benchmarks/bench_rollout.py --json OUT [--models k2-tiny,k2-small] [--repeats 2]
+Both sides run with the same intra-op thread count (--threads, default 1 = the engine's default
+cpu_threads): a peer comparison at equal resources. On a shared box an oversubscribed
+multi-threaded side collapses (OpenMP barriers wait on descheduled threads), so the load
+average before and after the run is recorded in "env" to judge the figures.
+
+    python benchmarks/bench_rollout.py --json OUT [--models k2-tiny,k2-small] [--repeats 2] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,14 +53,16 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def bench_model(name: str, batches: list[int], n_samples: int, repeats: int, out: list[dict]) -> None:
+def bench_model(name: str, batches: list[int], n_samples: int, repeats: int, threads: int,
+                out: list[dict]) -> None:
     cfg = preset(name)
     torch.manual_seed(0)
     model = build_model(cfg, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_hf(model, Path(tmp) / name)
         hf = _hf_model(path)
-        engine = NativeEngine.from_pretrained(path, EngineConfig(max_total_tokens=262144, max_num_batched_tokens=4096))
+        engine = NativeEngine.from_pretrained(path, EngineConfig(max_total_tokens=262144, max_num_batched_tokens=4096,
+                                                                 cpu_threads=threads))
     try:
         cases = [(b, 1) for b in batches] + ([(128 // n_samples, n_samples)] if n_samples > 1 else [])
         for b, n in cases:
@@ -64,19 +72,19 @@ def bench_model(name: str, batches: list[int], n_samples: int, repeats: int, out
                                     ignore_eos=True, sampling_seed=1)
             rows = prompts.tolist()
 
-            def native() -> None:
-                outs = engine.generate_sglang(rows, params)
-                assert sum(len(o["output_ids"]) for o in outs) == b * n * NEW_TOKENS
+            def native(new: int = NEW_TOKENS) -> None:
+                outs = engine.generate_sglang(rows, dataclasses.replace(params, max_new_tokens=new))
+                assert sum(len(o["output_ids"]) for o in outs) == b * n * new
 
-            def reference() -> None:
+            def reference(new: int = NEW_TOKENS) -> None:
                 with torch.inference_mode():
-                    g = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS,
-                                    min_new_tokens=NEW_TOKENS, do_sample=not greedy, num_return_sequences=n,
+                    g = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                    min_new_tokens=new, do_sample=not greedy, num_return_sequences=n,
                                     top_k=None, top_p=None, temperature=1.0 if not greedy else None)
-                assert g.shape == (b * n, PROMPT_LEN + NEW_TOKENS)
+                assert g.shape == (b * n, PROMPT_LEN + new)
 
-            native()  # warm up both (first-call allocations, lazy init)
-            reference()
+            native(8)  # warm up both (first-call allocations, lazy init, oneDNN primitive caches)
+            reference(8)
             t_nat, t_ref = _time(native, repeats), _time(reference, repeats)
             toks = b * n * NEW_TOKENS
             nat, ref = toks / t_nat, toks / t_ref
@@ -97,15 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt for the n-sample case (1 = skip)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is kept)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of both sides (>= 1)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)  # transformers runs on this thread; the engine sets its own
+    load_before = os.getloadavg()
     results: list[dict] = []
     for name in args.models.split(","):
-        bench_model(name.strip(), [int(b) for b in args.batches.split(",")], args.n, args.repeats, results)
+        bench_model(name.strip(), [int(b) for b in args.batches.split(",")], args.n, args.repeats, args.threads,
+                    results)
     import transformers
 
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-           "device": "cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS}
+           "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+           "device": "cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+           "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
+           "loadavg_1_5_15_after": [round(v, 2) for v in os.getloadavg()]}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -29,6 +29,8 @@ from k2sys.coordinator.metrics import MetricsLog
 from k2sys.coordinator.rl_batch import build_rl_batch, k2_ptx_loss_fn, set_old_logprobs
 from k2sys.coordinator.rollout import new_group, run_rollout
 from k2sys.ckpt.pipeline import TrainerShards
+from k2sys.engine.client import EngineHTTPError
+from k2sys.engine.launch import LaunchError
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
 from k2sys.eval import evaluate
 from k2sys.models import build_model, preset, save_hf
@@ -39,6 +41,7 @@ from k2sys.tasks import Task, get_family
 from k2sys.tasks.format import prompt_ids, score, sft_rows, stop_token_ids
 
 log = logging.getLogger("k2sys.coordinator")
+ENGINE_ERRORS = (EngineHTTPError, LaunchError, ConnectionError, TimeoutError)
 
 
 class RecipeRunner:
@@ -234,16 +237,29 @@ class RecipeRunner:
         while it < r.iterations:
             t_iter = time.perf_counter()
             version = it  # policy version = number of updates applied
-            self._ensure_engine()
-            machine.do("continue", self.engine.client.continue_generation)
-            groups = _regroup(buffer.take())
-            next_gid = max([g[0].group_id for g in groups], default=-1) + 1 + it * 100_000
+            groups = _regroup(buffer.take())  # paused groups resume first, on the new weights
             for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
-                groups.append(new_group(task, next_gid + j, self.cfg.rollout.samples_per_prompt, self.tok))
+                groups.append(new_group(task, it * 100_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
             temperature = temps(it)
-            probe = self._probe_prompts(prompts, rng)  # while the engine serves (before the pause)
-            ro = run_rollout(self.engine.client, self.tok, self.families, groups, version, temperature, budget,
-                             self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause), seed=it)
+            for attempt in range(self.cfg.engine.restarts + 1):
+                try:
+                    self._ensure_engine()
+                    machine.do("continue", self.engine.client.continue_generation)
+                    probe = self._probe_prompts(prompts, rng)  # while the engine serves (before the pause)
+                    ro = run_rollout(self.engine.client, self.tok, self.families, groups, version, temperature,
+                                     budget, self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause),
+                                     seed=it)
+                    break
+                except ENGINE_ERRORS:
+                    if self.engine.alive():
+                        raise
+                    # the engine died mid-rollout: a fresh one (restarted from the trainer's host copy
+                    # by _ensure_engine) redoes this iteration's rollout; the trainer never restarts
+                    log.warning("engine died during rollout of iteration %d (attempt %d); restarting it", it + 1,
+                                attempt + 1)
+                    machine.reset(sm.Phase.READY)
+            else:
+                raise RuntimeError(f"rollout of iteration {it + 1} failed {self.cfg.engine.restarts + 1} times")
             machine.do("release_engine", lambda: self.engine.client.release_memory(["kv_cache", "weights"]))
             machine.do("onload_trainer", self._onload)
             train_stats: dict = {}

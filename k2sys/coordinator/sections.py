@@ -31,7 +31,7 @@ class TasksSection:
 
 @dataclass(kw_only=True)
 class SFTSection:
-    steps: int = 150
+    steps: int = 100
     rows_per_batch: int = 16
     """Packed rows per step (each seq_len tokens, several conversations per row)."""
     seq_len: int = 64
