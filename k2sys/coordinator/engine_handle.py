@@ -64,7 +64,9 @@ class EngineHandle:
             cfg = SGLangLaunchConfig(model_path=str(checkpoint), port=self.port)
         self.server = ServerProcess(command=cfg.command(), base_url=cfg.base_url,
                                     log_path=self.run_dir / "logs" / "engine.log")
-        self.server.start().wait_healthy(timeout=self.startup_timeout_s)
+        self.server.start()
+        (self.run_dir / "engine.pid").write_text(f"{self.server.proc.pid}\n")  # for operators and fault drills
+        self.server.wait_healthy(timeout=self.startup_timeout_s)
         self.client = HTTPEngine(cfg.base_url, max_concurrency=self.max_running_requests)
         self.target = WeightTarget(self.client, model_config, dtype)
         log.info("engine %s up at %s on %s", self.kind, cfg.base_url, checkpoint)

@@ -113,6 +113,16 @@ class NativeLaunchConfig:
         return f"http://{self.host}:{self.port}"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launching process dies (even by kill -9), so a
+    crashed coordinator leaves no orphan engine holding the device (Linux prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class ServerProcess:
     """A started server: `wait_healthy()`, then `stop()` (also on context exit)."""
@@ -130,7 +140,7 @@ class ServerProcess:
         try:
             # a new session puts the server and its workers (sglang spawns schedulers) in one group
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             log.close()
         return self

@@ -1,0 +1,94 @@
+"""The recipe end to end through the real coordinator, engine server and trainer, with fault drills:
+the engine server is SIGKILLed mid-RL (the coordinator restarts it and goes on), then the
+coordinator itself is SIGKILLed and the same command resumes with no lost iteration."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ITERS = 4
+ARGS = ["--set", "sft.steps=10", "--set", f"rl.iterations={ITERS}", "--set", "tasks.n_train=100",
+        "--set", "eval.n_tasks=10", "--set", "rl.filter_prompts=16", "--set", "rollout.prompts_per_iter=4",
+        "--set", "rollout.samples_per_prompt=4", "--set", "rl.mismatch_probe=2", "--set", "sft.checkpoint_every=5"]
+
+
+def _rl_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec["kind"] == "rl":
+            steps.append(rec["step"])
+    return steps
+
+
+def _start(root: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "k2sys.cli", "run", "tiny-k2", "--set", f"name={name}",
+           "--set", f"output_root={root}", *ARGS]
+    return subprocess.Popen(cmd, stdout=open(root / f"{name}.log", "ab"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def _wait(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited with {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_engine_crash_and_coordinator_kill9_resume(tmp_path):
+    run = tmp_path / "drill"
+    p = _start(tmp_path, "drill")
+    try:
+        _wait(lambda: len(_rl_steps(run)) >= 1, p, 600, "the first RL iteration")
+        engine_pid = int((run / "engine.pid").read_text())
+        os.kill(engine_pid, signal.SIGKILL)  # the engine dies; the trainer must not restart
+        _wait(lambda: len(_rl_steps(run)) >= 3, p, 600, "RL iterations after the engine crash")
+        engine_pid = int((run / "engine.pid").read_text())
+        os.killpg(p.pid, signal.SIGKILL)  # kill -9 the coordinator (and its process group)
+        p.wait()
+        _wait(lambda: not _alive(engine_pid), subprocess.Popen(["sleep", "30"]), 20, "the orphaned engine to exit")
+        p = _start(tmp_path, "drill")  # the same command again
+        assert p.wait(timeout=900) == 0, (tmp_path / "drill.log").read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    state = json.loads((run / "state.json").read_text())
+    assert state["rl_iter"] == ITERS
+    steps = _rl_steps(run)
+    assert set(steps) == set(range(1, ITERS + 1)), steps  # no iteration lost
+    faults = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"fault"' in x]
+    assert faults and faults[0]["engine_restarted"] == 1
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["eval"]) == {"sft", "rl"} and set(report["eval"]["rl"]) == {"list_ops", "arithmetic"}
+    for f in ("report.md", "plot.png", "config.json"):
+        assert (run / f).exists(), f
+    assert any((run / "tensorboard").iterdir())
