@@ -47,6 +47,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    import logging
+
+    from k2sys.coordinator.driver import RecipeRunner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    cfg = _load_recipe(args.recipe, args.set)
+    if getattr(cfg, "pipeline", None) != "sft-rl":
+        raise ConfigError(f"sft: recipe {args.recipe!r} has no SFT stage; use an SFT->RL recipe such as tiny-k2")
+    out = RecipeRunner(cfg).run_sft()
+    print(f"SFT checkpoint (HF format): {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="k2sys", description="Kimi-K2 post-training system")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.set_defaults(fn=_cmd_run)
+
+    f = sub.add_parser("sft", help="data + SFT stage of a recipe (runs on every rank under torchrun)")
+    f.add_argument("recipe")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.set_defaults(fn=_cmd_sft)
 
     for name, text in (
         ("serve", "serve a checkpoint with the native engine (SGLang-compatible HTTP API)"),

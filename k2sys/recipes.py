@@ -7,7 +7,7 @@ from typing import Callable, Literal
 
 from k2sys.config import ConfigError
 from k2sys.coordinator.rollout import RolloutConfig
-from k2sys.coordinator.sections import EngineSection, RLSection, SFTSection, TasksSection
+from k2sys.coordinator.sections import EngineSection, RLSection, SFTSection, TasksSection, TrainerSection
 from k2sys.eval.harness import EvalConfig
 
 
@@ -65,6 +65,7 @@ class RLRunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     tasks: TasksSection = field(default_factory=TasksSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
     sft: SFTSection = field(default_factory=SFTSection)
     rl: RLSection = field(default_factory=RLSection)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -50,16 +50,22 @@ class RecipeRunner:
         if not torch.cuda.is_available():
             torch.set_num_threads(cfg.cpu_threads)
         self.dir = Path(cfg.output_root) / cfg.name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "logs").mkdir(exist_ok=True)
+        # Under torchrun every rank runs the SFT stage (the trainer is collective); rank 0 alone
+        # writes run files. RL runs with one trainer rank: the coordinator is that rank.
+        self.rank, self.world = _init_ranks()
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "logs").mkdir(exist_ok=True)
+        _barrier()
         self.state_path = self.dir / "state.json"
         self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         saved = self.dir / "config.json"
-        if saved.exists() and self.state and json.loads(saved.read_text()) != to_dict(cfg):
+        if saved.exists() and self.state and _comparable(json.loads(saved.read_text())) != _comparable(to_dict(cfg)):
             raise RuntimeError(f"{saved} holds a different config than this command: resuming would mix runs; "
                                f"use another run name (--set name=...) or delete {self.dir}")
-        saved.write_text(render(cfg) + "\n")
-        self.metrics = MetricsLog(self.dir)
+        if self.rank == 0:
+            saved.write_text(render(cfg) + "\n")
+        self.metrics = MetricsLog(self.dir) if self.rank == 0 else NullMetrics()
         self.families = {f: get_family(f, **cfg.tasks.params.get(f, {})) for f in cfg.tasks.families}
         self.engine: EngineHandle | None = None
         self.trainer = None
@@ -67,7 +73,8 @@ class RecipeRunner:
     # ---- bookkeeping ---------------------------------------------------------------------------
     def save_state(self, **updates: Any) -> None:
         self.state.update(updates)
-        write_json_atomic(self.state_path, self.state)
+        if self.rank == 0:
+            write_json_atomic(self.state_path, self.state)
 
     def tasks(self, split: str) -> dict[str, list[Task]]:
         path = self.dir / "data" / f"{split}.json"
@@ -79,7 +86,8 @@ class RecipeRunner:
         from k2sys.tokenizer import default_corpus, load_tokenizer, train_tokenizer
 
         data = self.dir / "data"
-        if self.state.get("data_done"):
+        if self.state.get("data_done") or self.rank != 0:
+            _barrier()  # pairs with rank 0's barrier after it built the data (or found it built)
             self.tok = load_tokenizer(data / "tokenizer")
             return
         data.mkdir(exist_ok=True)
@@ -98,6 +106,7 @@ class RecipeRunner:
         random.Random(self.cfg.seed).shuffle(rows)
         write_chat_jsonl(data / "sft.jsonl", rows)
         self.save_state(data_done=True)
+        _barrier()
 
     def _trainer_from(self, hf_dir: Path, optimizer: str, lr: float):
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
@@ -114,20 +123,22 @@ class RecipeRunner:
         if self.state.get("sft_done"):
             return out
         init = self.dir / "init_hf"
-        if not init.exists():
+        if self.rank == 0 and not init.exists():
             mcfg = preset(self.cfg.model.preset, vocab_size=self.cfg.model.vocab_size or self.tok.get_vocab_size())
             save_hf(build_model(mcfg, seed=self.cfg.model.seed), init, tokenizer=self.dir / "data" / "tokenizer")
+        _barrier()
         s = self.cfg.sft
         data = load_sft_data(SFTDataConfig(path=str(self.dir / "data" / "sft.jsonl"), seq_len=s.seq_len,
                                            rows_per_batch=s.rows_per_batch, pack=True), tokenizer=self.tok)
         ckpt = self.dir / "sft_ckpt"
         tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr))
-        if ckpt.exists():
-            trainer = MegatronBackend.from_checkpoint(ckpt, train=tcfg)
+        par = self._parallel()
+        if ckpt.exists() and "sft_cursor" in self.state:
+            trainer = MegatronBackend.from_checkpoint(ckpt, par, train=tcfg)
             cursor = Cursor.from_dict(self.state["sft_cursor"])
             step = self.state["sft_step"]
         else:
-            trainer = MegatronBackend.from_hf(init, train=tcfg)
+            trainer = MegatronBackend.from_hf(init, par, train=tcfg)
             cursor, step = Cursor(), 0
         t0 = time.perf_counter()
         for batch, nxt in data.train_batches(cursor):
@@ -145,11 +156,25 @@ class RecipeRunner:
         eval_loss = _eval_loss(trainer, data)
         self.metrics.log("sft", step, eval_loss=eval_loss)
         trainer.save_hf(out)
-        # tokenizer files travel with the checkpoint the engine serves
-        for f in (self.dir / "data" / "tokenizer").iterdir():
-            (out / f.name).write_bytes(f.read_bytes())
+        if self.rank == 0:  # tokenizer files travel with the checkpoint the engine serves
+            for f in (self.dir / "data" / "tokenizer").iterdir():
+                (out / f.name).write_bytes(f.read_bytes())
         self.save_state(sft_done=True, sft_eval_loss=eval_loss)
+        _barrier()
         return out
+
+    def _parallel(self):
+        from k2sys.trainer.parallel import ParallelConfig
+
+        return ParallelConfig(tp=self.cfg.trainer.tp, ep=self.cfg.trainer.ep)
+
+    def run_sft(self) -> Path:
+        """data -> SFT -> HF export, on every rank of a torchrun job (`k2sys sft`)."""
+        try:
+            self.stage_data()
+            return self.stage_sft()
+        finally:
+            self.metrics.close()
 
     def run_eval(self, tag: str) -> dict:
         if tag in self.state.get("eval", {}):
@@ -359,6 +384,10 @@ class RecipeRunner:
     def run(self) -> dict:
         from k2sys.coordinator.report import write_report
 
+        if self.world > 1:
+            raise RuntimeError(f"k2sys run with {self.world} ranks: the RL coordinator drives one trainer rank in "
+                               f"this version; run `torchrun ... -m k2sys.cli sft {self.cfg.name}` for multi-rank SFT, "
+                               "then `k2sys run` on one rank (the SFT stage is then reused)")
         t0 = time.perf_counter()
         self.stage_data()
         sft_hf = self.stage_sft()
@@ -384,6 +413,40 @@ class RecipeRunner:
             self.save_state(final_exported=True)
         self.save_state(total_s=self.state.get("total_s", 0.0) + time.perf_counter() - t0)
         return write_report(self.dir, self.cfg, self.state)
+
+
+def _comparable(cfg: dict) -> dict:
+    """What must not change when a run resumes: everything but the trainer's parallel layout
+    (checkpoints load at any TP/EP, so `k2sys sft` on 8 ranks can hand over to a 1-rank RL run)."""
+    return {k: v for k, v in cfg.items() if k != "trainer"}
+
+
+def _init_ranks() -> tuple[int, int]:
+    """(rank, world): torch.distributed is set up now when torchrun launched several ranks."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from k2sys.trainer.parallel import init_distributed
+
+        return init_distributed()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class NullMetrics:
+    """Non-zero ranks log nothing (rank 0 owns metrics.jsonl)."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _generate_upto(fam, n: int, seed: int, split: str) -> list[Task]:

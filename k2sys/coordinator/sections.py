@@ -45,6 +45,18 @@ class SFTSection:
 
 
 @dataclass(kw_only=True)
+class TrainerSection:
+    tp: int = 1
+    """Tensor parallel size of the Megatron trainer (ranks come from torchrun; dp = world / (tp*...))."""
+    ep: int = 1
+    """Expert parallel size."""
+
+    def validate(self) -> None:
+        if self.tp < 1 or self.ep < 1:
+            raise ConfigError("trainer.tp and trainer.ep must be >= 1")
+
+
+@dataclass(kw_only=True)
 class RLSection:
     iterations: int = 30
     tau: float = 0.1
