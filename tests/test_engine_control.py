@@ -216,3 +216,18 @@ def test_bad_requests(engine):
         engine.submit(text="hello")
     with pytest.raises(RequestError, match="mode"):
         engine.pause("sideways")
+
+
+def test_abort_weight_update_discards_a_partial_session(engine):
+    """A sender that fails part-way aborts: staged tensors are dropped, weights and version kept."""
+    prompt = [7, 8, 9]
+    version = engine.weight_version
+    before = engine.generate_sglang([prompt], SamplingParams(temperature=0, max_new_tokens=12))[0]["output_ids"]
+    other = build_model(CFG, seed=5).state_dict()
+    engine.begin_weight_update()
+    engine.update_weights(list(other.items())[:20])  # good tensors, but only part of the model
+    engine.abort_weight_update()
+    assert engine.weight_version == version
+    assert engine.generate_sglang([prompt], SamplingParams(temperature=0, max_new_tokens=12))[0]["output_ids"] == before
+    engine.begin_weight_update()  # the session is closed: a new one can start
+    engine.abort_weight_update()

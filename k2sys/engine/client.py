@@ -257,7 +257,7 @@ class HTTPEngine:
         "abort": "/abort_request", "pause": "/pause_generation", "continue": "/continue_generation",
         "release": "/release_memory_occupation", "resume": "/resume_memory_occupation",
         "begin": "/begin_weight_update", "update_tensor": "/update_weights_from_tensor",
-        "end": "/end_weight_update", "get_weights": "/get_weights_by_name", "model_info": "/get_model_info",
+        "end": "/end_weight_update", "abort_update": "/abort_weight_update", "get_weights": "/get_weights_by_name", "model_info": "/get_model_info",
         "update_shm": "/update_weights_from_shm", "server_info": "/get_server_info",
     }
     WEIGHT_TRANSPORTS = ("auto", "http", "shm", "cuda_ipc")
@@ -635,6 +635,11 @@ class HTTPEngine:
         if self._pending_version is not None:
             self._weight_version, self._pending_version = self._pending_version, None
         return self._weight_version
+
+    def abort_weight_update(self) -> None:
+        """Discard the open session on the server (k2sys serve); the previous weights stay in use."""
+        self._post("abort_update", {}, idempotent=True)
+        self._pending_version = None
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
         return self._post("get_weights", {"name": name, "truncate_size": truncate_size}, idempotent=True)

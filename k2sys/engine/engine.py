@@ -550,6 +550,12 @@ class NativeEngine:
             return self._weight_version
         return self._call(run)
 
+    def abort_weight_update(self) -> None:
+        """Discard the open session (the sender failed part-way): nothing staged is applied and the
+        previous weights and version stay in use. A no-op without an open session."""
+        with self._session_lock:
+            self._session = None
+
     @property
     def weight_version(self) -> str:
         return self._weight_version

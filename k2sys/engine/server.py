@@ -460,6 +460,13 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
         return JSONResponse({"success": True, "message": f"weights updated to version {version}",
                              "weight_version": version})
 
+    @app.post("/abort_weight_update")
+    async def abort_update(request: Request) -> JSONResponse:
+        check_fields("abort_weight_update", await read_json(request), set())
+        await asyncio.to_thread(engine.abort_weight_update)
+        return JSONResponse({"success": True, "message": "weight update session discarded",
+                             "weight_version": engine.weight_version})
+
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights(request: Request) -> JSONResponse:
         body = await read_json(request, allow_empty=False)
