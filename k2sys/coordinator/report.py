@@ -82,14 +82,15 @@ def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
              f"Model {cfg.model.preset}; SFT {cfg.sft.steps} steps; RL {report['rl_iterations']} iterations "
              f"(K={cfg.rollout.samples_per_prompt}, tau={cfg.rl.tau}, PTX lambda={cfg.rl.ptx_coef}, "
              f"temperature {cfg.rl.t_start}->{cfg.rl.t_end}).", "",
-             f"Held-out accuracy ({cfg.eval.n_tasks} tasks per family, "
-             f"{'greedy' if cfg.eval.temperature == 0 else f'avg@{cfg.eval.k} at T={cfg.eval.temperature}'}):", "",
-             "| family | after SFT | after RL | change |", "|---|---|---|---|"]
+             f"Held-out accuracy ({'greedy' if cfg.eval.temperature == 0 else f'avg@{cfg.eval.k} at T={cfg.eval.temperature}'}"
+             f"; n = held-out tasks, at most {cfg.eval.n_tasks}):", "",
+             "| family | n | after SFT | after RL | change |", "|---|---|---|---|---|"]
     for f in families:
         a = evals.get("sft", {}).get(f, {}).get("accuracy")
         b = evals.get("rl", {}).get(f, {}).get("accuracy")
         fmt = (lambda v: "-" if v is None else f"{100 * v:.1f}%")
-        lines.append(f"| {f} | {fmt(a)} | {fmt(b)} | {100 * delta[f]:+.1f} pts |")
+        n = evals.get("rl", evals.get("sft", {})).get(f, {}).get("n", "-")
+        lines.append(f"| {f} | {n} | {fmt(a)} | {fmt(b)} | {100 * delta[f]:+.1f} pts |")
     lines += ["", f"Learning criterion (>= +10 pts on one family, no family lower): "
                   f"**{'met' if report['learned'] else 'not met'}**.", "",
               f"Mean switch latency per iteration: rollout->train {switch['rollout_to_train_s']:.3f} s, "
