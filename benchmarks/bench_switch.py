@@ -109,7 +109,7 @@ def synthetic_case(gib: float) -> dict:
     state = [*params.values()] + [torch.zeros(per) for _ in range(3 * n_weights)]  # grads, m, v
     off = StateOffloader()
     layout = hf_layout({k: (per,) for k in params}, torch.float32)
-    engine = InProcessReceiver(layout)
+    engine = InProcessReceiver(layout, in_place=False)  # commit swaps staging and live: no second copy
     engine.weights = {k: v.clone() for k, v in params.items()}
     off.offload(state)
     st: dict[str, float] = {}

@@ -184,3 +184,27 @@ def test_assign_readers_disjoint_and_balanced():
     parts = assign_readers(idx, 2)
     sizes = [sum(t.spec.nbytes for t in p) for p in parts]
     assert abs(sizes[0] - sizes[1]) <= 9 * 4
+
+
+def test_single_process_update_round_trips_through_the_engine_layout():
+    """World size 1 (colocated on one process): the direct path copies plan slices straight into
+    the receiver; HF -> engine layout (fused w13, TP=1) -> HF is bitwise."""
+    import torch
+
+    from k2sys.ckpt import InProcessReceiver, engine_tp_layout, hf_layout, update_weights
+    from k2sys.ckpt.pipeline import TrainerShards
+    from k2sys.models import k2_tiny, param_shapes
+
+    cfg = k2_tiny(vocab_size=64)
+    shapes = param_shapes(cfg)
+    g = torch.Generator().manual_seed(0)
+    hf = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    src = hf_layout(shapes, torch.float32)
+    eng = InProcessReceiver(engine_tp_layout(cfg, 1, 0, torch.float32))
+    rep = update_weights(TrainerShards(layout=src, tensors=hf), eng)
+    assert rep.mode == "local" and rep.bytes_applied == sum(t.numel() * 4 for t in hf.values())
+    back = InProcessReceiver(src)
+    update_weights(TrainerShards(layout=eng.layout, tensors=eng.weights), back)
+    assert back.weights.keys() == hf.keys()
+    for k, v in hf.items():
+        assert torch.equal(back.weights[k], v), k
