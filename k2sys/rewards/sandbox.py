@@ -151,6 +151,11 @@ def run_python(code: str, stdin: str, config: SandboxConfig | None = None) -> Sa
         with open(err_path, "rb") as f:
             stderr = f.read(cap + 1)
         truncated = len(stdout) >= cap or proc.returncode == -signal.SIGXFSZ
+        # The CPU rlimit (SIGXCPU, then SIGKILL at the hard limit) is a timeout too; bwrap reports a
+        # child killed by signal N as exit status 128 + N.
+        cpu_kill = {signal.SIGXCPU, signal.SIGKILL}
+        if proc.returncode is not None and (-proc.returncode in cpu_kill or proc.returncode - 128 in cpu_kill):
+            timed_out = True
         return SandboxResult(stdout=stdout[:cap].decode(errors="replace"),
                              stderr=stderr[:cap].decode(errors="replace"),
                              returncode=proc.returncode, timed_out=timed_out,
