@@ -92,3 +92,26 @@ def test_engine_crash_and_coordinator_kill9_resume(tmp_path):
     for f in ("report.md", "plot.png", "config.json"):
         assert (run / f).exists(), f
     assert any((run / "tensorboard").iterdir())
+
+
+def _rl_records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "rl"' in x]
+
+
+def test_two_trainer_ranks_tp2_under_torchrun(tmp_path):
+    """The coordinator is rank 0 of a 2-rank torchrun job (TP=2); rank 1 mirrors its trainer calls.
+    Every iteration's engine-vs-trainer log-prob probe shows the engine got exactly the TP=2
+    trainer's weights through the distributed checkpoint-engine update."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "k2sys.cli",
+           "run", "tiny-k2", "--set", "name=tp2", "--set", f"output_root={tmp_path}", "--set", "trainer.tp=2",
+           *[a.replace(f"rl.iterations={ITERS}", "rl.iterations=2") for a in ARGS]]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    recs = _rl_records(tmp_path / "tp2")
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert r["probe_mismatch/tokens"] > 0
+        assert r["probe_mismatch/max_abs"] < 1e-4, r  # fp32: same weights, same logits
+    report = json.loads((tmp_path / "tp2" / "report.json").read_text())
+    assert report["rl_iterations"] == 2

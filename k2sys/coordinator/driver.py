@@ -28,7 +28,7 @@ from k2sys.coordinator.engine_handle import EngineHandle
 from k2sys.coordinator.metrics import MetricsLog
 from k2sys.coordinator.rl_batch import build_rl_batch, k2_ptx_loss_fn, set_old_logprobs
 from k2sys.coordinator.rollout import new_group, run_rollout
-from k2sys.ckpt.pipeline import TrainerShards
+from k2sys.coordinator.trainer_group import TrainerGroup, broadcast_value
 from k2sys.engine.client import EngineHTTPError
 from k2sys.engine.launch import LaunchError
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
@@ -225,11 +225,11 @@ class RecipeRunner:
         return self.engine.memory_bytes() if self.engine else None, trainer_bytes
 
     def _offload(self) -> sm.StepResult:
-        rep = self.trainer.offload()
+        rep = self.tg.call("offload")
         return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
 
     def _onload(self) -> sm.StepResult:
-        rep = self.trainer.onload()
+        rep = self.tg.call("onload")
         return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
 
     def stage_rl(self, prompts: list[Task]) -> None:
@@ -237,18 +237,23 @@ class RecipeRunner:
         from k2sys.trainer.optim import OptimConfig
 
         r = self.cfg.rl
-        it = self.state.get("rl_iter", 0)
+        it = broadcast_value(self.state.get("rl_iter", 0), self.rank, self.world)
         ckpt = self.dir / "rl_ckpt"
         tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr))
         if it > 0 and ckpt.exists():
-            self.trainer = MegatronBackend.from_checkpoint(ckpt, train=tcfg)
+            self.trainer = MegatronBackend.from_checkpoint(ckpt, self._parallel(), train=tcfg)
         else:
-            self.trainer = MegatronBackend.from_hf(self.dir / "sft_hf", train=tcfg)
+            self.trainer = MegatronBackend.from_hf(self.dir / "sft_hf", self._parallel(), train=tcfg)
+        self.tg = TrainerGroup(self.trainer, self.rank, self.world,
+                               receiver=(lambda: self.engine.target) if self.rank == 0 else None)
+        if self.rank != 0:
+            self.tg.follow()  # mirror rank 0's trainer calls until it says stop
+            return
         buffer = RolloutBuffer.load(self.dir / "rollout_buffer.json", max_age=self.cfg.rollout.max_age) \
             if (self.dir / "rollout_buffer.json").exists() else RolloutBuffer(self.dir / "rollout_buffer.json",
                                                                                max_age=self.cfg.rollout.max_age)
         if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
-            self.engine.push(self._shards())
+            self.tg.call("push")
         self._offload()
         machine = sm.OwnershipMachine(sm.Phase.READY, memory_probe=self._memory_probe)
         budget = BudgetController(BudgetConfig(budgets=dict(r.budgets), penalty=r.budget_penalty))
@@ -292,27 +297,27 @@ class RecipeRunner:
             def train() -> sm.StepResult:
                 batch, bstats = build_rl_batch(ro.samples, pad, version, stale, rng.sample(ptx_pool, r.ptx_rows)
                                                if r.ptx_coef > 0 else None, r.ptx_coef)
-                trainer_lp = self.trainer.logprobs(batch)
+                trainer_lp = self.tg.call("logprobs", batch)
                 n_rl = bstats["samples"]
                 mm = logprob_mismatch(batch["behaviour_lp"][:n_rl], trainer_lp[:n_rl], batch["loss_mask"][:n_rl]) \
                     if temperature == 1.0 else None
                 if r.old_logprobs == "trainer":
                     set_old_logprobs(batch, trainer_lp)
-                losses = [self.trainer.train_step(batch, loss_fn) for _ in range(r.inner_steps)]
+                if probe is not None:  # before the step: engine and trainer must hold the same weights
+                    train_stats.update(self._mismatch_probe(probe))
+                losses = [self.tg.call("train_step", batch, loss_fn) for _ in range(r.inner_steps)]
                 train_stats.update(bstats, loss=losses[-1].loss, loss_first=losses[0].loss,
                                    grad_norm=losses[-1].grad_norm)
                 if mm is not None:
                     train_stats.update({f"mismatch/{k}": v for k, v in mm.items()})
-                if probe is not None:
-                    train_stats.update(self._mismatch_probe(probe))
                 return sm.StepResult()
 
             machine.do("train", train)
-            self.trainer.save(ckpt)  # resume point: trainer, then buffer + state below
+            self.tg.call("save", ckpt)  # resume point: trainer, then buffer + state below
             machine.do("offload_trainer", self._offload)
-            shards = self._shards()  # views into the trainer's host copy: the update reads DRAM
             machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
-            machine.do("update_weights", lambda: sm.StepResult(bytes_moved=self.engine.push(shards)["bytes"]))
+            # every trainer rank sends its shards from its host copy (export while offloaded reads DRAM)
+            machine.do("update_weights", lambda: sm.StepResult(bytes_moved=self.tg.call("push")["bytes"]))
             machine.do("resume_kv", lambda: self.engine.client.resume_memory(["kv_cache"]))
             it += 1
             buffer.put(ro.unfinished)
@@ -334,15 +339,12 @@ class RecipeRunner:
     def _pause(self) -> None:
         self.engine.client.pause("abort")
 
-    def _shards(self) -> TrainerShards:
-        tensors, layout = self.trainer.export_shards()
-        return TrainerShards(layout=layout, tensors=tensors)
-
     def _ensure_engine(self) -> None:
         if self.engine.alive():
             return
-        shards = self._shards()  # the offloaded trainer's host copy holds the current weights
-        self.engine.restart(shards, self.trainer.config, next(iter(shards.tensors.values())).dtype)
+        dtype = self.trainer.dtype
+        self.engine.restart(self.trainer.config, dtype)
+        self.tg.call("push")  # the offloaded trainer's host copy holds the current weights
         self.metrics.log("fault", self.state.get("rl_iter", 0), engine_restarted=1)
 
     def _ptx_pool(self) -> list[tuple[list[int], list[int]]]:
@@ -376,18 +378,23 @@ class RecipeRunner:
             return {}
         pad = self.tok.token_to_id("[PAD]") or 0
         batch, _ = build_rl_batch(samples, pad, 0, StalePolicyConfig(mode="none"))
-        lp = self.trainer.logprobs(batch)
+        lp = self.tg.call("logprobs", batch)
         mm = logprob_mismatch(batch["behaviour_lp"], lp, batch["loss_mask"])
         return {f"probe_mismatch/{k}": v for k, v in mm.items()}
 
     # ---- the whole recipe ----------------------------------------------------------------------
+    def _follow(self) -> dict:
+        """Ranks > 0 of a torchrun job: the SFT stage, then mirror rank 0's RL trainer calls."""
+        self.stage_data()
+        self.stage_sft()
+        self.stage_rl([])
+        return {}
+
     def run(self) -> dict:
         from k2sys.coordinator.report import write_report
 
-        if self.world > 1:
-            raise RuntimeError(f"k2sys run with {self.world} ranks: the RL coordinator drives one trainer rank in "
-                               f"this version; run `torchrun ... -m k2sys.cli sft {self.cfg.name}` for multi-rank SFT, "
-                               "then `k2sys run` on one rank (the SFT stage is then reused)")
+        if self.rank != 0:
+            return self._follow()
         t0 = time.perf_counter()
         self.stage_data()
         sft_hf = self.stage_sft()
@@ -406,11 +413,13 @@ class RecipeRunner:
         finally:
             self.engine.stop()
             self.metrics.close()
-        if not self.state.get("final_exported") and self.trainer is not None:
-            if self.trainer.offloaded:
-                self._onload()
-            self.trainer.save_hf(self.dir / "final_hf")
-            self.save_state(final_exported=True)
+        if self.trainer is not None:
+            if not self.state.get("final_exported"):
+                if self.trainer.offloaded:
+                    self._onload()
+                self.tg.call("save_hf", self.dir / "final_hf")
+                self.save_state(final_exported=True)
+            self.tg.stop()
         self.save_state(total_s=self.state.get("total_s", 0.0) + time.perf_counter() - t0)
         return write_report(self.dir, self.cfg, self.state)
 
@@ -428,7 +437,7 @@ def _init_ranks() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from k2sys.trainer.parallel import init_distributed
 
-        return init_distributed()
+        return init_distributed(timeout_s=6 * 3600)  # followers wait through rollouts and evals
     return 0, 1
 
 

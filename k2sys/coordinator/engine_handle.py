@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import torch
 
-from k2sys.ckpt import hf_layout, update_weights
-from k2sys.ckpt.pipeline import TrainerShards
+from k2sys.ckpt import hf_layout
 from k2sys.engine.client import HTTPEngine
 from k2sys.engine.launch import NativeLaunchConfig, ServerProcess, SGLangLaunchConfig, free_port
 from k2sys.models.reference import param_shapes
@@ -82,12 +81,9 @@ class EngineHandle:
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
 
-    def push(self, shards: TrainerShards) -> dict:
-        rep = update_weights(shards, self.target)
-        return {"bytes": rep.bytes_applied or rep.bytes_sent, "buckets": rep.n_buckets, "mode": rep.mode}
-
-    def restart(self, shards: TrainerShards, model_config: Any, dtype: torch.dtype) -> HTTPEngine:
-        """Replace a dead engine: new server, then the trainer's current weights (no trainer restart)."""
+    def restart(self, model_config: Any, dtype: torch.dtype) -> HTTPEngine:
+        """Replace a dead engine with a new server on the last served checkpoint. Its weights are
+        stale until the caller pushes the trainer's current ones (no trainer restart)."""
         if self.restarts_left <= 0:
             raise RuntimeError("engine died and the restart budget (engine.restarts) is used up; see "
                                f"{self.run_dir / 'logs' / 'engine.log'}")
@@ -95,9 +91,7 @@ class EngineHandle:
         log.warning("engine is not answering; restarting it (%d restarts left)", self.restarts_left)
         self.stop()
         self.port = free_port()
-        client = self.start(self.checkpoint, model_config, dtype)
-        self.push(shards)
-        return client
+        return self.start(self.checkpoint, model_config, dtype)
 
     def stop(self) -> None:
         if self.client is not None:

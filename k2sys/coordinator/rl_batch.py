@@ -112,17 +112,24 @@ def set_old_logprobs(batch: dict[str, torch.Tensor], token_logprobs: torch.Tenso
     batch["old_lp"] = (token_logprobs * batch["loss_mask"]).sum(-1)
 
 
-def k2_ptx_loss_fn(tau: float):
-    """loss_fn(logprobs [b, T], local batch) -> (loss_sum, denom) for MegatronBackend.train_step."""
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+class K2PTXLoss:
+    """loss_fn(logprobs [b, T], local batch) -> (loss_sum, denom) for MegatronBackend.train_step.
 
-    def loss_fn(lp: torch.Tensor, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    A class (not a closure) so the coordinator can send it to the other trainer ranks."""
+
+    def __init__(self, tau: float):
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.tau = tau
+
+    def __call__(self, lp: torch.Tensor, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rl_rows = (b["rl_coef"] > 0).to(lp.dtype)
         seq = (lp * b["loss_mask"] * rl_rows[:, None]).sum(-1)
-        resid = b["advantage"] - tau * (seq - b["old_lp"])
+        resid = b["advantage"] - self.tau * (seq - b["old_lp"])
         rl = (b["rl_coef"] * b["is_weight"] * resid.pow(2)).sum()
         ptx = -(b["ptx_w"] * lp).sum()
         return rl + ptx, b["row_share"].sum()
 
-    return loss_fn
+
+def k2_ptx_loss_fn(tau: float) -> K2PTXLoss:
+    return K2PTXLoss(tau)
