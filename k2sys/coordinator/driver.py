@@ -181,7 +181,7 @@ class RecipeRunner:
             return self.state["eval"][tag]
         heldout = self.tasks("heldout")
         fams = {f: (self.families[f], heldout[f]) for f in self.families}
-        rep = evaluate(self.engine.client, self.tok, fams, self.cfg.eval)
+        rep = self._engine_call(lambda: evaluate(self.engine.client, self.tok, fams, self.cfg.eval))
         self.save_state(eval={**self.state.get("eval", {}), tag: rep})
         for f, r in rep.items():
             self.metrics.log("eval", self.state.get("rl_iter", 0), **{f"{tag}/{f}/accuracy": r["accuracy"]})
@@ -205,7 +205,7 @@ class RecipeRunner:
                                 sampling=SamplingParams(temperature=r.t_start, max_new_tokens=r.budgets[t.family],
                                                         stop_token_ids=tuple(stops), n=n, seed=i))
                 for i, t in enumerate(pool)]
-        outs = self.engine.client.generate(reqs)
+        outs = self._engine_call(lambda: self.engine.client.generate(reqs))
         correct = [sum(score(self.families[t.family], t, self.tok, o.output_ids, o.finish_reason, stops) >= 1.0
                        for o in outs[i * n:(i + 1) * n]) for i, t in enumerate(pool)]
         res = flt([n] * len(pool), correct)
@@ -339,6 +339,23 @@ class RecipeRunner:
     def _pause(self) -> None:
         self.engine.client.pause("abort")
 
+    def _engine_call(self, fn):
+        """fn() against the engine; if the engine died meanwhile, restart it (and reload the trainer's
+        weights once a trainer exists) and call again. Used outside the RL loop (evals, filter)."""
+        for attempt in range(self.cfg.engine.restarts + 1):
+            try:
+                return fn()
+            except ENGINE_ERRORS:
+                if self.engine.alive():
+                    raise
+                log.warning("engine died (attempt %d); restarting it", attempt + 1)
+                if self.trainer is None:  # before RL the served checkpoint is the current model
+                    self.engine.restart(self._model_config, self._model_dtype)
+                    self.metrics.log("fault", 0, engine_restarted=1)
+                else:
+                    self._ensure_engine()
+        raise RuntimeError(f"engine call failed {self.cfg.engine.restarts + 1} times")
+
     def _ensure_engine(self) -> None:
         if self.engine.alive():
             return
@@ -400,12 +417,13 @@ class RecipeRunner:
         sft_hf = self.stage_sft()
         import k2sys.models as models
 
-        mcfg = models.load_config(sft_hf)
+        mcfg = self._model_config = models.load_config(sft_hf)
+        self._model_dtype = torch.float32 if mcfg.torch_dtype == "float32" else torch.bfloat16
         self.engine = EngineHandle(self.cfg.engine.kind, self.dir, self.cfg.engine.port,
                                    self.cfg.engine.max_running_requests, self.cfg.engine.startup_timeout_s,
                                    self.cfg.engine.restarts)
         try:
-            self.engine.start(sft_hf, mcfg, torch.float32 if mcfg.torch_dtype == "float32" else torch.bfloat16)
+            self.engine.start(sft_hf, mcfg, self._model_dtype)
             self.run_eval("sft")
             prompts = self.difficulty_filter()
             self.stage_rl(prompts)
