@@ -24,7 +24,7 @@ from k2sys.engine.protocol import GenerateRequest, SamplingParams
 from k2sys.rl.budget import BudgetController
 from k2sys.rl.rollout_buffer import PartialTrajectory
 from k2sys.tasks.base import Task, TaskFamily
-from k2sys.tasks.format import prompt_ids, response_text
+from k2sys.tasks.format import prompt_ids, score
 
 
 @dataclass(kw_only=True)
@@ -124,8 +124,7 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
             continue
         fam, task = family(g[0].meta)
         truncated = [m.meta["finish_reason"] == "length" for m in g]
-        raw = [fam.verify(task, response_text(tokenizer, m.response_tokens, stop_ids))
-               if m.meta["finish_reason"] == "stop" else 0.0 for m in g]
+        raw = [score(fam, task, tokenizer, m.response_tokens, m.meta["finish_reason"], stop_ids) for m in g]
         rewards = budget.penalize(raw, truncated).tolist()
         for m, r, tr in zip(g, rewards, truncated):
             ages.append(m.age)
