@@ -112,7 +112,8 @@ class RecipeRunner:
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
         from k2sys.trainer.optim import OptimConfig
 
-        return MegatronBackend.from_hf(hf_dir, train=TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr)))
+        tcfg = TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr), moe_kernels=self.cfg.trainer.moe_kernels)
+        return MegatronBackend.from_hf(hf_dir, train=tcfg)
 
     def stage_sft(self) -> Path:
         from k2sys.data import Cursor, SFTDataConfig, load_sft_data
@@ -131,7 +132,7 @@ class RecipeRunner:
         data = load_sft_data(SFTDataConfig(path=str(self.dir / "data" / "sft.jsonl"), seq_len=s.seq_len,
                                            rows_per_batch=s.rows_per_batch, pack=True), tokenizer=self.tok)
         ckpt = self.dir / "sft_ckpt"
-        tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr))
+        tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr), moe_kernels=self.cfg.trainer.moe_kernels)
         par = self._parallel()
         if ckpt.exists() and "sft_cursor" in self.state:
             trainer = MegatronBackend.from_checkpoint(ckpt, par, train=tcfg)
@@ -239,7 +240,7 @@ class RecipeRunner:
         r = self.cfg.rl
         it = broadcast_value(self.state.get("rl_iter", 0), self.rank, self.world)
         ckpt = self.dir / "rl_ckpt"
-        tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr))
+        tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr), moe_kernels=self.cfg.trainer.moe_kernels)
         if it > 0 and ckpt.exists():
             self.trainer = MegatronBackend.from_checkpoint(ckpt, self._parallel(), train=tcfg)
         else:
@@ -421,7 +422,7 @@ class RecipeRunner:
         self._model_dtype = torch.float32 if mcfg.torch_dtype == "float32" else torch.bfloat16
         self.engine = EngineHandle(self.cfg.engine.kind, self.dir, self.cfg.engine.port,
                                    self.cfg.engine.max_running_requests, self.cfg.engine.startup_timeout_s,
-                                   self.cfg.engine.restarts)
+                                   self.cfg.engine.restarts, native_args=self.cfg.engine.native_args())
         try:
             self.engine.start(sft_hf, mcfg, self._model_dtype)
             self.run_eval("sft")

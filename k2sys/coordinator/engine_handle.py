@@ -43,12 +43,13 @@ class WeightTarget:
 
 class EngineHandle:
     def __init__(self, kind: str, run_dir: Path, port: int, max_running_requests: int, startup_timeout_s: float,
-                 restarts: int):
+                 restarts: int, native_args: tuple[str, ...] = ()):
         self.kind, self.run_dir = kind, run_dir
         self.port = port or free_port()
         self.max_running_requests = max_running_requests
         self.startup_timeout_s = startup_timeout_s
         self.restarts_left = restarts
+        self.native_args = tuple(native_args) or ("--max-running-requests", str(max_running_requests))
         self.server: ServerProcess | None = None
         self.client: HTTPEngine | None = None
         self.target: WeightTarget | None = None
@@ -57,8 +58,7 @@ class EngineHandle:
     def start(self, checkpoint: Path, model_config: Any, dtype: torch.dtype) -> HTTPEngine:
         self.checkpoint = checkpoint
         if self.kind == "native":
-            cfg = NativeLaunchConfig(model_path=str(checkpoint), port=self.port,
-                                     extra_args=("--max-running-requests", str(self.max_running_requests)))
+            cfg = NativeLaunchConfig(model_path=str(checkpoint), port=self.port, extra_args=self.native_args)
         else:
             cfg = SGLangLaunchConfig(model_path=str(checkpoint), port=self.port)
         self.server = ServerProcess(command=cfg.command(), base_url=cfg.base_url,

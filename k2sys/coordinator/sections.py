@@ -50,6 +50,9 @@ class TrainerSection:
     """Tensor parallel size of the Megatron trainer (ranks come from torchrun; dp = world / (tp*...))."""
     ep: int = 1
     """Expert parallel size."""
+    moe_kernels: Literal["auto", "triton", "megatron"] = "auto"
+    """Routed experts: k2sys' Triton fused MoE on CUDA (auto), always (triton), or megatron's own
+    SequentialMLP (megatron). Same parameters and checkpoints either way."""
 
     def validate(self) -> None:
         if self.tp < 1 or self.ep < 1:
@@ -114,6 +117,20 @@ class EngineSection:
     restarts: int = 3
     """How many times a dead engine is restarted (and reloaded from the trainer) per run."""
     startup_timeout_s: float = 300.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Native engine device: auto = cuda when this process sees a GPU, else cpu."""
+    moe_kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Native engine MoE layers: Triton router + fused MoE on CUDA (auto), always (triton), never (torch)."""
+
+    def native_args(self) -> tuple[str, ...]:
+        """`k2sys serve` flags for these settings (the native engine only)."""
+        device = self.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return ("--max-running-requests", str(self.max_running_requests), "--device", device,
+                "--moe-kernels", self.moe_kernels)
 
     def validate(self) -> None:
         if self.kind == "sglang":

@@ -40,6 +40,9 @@ class EngineConfig:
     cpu_threads: int | None = 1
     """Intra-op threads of the engine thread on CPU; None keeps torch's default. One is fastest
     for small models: thread wake-ups cost more than they save on tiny matmuls (measured)."""
+    moe_kernels: str = "auto"
+    """MoE layers: auto (Triton router + fused MoE on CUDA, grouped torch GEMMs elsewhere),
+    triton (always; CPU only under TRITON_INTERPRET=1, for tests) or torch."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -56,6 +59,8 @@ class EngineConfig:
         need(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
         need(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or None")
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2 or None")
+        need(self.moe_kernels in ("auto", "triton", "torch"), "moe_kernels",
+             f"use auto, triton or torch, got {self.moe_kernels!r}")
 
     @property
     def num_blocks(self) -> int:

@@ -80,7 +80,8 @@ class NativeEngine:
         self.model_config, self.tokenizer, self.model_path = model_config, tokenizer, model_path
         dtype = _DTYPES[config.dtype or model_config.torch_dtype]
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        self.runner = ModelRunner(model_config, state_dict, dtype, config.device, max_positions=self.max_model_len)
+        self.runner = ModelRunner(model_config, state_dict, dtype, config.device, max_positions=self.max_model_len,
+                                  moe_kernels=config.moe_kernels)
         self.cache = PagedLatentCache(model_config.num_hidden_layers, config.num_blocks, config.block_size,
                                       model_config.kv_lora_rank, model_config.qk_rope_head_dim, dtype, config.device)
         self.scheduler = Scheduler(config, self.runner, self.cache, self.max_model_len, model_config.eos_token_id,

@@ -40,11 +40,19 @@ PACK_ROWS = 32
 """Rows oneDNN tunes a packed weight's layout for: about a decode step's tokens per GEMM. Any row
 count runs; 32 was fastest or near it from 8 to 1024 rows on k2-small shapes (measured)."""
 
-try:  # the fused Triton MoE, used where it runs compiled (CUDA); CPU keeps grouped_moe below
-    from k2sys.kernels import moe_forward as _kernel_moe
-    from k2sys.kernels import uses_triton as _uses_triton
+try:  # the Triton router + fused MoE (EngineConfig.moe_kernels); CPU keeps grouped_moe below
+    from k2sys import kernels as _kernels
 except Exception:  # noqa: BLE001 - kernels package absent or triton broken: the torch path serves
-    _kernel_moe = _uses_triton = None
+    _kernels = None
+
+
+def _triton_moe_enabled(mode: str, device: torch.device) -> bool:
+    if _kernels is None:
+        if mode == "triton":
+            raise ValueError("EngineConfig.moe_kernels=triton: k2sys.kernels does not import "
+                             "(`pip install k2sys[kernels]`); use auto or torch")
+        return False
+    return _kernels.resolve_moe_kernels(mode, device, "EngineConfig.moe_kernels")
 
 
 @dataclass
@@ -115,8 +123,9 @@ class _Layer:
 
 class ModelRunner:
     def __init__(self, cfg: K2Config, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: str | torch.device = "cpu", max_positions: int | None = None):
+                 device: str | torch.device = "cpu", max_positions: int | None = None, moe_kernels: str = "auto"):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.triton_moe = _triton_moe_enabled(moe_kernels, self.device)
         self.H, self.C, self.R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.N, self.V = cfg.qk_nope_head_dim, cfg.v_head_dim
         self.scale = cfg.softmax_scale
@@ -333,10 +342,14 @@ class ModelRunner:
 
     def _moe(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        weights, ids = route(F.linear(x.float(), L.router), L.router_bias, cfg)
-        if _kernel_moe is not None and _uses_triton(x):
-            out = _kernel_moe(x, L.w13, L.w2, weights, ids)
+        logits = F.linear(x.float(), L.router)
+        if self.triton_moe:
+            weights, ids = _kernels.k2_router_topk(
+                logits, L.router_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                cfg.routed_scaling_factor, cfg.norm_topk_prob)
+            out = _kernels.fused_moe(x, L.w13, L.w2, weights, ids)
         else:
+            weights, ids = route(logits, L.router_bias, cfg)
             out = grouped_moe(x, L.experts13, L.experts2, weights, ids)
         if L.shared is not None:
             out = out + self._swiglu(x, *L.shared)

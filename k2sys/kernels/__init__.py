@@ -6,6 +6,12 @@ this facade is the import path the rest of k2sys uses.
 HAS_TRITON      triton imports (the `kernels` extra is installed).
 HAS_TRITON_GPU  triton imports *and* a CUDA device is visible: the fused kernels can run.
 
+`resolve_moe_kernels(mode, device, field)` turns the config switch shared by the engine
+(`EngineConfig.moe_kernels`) and the trainer (`TrainerConfig.moe_kernels`) into a yes/no:
+  auto    Triton where it runs compiled (CUDA device + triton), the torch/megatron path elsewhere
+  triton  Triton always: CUDA, or CPU under TRITON_INTERPRET=1 (tests: ~9 ms per program)
+  torch   never Triton (the engine's grouped torch path, megatron's own experts in the trainer)
+
 `moe_forward` is the dispatcher: the Triton fused MoE on CUDA tensors when HAS_TRITON_GPU
 (unless use_triton=False), the per-expert torch reference otherwise. The CPU interpreter
 (TRITON_INTERPRET=1) is for tests only, so the dispatcher never picks it.
@@ -17,6 +23,7 @@ import torch
 
 from k2sys_triton import (
     HAS_TRITON,
+    KERNELS_INTERPRETED,
     FusedMoEFunction,
     MoEAlignment,
     MoEKernelConfig,
@@ -24,11 +31,14 @@ from k2sys_triton import (
     fused_moe,
     fused_moe_torch,
     get_config,
+    grouped_experts,
+    grouped_experts_torch,
     k2_router_topk,
     k2_router_topk_torch,
     moe_align_block_size,
     moe_align_block_size_torch,
     quantize_fp8_block,
+    stack_views,
 )
 
 HAS_TRITON_GPU = HAS_TRITON and torch.cuda.is_available()
@@ -36,6 +46,8 @@ HAS_TRITON_GPU = HAS_TRITON and torch.cuda.is_available()
 __all__ = [
     "HAS_TRITON",
     "HAS_TRITON_GPU",
+    "KERNELS_INTERPRETED",
+    "MOE_KERNEL_MODES",
     "FusedMoEFunction",
     "MoEAlignment",
     "MoEKernelConfig",
@@ -43,14 +55,47 @@ __all__ = [
     "fused_moe",
     "fused_moe_torch",
     "get_config",
+    "grouped_experts",
+    "grouped_experts_torch",
     "k2_router_topk",
     "k2_router_topk_torch",
     "moe_align_block_size",
     "moe_align_block_size_torch",
     "moe_forward",
     "quantize_fp8_block",
+    "resolve_moe_kernels",
+    "stack_views",
     "uses_triton",
 ]
+
+MOE_KERNEL_MODES = ("auto", "triton", "torch")
+
+
+def resolve_moe_kernels(mode: str, device: str | torch.device, field: str = "moe_kernels") -> bool:
+    """Whether the MoE layers on `device` run the Triton kernels for switch value `mode`.
+
+    Raises ValueError naming `field` for an unknown mode, or for mode="triton" where the
+    kernels cannot launch (no triton; CPU without TRITON_INTERPRET=1 set before import).
+    """
+    if mode not in MOE_KERNEL_MODES:
+        raise ValueError(f"{field}: expected one of {', '.join(MOE_KERNEL_MODES)}, got {mode!r}")
+    dev = torch.device(device)
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return HAS_TRITON_GPU and dev.type == "cuda"
+    if not HAS_TRITON:
+        raise ValueError(f"{field}=triton: triton is not installed; `pip install k2sys[kernels]` or use auto/torch")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field}=triton: device {dev} but CUDA is not available; use auto or torch")
+    if dev.type == "cpu" and not KERNELS_INTERPRETED:
+        raise ValueError(
+            f"{field}=triton on CPU runs only in triton's interpreter: set TRITON_INTERPRET=1 before "
+            "starting (tests only), or use auto/torch"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{field}=triton: unsupported device {dev}; use CUDA, or auto/torch")
+    return True
 
 
 def uses_triton(hidden: torch.Tensor, use_triton: bool | None = None) -> bool:

@@ -77,6 +77,23 @@ class TrainerConfig:
     """Aux-loss-free balancing: expert bias moves by this * sign(mean load - load) per step."""
     seq_aux_loss_coeff: float = 0.0
     recompute: bool = False
+    moe_kernels: str = "auto"
+    """Routed experts: auto (k2sys' Triton fused MoE on CUDA, megatron's SequentialMLP elsewhere),
+    triton (always; CPU only under TRITON_INTERPRET=1, for tests) or megatron."""
+
+    def fused_experts(self) -> bool:
+        """Whether this config puts the routed experts on the Triton kernels on this machine."""
+        if self.moe_kernels == "megatron":
+            return False
+        try:
+            from k2sys.kernels import resolve_moe_kernels
+        except Exception as e:  # noqa: BLE001 - kernels (triton) not importable
+            if self.moe_kernels == "triton":
+                raise ValueError(f"TrainerConfig.moe_kernels=triton: k2sys.kernels does not import ({e}); "
+                                 "install k2sys[kernels] or use auto/megatron") from e
+            return False
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_moe_kernels(self.moe_kernels, device, "TrainerConfig.moe_kernels")
 
     def validate(self) -> None:
         self.optim.validate()
@@ -84,6 +101,9 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.micro_batch_size: must be >= 1 or None, got {self.micro_batch_size}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"TrainerConfig.dtype: expected None, 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.moe_kernels not in ("auto", "triton", "megatron"):
+            raise ValueError(f"TrainerConfig.moe_kernels: expected auto, triton or megatron, got {self.moe_kernels!r}")
+        self.fused_experts()  # raises when triton is asked for where it cannot run
 
 
 @dataclass
@@ -117,7 +137,8 @@ class MegatronBackend:
         self.ranks = ranks()
         if self.ranks["etp"] != self.ranks["tp"] or self.ranks["etp_rank"] != self.ranks["tp_rank"]:
             raise RuntimeError("MegatronBackend: expert tensor parallel must equal tensor parallel (megatron default)")
-        gpt = build_gpt_model(config, self.tc, self.use_te)
+        self.fused_experts = self.train.fused_experts()
+        gpt = build_gpt_model(config, self.tc, self.use_te, self.fused_experts)
         if hf_state is not None:
             self._load_local(gpt, hf_to_megatron(hf_state, config, self.parallel.tp, self.parallel.ep,
                                                  self.ranks["tp_rank"], self.ranks["ep_rank"], self.use_te))

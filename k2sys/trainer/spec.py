@@ -289,29 +289,52 @@ def _localize(layer_spec: ModuleSpec) -> ModuleSpec:
     return layer_spec
 
 
-def block_spec(config: MLATransformerConfig, use_te: bool | None = None):
-    """The decoder block spec: TE's when `use_te` (default: TE importable with CUDA), else local + ours."""
+def _fuse_experts(layer_spec: ModuleSpec) -> None:
+    """Swap megatron's SequentialMLP for K2FusedExperts (same params, Triton forward) in place."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from k2sys.trainer.fused_experts import K2FusedExperts
+
+    mlp = layer_spec.submodules.mlp
+    experts = getattr(getattr(mlp, "submodules", None), "experts", None)
+    if experts is None:
+        return  # a dense layer
+    if experts.module is not SequentialMLP:
+        raise ValueError(f"moe_kernels: expected megatron's SequentialMLP experts, got {experts.module.__name__}; "
+                         "set moe_kernels=megatron")
+    experts.module = K2FusedExperts
+
+
+def block_spec(config: MLATransformerConfig, use_te: bool | None = None, fused_experts: bool = False):
+    """The decoder block spec: TE's when `use_te` (default: TE importable with CUDA), else local + ours;
+    routed experts on the Triton kernels when `fused_experts` (K2FusedExperts)."""
     if use_te is None:
         use_te = te_available()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
-    if not use_te:
+    if not use_te or fused_experts:
         import copy
 
         spec = copy.deepcopy(spec)
-        seen: set[int] = set()
-        for layer in spec.layer_specs:
-            if id(layer) not in seen:
-                seen.add(id(layer))
+    seen: set[int] = set()
+    for layer in spec.layer_specs:
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            if not use_te:
                 _localize(layer)
+            if fused_experts:
+                _fuse_experts(layer)
+    if not use_te:
         spec.layer_norm = K2RMSNorm
     return spec
 
 
-def build_gpt_model(cfg: K2Config, config: MLATransformerConfig, use_te: bool | None = None) -> GPTModel:
-    """An uninitialised GPTModel for `cfg` on this rank (load weights with convert.load_hf_into)."""
+def build_gpt_model(cfg: K2Config, config: MLATransformerConfig, use_te: bool | None = None,
+                    fused_experts: bool = False) -> GPTModel:
+    """An uninitialised GPTModel for `cfg` on this rank (load weights with convert.load_hf_into).
+    `fused_experts`: routed experts run k2sys' Triton kernels (see k2sys.trainer.fused_experts)."""
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, use_te),
+        transformer_layer_spec=block_spec(config, use_te, fused_experts),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=True,
@@ -322,4 +345,8 @@ def build_gpt_model(cfg: K2Config, config: MLATransformerConfig, use_te: bool | 
     )
     if torch.cuda.is_available():
         model = model.cuda()
+    if fused_experts:  # after .cuda(), which gives every param its own storage
+        from k2sys.trainer.fused_experts import consolidate_expert_weights
+
+        consolidate_expert_weights(model)
     return model

@@ -7,6 +7,7 @@ that name: triton-lang ships its own `triton_kernels` package, which SGLang impo
 
 from ._interp import HAS_TRITON, KERNELS_INTERPRETED
 from .align import MoEAlignment, max_padded_rows, moe_align_block_size, moe_align_block_size_torch
+from .experts import grouped_experts, grouped_experts_torch, stack_views
 from .configs import MoEKernelConfig, get_config, heuristic_config
 from .fp8 import dequantize_fp8_block, quantize_fp8_block
 from .fused_moe import FusedMoEFunction, fused_moe, fused_moe_torch
@@ -25,6 +26,9 @@ __all__ = [
     "quantize_fp8_block",
     "dequantize_fp8_block",
     "FusedMoEFunction",
+    "grouped_experts",
+    "grouped_experts_torch",
+    "stack_views",
     "fused_moe",
     "fused_moe_torch",
     "k2_router_topk",
