@@ -6,6 +6,8 @@ GPU: Kimi-K2 per-GPU shapes, H=7168, top-8:
   tp8  E=384 experts, I=256         (tensor parallel over 8 GPUs: I = 2048 / 8)
   tokens 1..8192. Targets at 4096 tokens: >= 35% of the dense matmul's TFLOP/s, >= 5x the
   torch reference. Router rows compare the Triton router with its torch reference (E=384).
+  Trainer rows (--train-tokens): grouped_experts forward + backward on expert-grouped rows (the
+  K2FusedExperts path in megatron) vs the per-expert torch loop (megatron's SequentialMLP).
 CPU (no GPU): tiny shapes, the torch reference vs the dense matmul only; labelled as a CPU run
   (the Triton interpreter is a test tool, its timings mean nothing).
 
@@ -107,6 +109,8 @@ def bench_gpu(args) -> list[dict]:
                                    time_ms=t8 * 1e3))  # fmt: skip
         del w13, w2, x_all, q
         torch.cuda.empty_cache()
+    if args.train_tokens:
+        results += bench_train_gpu(args)
     for T in (256, TARGET_TOKENS):
         logits = torch.randn(T, 384, device="cuda")
         bias = torch.randn(384, device="cuda") * 0.1
@@ -114,6 +118,46 @@ def bench_gpu(args) -> list[dict]:
         t_r = time_fn(lambda: k2_router_topk_torch(logits, bias, 8, 1, 1, 2.827), "cuda", args.iters, args.warmup)
         results.append(row(f"router_E384_top8_T{T}_speedup_vs_torch_ref", T / t_k, "tok/s", T / t_r, None,
                            time_ms=t_k * 1e3))  # fmt: skip
+    return results
+
+
+def bench_train_gpu(args) -> list[dict]:
+    """Trainer path: grouped_experts forward + backward on expert-grouped rows (what K2FusedExperts
+    runs inside megatron) vs the per-expert torch loop (megatron's SequentialMLP), bf16."""
+    from k2sys.kernels import grouped_experts, grouped_experts_torch
+
+    results, dtype, H, k = [], torch.bfloat16, 7168, 8
+    for shape in args.shapes:
+        E, I = K2_SHAPES[shape]["E"], K2_SHAPES[shape]["I"]
+        b13 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
+        b2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(dtype)
+        w13 = [torch.nn.Parameter(b13[e]) for e in range(E)]
+        w2 = [torch.nn.Parameter(b2[e]) for e in range(E)]
+        for T in args.train_tokens:
+            _, _, _, _, ids = make_problem(T, 16, 16, E, k, dtype, "cuda", seed=T)
+            counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
+            P = T * k
+            x = torch.randn(P, H, device="cuda", dtype=dtype, requires_grad=True)
+            p = torch.rand(P, device="cuda", requires_grad=True)
+            dout = torch.randn(P, H, device="cuda", dtype=dtype)
+            counts_cpu = counts.cpu()
+
+            def step(fn, c):
+                for t in (x, p, *w13, *w2):
+                    t.grad = None
+                fn(x, p, c, w13, w2).backward(dout)
+
+            flops = 3 * FLOPS_PER_PAIR * P * H * I  # forward + 2x backward
+            t_tri = time_fn(lambda: step(grouped_experts, counts), "cuda", args.iters, args.warmup)
+            t_ref = time_fn(lambda: step(grouped_experts_torch, counts_cpu), "cuda", max(3, args.iters // 4), 1)
+            t_dense = time_fn(dense_peer(P, H, I, dtype, "cuda"), "cuda", args.iters, args.warmup) * 3
+            base = f"train_fwd_bwd_{shape}_E{E}_I{I}_T{T}"
+            results.append(row(f"{base}_speedup_vs_sequential_mlp", T / t_tri, "tok/s", T / t_ref, None,
+                               time_ms=t_tri * 1e3, ref_ms=t_ref * 1e3))  # fmt: skip
+            results.append(row(f"{base}_tflops_vs_dense_bf16", flops / t_tri / 1e12, "TFLOP/s",
+                               flops / t_dense / 1e12, None, time_ms=t_tri * 1e3))  # fmt: skip
+        del w13, w2, b13, b2
+        torch.cuda.empty_cache()
     return results
 
 
@@ -170,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", choices=sorted(K2_SHAPES), default=sorted(K2_SHAPES))
     ap.add_argument("--tokens", type=int, nargs="+", default=GPU_TOKENS, help="GPU token counts")
     ap.add_argument("--fp8", action="store_true", help="also time fp8 block-scaled weights (GPU)")
+    ap.add_argument("--train-tokens", type=int, nargs="*", default=[1024, 4096],
+                    help="token counts for the trainer rows (fwd+bwd on grouped rows, GPU); none to skip")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args(argv)
