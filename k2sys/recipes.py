@@ -8,6 +8,7 @@ from typing import Callable, Literal
 from k2sys.config import ConfigError
 from k2sys.coordinator.rollout import RolloutConfig
 from k2sys.coordinator.sections import EngineSection, RLSection, SFTSection, TasksSection, TrainerSection
+from k2sys.envs.agent_loop import AgentConfig
 from k2sys.eval.harness import EvalConfig
 
 
@@ -71,6 +72,8 @@ class RLRunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineSection = field(default_factory=EngineSection)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Multi-turn episodes (tasks.tool_use > 0): per-turn and per-episode token caps."""
 
     def validate(self) -> None:
         RunConfig.validate(self)  # same name rule
@@ -85,6 +88,22 @@ def tiny_k2() -> RLRunConfig:
     return RLRunConfig(name="tiny-k2")
 
 
+def tiny_k2_agent() -> RLRunConfig:
+    """SFT on judged synthetic tool-use trajectories + list tasks, then RL with multi-turn tool-use
+    episodes (k2sys.envs) beside single-turn tasks; k2-tiny on CPU."""
+
+    return RLRunConfig(
+        name="tiny-k2-agent",
+        tasks=TasksSection(families=["list_ops"], params={"list_ops": {"length": 3}}, n_train=600, n_heldout=100,
+                           tool_use=600, tool_use_heldout=40),
+        sft=SFTSection(steps=200, rows_per_batch=8, seq_len=768, lr=2e-3),
+        rl=RLSection(iterations=12, tool_use_per_iter=4, budgets={"list_ops": 8}),
+        rollout=RolloutConfig(prompts_per_iter=8, samples_per_prompt=4),
+        eval=EvalConfig(n_tasks=100),
+        agent=AgentConfig(max_turn_tokens=96, max_episode_tokens=1000),
+    )
+
+
 def tiny_model() -> RunConfig:
     """Build a k2-tiny model and tokenizer, save as HF, reload, check logits agree."""
     return RunConfig(name="tiny-model", model=ModelSection(preset="k2-tiny"))
@@ -96,6 +115,7 @@ def small_model() -> RunConfig:
 
 RECIPES: dict[str, Callable[[], RunConfig | RLRunConfig]] = {
     "tiny-k2": tiny_k2,
+    "tiny-k2-agent": tiny_k2_agent,
     "tiny-model": tiny_model,
     "small-model": small_model,
 }

@@ -32,13 +32,15 @@ from k2sys.coordinator.trainer_group import TrainerGroup, broadcast_value
 from k2sys.engine.client import EngineHTTPError
 from k2sys.engine.launch import LaunchError
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
-from k2sys.eval import evaluate
+from k2sys.envs.agent_loop import new_episode_group
+from k2sys.eval import evaluate, evaluate_episodes
 from k2sys.models import build_model, preset, save_hf
 from k2sys.models.hf_io import write_json_atomic
 from k2sys.rl import (BudgetConfig, BudgetController, DifficultyFilter, RolloutBuffer, StalePolicyConfig,
                       TemperatureSchedule, logprob_mismatch)
 from k2sys.tasks import Task, get_family
 from k2sys.tasks.format import prompt_ids, score, sft_rows, stop_token_ids
+from k2sys.tokenizer import render_chat, tokenize_chat
 
 log = logging.getLogger("k2sys.coordinator")
 ENGINE_ERRORS = (EngineHTTPError, LaunchError, ConnectionError, TimeoutError)
@@ -91,7 +93,11 @@ class RecipeRunner:
             self.tok = load_tokenizer(data / "tokenizer")
             return
         data.mkdir(exist_ok=True)
-        train_tokenizer(default_corpus(), self.cfg.tokenizer.vocab_size, data / "tokenizer")
+        tool_rows = self._tool_use_sft_rows()
+        # Tool-use trajectories join the tokenizer corpus: tool JSON and chat structure then cost
+        # a few tokens each instead of one per character.
+        corpus = default_corpus() + [render_chat(r["messages"], r["tools"]) for r in tool_rows[:1000]]
+        train_tokenizer(corpus, self.cfg.tokenizer.vocab_size, data / "tokenizer")
         self.tok = load_tokenizer(data / "tokenizer")
         c = self.cfg.tasks
         splits = {}
@@ -103,10 +109,26 @@ class RecipeRunner:
         rows = []
         for name, fam in self.families.items():
             rows += sft_rows(fam, [Task.from_dict(d) for d in splits["train"][name]])
+        if tool_rows:
+            fit = [r for r in tool_rows
+                   if len(tokenize_chat(self.tok, r["messages"], r["tools"])[0]) <= self.cfg.sft.seq_len]
+            self.metrics.log("data", 0, tool_use_rows=len(tool_rows), tool_use_rows_fit=len(fit))
+            rows += [{**r, "meta": {"family": "tool_use"}} for r in fit]
         random.Random(self.cfg.seed).shuffle(rows)
         write_chat_jsonl(data / "sft.jsonl", rows)
         self.save_state(data_done=True)
         _barrier()
+
+    def _tool_use_sft_rows(self) -> list[dict]:
+        """Judged synthetic trajectories of the train tool-use tasks (the tasks RL plays later)."""
+        c = self.cfg.tasks
+        if not c.tool_use:
+            return []
+        from k2sys.data.synth.pipeline import synthesize_tool_use
+
+        rows, stats, _ = synthesize_tool_use(c.tool_use, self.cfg.seed, failure_rate=c.tool_use_failure_rate)
+        log.info("tool-use synthesis: %s", stats.to_dict())
+        return [{"messages": r["messages"], "tools": r["tools"]} for r in rows]
 
     def _trainer_from(self, hf_dir: Path, optimizer: str, lr: float):
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
@@ -183,6 +205,10 @@ class RecipeRunner:
         heldout = self.tasks("heldout")
         fams = {f: (self.families[f], heldout[f]) for f in self.families}
         rep = self._engine_call(lambda: evaluate(self.engine.client, self.tok, fams, self.cfg.eval))
+        specs = self.cfg.tasks.tool_use_specs("heldout", self.cfg.seed)
+        if specs:
+            rep["tool_use"] = self._engine_call(lambda: evaluate_episodes(
+                self.engine.client, self.tok, specs, self.cfg.agent, seed=self.cfg.eval.seed))
         self.save_state(eval={**self.state.get("eval", {}), tag: rep})
         for f, r in rep.items():
             self.metrics.log("eval", self.state.get("rl_iter", 0), **{f"{tag}/{f}/accuracy": r["accuracy"]})
@@ -265,12 +291,17 @@ class RecipeRunner:
         ptx_pool = self._ptx_pool()
         loss_fn = k2_ptx_loss_fn(r.tau)
         rng = random.Random(self.cfg.seed * 7 + it)
+        tool_specs = self.cfg.tasks.tool_use_specs("train", self.cfg.seed)
         while it < r.iterations:
             t_iter = time.perf_counter()
             version = it  # policy version = number of updates applied
             groups = _regroup(buffer.take())  # paused groups resume first, on the new weights
             for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
                 groups.append(new_group(task, it * 100_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
+            for j, spec in enumerate(rng.sample(tool_specs, min(r.tool_use_per_iter, len(tool_specs)))):
+                gid = it * 100_000 + 50_000 + j
+                groups.append(new_episode_group(spec, gid, self.cfg.rollout.samples_per_prompt, self.tok, seed=gid,
+                                                family="tool_use"))
             temperature = temps(it)
             for attempt in range(self.cfg.engine.restarts + 1):
                 try:
@@ -279,7 +310,7 @@ class RecipeRunner:
                     probe = self._probe_prompts(prompts, rng)  # while the engine serves (before the pause)
                     ro = run_rollout(self.engine.client, self.tok, self.families, groups, version, temperature,
                                      budget, self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause),
-                                     seed=it)
+                                     seed=it, agent=self.cfg.agent)
                     break
                 except ENGINE_ERRORS:
                     if self.engine.alive():
@@ -370,7 +401,8 @@ class RecipeRunner:
 
         rows = []
         for line in (self.dir / "data" / "sft.jsonl").read_text().splitlines()[:2000]:
-            ids, mask = tokenize_chat(self.tok, json.loads(line)["messages"])
+            row = json.loads(line)
+            ids, mask = tokenize_chat(self.tok, row["messages"], row.get("tools"))
             rows.append((list(ids), list(mask)))
         return rows
 

@@ -57,7 +57,7 @@ def plot(run_dir: Path, recs: list[dict], families: list[str], evals: dict) -> P
 
 def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
     recs = read_metrics(run_dir)
-    families = list(cfg.tasks.families)
+    families = list(cfg.tasks.families) + (["tool_use"] if getattr(cfg.tasks, "tool_use", 0) else [])
     evals = state.get("eval", {})
     rl_recs = [r for r in recs if r["kind"] == "rl"]
     switch = {k: sum(r.get(k, 0.0) for r in rl_recs) / max(len(rl_recs), 1)

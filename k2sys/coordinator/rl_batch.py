@@ -1,6 +1,7 @@
 """From scored rollouts to one trainer batch, and the K2 + PTX loss in the trainer's loss_fn form.
 
-Rows: RL samples (prompt + response) then PTX rows (curated SFT data). Columns follow the
+Rows: RL samples (prompt + response; a multi-turn response trains only on its policy tokens,
+`Sample.response_mask`) then PTX rows (curated SFT data). Columns follow the
 trainer's batch format (k2sys.trainer.backend) plus loss inputs:
   rl_coef   [B]     1 / (K_g * G) for RL rows (K_g samples in the row's group, G groups), 0 for PTX
   advantage [B]     r_i - mean_j r_j within the group
@@ -35,6 +36,9 @@ class Sample:
     reward: float = 0.0
     truncated: bool = False
     meta: dict = field(default_factory=dict)
+    response_mask: list[int] | None = None
+    """1 on tokens the policy generated, 0 on environment turns spliced into a multi-turn response
+    (tool results, user turns); None = every response token is the policy's."""
 
 
 def _pad_rows(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -66,7 +70,13 @@ def build_rl_batch(samples: list[Sample], pad_id: int, policy_version: int, stal
     for i, s in enumerate(samples):
         p, r = len(s.prompt_tokens), len(s.response_tokens)
         # position t predicts labels[t] = tokens[t+1]: response token j sits at p+j, predicted at p+j-1
-        mask[i, p - 1: p - 1 + r] = 1.0
+        if s.response_mask is None:
+            mask[i, p - 1: p - 1 + r] = 1.0
+        else:
+            if len(s.response_mask) != r:
+                raise ValueError(f"build_rl_batch: sample {i} has {r} response tokens but a response_mask of "
+                                 f"{len(s.response_mask)}")
+            mask[i, p - 1: p - 1 + r] = torch.tensor(s.response_mask, dtype=torch.float32)
         versions[i, p - 1: p - 1 + r] = torch.tensor(s.versions, dtype=torch.long)
         behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.logprobs, dtype=torch.float32)
     ptx_w = torch.zeros(B, T)

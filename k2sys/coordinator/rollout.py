@@ -7,6 +7,8 @@
        then pause(abort): the long tail comes back with its tokens so far
     -> groups whose K members all finished are scored (verifier, budget penalty) and trained on;
        the others go back to the buffer with per-token policy versions and an age.
+Multi-turn episodes (tool use) ride along: each plays its environment turn by turn inside the same
+budget; a pause stops them mid-turn or between turns, and they resume like any paused member.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable
 from k2sys.config import ConfigError
 from k2sys.coordinator.rl_batch import Sample
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.envs.agent_loop import AgentConfig, advance_episode, is_episode
 from k2sys.rl.budget import BudgetController
 from k2sys.rl.rollout_buffer import PartialTrajectory
 from k2sys.tasks.base import Task, TaskFamily
@@ -66,27 +69,37 @@ def new_group(task: Task, group_id: int, k: int, tokenizer: Any) -> list[Partial
             for _ in range(k)]
 
 
-async def _generate_with_budget(engine: Any, reqs: list[GenerateRequest], finish_fraction: float,
-                                max_seconds: float, on_pause: Callable[[], None]) -> tuple[list, bool]:
+async def _run_with_budget(engine: Any, jobs: list[Callable[[Callable[[], bool]], Any]], finish_fraction: float,
+                           max_seconds: float, on_pause: Callable[[], None]) -> tuple[list, bool]:
+    """Run every job (a coroutine factory taking a `stopping()` flag) until `finish_fraction` of them
+    finished or `max_seconds` passed, then pause(abort) the engine: in-flight generations come
+    back with their tokens so far and multi-turn episodes stop before their next turn."""
     loop = asyncio.get_running_loop()
-    tasks = [asyncio.create_task(engine.async_generate([r])) for r in reqs]
+    state = {"paused": False}
+    tasks = [asyncio.create_task(job(lambda: state["paused"])) for job in jobs]
     need = math.ceil(finish_fraction * len(tasks))
     deadline = loop.time() + max_seconds
-    pending, n_done, paused = set(tasks), 0, False
+    pending, n_done = set(tasks), 0
     while pending:
-        timeout = None if paused else max(0.0, deadline - loop.time())
+        timeout = 1.0 if state["paused"] else max(0.0, deadline - loop.time())
         done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         n_done += len(done)
-        if not paused and pending and (n_done >= need or loop.time() >= deadline):
-            paused = True
+        if not state["paused"] and pending and (n_done >= need or loop.time() >= deadline):
+            state["paused"] = True
             await loop.run_in_executor(None, on_pause)
-    return [t.result()[0] for t in tasks], paused
+        elif state["paused"] and pending and not done:
+            # a turn request that reached the engine after the pause waits there: abort it too
+            await loop.run_in_executor(None, engine.abort, None)
+    return [t.result() for t in tasks], state["paused"]
 
 
 def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], groups: list[list[PartialTrajectory]],
                 version: int, temperature: float, budget: BudgetController, cfg: RolloutConfig,
-                stop_ids: list[int], pause: Callable[[], None], seed: int) -> RolloutResult:
-    """Generate every unfinished member of `groups`; `pause()` is the coordinator's pause action."""
+                stop_ids: list[int], pause: Callable[[], None], seed: int,
+                agent: AgentConfig | None = None) -> RolloutResult:
+    """Generate every unfinished member of `groups`; `pause()` is the coordinator's pause action.
+    Single-turn members are one request each; multi-turn episodes (k2sys.envs.agent_loop, meta
+    "env") play turn by turn against their environment within the same budget and pause."""
     t0 = time.perf_counter()
 
     def family(meta: dict) -> tuple[TaskFamily, Task]:
@@ -96,19 +109,28 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
         return families[task.family], task
 
     members = [m for g in groups for m in g if not m.meta["finished"]]
-    reqs = []
-    for i, m in enumerate(members):
+    singles = [m for m in members if not is_episode(m)]
+    episodes = [m for m in members if is_episode(m)]
+    jobs = []
+    for i, m in enumerate(singles):
         _, task = family(m.meta)
         left = budget.max_new_tokens(task.family) - len(m.response_tokens)
         sp = SamplingParams(temperature=temperature, top_p=cfg.top_p, max_new_tokens=max(left, 1),
                             stop_token_ids=tuple(stop_ids), seed=seed * 100_003 + i)
-        reqs.append(GenerateRequest(input_ids=tuple(m.context_tokens), sampling=sp, return_logprob=True))
-    outs, paused = asyncio.run(_generate_with_budget(engine, reqs, cfg.finish_fraction, cfg.max_seconds, pause)) \
-        if reqs else ([], False)
+        req = GenerateRequest(input_ids=tuple(m.context_tokens), sampling=sp, return_logprob=True)
+        jobs.append(lambda stopping, req=req: engine.async_generate([req]))
+    for i, m in enumerate(episodes):
+        sp = SamplingParams(temperature=temperature, top_p=cfg.top_p, seed=seed * 100_003 + len(singles) + i)
+        jobs.append(lambda stopping, m=m, sp=sp: advance_episode(
+            engine, tokenizer, m, version=version, sampling=sp, cfg=agent or AgentConfig(), stop_ids=stop_ids,
+            stopping=stopping))
+    results, paused = asyncio.run(_run_with_budget(engine, jobs, cfg.finish_fraction, cfg.max_seconds, pause)) \
+        if jobs else ([], False)
     if not paused:
         pause()  # nothing left in flight: the pause is a no-op on the engine, but the phase moves on
-    gen_tokens = 0
-    for m, out in zip(members, outs):
+    outs = [r[0] for r in results[:len(singles)]]
+    gen_tokens = sum(results[len(singles):])
+    for m, out in zip(singles, outs):
         lps = list(out.output_logprobs or [0.0] * len(out.output_ids))
         m.extend(list(out.output_ids), lps, version)
         gen_tokens += len(out.output_ids)
@@ -122,6 +144,16 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
         if not all(m.meta["finished"] for m in g):
             unfinished.extend(g)
             continue
+        if is_episode(g[0]):  # the env's reward (judged at the episode's end); env turns masked out
+            for m in g:
+                ages.append(m.age)
+                samples.append(Sample(group_id=m.group_id, family=m.meta["family"], prompt_tokens=m.prompt_tokens,
+                                      response_tokens=m.response_tokens, logprobs=m.logprobs, versions=m.versions,
+                                      reward=float(m.meta["reward"]), truncated=bool(m.meta["truncated"]),
+                                      meta={"raw_reward": m.meta["reward"], "turns": len(m.meta["actions"]),
+                                            "env_info": m.meta["env_info"]},
+                                      response_mask=list(m.meta["response_mask"])))
+            continue
         fam, task = family(g[0].meta)
         truncated = [m.meta["finish_reason"] == "length" for m in g]
         raw = [score(fam, task, tokenizer, m.response_tokens, m.meta["finish_reason"], stop_ids) for m in g]
@@ -131,9 +163,10 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
             samples.append(Sample(group_id=m.group_id, family=task.family, prompt_tokens=m.prompt_tokens,
                                   response_tokens=m.response_tokens, logprobs=m.logprobs, versions=m.versions,
                                   reward=float(r), truncated=tr, meta={"raw_reward": r if not tr else 0.0}))
-    n_req = len(reqs)
+    n_req = len(singles) + len(episodes)
     stats = {
-        "requests": n_req, "paused_requests": sum(1 for o in outs if o.finish_reason == "abort"),
+        "requests": n_req, "paused_requests": sum(1 for o in outs if o.finish_reason == "abort")
+        + sum(1 for m in episodes if not m.meta["finished"]),
         "generated_tokens": gen_tokens, "rollout_s": time.perf_counter() - t0,
         "gen_tok_per_s": gen_tokens / max(time.perf_counter() - t0, 1e-9),
         "groups_trained": len({s.group_id for s in samples}), "groups_deferred": len({m.group_id for m in unfinished}),

@@ -16,6 +16,14 @@ class TasksSection:
     n_train: int = 1200
     """Train tasks per family (capped by how many distinct tasks the family has)."""
     n_heldout: int = 200
+    tool_use: int = 0
+    """Multi-turn tool-use tasks (k2sys.envs "tool_use"): judged synthetic trajectories for SFT and the
+    same tasks as RL episodes played through the engine turn by turn; 0 = no agentic stage."""
+    tool_use_heldout: int = 40
+    """Held-out tool-use tasks for evaluation (greedy episodes, mean rubric score and pass rate)."""
+    tool_use_failure_rate: float = 0.1
+    """Share of valid tool calls that fail transiently (the agent must retry)."""
+    tool_use_max_turns: int = 8
 
     def validate(self) -> None:
         from k2sys.tasks import list_families
@@ -27,6 +35,18 @@ class TasksSection:
                 raise ConfigError(f"tasks.families: {f!r} is unknown; choose from {list_families()}")
         if self.n_train < 1 or self.n_heldout < 1:
             raise ConfigError("tasks.n_train and tasks.n_heldout must be >= 1")
+        if self.tool_use < 0 or self.tool_use_heldout < 0 or self.tool_use_max_turns < 1:
+            raise ConfigError("tasks.tool_use and tasks.tool_use_heldout must be >= 0, tasks.tool_use_max_turns >= 1")
+        if not 0 <= self.tool_use_failure_rate < 1:
+            raise ConfigError(f"tasks.tool_use_failure_rate: must be in [0, 1), got {self.tool_use_failure_rate}")
+
+    def tool_use_specs(self, split: str, seed: int) -> list[dict]:
+        """Env specs of the train or held-out tool-use tasks (held-out tasks come from another seed)."""
+        from k2sys.envs import tool_use_specs
+
+        n, s = (self.tool_use, seed) if split == "train" else (self.tool_use_heldout, seed + 1_000_003)
+        return tool_use_specs(n if self.tool_use else 0, s, failure_rate=self.tool_use_failure_rate,
+                              max_turns=self.tool_use_max_turns)
 
 
 @dataclass(kw_only=True)
@@ -78,6 +98,8 @@ class RLSection:
     t_start: float = 1.0
     t_end: float = 0.8
     t_schedule: Literal["linear", "exponential", "cosine"] = "linear"
+    tool_use_per_iter: int = 4
+    """Tool-use episode groups added per iteration (each K = rollout.samples_per_prompt episodes)."""
     budgets: dict = field(default_factory=lambda: {"list_ops": 8, "arithmetic": 4})
     """Max response tokens per task family (budget control)."""
     budget_penalty: float = 0.5

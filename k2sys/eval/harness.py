@@ -3,6 +3,9 @@
 For each family: k samples per held-out task at `temperature` (greedy when 0, then k is 1):
   accuracy = avg@k (mean reward over all samples), pass@k = share of tasks solved by any sample.
 The Kimi-K2 report uses avg@k for high-variance benchmarks; the recipe reports both.
+Multi-turn environments (`evaluate_episodes`): one greedy episode per held-out env spec through
+the same token-level agent loop RL uses; accuracy = mean env reward, pass@1 = share of episodes
+with full reward.
 """
 
 from __future__ import annotations
@@ -62,3 +65,20 @@ def evaluate(engine: Any, tokenizer: Any, families: dict[str, tuple[TaskFamily, 
             "n": len(by_task), "k": k, "temperature": cfg.temperature,
         }
     return report
+
+
+def evaluate_episodes(engine: Any, tokenizer: Any, specs: list[dict], agent: Any, seed: int = 0,
+                      temperature: float = 0.0) -> dict:
+    """Greedy (by default) episodes of each env spec; see the module doc for the figures."""
+    import asyncio
+
+    from k2sys.envs.agent_loop import new_episode_group, run_episodes
+
+    trajs = [new_episode_group(spec, i, 1, tokenizer, seed=seed + i)[0] for i, spec in enumerate(specs)]
+    asyncio.run(run_episodes(engine, tokenizer, trajs, version=0, temperature=temperature, top_p=1.0, cfg=agent,
+                             stop_ids=stop_token_ids(tokenizer), seed=seed))
+    rewards = [float(t.meta["reward"]) for t in trajs]
+    n = max(len(trajs), 1)
+    return {"accuracy": sum(rewards) / n, "pass@1": sum(r >= 1.0 for r in rewards) / n, "n": len(trajs), "k": 1,
+            "temperature": temperature, "mean_turns": sum(len(t.meta["actions"]) for t in trajs) / n,
+            "truncated": sum(bool(t.meta["truncated"]) for t in trajs) / n}

@@ -10,6 +10,7 @@ from .chat import (
     parse_assistant,
     parse_chat,
     render_chat,
+    render_continuation,
     tokenize_chat,
 )
 from .train import DEFAULT_VOCAB_SIZE, default_corpus, load_tokenizer, save_tokenizer, train_tokenizer
@@ -17,5 +18,5 @@ from .train import DEFAULT_VOCAB_SIZE, default_corpus, load_tokenizer, save_toke
 __all__ = [
     "CHAT_TEMPLATE", "DEFAULT_VOCAB_SIZE", "SPECIAL_TOKENS", "STOP_TOKENS", "ParsedAssistant", "ToolCall",
     "canonical_messages", "default_corpus", "load_tokenizer", "parse_assistant", "parse_chat", "render_chat",
-    "save_tokenizer", "tokenize_chat", "train_tokenizer",
+    "render_continuation", "save_tokenizer", "tokenize_chat", "train_tokenizer",
 ]

@@ -125,11 +125,14 @@ def _check_text(value: Any, where: str, allow_none: bool = False) -> str:
     return value
 
 
-def canonical_messages(messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[dict]:
+def canonical_messages(messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                       prior_call_ids: Sequence[str] = (), first_call_index: int = 0) -> list[dict]:
     """Validate `messages` and return them in the form `parse_chat` gives back.
 
     Canonical form: assistant content is a string ("" for None), tool calls have their rendered id
     and dict arguments, `tool_calls` is present only when non-empty, unknown keys are dropped.
+    `prior_call_ids` / `first_call_index`: calls made earlier in the conversation, when `messages`
+    continue one (tool results may answer them; automatic ids keep counting from there).
     Raises ValueError naming the offending field.
     """
     if tools is not None:
@@ -137,8 +140,8 @@ def canonical_messages(messages: Sequence[dict], tools: Sequence[dict] | None = 
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     out: list[dict] = []
-    seen_ids: set[str] = set()
-    n_calls = 0
+    seen_ids: set[str] = set(prior_call_ids)
+    n_calls = first_call_index
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -210,9 +213,10 @@ def _canonical_call(tc: Any, where: str, index: int) -> ToolCall:
 
 
 def _render(messages: Sequence[dict], tools: Sequence[dict] | None,
-            add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+            add_generation_prompt: bool, prior_call_ids: Sequence[str] = (),
+            first_call_index: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """Render and return (text, assistant character spans [start, end))."""
-    canonical = canonical_messages(messages, tools)
+    canonical = canonical_messages(messages, tools, prior_call_ids, first_call_index)
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -254,6 +258,19 @@ def render_chat(messages: Sequence[dict], tools: Sequence[dict] | None = None,
                 add_generation_prompt: bool = False) -> str:
     """Render OpenAI-style messages (roles system/user/assistant/tool) in the K2 chat format."""
     return _render(messages, tools, add_generation_prompt)[0]
+
+
+def render_continuation(messages: Sequence[dict], prior_call_ids: Sequence[str] = (),
+                        add_generation_prompt: bool = True) -> str:
+    """Render turns that continue a conversation already rendered (e.g. tool results and the next
+    user turn in a multi-turn rollout), plus the assistant generation prompt.
+
+    Rendering is a concatenation of self-delimited turns, so for any split of a conversation
+    render_chat(a + b) == render_chat(a) + render_continuation(b, ids of a's tool calls)
+    (without a tools declaration in b). `prior_call_ids` are the tool-call ids the earlier turns
+    made, which tool messages here may answer.
+    """
+    return _render(messages, None, add_generation_prompt, prior_call_ids, len(prior_call_ids))[0]
 
 
 def _backend(tokenizer: Any) -> Any:
