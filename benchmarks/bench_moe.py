@@ -17,15 +17,15 @@ CPU (no GPU): tiny shapes, the torch reference vs the dense matmul only; labelle
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_info, print_results, result, write_json  # noqa: E402
 
 FLOPS_PER_PAIR = 6  # x @ w13^T (2 * H * 2I) + act @ w2^T (2 * I * H) = 6 * H * I per pair
 K2_SHAPES = {"ep8": dict(E=48, I=2048), "tp8": dict(E=384, I=256)}
@@ -77,8 +77,7 @@ def dense_peer(P, H, I, dtype, device):
 
 
 def row(name, value, unit, baseline, target=None, **extra):
-    ratio = value / baseline if baseline else None
-    return dict(name=name, value=value, unit=unit, baseline=baseline, ratio=ratio, target=target, **extra)
+    return result(name, value, unit, baseline, target, **extra)
 
 
 def bench_gpu(args) -> list[dict]:
@@ -176,35 +175,15 @@ def bench_cpu(args) -> list[dict]:
     return results
 
 
-def env_info(device: str) -> dict:
+def moe_env(device: str) -> dict:
     import triton
 
-    info = dict(device=device, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                host=platform.node(), threads=torch.get_num_threads())  # fmt: skip
+    extra = dict(device=device, triton=triton.__version__)
     if device == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+        extra.update(gpu=torch.cuda.get_device_name(), cuda_version=torch.version.cuda)
     else:
-        info.update(note="CPU run: torch reference vs dense matmul on tiny shapes; no Triton timings (GPU only)")
-    return info
-
-
-def write_json(path: str, body: dict) -> None:
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(body, f, indent=1)
-    os.replace(tmp, path)
-
-
-def print_table(results: list[dict], header: str) -> None:
-    print(header)
-    print(f"{'name':<62} {'value':>10} {'baseline':>10} {'unit':>8} {'ratio':>7} {'target':>7} {'ms':>9}")
-    for r in results:
-        tgt = "" if r["target"] is None else f"{r['target']:.2f}"
-        ok = "" if r["target"] is None else (" ok" if r["ratio"] >= r["target"] else " MISS")
-        print(f"{r['name']:<62} {r['value']:>10.4g} {r['baseline']:>10.4g} {r['unit']:>8} {r['ratio']:>7.3f} "
-              f"{tgt:>7}{ok} {r.get('time_ms', float('nan')):>9.3f}")  # fmt: skip
+        extra.update(note="CPU run: torch reference vs dense matmul on tiny shapes; no Triton timings (GPU only)")
+    return env_info(**extra)
 
 
 def main(argv=None) -> int:
@@ -226,8 +205,8 @@ def main(argv=None) -> int:
     if min(args.tokens) < 1:
         ap.error("--tokens must all be >= 1")
     results = bench_gpu(args) if device == "cuda" else bench_cpu(args)
-    env = env_info(device)
-    print_table(results, f"# MoE benchmark on {env.get('gpu', 'CPU (reference path only)')}")
+    env = moe_env(device)
+    print_results(results, f"# MoE benchmark on {env.get('gpu', 'CPU (reference path only)')}")
     if args.json:
         write_json(args.json, {"results": results, "env": env})
         print(f"wrote {args.json}")

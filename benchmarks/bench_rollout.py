@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +28,9 @@ import torch
 from k2sys.engine.config import EngineConfig, SamplingParams
 from k2sys.engine.engine import NativeEngine
 from k2sys.models import build_model, preset, save_hf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_info, result, write_json  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 32, 128
 TARGETS = {1: 1.0, 32: 2.0, 128: 2.0}
@@ -89,9 +90,8 @@ def bench_model(name: str, batches: list[int], n_samples: int, repeats: int, thr
             toks = b * n * NEW_TOKENS
             nat, ref = toks / t_nat, toks / t_ref
             label = f"{name} {b} prompts" + (f" x n={n}" if n > 1 else "")
-            out.append({"name": f"rollout tok/s native vs transformers: {label}", "value": round(nat, 1),
-                        "unit": "new tok/s", "baseline": round(ref, 1), "ratio": round(nat / ref, 3),
-                        "target": TARGETS.get(b, 2.0)})
+            out.append(result(f"rollout tok/s native vs transformers: {label}", round(nat, 1), "new tok/s",
+                              round(ref, 1), TARGETS.get(b, 2.0), ratio=round(nat / ref, 3)))
             print(f"{label:32s} native {nat:9.1f} tok/s  transformers {ref:9.1f} tok/s  "
                   f"ratio {nat / ref:5.2f}x  (target {TARGETS.get(b, 2.0)}x)", flush=True)
     finally:
@@ -117,16 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                     results)
     import transformers
 
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-           "device": "cpu", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
-           "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
-           "loadavg_1_5_15_after": [round(v, 2) for v in os.getloadavg()]}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"results": results, "env": env}, indent=2) + "\n")
-    os.replace(tmp, path)
+    env = env_info(transformers=transformers.__version__, threads=args.threads, device="cpu",
+                   prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                   loadavg_1_5_15_before=[round(v, 2) for v in load_before],
+                   loadavg_1_5_15_after=[round(v, 2) for v in os.getloadavg()])
+    write_json(args.json, {"results": results, "env": env})
     return 0
 
 

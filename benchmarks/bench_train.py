@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_info, print_results, result, write_json  # noqa: E402
 
 
 def _batch(vocab: int, B: int, T: int, seed: int):
@@ -129,36 +131,28 @@ def main() -> int:
     for preset, (B, T) in shapes.items():
         ref = reference_tps(preset, B, T, args.steps)
         tps1[preset] = megatron_tps(preset, B, T, args.steps)
-        results.append({"name": f"train_tokens_per_s/{preset}/tp1", "value": tps1[preset], "unit": "tok/s",
-                        "baseline": ref, "ratio": tps1[preset] / ref,
-                        "target": "reference model (eager HF-layout, fwd+bwd+AdamW) in this run"})
+        results.append(result(f"train_tokens_per_s/{preset}/tp1", tps1[preset], "tok/s", ref,
+                              baseline_is="reference model (eager HF-layout, fwd+bwd+AdamW) in this run"))
     if not args.no_tp2:
         B, T = shapes["k2-tiny"]
         v = tp2_tps("k2-tiny", B, T, args.steps)
         if v is not None:
-            results.append({"name": "train_tokens_per_s/k2-tiny/tp2_gloo", "value": v, "unit": "tok/s",
-                            "baseline": tps1["k2-tiny"], "ratio": v / tps1["k2-tiny"],
-                            "target": "TP=1 backend in this run (2 ranks share the same CPU cores)"})
+            results.append(result("train_tokens_per_s/k2-tiny/tp2_gloo", v, "tok/s", tps1["k2-tiny"],
+                                  baseline_is="TP=1 backend in this run (2 ranks share the same CPU cores)"))
     off = offload_figures("k2-small")
     for kind in ("offload", "onload"):
-        results.append({"name": f"{kind}_GBps/k2-small", "value": off[kind], "unit": "GB/s", "baseline": off["plain"],
-                        "ratio": off[kind] / off["plain"],
-                        "target": f"plain torch copy_ of the same {off['bytes'] / 1e6:.0f} MB into touched memory"})
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-           "cuda": torch.cuda.is_available(), "steps": args.steps, "shapes": shapes}
+        results.append(result(f"{kind}_GBps/k2-small", off[kind], "GB/s", off["plain"],
+                              baseline_is=f"plain torch copy_ of the same {off['bytes'] / 1e6:.0f} MB into touched memory"))
+    env = env_info(steps=args.steps, shapes=shapes)
     try:
         import megatron.core
 
         env["megatron_core"] = megatron.core.__version__
     except Exception:
         pass
-    print(f"{'name':42s} {'value':>12s} {'baseline':>12s} {'ratio':>7s}  vs")
-    for r in results:
-        print(f"{r['name']:42s} {r['value']:12.1f} {r['baseline']:12.1f} {r['ratio']:7.3f}  {r['target']}")
+    print_results(results, "# Megatron backend training throughput and offload/onload")
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"results": results, "env": env}, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, {"results": results, "env": env})
     return 0
 
 

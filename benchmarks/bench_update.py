@@ -21,7 +21,6 @@ import ctypes
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from k2sys import ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_info, print_results, result, write_json  # noqa: E402
+
+
+def _row(name, value, unit, baseline=None, ratio=None, target=None):
+    """A result row with the ratio measured here (per-trial medians), not value / baseline."""
+    return result(name, value, unit, baseline, target=target, ratio=ratio)
 from k2sys.ckpt import (InProcessReceiver, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,
                         hf_param_shapes, plan_reshard)
 from k2sys.ckpt.apply import compile_buckets
@@ -50,10 +57,6 @@ BENCH_MODEL = dict(hidden_size=1024, num_attention_heads=8, q_lora_rank=256, kv_
                    qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_shared_experts=1,
                    moe_intermediate_size=1024, intermediate_size=2048, vocab_size=16384, first_k_dense_replace=1,
                    num_hidden_layers=8)
-
-
-def result(name, value, unit, baseline=None, ratio=None, target=None):
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio, "target": target}
 
 
 def memmove(dst: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
@@ -92,9 +95,9 @@ def bench_onload(sizes_gib: list[float], repeats: int) -> list[dict]:
         piped = statistics.median(t[1] for t in trip)
         staged = statistics.median(t[2] for t in trip)
         gbs = lambda t: n / t / 1e9
-        out.append(result(f"onload_pipelined_{gib:g}GiB", round(gbs(piped), 2), "GB/s", round(gbs(plain), 2),
+        out.append(_row(f"onload_pipelined_{gib:g}GiB", round(gbs(piped), 2), "GB/s", round(gbs(plain), 2),
                           round(statistics.median(t[0] / t[1] for t in trip), 3), 0.85))
-        out.append(result(f"onload_bounce_ring_{gib:g}GiB", round(gbs(staged), 2), "GB/s", round(gbs(plain), 2),
+        out.append(_row(f"onload_bounce_ring_{gib:g}GiB", round(gbs(staged), 2), "GB/s", round(gbs(plain), 2),
                           round(statistics.median(t[0] / t[2] for t in trip), 3), None))
     src_buf.release()
     return out
@@ -148,8 +151,8 @@ def bench_update(repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
     p, q = s["pipelined"], s["serial"]
     gb = p["bytes_sent"] / 1e9
     speedup = round(statistics.median(s.pop("pair_ratios")), 3)  # median over back-to-back pairs
-    out = [result("update_2rank_gloo_speedup", speedup, "x (serial/pipelined)", None, speedup, 1.25),
-           result("update_2rank_gloo_pipelined", round(gb / p["wall_s"], 3), "GB/s", round(gb / q["wall_s"], 3),
+    out = [_row("update_2rank_gloo_speedup", speedup, "x (serial/pipelined)", None, speedup, 1.25),
+           _row("update_2rank_gloo_pipelined", round(gb / p["wall_s"], 3), "GB/s", round(gb / q["wall_s"], 3),
                   round(q["wall_s"] / p["wall_s"], 3), None)]
     return out, s
 
@@ -182,9 +185,9 @@ def bench_apply(repeats: int) -> tuple[list[dict], float]:
     t_plain = statistics.median(p[1] for p in pairs)
     n_rows = sum(r.shape[0] for r in rows)
     ratio = statistics.median(p[1] / p[0] for p in pairs)
-    return [result("reshard_apply_tp2_to_tp1", round(total / t_apply / 1e9, 2), "GB/s",
+    return [_row("reshard_apply_tp2_to_tp1", round(total / t_apply / 1e9, 2), "GB/s",
                    round(total / t_plain / 1e9, 2), round(ratio, 3), None),
-            result("reshard_apply_rows", n_rows, "strided rows", None, None, None)], ratio
+            _row("reshard_apply_rows", n_rows, "strided rows", None, None, None)], ratio
 
 
 # ------------------------------------------------------------------ cross-process (shm vs http)
@@ -235,9 +238,9 @@ def bench_shm(repeats: int, bucket_mib: int, model: str) -> list[dict]:
             proc.wait(30)
     gbs = lambda t: round(total / t / 1e9, 3)  # noqa: E731
     shm, http, plain = (statistics.median(t[i] for t in trip) for i in range(3))
-    return [result(f"update_xproc_shm_vs_http_{model}", gbs(shm), "GB/s", gbs(http),
+    return [_row(f"update_xproc_shm_vs_http_{model}", gbs(shm), "GB/s", gbs(http),
                    round(statistics.median(t[1] / t[0] for t in trip), 2), None),
-            result(f"update_xproc_shm_vs_memcpy_{model}", gbs(shm), "GB/s", gbs(plain),
+            _row(f"update_xproc_shm_vs_memcpy_{model}", gbs(shm), "GB/s", gbs(plain),
                    round(statistics.median(t[2] / t[0] for t in trip), 3), None)]
 
 
@@ -278,7 +281,7 @@ def projection(onload_eff: float, apply_eff: float, n_buckets_hint: int = 64) ->
         t = max(stages) + (sum(stages) - max(stages)) / n_buckets_hint
         lines.append(f"  {n:>3} GPUs: H2D {t_h2d:6.2f} s  broadcast {t_b:6.2f} s  apply {t_a:5.2f} s  -> {t:5.2f} s "
                      f"(serial {sum(stages):5.2f} s)")
-        out.append(result(f"k2_projected_update_{n}gpu", round(t, 2), "s", 16.0, round(16.0 / t, 2), None))
+        out.append(_row(f"k2_projected_update_{n}gpu", round(t, 2), "s", 16.0, round(16.0 / t, 2), None))
     return out, lines
 
 
@@ -311,17 +314,9 @@ def main(argv=None) -> int:
     apply_eff = min(1.0, apply_eff)
     proj, lines = projection(onload_eff, apply_eff)
     results += proj
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "crc32c_hw": ext.summary()["crc32c_hw"], "update_stages": stages,
-           "projection": lines}
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"results": results, "env": env}, f, indent=1)
-    os.replace(tmp, args.json)
-    print(f"{'name':34s} {'value':>10s} {'unit':22s} {'baseline':>9s} {'ratio':>7s} {'target':>7s}")
-    for r in results:
-        print(f"{r['name']:34s} {r['value']!s:>10s} {r['unit']:22s} {r['baseline']!s:>9s} {r['ratio']!s:>7s} "
-              f"{r['target']!s:>7s}")
+    env = env_info(crc32c_hw=ext.summary()["crc32c_hw"], update_stages=stages, projection=lines)
+    write_json(args.json, {"results": results, "env": env})
+    print_results(results, "# checkpoint engine: onload, update, apply, shm, projection")
     if stages:
         for k, s in stages.items():
             print(f"update {k:9s}: wall {s['wall_s']:.3f} s = stage {s['stage_s']:.3f} + broadcast {s['broadcast_s']:.3f}"

@@ -7,7 +7,7 @@ import torch
 
 from k2sys.coordinator import state as sm
 from k2sys.coordinator.rl_batch import Sample, build_rl_batch, k2_ptx_loss_fn
-from k2sys.rl import StalePolicyConfig, k2_policy_loss, ptx_loss
+from k2sys.rl import StalePolicyConfig, k2_policy_loss
 
 
 def test_full_iteration_walks_every_phase_and_measures():

@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 
 import pytest
-import torch
 
 from k2sys.data.synth.judge import RubricJudge
 from k2sys.data.synth.rollout import ScriptedPolicy, _parse_calls, run_episode
@@ -23,7 +22,6 @@ from k2sys.engine.protocol import GenerateOutput, SamplingParams
 from k2sys.envs import EnvError, make_env, replay, synth_task, tool_use_specs
 from k2sys.envs.agent_loop import AgentConfig, advance_episode, new_episode_group, run_episodes
 from k2sys.tokenizer import load_tokenizer, parse_chat, render_chat, tokenize_chat, train_tokenizer
-from k2sys.tokenizer.chat import ParsedAssistant, ToolCall
 from k2sys.tasks.format import stop_token_ids
 
 

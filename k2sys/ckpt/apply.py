@@ -7,7 +7,6 @@ destination tensor; at apply time two vectorised adds make them absolute and one
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 

@@ -8,7 +8,7 @@ here with the field and the fix, not later as a silent wrong copy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -102,7 +102,6 @@ class _GroupedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        E = ctx.n_experts
         if ctx.empty:
             weights = ctx.saved_tensors
             return (torch.zeros_like(dout), None, None, None, *[torch.zeros_like(w) for w in weights])
