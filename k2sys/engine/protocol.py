@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Se
 if TYPE_CHECKING:  # only for annotations: client.py imports this module
     import torch
 
-    from k2sys.engine.client import FlattenedBucket
+    from k2sys.engine.wire import FlattenedBucket
 
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 FINISH_REASONS = ("stop", "length", "abort")

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from k2sys.engine.client import tensors_from_update
+from k2sys.engine.wire import tensors_from_update
 from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
 from k2sys.engine.engine import NativeEngine
 from k2sys.engine.protocol import ProtocolError, UpdateWeightsFromTensorPayload

@@ -341,7 +341,7 @@ class ShmReader:
         """Hand the bucket's tensors (views of shared memory) to `update` (engine.update_weights,
         which copies them); returns the tensor count. The segment is unmapped when the payload
         says `release` or the update fails."""
-        from k2sys.engine.client import BucketEntry, FlattenedBucket  # the bucket format is the client's
+        from k2sys.engine.wire import BucketEntry, FlattenedBucket  # the same bucket format as HTTP
 
         with self._lock:
             release = payload.release
