@@ -290,3 +290,93 @@ def test_run_rollout_pauses_and_resumes_episodes(tok):
         assert s.response_tokens == ref.response_tokens and s.response_mask == ref.response_mask
         assert s.reward == ref.reward and s.family == "tool_use" and s.meta["turns"] >= 2
     assert any(len(set(s.versions)) == 2 for s in second.samples)  # resumed across a policy update
+
+
+# ------------------------------------------------------------------ code env (bubblewrap sandbox)
+
+from k2sys.envs import code_specs, code_tasks  # noqa: E402
+from k2sys.rewards.sandbox import bwrap_available  # noqa: E402
+
+needs_bwrap = pytest.mark.skipif(not bwrap_available()[0], reason=f"bubblewrap unavailable: {bwrap_available()[1]}")
+
+
+def _prog(code: str) -> dict:
+    return {"role": "assistant", "content": f"Here it is.\n```python\n{code}\n```"}
+
+
+def test_code_tasks_are_deterministic_and_self_consistent():
+    a, b = code_tasks(12, seed=4), code_tasks(20, seed=4)
+    assert a == b[:12] and a != code_tasks(12, seed=5)
+    assert len({t.statement for t in b}) > 3
+    for t in a:
+        assert len(t.tests) == 5 and len({x for x, _ in t.tests}) == 5
+
+
+@needs_bwrap
+def test_code_env_reference_passes_in_one_turn():
+    for spec in code_specs(4, seed=1):
+        env = make_env(spec)
+        env.reset()
+        obs, reward, term, trunc, info = env.step(_prog(env.task.reference))
+        assert term and not trunc and obs == [] and reward == 1.0 and info["turns"] == 1
+
+
+@needs_bwrap
+def test_code_env_feedback_then_fix():
+    env = make_env({**code_specs(1, seed=2)[0], "time_limit_s": 0.5})
+    obs, _ = env.reset()
+    x0, y0 = env.task.tests[0]
+    assert x0.strip() in obs[1]["content"] and y0.strip() in obs[1]["content"]  # examples are shown
+    obs, reward, term, trunc, _ = env.step({"role": "assistant", "content": "print(1)"})  # no code block
+    assert not (term or trunc) and "```python" in obs[0]["content"] and reward == 0.0
+    obs, reward, term, trunc, _ = env.step(_prog("while True:\n    pass"))
+    assert not (term or trunc) and "ran out of time" in obs[0]["content"]
+    obs, reward, term, trunc, info = env.step(_prog(env.task.reference))
+    assert term and reward == 1.0 and info["turns"] == 3
+
+
+@needs_bwrap
+def test_code_env_out_of_turns_scores_the_last_program():
+    env = make_env({**code_specs(1, seed=2)[0], "max_turns": 1})
+    env.reset()
+    obs, reward, term, trunc, info = env.step(_prog("import sys\nraise SystemExit(3)"))
+    assert trunc and not term and reward == 0.0 and obs == []
+    env = make_env({**code_specs(1, seed=2)[0], "max_turns": 1})
+    env.reset()
+    want = env.task.tests[0][1].strip()
+    # right on exactly one test input (the first example): 1 of 5
+    prog = f"import sys\nx = sys.stdin.read()\nprint({want!r} if x == {env.task.tests[0][0]!r} else 'nope')"
+    _, reward, _, trunc, info = env.step(_prog(prog))
+    assert trunc and reward == pytest.approx(1 / 5)
+
+
+class FakeTurnsEngine:
+    """Unit-test fake engine: replies with the given assistant texts in order (+ <|im_end|>)."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.i = tok, list(replies), 0
+
+    async def async_generate(self, reqs):
+        (req,) = reqs
+        ids = self.tok.encode(self.replies[self.i]).ids + [self.tok.token_to_id("<|im_end|>")]
+        self.i += 1
+        return [GenerateOutput(rid=req.rid, output_ids=tuple(ids), output_logprobs=tuple([-1.0] * len(ids)),
+                               finish_reason="stop")]
+
+
+@needs_bwrap
+def test_agent_loop_code_episode_masks_feedback(tok):
+    spec = code_specs(1, seed=2)[0]
+    task = code_tasks(1, seed=2)[0]
+    wrong = _prog("print('no')")["content"]
+    right = _prog(task.reference)["content"]
+    traj, _ = _episode(tok, spec, FakeTurnsEngine(tok, [wrong, right]))
+    m = traj.meta
+    assert m["reward"] == 1.0 and len(m["actions"]) == 2 and m["finish_reason"] == "stop"
+    env = make_env(spec)
+    obs, _ = env.reset()
+    feedback = env.step({"role": "assistant", "content": wrong})[0]
+    messages = obs + [{"role": "assistant", "content": wrong}] + feedback + [{"role": "assistant", "content": right}]
+    ids, mask = tokenize_chat(tok, messages)
+    assert traj.prompt_tokens + traj.response_tokens == ids
+    assert [0] * len(traj.prompt_tokens) + m["response_mask"] == mask
