@@ -73,7 +73,7 @@ class RLRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineSection = field(default_factory=EngineSection)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    """Multi-turn episodes (tasks.tool_use > 0): per-turn and per-episode token caps."""
+    """Multi-turn episodes (tasks.tool_use / tasks.code > 0): per-turn and per-episode token caps."""
 
     def validate(self) -> None:
         RunConfig.validate(self)  # same name rule
@@ -89,15 +89,16 @@ def tiny_k2() -> RLRunConfig:
 
 
 def tiny_k2_agent() -> RLRunConfig:
-    """SFT on judged synthetic tool-use trajectories + list tasks, then RL with multi-turn tool-use
-    episodes (k2sys.envs) beside single-turn tasks; k2-tiny on CPU."""
+    """SFT on judged synthetic tool-use trajectories, reference programs and list tasks, then RL with
+    multi-turn tool-use and coding episodes (k2sys.envs; programs run in the sandbox) beside
+    single-turn tasks; k2-tiny on CPU."""
 
     return RLRunConfig(
         name="tiny-k2-agent",
         tasks=TasksSection(families=["list_ops"], params={"list_ops": {"length": 3}}, n_train=600, n_heldout=100,
-                           tool_use=600, tool_use_heldout=40),
+                           tool_use=600, tool_use_heldout=40, code=400, code_heldout=40),
         sft=SFTSection(steps=200, rows_per_batch=8, seq_len=768, lr=2e-3),
-        rl=RLSection(iterations=12, tool_use_per_iter=4, budgets={"list_ops": 8}),
+        rl=RLSection(iterations=12, episode_groups_per_iter=4, budgets={"list_ops": 8}),
         rollout=RolloutConfig(prompts_per_iter=8, samples_per_prompt=4),
         eval=EvalConfig(n_tasks=100),
         agent=AgentConfig(max_turn_tokens=96, max_episode_tokens=1000),

@@ -118,29 +118,34 @@ def test_two_trainer_ranks_tp2_under_torchrun(tmp_path):
 
 
 def test_agentic_recipe_end_to_end(tmp_path):
-    """tiny-k2-agent, shrunk: synthetic tool-use trajectories in the SFT mix, multi-turn tool-use
-    episodes next to single-turn tasks in every RL iteration (env turns masked out of the loss),
-    greedy tool-use episodes in both evals, the report with a tool_use row."""
+    """tiny-k2-agent, shrunk: synthetic tool-use trajectories and reference programs in the SFT mix,
+    multi-turn tool-use and coding episodes (programs run in the sandbox) next to single-turn
+    tasks in every RL iteration (env turns masked out of the loss), greedy episodes of both in
+    both evals, the report with their rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "k2sys.cli", "run", "tiny-k2-agent", "--set", "name=agent",
            "--set", f"output_root={tmp_path}", "--set", "sft.steps=6", "--set", "rl.iterations=2",
            "--set", "tasks.n_train=100", "--set", "tasks.tool_use=40", "--set", "tasks.tool_use_heldout=4",
+           "--set", "tasks.code=40", "--set", "tasks.code_heldout=4",
            "--set", "eval.n_tasks=10", "--set", "rl.filter_prompts=16", "--set", "rollout.prompts_per_iter=2",
-           "--set", "rl.tool_use_per_iter=2", "--set", "rl.mismatch_probe=2"]
+           "--set", "rl.episode_groups_per_iter=2", "--set", "rl.mismatch_probe=2"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     run = tmp_path / "agent"
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     data = [r for r in recs if r["kind"] == "data"]
-    assert data and 0 < data[0]["tool_use_rows_fit"] <= data[0]["tool_use_rows"] == 40
+    data = {k: v for r in data for k, v in r.items()}
+    assert 0 < data["tool_use_rows_fit"] <= data["tool_use_rows"] == 40
+    assert data["code_rows_fit"] == data["code_rows"] == 40
     rl = [r for r in recs if r["kind"] == "rl"]
     assert [r["step"] for r in rl] == [1, 2]
     for r in rl:
-        assert 0.0 <= r["reward/tool_use"] <= 1.0 and "reward/list_ops" in r
+        assert 0.0 <= r["reward/tool_use"] <= 1.0 and 0.0 <= r["reward/code"] <= 1.0 and "reward/list_ops" in r
         assert r["response_tokens"] > 0 and r["groups_trained"] >= 1
     state = json.loads((run / "state.json").read_text())
     for tag in ("sft", "rl"):
-        ev = state["eval"][tag]["tool_use"]
-        assert ev["n"] == 4 and 0.0 <= ev["accuracy"] <= 1.0 and 0.0 <= ev["pass@1"] <= 1.0
+        for kind in ("tool_use", "code"):
+            ev = state["eval"][tag][kind]
+            assert ev["n"] == 4 and 0.0 <= ev["accuracy"] <= 1.0 and 0.0 <= ev["pass@1"] <= 1.0
     report = json.loads((run / "report.json").read_text())
-    assert "tool_use" in report["eval"]["rl"]
+    assert "tool_use" in report["eval"]["rl"] and "code" in report["eval"]["rl"]

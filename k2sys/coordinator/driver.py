@@ -93,10 +93,11 @@ class RecipeRunner:
             self.tok = load_tokenizer(data / "tokenizer")
             return
         data.mkdir(exist_ok=True)
-        tool_rows = self._tool_use_sft_rows()
-        # Tool-use trajectories join the tokenizer corpus: tool JSON and chat structure then cost
-        # a few tokens each instead of one per character.
-        corpus = default_corpus() + [render_chat(r["messages"], r["tools"]) for r in tool_rows[:1000]]
+        env_rows = self._env_sft_rows()
+        # Environment conversations join the tokenizer corpus: tool JSON, code and chat structure
+        # then cost a few tokens each instead of one per character.
+        corpus = default_corpus() + [render_chat(r["messages"], r.get("tools"))
+                                     for rows in env_rows.values() for r in rows[:1000]]
         train_tokenizer(corpus, self.cfg.tokenizer.vocab_size, data / "tokenizer")
         self.tok = load_tokenizer(data / "tokenizer")
         c = self.cfg.tasks
@@ -109,26 +110,31 @@ class RecipeRunner:
         rows = []
         for name, fam in self.families.items():
             rows += sft_rows(fam, [Task.from_dict(d) for d in splits["train"][name]])
-        if tool_rows:
-            fit = [r for r in tool_rows
-                   if len(tokenize_chat(self.tok, r["messages"], r["tools"])[0]) <= self.cfg.sft.seq_len]
-            self.metrics.log("data", 0, tool_use_rows=len(tool_rows), tool_use_rows_fit=len(fit))
-            rows += [{**r, "meta": {"family": "tool_use"}} for r in fit]
+        for kind, kind_rows in env_rows.items():
+            fit = [r for r in kind_rows
+                   if len(tokenize_chat(self.tok, r["messages"], r.get("tools"))[0]) <= self.cfg.sft.seq_len]
+            self.metrics.log("data", 0, **{f"{kind}_rows": len(kind_rows), f"{kind}_rows_fit": len(fit)})
+            rows += [{**r, "meta": {"family": kind}} for r in fit]
         random.Random(self.cfg.seed).shuffle(rows)
         write_chat_jsonl(data / "sft.jsonl", rows)
         self.save_state(data_done=True)
         _barrier()
 
-    def _tool_use_sft_rows(self) -> list[dict]:
-        """Judged synthetic trajectories of the train tool-use tasks (the tasks RL plays later)."""
-        c = self.cfg.tasks
-        if not c.tool_use:
-            return []
-        from k2sys.data.synth.pipeline import synthesize_tool_use
+    def _env_sft_rows(self) -> dict[str, list[dict]]:
+        """SFT conversations of the train tasks of each environment kind (the tasks RL plays later):
+        judged synthetic trajectories for tool use, the reference program for code."""
+        c, out = self.cfg.tasks, {}
+        if c.tool_use:
+            from k2sys.data.synth.pipeline import synthesize_tool_use
 
-        rows, stats, _ = synthesize_tool_use(c.tool_use, self.cfg.seed, failure_rate=c.tool_use_failure_rate)
-        log.info("tool-use synthesis: %s", stats.to_dict())
-        return [{"messages": r["messages"], "tools": r["tools"]} for r in rows]
+            rows, stats, _ = synthesize_tool_use(c.tool_use, self.cfg.seed, failure_rate=c.tool_use_failure_rate)
+            log.info("tool-use synthesis: %s", stats.to_dict())
+            out["tool_use"] = [{"messages": r["messages"], "tools": r["tools"]} for r in rows]
+        if c.code:
+            from k2sys.envs.code import code_sft_rows, code_tasks
+
+            out["code"] = code_sft_rows(code_tasks(c.code, self.cfg.seed))
+        return out
 
     def _trainer_from(self, hf_dir: Path, optimizer: str, lr: float):
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
@@ -205,9 +211,9 @@ class RecipeRunner:
         heldout = self.tasks("heldout")
         fams = {f: (self.families[f], heldout[f]) for f in self.families}
         rep = self._engine_call(lambda: evaluate(self.engine.client, self.tok, fams, self.cfg.eval))
-        specs = self.cfg.tasks.tool_use_specs("heldout", self.cfg.seed)
-        if specs:
-            rep["tool_use"] = self._engine_call(lambda: evaluate_episodes(
+        for kind in self.cfg.tasks.env_kinds():
+            specs = self.cfg.tasks.env_specs(kind, "heldout", self.cfg.seed)
+            rep[kind] = self._engine_call(lambda: evaluate_episodes(
                 self.engine.client, self.tok, specs, self.cfg.agent, seed=self.cfg.eval.seed))
         self.save_state(eval={**self.state.get("eval", {}), tag: rep})
         for f, r in rep.items():
@@ -291,17 +297,18 @@ class RecipeRunner:
         ptx_pool = self._ptx_pool()
         loss_fn = k2_ptx_loss_fn(r.tau)
         rng = random.Random(self.cfg.seed * 7 + it)
-        tool_specs = self.cfg.tasks.tool_use_specs("train", self.cfg.seed)
+        env_specs = {k: self.cfg.tasks.env_specs(k, "train", self.cfg.seed) for k in self.cfg.tasks.env_kinds()}
         while it < r.iterations:
             t_iter = time.perf_counter()
             version = it  # policy version = number of updates applied
             groups = _regroup(buffer.take())  # paused groups resume first, on the new weights
             for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
                 groups.append(new_group(task, it * 100_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
-            for j, spec in enumerate(rng.sample(tool_specs, min(r.tool_use_per_iter, len(tool_specs)))):
-                gid = it * 100_000 + 50_000 + j
-                groups.append(new_episode_group(spec, gid, self.cfg.rollout.samples_per_prompt, self.tok, seed=gid,
-                                                family="tool_use"))
+            for ki, (kind, specs) in enumerate(env_specs.items()):
+                for j, spec in enumerate(rng.sample(specs, min(r.episode_groups_per_iter, len(specs)))):
+                    gid = it * 100_000 + 50_000 + 1000 * ki + j
+                    groups.append(new_episode_group(spec, gid, self.cfg.rollout.samples_per_prompt, self.tok,
+                                                    seed=gid, family=kind))
             temperature = temps(it)
             for attempt in range(self.cfg.engine.restarts + 1):
                 try:

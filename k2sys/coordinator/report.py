@@ -56,7 +56,7 @@ def plot(run_dir: Path, recs: list[dict], families: list[str], evals: dict) -> P
 
 def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
     recs = read_metrics(run_dir)
-    families = list(cfg.tasks.families) + (["tool_use"] if getattr(cfg.tasks, "tool_use", 0) else [])
+    families = list(cfg.tasks.families) + (cfg.tasks.env_kinds() if hasattr(cfg.tasks, "env_kinds") else [])
     evals = state.get("eval", {})
     rl_recs = [r for r in recs if r["kind"] == "rl"]
     switch = {k: sum(r.get(k, 0.0) for r in rl_recs) / max(len(rl_recs), 1)

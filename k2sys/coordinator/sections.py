@@ -24,6 +24,11 @@ class TasksSection:
     tool_use_failure_rate: float = 0.1
     """Share of valid tool calls that fail transiently (the agent must retry)."""
     tool_use_max_turns: int = 8
+    code: int = 0
+    """Coding problems (k2sys.envs "code"): reference programs for SFT, then RL episodes whose programs
+    run in the bubblewrap sandbox, failures coming back as feedback turns; 0 = none."""
+    code_heldout: int = 40
+    code_max_turns: int = 3
 
     def validate(self) -> None:
         from k2sys.tasks import list_families
@@ -35,18 +40,37 @@ class TasksSection:
                 raise ConfigError(f"tasks.families: {f!r} is unknown; choose from {list_families()}")
         if self.n_train < 1 or self.n_heldout < 1:
             raise ConfigError("tasks.n_train and tasks.n_heldout must be >= 1")
-        if self.tool_use < 0 or self.tool_use_heldout < 0 or self.tool_use_max_turns < 1:
-            raise ConfigError("tasks.tool_use and tasks.tool_use_heldout must be >= 0, tasks.tool_use_max_turns >= 1")
+        if min(self.tool_use, self.tool_use_heldout, self.code, self.code_heldout) < 0:
+            raise ConfigError("tasks.tool_use, tool_use_heldout, code and code_heldout must be >= 0")
+        if self.tool_use_max_turns < 1 or self.code_max_turns < 1:
+            raise ConfigError("tasks.tool_use_max_turns and tasks.code_max_turns must be >= 1")
+        if self.code:
+            from k2sys.rewards.sandbox import bwrap_available
+
+            ok, why = bwrap_available()
+            if not ok:
+                raise ConfigError(f"tasks.code: model-written programs run only in the bubblewrap sandbox: {why}; "
+                                  "or set tasks.code=0")
         if not 0 <= self.tool_use_failure_rate < 1:
             raise ConfigError(f"tasks.tool_use_failure_rate: must be in [0, 1), got {self.tool_use_failure_rate}")
 
-    def tool_use_specs(self, split: str, seed: int) -> list[dict]:
-        """Env specs of the train or held-out tool-use tasks (held-out tasks come from another seed)."""
-        from k2sys.envs import tool_use_specs
+    def env_kinds(self) -> list[str]:
+        """The multi-turn environment kinds this run trains on (k2sys.envs)."""
+        return [k for k, n in (("tool_use", self.tool_use), ("code", self.code)) if n > 0]
 
-        n, s = (self.tool_use, seed) if split == "train" else (self.tool_use_heldout, seed + 1_000_003)
-        return tool_use_specs(n if self.tool_use else 0, s, failure_rate=self.tool_use_failure_rate,
-                              max_turns=self.tool_use_max_turns)
+    def env_specs(self, kind: str, split: str, seed: int) -> list[dict]:
+        """Env specs of the train or held-out tasks of `kind` (held-out tasks come from another seed)."""
+        from k2sys.envs import code_specs, tool_use_specs
+
+        held = split != "train"
+        s = seed + 1_000_003 if held else seed
+        if kind == "tool_use":
+            n = (self.tool_use_heldout if held else self.tool_use) if self.tool_use else 0
+            return tool_use_specs(n, s, failure_rate=self.tool_use_failure_rate, max_turns=self.tool_use_max_turns)
+        if kind == "code":
+            n = (self.code_heldout if held else self.code) if self.code else 0
+            return code_specs(n, s, max_turns=self.code_max_turns)
+        raise ConfigError(f"tasks: no environment kind {kind!r}; have tool_use, code")
 
 
 @dataclass(kw_only=True)
@@ -98,8 +122,9 @@ class RLSection:
     t_start: float = 1.0
     t_end: float = 0.8
     t_schedule: Literal["linear", "exponential", "cosine"] = "linear"
-    tool_use_per_iter: int = 4
-    """Tool-use episode groups added per iteration (each K = rollout.samples_per_prompt episodes)."""
+    episode_groups_per_iter: int = 4
+    """Per environment kind (tasks.tool_use, tasks.code): episode groups added each iteration, each of
+    K = rollout.samples_per_prompt episodes of one task."""
     budgets: dict = field(default_factory=lambda: {"list_ops": 8, "arithmetic": 4})
     """Max response tokens per task family (budget control)."""
     budget_penalty: float = 0.5

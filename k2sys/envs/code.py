@@ -24,7 +24,7 @@ from k2sys.envs.base import Env, EnvError, StepResult, register_env
 from k2sys.rewards.code_reward import extract_code, normalize_output
 from k2sys.rewards.sandbox import SandboxConfig, run_python
 
-__all__ = ["CodeTask", "CodeEnv", "code_tasks", "code_specs"]
+__all__ = ["CodeTask", "CodeEnv", "code_tasks", "code_specs", "code_sft_rows"]
 
 SYSTEM = ("You write Python 3 programs that read standard input and print to standard output. "
           "Answer with exactly one ```python code block.")
@@ -112,6 +112,19 @@ def code_specs(n: int, seed: int, **options: Any) -> list[dict]:
     return [{"kind": "code", "seed": seed, "index": k, **options} for k in range(n)]
 
 
+def opening_messages(task: CodeTask) -> list[dict]:
+    """The episode's first turns (system + the problem with its example tests)."""
+    examples = "\n".join(f"Example {i + 1}: input\n{_show(x)}\noutput\n{_show(y)}"
+                         for i, (x, y) in enumerate(task.tests[: task.n_public]))
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{task.statement}\n{examples}"}]
+
+
+def code_sft_rows(tasks: list[CodeTask]) -> list[dict]:
+    """Chat rows: the episode's opening turns, then the reference program as the answer."""
+    return [{"messages": opening_messages(t) + [{"role": "assistant",
+                                                 "content": f"```python\n{t.reference}\n```"}]} for t in tasks]
+
+
 def _show(text: str, limit: int = 200) -> str:
     text = text.rstrip("\n")
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -126,11 +139,7 @@ class CodeEnv(Env):
 
     def reset(self, *, seed: int | None = None) -> tuple[list[dict], dict]:
         self.turns, self.done = 0, False
-        examples = "\n".join(f"Example {i + 1}: input\n{_show(x)}\noutput\n{_show(y)}"
-                             for i, (x, y) in enumerate(self.task.tests[: self.task.n_public]))
-        return ([{"role": "system", "content": SYSTEM},
-                 {"role": "user", "content": f"{self.task.statement}\n{examples}"}],
-                {"tools": None, "task_id": self.task.id})
+        return opening_messages(self.task), {"tools": None, "task_id": self.task.id}
 
     def _run(self, code: str, tests) -> tuple[int, str | None]:
         """(tests passed, first failure as feedback text or None)."""
