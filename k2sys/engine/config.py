@@ -40,6 +40,9 @@ class EngineConfig:
     cpu_threads: int | None = 1
     """Intra-op threads of the engine thread on CPU; None keeps torch's default. One is fastest
     for small models: thread wake-ups cost more than they save on tiny matmuls (measured)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose tokens (and all tokens before them) match an earlier
+    request's; flushed whenever the weights change."""
     moe_kernels: str = "auto"
     """MoE layers: auto (Triton router + fused MoE on CUDA, grouped torch GEMMs elsewhere),
     triton (always; CPU only under TRITON_INTERPRET=1, for tests) or torch."""

@@ -51,6 +51,8 @@ class RequestHandle:
     outputs: dict[int, dict] = field(default_factory=dict)
     updates: "queue.Queue[tuple[int, dict, bool] | None]" = field(default_factory=queue.Queue)
     on_update: Callable[[int, dict, bool], None] | None = None
+    _callbacks: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _listen(self, seq: Seq, finished: bool) -> None:
         out = self.engine._output(seq)
@@ -59,8 +61,20 @@ class RequestHandle:
             self.on_update(seq.sample_idx, out, finished)
         self.updates.put((seq.sample_idx, out, finished))
         if self.request.finished:
-            self.done.set()
+            with self._lock:
+                self.done.set()
+                callbacks, self._callbacks = self._callbacks, []
             self.updates.put(None)
+            for cb in callbacks:
+                cb()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` once every sample has finished (at once if they have; else on the scheduler thread)."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn()
 
     def result(self, timeout: float | None = None) -> list[dict]:
         """SGLang-shaped outputs, one per sample, once every sample has finished."""
@@ -71,6 +85,11 @@ class RequestHandle:
     def stream(self) -> Iterator[tuple[int, dict, bool]]:
         while (item := self.updates.get()) is not None:
             yield item
+
+
+def _resolve(fut: "asyncio.Future") -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class NativeEngine:
@@ -310,7 +329,7 @@ class NativeEngine:
         text = seq.text if seq.finished else self.scheduler.running_text(seq)
         meta: dict[str, Any] = {
             "id": req.sample_rid(seq.sample_idx), "finish_reason": seq.finish_reason,
-            "prompt_tokens": len(req.input_ids), "completion_tokens": len(seq.output_ids), "cached_tokens": 0,
+            "prompt_tokens": len(req.input_ids), "completion_tokens": len(seq.output_ids), "cached_tokens": seq.cached_tokens,
             "weight_version": self._weight_version, "e2e_latency": time.time() - req.created,
         }
         if req.return_logprob:
@@ -341,11 +360,15 @@ class NativeEngine:
         return [GenerateOutput.from_sglang(o) for h in handles for o in h.result()]
 
     async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        """Awaits completion without holding a thread per request (any number may be in flight)."""
         loop = asyncio.get_running_loop()
         handles = await loop.run_in_executor(None, self._submit_protocol, requests)
         outs = []
         for h in handles:
-            outs.extend(await loop.run_in_executor(None, h.result))
+            fut = loop.create_future()
+            h.add_done_callback(lambda fut=fut: loop.call_soon_threadsafe(_resolve, fut))
+            await fut
+            outs.extend(h.result())
         return [GenerateOutput.from_sglang(o) for o in outs]
 
     # ---- partial rollout ---------------------------------------------------------------------
@@ -450,6 +473,7 @@ class NativeEngine:
                 elif tag == "weights":
                     self.runner.resume_weights()
                     self._stale = set(self.runner.params)
+                    self.cache.allocator.flush_prefix_cache()
                 self._released.discard(tag)
         self._call(run)
 
@@ -545,6 +569,7 @@ class NativeEngine:
             if "weights" in self._released:
                 raise EngineError("end_weight_update: weights were released during the session; nothing applied")
             self.runner.load_weights(s["staged"])
+            self.cache.allocator.flush_prefix_cache()  # KV computed with the old weights is stale
             self._stale -= set(s["staged"])
             self.version += 1
             self._weight_version = s["version"] or str(self.version)
@@ -577,7 +602,9 @@ class NativeEngine:
         return {"running": len(sch.running), "waiting": len(sch.waiting), "generated_tokens": sch.generated_tokens,
                 "steps": sch.steps, "free_blocks": self.cache.allocator.num_free, "paused": self._paused,
                 "released": sorted(self._released), "stale_tensors": len(self._stale),
-                "weight_version": self._weight_version}
+                "weight_version": self._weight_version, "prefix_cache": {
+                    "cached_blocks": self.cache.allocator.num_cached, "hit_tokens": sch.cached_tokens,
+                    "evictions": self.cache.allocator.evictions}}
 
     def __enter__(self) -> "NativeEngine":
         return self

@@ -12,6 +12,10 @@ Layout: cache[layer] is [num_blocks, block_size, C + R]; slot = block_id * block
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
+
 import torch
 
 from k2sys.engine.config import EngineError
@@ -24,25 +28,51 @@ class OutOfBlocks(EngineError):
 
 
 class BlockAllocator:
-    """Free list + refcounts over block ids 0..num_blocks-1."""
+    """Free list + refcounts over block ids 0..num_blocks-1, with a prefix cache.
+
+    Prefix cache (automatic prefix caching): a full block whose tokens were computed is registered
+    under a chained key (the key of the block before it + its own tokens), so a later request
+    whose prompt starts with the same tokens reuses the block instead of recomputing it (the next
+    turn of a multi-turn episode re-sends the whole conversation). A registered block whose last
+    owner releases it stays cached but evictable: allocate() takes plain free blocks first, then
+    evicts cached ones least recently used first. `flush_prefix_cache()` forgets every key (new
+    weights make all cached KV stale).
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.refcount = [0] * num_blocks
         # Pop from the end: low ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._by_key: dict[bytes, int] = {}          # chained block key -> block id
+        self._key_of: dict[int, bytes] = {}          # block id -> its key
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, refcount 0, LRU first
+        self.hit_blocks = 0
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks allocate() can hand out (plain free + evictable cached)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._key_of)
 
     def allocate(self, count: int = 1) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocks(f"KV cache: need {count} blocks, {len(self._free)} free of {self.num_blocks}; "
+        if count > self.num_free:
+            raise OutOfBlocks(f"KV cache: need {count} blocks, {self.num_free} free of {self.num_blocks}; "
                               "raise EngineConfig.max_total_tokens or send fewer concurrent requests")
-        out = [self._free.pop() for _ in range(count)]
-        for b in out:
+        out = []
+        for _ in range(count):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self._by_key[self._key_of.pop(b)]
+                self.evictions += 1
             self.refcount[b] = 1
+            out.append(b)
         return out
 
     def share(self, blocks: list[int]) -> list[int]:
@@ -60,7 +90,46 @@ class BlockAllocator:
                 raise EngineError(f"KV block {b} released twice")
             self.refcount[b] = rc - 1
             if rc == 1:
-                self._free.append(b)
+                if b in self._key_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    # ---- prefix cache ------------------------------------------------------------------------
+    @staticmethod
+    def block_key(parent: bytes | None, tokens: list[int] | tuple[int, ...]) -> bytes:
+        """The chained key of a full block: a 128-bit digest of the previous block's key and its tokens."""
+        h = hashlib.blake2b(parent or b"root", digest_size=16)
+        h.update(array("q", tokens).tobytes())
+        return h.digest()
+
+    def register(self, block: int, key: bytes) -> None:
+        """Offer a computed full block to the cache (a no-op if the key already has a block)."""
+        if self.refcount[block] <= 0:
+            raise EngineError(f"KV block {block} is not allocated; cannot cache it")
+        if key in self._by_key or block in self._key_of:
+            return
+        self._by_key[key] = block
+        self._key_of[block] = key
+
+    def lookup(self, key: bytes) -> int | None:
+        """The cached block for `key`, now owned by the caller (refcount + 1), or None."""
+        b = self._by_key.get(key)
+        if b is None:
+            return None
+        if self.refcount[b] == 0:
+            del self._evictable[b]
+        self.refcount[b] += 1
+        self.hit_blocks += 1
+        return b
+
+    def flush_prefix_cache(self) -> None:
+        """Forget every cached key; evictable blocks become plain free blocks."""
+        for b in self._evictable:
+            self._free.append(b)
+        self._evictable.clear()
+        self._by_key.clear()
+        self._key_of.clear()
 
     def reset(self) -> None:
         self.__init__(self.num_blocks)

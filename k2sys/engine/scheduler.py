@@ -12,6 +12,11 @@ sequence is retracted (blocks freed, tokens kept) and recomputed later.
 A request with n samples prefills its prompt once; at the end of prefill it forks into n
 sequences that share the prompt's full KV blocks (refcounts) and sample from the same logits.
 
+Prefix caching (EngineConfig.enable_prefix_caching): every full block a sequence computes is
+registered with the allocator under a chained key; an admitted sequence starts on the cached
+blocks of its longest cached prefix and prefills only the rest. The next turn of a multi-turn
+episode, a resumed partial rollout and a retracted sequence re-sending their context hit it.
+
 Not thread-safe: the engine calls it from its scheduler thread only.
 """
 
@@ -50,6 +55,10 @@ class Sequence:
     finish_reason: dict | None = None
     text: str = ""
     order: int = field(default_factory=lambda: next(_ids))
+    block_keys: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of the leading full, computed blocks (registered with the allocator)."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at the last admission."""
 
     @property
     def finished(self) -> bool:
@@ -95,6 +104,7 @@ class Scheduler:
         self.generated_tokens = 0
         self.steps = 0
         self.retractions = 0
+        self.cached_tokens = 0
 
     # ---- intake and removal ----------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -116,7 +126,37 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.blocks:
             self.cache.allocator.release(seq.blocks)
-        seq.blocks, seq.num_computed = [], 0
+        seq.blocks, seq.num_computed, seq.block_keys = [], 0, []
+
+    # ---- prefix cache ------------------------------------------------------------------------
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Start a sequence with no KV on the cached blocks of its longest cached prefix (whole
+        blocks; the last token is always computed, since its logits are needed)."""
+        if not self.cfg.enable_prefix_caching or seq.blocks:
+            return
+        alloc, bs = self.cache.allocator, self.cache.block_size
+        parent = None
+        for j in range((len(seq.tokens) - 1) // bs):
+            key = alloc.block_key(parent, seq.tokens[j * bs:(j + 1) * bs])
+            b = alloc.lookup(key)
+            if b is None:
+                break
+            seq.blocks.append(b)
+            seq.block_keys.append(key)
+            parent = key
+        seq.num_computed = seq.cached_tokens = len(seq.blocks) * bs
+        self.cached_tokens += seq.cached_tokens
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed full blocks to the prefix cache."""
+        if not self.cfg.enable_prefix_caching:
+            return
+        alloc, bs = self.cache.allocator, self.cache.block_size
+        for j in range(len(seq.block_keys), min(seq.num_computed // bs, len(seq.blocks))):
+            parent = seq.block_keys[-1] if seq.block_keys else None
+            key = alloc.block_key(parent, seq.tokens[j * bs:(j + 1) * bs])
+            alloc.register(seq.blocks[j], key)
+            seq.block_keys.append(key)
 
     def _finish(self, seq: Sequence, reason: dict) -> None:
         seq.finish_reason = reason
@@ -193,13 +233,16 @@ class Scheduler:
         # admissions
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running_requests:
             seq = self.waiting[0]
-            n = min(len(seq.tokens), budget)
+            self._match_prefix(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
             # keep a block of headroom per running sequence so admissions do not force retractions
             headroom = len(self.running) + 1
-            if self.cache.blocks_for(n) + headroom > self.cache.allocator.num_free and self.running:
+            new_blocks = self.cache.blocks_for(seq.num_computed + n) - len(seq.blocks)
+            if new_blocks + headroom > self.cache.allocator.num_free and self.running:
+                self._release(seq)  # cached blocks go back to the cache; matched again next time
                 break
             try:
-                self._ensure_blocks(seq, n)
+                self._ensure_blocks(seq, seq.num_computed + n)
             except OutOfBlocks:
                 self._release(seq)
                 if not self.running:
@@ -255,6 +298,7 @@ class Scheduler:
         logits = self.runner.forward(batch, self.cache)
         for seq, n in plan:
             seq.num_computed += n
+            self._register_blocks(seq)
         self.steps += 1
         self._sample_and_advance(samplers, logits)
         return row
@@ -269,8 +313,10 @@ class Scheduler:
         full = seq.num_computed // bs
         out = [seq]
         for i in range(1, req.params.n):
-            child = Sequence(request=req, sample_idx=i, tokens=list(seq.tokens), num_computed=seq.num_computed)
+            child = Sequence(request=req, sample_idx=i, tokens=list(seq.tokens), num_computed=seq.num_computed,
+                             cached_tokens=seq.cached_tokens)
             child.blocks = self.cache.allocator.share(seq.blocks[:full])
+            child.block_keys = list(seq.block_keys[:full])
             if full < len(seq.blocks):  # partial last block: private copy so appends never collide
                 try:
                     (b,) = self.cache.allocator.allocate(1)

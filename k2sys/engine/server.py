@@ -525,6 +525,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=EngineConfig.block_size)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--served-model-name", default=EngineConfig.served_model_name)
+    ap.add_argument("--disable-radix-cache", action="store_true",
+                    help="turn off prefix caching (SGLang's flag name; the native engine caches whole KV blocks)")
     ap.add_argument("--moe-kernels", default=EngineConfig.moe_kernels, choices=["auto", "triton", "torch"],
                     help="MoE layers: Triton kernels on CUDA (auto), always (triton) or never (torch)")
     ap.add_argument("--log-level", default="warning")
@@ -539,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EngineConfig(dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                        max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
-                       served_model_name=args.served_model_name, moe_kernels=args.moe_kernels)
+                       served_model_name=args.served_model_name, moe_kernels=args.moe_kernels,
+                       enable_prefix_caching=not args.disable_radix_cache)
     engine = NativeEngine.from_pretrained(args.model, cfg)
     app = build_app(engine, args.model)
 
