@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from k2sys.config import render, to_dict
+from k2sys.config import ConfigError, render, to_dict
 from k2sys.coordinator import state as sm
 from k2sys.coordinator.engine_handle import EngineHandle
 from k2sys.coordinator.metrics import MetricsLog
@@ -459,6 +459,9 @@ class RecipeRunner:
 
         mcfg = self._model_config = models.load_config(sft_hf)
         self._model_dtype = torch.float32 if mcfg.torch_dtype == "float32" else torch.bfloat16
+        if self.cfg.tasks.env_kinds() and self.cfg.agent.max_episode_tokens > mcfg.max_position_embeddings:
+            raise ConfigError(f"agent.max_episode_tokens={self.cfg.agent.max_episode_tokens} exceeds the model's "
+                              f"max_position_embeddings={mcfg.max_position_embeddings}; lower it")
         self.engine = EngineHandle(self.cfg.engine.kind, self.dir, self.cfg.engine.port,
                                    self.cfg.engine.max_running_requests, self.cfg.engine.startup_timeout_s,
                                    self.cfg.engine.restarts, native_args=self.cfg.engine.native_args())
