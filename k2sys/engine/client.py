@@ -31,6 +31,9 @@ from k2sys.engine.shm import ShmUpdatePayload, ShmWriter, cuda_ipc_handle, split
 from k2sys.engine.wire import (BucketEntry, FlattenedBucket, deserialize_named_tensors, serialize_named_tensors,
                                tensors_from_update)
 
+KEEPALIVE_EXPIRY_S = 2.0
+"""Seconds an idle pooled connection is kept (below every server's keep-alive timeout)."""
+
 __all__ = ["EngineHTTPError", "HTTPEngine", "BucketEntry", "FlattenedBucket", "serialize_named_tensors",
            "deserialize_named_tensors", "tensors_from_update"]
 from k2sys.engine.protocol import (GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
@@ -93,7 +96,7 @@ class HTTPEngine:
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers,
-                                    limits=httpx.Limits(max_connections=max_concurrency + 8))
+                                    limits=self._limits())
         self._lock = threading.Lock()
         self._inflight: dict[str, _InFlight] = {}
         self._weight_version: str | None = None
@@ -214,9 +217,14 @@ class HTTPEngine:
             groups = list(pool.map(self._generate_one, reqs))
         return [o for g in groups for o in g]
 
+    def _limits(self) -> httpx.Limits:
+        # Idle connections expire on our side well before servers close them (uvicorn: 5 s by default,
+        # `k2sys serve`: 75 s), so a request is never sent on a connection being closed under it.
+        return httpx.Limits(max_connections=self.max_concurrency + 8, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+
     def _async_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, headers=self._headers,
-                                 limits=httpx.Limits(max_connections=self.max_concurrency + 8))
+                                 limits=self._limits())
 
     async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
         reqs = self._check_requests(requests)

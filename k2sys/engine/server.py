@@ -566,8 +566,11 @@ def main(argv: list[str] | None = None) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    # Keep idle connections far longer than clients do (HTTPEngine drops its idle ones after
+    # KEEPALIVE_EXPIRY_S): with equal timeouts a client can send on a connection the server is
+    # closing at that moment, and the request dies with "connection reset by peer".
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=10))
+                                   timeout_graceful_shutdown=10, timeout_keep_alive=75))
     try:
         server.run()
     finally:
