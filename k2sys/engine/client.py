@@ -31,7 +31,7 @@ from k2sys.engine.shm import ShmUpdatePayload, ShmWriter, cuda_ipc_handle, split
 from k2sys.engine.wire import (BucketEntry, FlattenedBucket, deserialize_named_tensors, serialize_named_tensors,
                                tensors_from_update)
 
-KEEPALIVE_EXPIRY_S = 2.0
+KEEPALIVE_EXPIRY_S = 4.0
 """Seconds an idle pooled connection is kept (below every server's keep-alive timeout)."""
 
 __all__ = ["EngineHTTPError", "HTTPEngine", "BucketEntry", "FlattenedBucket", "serialize_named_tensors",
@@ -209,17 +209,25 @@ class HTTPEngine:
         return reqs
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        """Outputs in request order (n per request), at most max_concurrency requests in flight."""
+        """Outputs in request order (n per request), at most max_concurrency requests in flight.
+
+        Many requests go through one event loop and one async connection pool (async_generate):
+        threads sharing httpx's sync pool can race when it expires idle connections (a request
+        then reads a closed or reused socket: EBADF, or a reply that never comes)."""
         reqs = self._check_requests(requests)
         if len(reqs) <= 1:
             return [o for r in reqs for o in self._generate_one(r)]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no event loop in this thread
+            return asyncio.run(self.async_generate(reqs))
         with ThreadPoolExecutor(min(self.max_concurrency, len(reqs)), thread_name_prefix="k2sys-gen") as pool:
-            groups = list(pool.map(self._generate_one, reqs))
+            groups = list(pool.map(self._generate_one, reqs))  # inside a running loop: threads
         return [o for g in groups for o in g]
 
     def _limits(self) -> httpx.Limits:
-        # Idle connections expire on our side well before servers close them (uvicorn: 5 s by default,
-        # `k2sys serve`: 75 s), so a request is never sent on a connection being closed under it.
+        # Idle connections expire on our side before servers close them (uvicorn: 5 s by default,
+        # `k2sys serve`: 75 s), so a request is not sent on a connection being closed under it.
         return httpx.Limits(max_connections=self.max_concurrency + 8, keepalive_expiry=KEEPALIVE_EXPIRY_S)
 
     def _async_client(self) -> httpx.AsyncClient:
