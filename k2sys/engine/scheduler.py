@@ -322,7 +322,7 @@ class Scheduler:
                     (b,) = self.cache.allocator.allocate(1)
                 except OutOfBlocks:
                     self.cache.allocator.release(child.blocks)
-                    child.blocks, child.num_computed = [], 0
+                    child.blocks, child.num_computed, child.block_keys = [], 0, []
                     self.waiting.append(child)  # recompute it alone later
                     req.seqs.append(child)
                     continue
