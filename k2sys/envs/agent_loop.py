@@ -89,8 +89,8 @@ async def advance_episode(engine: Any, tokenizer: Any, traj: PartialTrajectory, 
     m = traj.meta
     if m["finished"]:
         return 0
-    if env is None:
-        env, _ = replay(m["env"], m["env_seed"], m["actions"])
+    if env is None:  # env steps may run programs in the sandbox: off the event loop
+        env, _ = await asyncio.to_thread(replay, m["env"], m["env_seed"], m["actions"])
     generated = 0
     turn_no = len(m["actions"])
     while not m["finished"]:
@@ -126,7 +126,7 @@ async def advance_episode(engine: Any, tokenizer: Any, traj: PartialTrajectory, 
         m["actions"].append(action)
         m["call_ids"].extend(c["id"] for c in action.get("tool_calls", []))
         turn_no += 1
-        obs, reward, terminated, truncated, info = env.step(action)
+        obs, reward, terminated, truncated, info = await asyncio.to_thread(env.step, action)
         if terminated or truncated:
             _finish(traj, reward, truncated, "stop", info)
             break
