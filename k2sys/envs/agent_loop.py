@@ -29,8 +29,7 @@ from k2sys.envs.base import Env, make_env, replay
 from k2sys.rl.rollout_buffer import PartialTrajectory
 from k2sys.tokenizer import parse_assistant, render_chat, render_continuation
 
-__all__ = ["AgentConfig", "new_episode_group", "is_episode", "advance_episode", "episode_response_mask",
-           "run_episodes"]
+__all__ = ["AgentConfig", "new_episode_group", "is_episode", "advance_episode", "run_episodes"]
 
 
 @dataclass(kw_only=True)
@@ -66,10 +65,6 @@ def new_episode_group(spec: dict, group_id: int, k: int, tokenizer: Any, seed: i
 
 def is_episode(traj: PartialTrajectory) -> bool:
     return "env" in traj.meta
-
-
-def episode_response_mask(traj: PartialTrajectory) -> list[int]:
-    return list(traj.meta["response_mask"])
 
 
 def _finish(traj: PartialTrajectory, reward: float, truncated: bool, reason: str, info: dict | None = None) -> None:

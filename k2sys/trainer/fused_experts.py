@@ -51,7 +51,7 @@ class K2FusedExperts(SequentialMLP):
         if msgs:
             raise ValueError("TrainerConfig.moe_kernels=triton/auto cannot fuse these experts: " + "; ".join(msgs)
                              + " (or set moe_kernels=megatron)")
-        self._warned_copy = False
+        self._layout_checked = False
 
     def expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return ([e.linear_fc1.weight for e in self.local_experts], [e.linear_fc2.weight for e in self.local_experts])
@@ -67,10 +67,11 @@ class K2FusedExperts(SequentialMLP):
         from k2sys.kernels import grouped_experts, stack_views
 
         w13, w2 = self.expert_weights()
-        if not self._warned_copy and (stack_views(w13) is None or stack_views(w2) is None):
-            self._warned_copy = True
-            log.warning("K2FusedExperts: expert weights are not evenly spaced in one storage; "
-                        "stacking them on every forward (one extra copy of the local experts)")
+        if not self._layout_checked:  # once: the layout is fixed before the first forward (after DDP wraps)
+            self._layout_checked = True
+            if stack_views(w13) is None or stack_views(w2) is None:
+                log.warning("K2FusedExperts: expert weights are not evenly spaced in one storage; "
+                            "stacking them on every forward (one extra copy of the local experts)")
         out = grouped_experts(permuted_local_hidden_states, permuted_probs.reshape(-1), tokens_per_expert, w13, w2)
         return out, None
 
