@@ -75,19 +75,37 @@ def assign_readers(index: Sequence[CheckpointTensor], world: int) -> list[list[C
 
 def load_checkpoint(path: str, receiver: WeightReceiver, *, group: Optional[dist.ProcessGroup] = None,
                     config: Optional[UpdateConfig] = None, device: str | torch.device = "cpu") -> UpdateReport:
-    """Load an HF safetensors checkpoint into `receiver` on every rank, each file byte read once."""
-    files = checkpoint_files(path)
-    index = read_index(files)
+    """Load an HF safetensors checkpoint into `receiver` on every rank, each file byte read once.
+
+    A checkpoint directory (config.json) is read through k2sys.models.checkpoint.HFCheckpoint: model
+    tensors only, FP8 block-scaled weights dequantized exactly by the rank that reads them. A bare
+    .safetensors file is read as stored; float8 tensors in it are refused (their scales cannot be placed)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = assign_readers(index, world)[rank]
     tensors: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[CheckpointTensor]] = {}
-    for t in mine:
-        by_file.setdefault(t.file, []).append(t)
-    for f, lst in by_file.items():
-        with safe_open(f, framework="pt") as h:
-            for t in lst:
-                tensors[t.spec.name] = h.get_tensor(t.spec.name)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        from k2sys.models.checkpoint import HFCheckpoint
+
+        ckpt = HFCheckpoint(path)
+        index = [CheckpointTensor(str(ckpt.tensors[n].file), TensorSpec(n, ckpt.shape(n), ckpt.out_dtype(n)))
+                 for n in sorted(ckpt, key=lambda n: (str(ckpt.tensors[n].file), ckpt.tensors[n].offset))]
+        mine = assign_readers(index, world)[rank]
+        for t in mine:
+            tensors[t.spec.name] = ckpt.read(t.spec.name)
+        ckpt.close()
+    else:
+        index = read_index(checkpoint_files(path))
+        fp8 = [t.spec.name for t in index if t.spec.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+        if fp8:
+            raise ValueError(f"load_checkpoint: {path} holds float8 tensors ({fp8[:3]}); pass the checkpoint "
+                             "directory (with config.json and its quantization_config) so their scales are applied")
+        mine = assign_readers(index, world)[rank]
+        by_file: dict[str, list[CheckpointTensor]] = {}
+        for t in mine:
+            by_file.setdefault(t.file, []).append(t)
+        for f, lst in by_file.items():
+            with safe_open(f, framework="pt") as h:
+                for t in lst:
+                    tensors[t.spec.name] = h.get_tensor(t.spec.name)
     layout = hf_layout({t.spec.name: t.spec.shape for t in mine}, {t.spec.name: t.spec.dtype for t in mine},
                        name=f"checkpoint part {rank}/{world}")
     shards = TrainerShards(layout, tensors)

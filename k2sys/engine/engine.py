@@ -31,7 +31,7 @@ from k2sys.engine.protocol import (PAUSE_MODES, GenerateOutput, GenerateRequest,
                                    validate_tags)
 from k2sys.engine.protocol import SamplingParams as ProtocolSampling
 from k2sys.engine.scheduler import Request, Scheduler, Sequence as Seq
-from k2sys.models import K2Config, K2ForCausalLM, load_config, load_state_dict, param_shapes
+from k2sys.models import K2Config, K2ForCausalLM, param_shapes
 
 __all__ = ["NativeEngine", "RequestHandle"]
 
@@ -122,15 +122,26 @@ class NativeEngine:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **overrides: Any) -> "NativeEngine":
-        """Load an HF DeepseekV3/Kimi-K2 checkpoint directory (+ its tokenizer when present)."""
+        """Load an HF DeepseekV3/Kimi-K2 checkpoint directory (+ its tokenizer when present).
+
+        FP8 block-scaled release checkpoints are dequantized exactly, or kept in FP8 (weights +
+        weight_scale_inv, the release layout) when the engine serves FP8 (config.quantization="fp8")."""
+        from k2sys.models.checkpoint import HFCheckpoint
+
         if config is None:
             config = EngineConfig(**overrides)
         path = Path(path)
-        cfg = load_config(path)
-        names = set(param_shapes(cfg))
-        state = {k: v for k, v in load_state_dict(path).items() if k in names}  # drops MTP layers
+        ckpt = HFCheckpoint(path, _DTYPES[config.dtype] if config.dtype else None)
+        try:
+            cfg = ckpt.config
+            if getattr(config, "quantization", "none") == "fp8" and ckpt.has_fp8:
+                state = ckpt.raw_state_dict()
+            else:
+                state = ckpt.state_dict()  # model tensors only: MTP layers are dropped
+        finally:
+            ckpt.close()
         tokenizer = None
-        if (path / "tokenizer.json").exists():
+        if (path / "tokenizer.json").exists() or (path / "tiktoken.model").exists():
             from k2sys.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(path)

@@ -13,6 +13,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _ROPE_TYPES = ("default", "yarn")
+_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+# Keys to_hf_dict writes by default: read back as defaults, not as extras.
+_WRITTEN: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "num_nextn_predict_layers": 0}
+_YARN_KEYS = {"type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "attention_factor", "truncate"}
+# config.json fields that change the computation; each must hold the value our model implements,
+# else loading is an error (never a silently different model). name -> (allowed values, what it means)
+_FIXED_FIELDS: dict[str, tuple[tuple, str]] = {
+    "scoring_func": (("sigmoid",), "router scores (DeepSeek-V3/Kimi-K2 use sigmoid)"),
+    "topk_method": (("noaux_tc",), "router top-k (aux-loss-free with e_score_correction_bias)"),
+    "moe_layer_freq": ((1,), "every layer from first_k_dense_replace on is MoE"),
+    "pretraining_tp": ((1,), "no tensor-parallel slicing of the linear layers at inference"),
+    "attention_dropout": ((0, 0.0), "no attention dropout"),
+    "ep_size": ((1,), "the checkpoint's own expert-parallel sharding"),
+    "mlp_bias": ((False,), "no MLP biases"),
+}
+
 
 
 class ConfigError(ValueError):
@@ -61,6 +78,11 @@ class K2Config:
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    model_type: str = "deepseek_v3"
+    """deepseek_v3 or kimi_k2 (the same architecture); kept so an export says what it was loaded as."""
+    quantization_config: dict | None = None
+    """How the checkpoint's weights are stored (FP8 block-128 as released); None = unquantized.
+    Describes files, not the model: exports set it from their format (k2sys.models.hf_io.save_hf)."""
     extra: dict = field(default_factory=dict)
     """Unknown config.json keys, kept so a round trip does not lose them."""
 
@@ -124,10 +146,17 @@ class K2Config:
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
         need(self.torch_dtype in ("float32", "bfloat16", "float16"), "torch_dtype",
              f"must be one of float32, bfloat16, float16; got {self.torch_dtype!r}")
+        need(self.model_type in _MODEL_TYPES, "model_type", f"must be one of {_MODEL_TYPES}, got {self.model_type!r}")
+        if self.quantization_config is not None:
+            from k2sys.models.checkpoint import FP8Block
+
+            FP8Block.from_config(self.quantization_config)  # raises naming the field
         rs = self.rope_scaling
         if rs is not None:
             need(rs["type"] in _ROPE_TYPES, "rope_scaling.type", f"must be one of {_ROPE_TYPES}, got {rs['type']!r}")
             if rs["type"] == "yarn":
+                unknown = sorted(set(rs) - _YARN_KEYS)
+                need(not unknown, "rope_scaling", f"unknown YaRN keys {unknown}; k2sys implements {sorted(_YARN_KEYS)}")
                 for key in ("factor", "original_max_position_embeddings"):
                     need(key in rs, f"rope_scaling.{key}", "is required for YaRN")
                 need(rs["factor"] >= 1, "rope_scaling.factor", f"must be >= 1, got {rs['factor']}")
@@ -136,9 +165,13 @@ class K2Config:
     def to_hf_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "rope_scaling")}
         d.update(self.extra)
-        d["model_type"] = "deepseek_v3"
-        d["architectures"] = ["DeepseekV3ForCausalLM"]
-        d["num_nextn_predict_layers"] = 0
+        for k, v in _WRITTEN.items():
+            d.setdefault(k, v)
+        if d.get("quantization_config") is None:
+            d.pop("quantization_config", None)
+        if "eos_token_ids" in d:  # config.json had a list of eos ids
+            ids = d.pop("eos_token_ids")
+            d["eos_token_id"] = ids if ids and ids[0] == self.eos_token_id else self.eos_token_id
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         # transformers >= 5 reads rope_parameters; older loaders and SGLang read rope_scaling/rope_theta.
         rp: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -152,8 +185,14 @@ class K2Config:
     def from_hf_dict(cls, d: dict[str, Any]) -> "K2Config":
         d = dict(d)
         mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v3", "kimi_k2"):
+        if mt not in _MODEL_TYPES:
             raise ConfigError(f"config.json model_type: expected 'deepseek_v3' or 'kimi_k2', got {mt!r}")
+        for key, (allowed, meaning) in _FIXED_FIELDS.items():
+            if key in d and d[key] not in allowed and d[key] is not None:
+                raise ConfigError(f"config.json {key}: {d[key]!r} is not supported; k2sys implements {allowed[0]!r} "
+                                  f"({meaning})")
+        if "rope_scaling" in d and d["rope_scaling"] is not None and not isinstance(d["rope_scaling"], dict):
+            raise ConfigError(f"config.json rope_scaling: expected an object or null, got {d['rope_scaling']!r}")
         rp = d.pop("rope_parameters", None)
         if rp:
             rp = dict(rp)
@@ -162,14 +201,15 @@ class K2Config:
             if rtype != "default" and not d.get("rope_scaling"):
                 d["rope_scaling"] = {"type": rtype, **rp}
         names = {f.name for f in dataclasses.fields(cls)}
-        ignored = {"model_type", "architectures", "num_nextn_predict_layers", "num_mtp_layers", "transformers_version",
-                   "qk_head_dim", "head_dim", "use_cache", "dtype", "extra"}
+        ignored = {"qk_head_dim", "head_dim", "dtype", "extra"}
         kwargs = {k: v for k, v in d.items() if k in names}
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = str(d["dtype"]).replace("torch.", "")
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        extra = {k: v for k, v in d.items() if k not in names and k not in ignored}
+        eos = kwargs.get("eos_token_id")
+        if isinstance(eos, list):  # several stop ids: the first is the model's eos, all are written back
+            kwargs["eos_token_id"] = eos[0] if eos else None
+            d["eos_token_ids"] = eos
+        extra = {k: v for k, v in d.items() if k not in names and k not in ignored and not (k in _WRITTEN and _WRITTEN[k] == v)}
         return cls(**kwargs, extra=extra)
 
     def num_params(self) -> int:

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 
 from k2sys.models.config import K2Config
-from k2sys.models.hf_io import load_config, load_state_dict, write_json_atomic
+from k2sys.models.hf_io import write_json_atomic
 from k2sys.trainer.cpu_compat import ensure_cpu_shims
-from k2sys.trainer.naming import hf_to_megatron, megatron_layout, megatron_to_hf
+from k2sys.trainer.naming import load_hf_into, local_names, megatron_layout, megatron_to_hf
 from k2sys.trainer.offload import StateOffloader
 from k2sys.trainer.optim import OptimConfig, build_optimizer, set_lr
 from k2sys.trainer.parallel import ParallelConfig, init_parallel, ranks
@@ -140,8 +140,7 @@ class MegatronBackend:
         self.fused_experts = self.train.fused_experts()
         gpt = build_gpt_model(config, self.tc, self.use_te, self.fused_experts)
         if hf_state is not None:
-            self._load_local(gpt, hf_to_megatron(hf_state, config, self.parallel.tp, self.parallel.ep,
-                                                 self.ranks["tp_rank"], self.ranks["ep_rank"], self.use_te))
+            self._load_local(gpt, hf_state)
         ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                             use_distributed_optimizer=self.train.optim.use_distributed_optimizer,
                                             bucket_size=None)
@@ -155,7 +154,15 @@ class MegatronBackend:
     @classmethod
     def from_hf(cls, path: str | os.PathLike, parallel: ParallelConfig | None = None,
                 train: TrainerConfig | None = None) -> "MegatronBackend":
-        return cls(load_config(path), parallel, train, hf_state=load_state_dict(path))
+        """Each rank reads only the slices it owns from the checkpoint (positioned reads, no full copy);
+        FP8 block-scaled release checkpoints are dequantized exactly (k2sys.models.checkpoint)."""
+        from k2sys.models.checkpoint import HFCheckpoint
+
+        ckpt = HFCheckpoint(path)
+        try:
+            return cls(ckpt.config, parallel, train, hf_state=ckpt)
+        finally:
+            ckpt.close()
 
     @classmethod
     def from_model(cls, model, parallel: ParallelConfig | None = None,
@@ -179,17 +186,17 @@ class MegatronBackend:
         backend.load(path, optimizer=train.optim.name == meta["train"]["optim"]["name"])
         return backend
 
-    def _load_local(self, gpt, local: dict[str, torch.Tensor]) -> None:
+    def _load_local(self, gpt, hf_state: Mapping[str, torch.Tensor]) -> None:
+        """This rank's pieces of `hf_state` (a state dict or an HFCheckpoint) copied straight into gpt's
+        parameters and buffers."""
         own = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
-        if set(own) != set(local):
-            raise KeyError(f"MegatronBackend: naming table and model disagree: model-only {sorted(set(own) - set(local))[:4]}, "
-                           f"table-only {sorted(set(local) - set(own))[:4]}")
-        with torch.no_grad():
-            for k, v in own.items():
-                if tuple(v.shape) != tuple(local[k].shape):
-                    raise ValueError(f"MegatronBackend: {k} is {tuple(v.shape)} in the model, "
-                                     f"{tuple(local[k].shape)} from the table")
-                v.copy_(local[k])
+        table = set(local_names(self.config, self.parallel.tp, self.parallel.ep, self.ranks["tp_rank"],
+                                self.ranks["ep_rank"], self.use_te))
+        if set(own) != table:
+            raise KeyError(f"MegatronBackend: naming table and model disagree: model-only {sorted(set(own) - table)[:4]}, "
+                           f"table-only {sorted(table - set(own))[:4]}")
+        load_hf_into(own, hf_state, self.config, self.parallel.tp, self.parallel.ep, self.ranks["tp_rank"],
+                     self.ranks["ep_rank"], self.use_te)
 
     # ---- batches ----------------------------------------------------------------------------
     def _device(self) -> torch.device:

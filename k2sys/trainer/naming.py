@@ -162,26 +162,54 @@ def _copy(dst: torch.Tensor, dst_box: Box, src: torch.Tensor, src_box: Box) -> N
     d.copy_(s.reshape(d.shape))
 
 
-def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], config: Any, tp_size: int = 1, ep_size: int = 1,
-                   tp_rank: int = 0, ep_rank: int = 0, te: bool = False) -> dict[str, torch.Tensor]:
-    """The local Megatron state dict of rank (tp_rank, ep_rank) from a full HF state dict."""
-    some = next(iter(hf_state.values()))
-    layout = megatron_layout(config, tp_size, ep_size, tp_rank, ep_rank, some.dtype, te)
+def read_piece(hf_state: Mapping[str, torch.Tensor], p) -> torch.Tensor:
+    """The global box of piece `p` from a full HF state dict, or read as a slice from a checkpoint on disk
+    (k2sys.models.checkpoint.HFCheckpoint: only the box's bytes are read, FP8 dequantized exactly)."""
+    read = getattr(hf_state, "read", None)
+    if read is not None:
+        if tuple(hf_state.shape(p.global_name)) != p.global_shape:
+            raise ValueError(f"hf_to_megatron: {p.global_name} has shape {tuple(hf_state.shape(p.global_name))}, "
+                             f"the config says {p.global_shape}")
+        return read(p.global_name, p.global_box.offsets, p.global_box.sizes)
+    src = hf_state[p.global_name]
+    if tuple(src.shape) != p.global_shape:
+        raise ValueError(f"hf_to_megatron: {p.global_name} has shape {tuple(src.shape)}, the config says "
+                         f"{p.global_shape}")
+    return p.global_box.view(src)
+
+
+def load_hf_into(local: Mapping[str, torch.Tensor], hf_state: Mapping[str, torch.Tensor], config: Any,
+                 tp_size: int = 1, ep_size: int = 1, tp_rank: int = 0, ep_rank: int = 0, te: bool = False) -> None:
+    """Copy this rank's pieces of `hf_state` straight into the local tensors `local` (e.g. a model's
+    parameters): one piece in flight at a time, so loading needs no second copy of the rank's share."""
+    layout = megatron_layout(config, tp_size, ep_size, tp_rank, ep_rank, torch.float32, te)
     missing = sorted(set(layout.global_shapes()) - set(hf_state))
     if missing:
         raise KeyError(f"hf_to_megatron: the HF state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    out = {}
     for name, spec in layout.tensors.items():
-        out[name] = torch.empty(spec.shape, dtype=spec.dtype)
-    for p in layout.pieces:
-        src = hf_state[p.global_name]
-        if tuple(src.shape) != p.global_shape:
-            raise ValueError(f"hf_to_megatron: {p.global_name} has shape {tuple(src.shape)}, the config says "
-                             f"{p.global_shape}")
-        dst = out[p.local_name]
-        if dst.dtype != src.dtype:
-            src = src.to(dst.dtype)
-        _copy(dst, p.local_box, src, p.global_box)
+        if name not in local:
+            raise KeyError(f"hf_to_megatron: no local tensor {name} to load into")
+        if tuple(local[name].shape) != tuple(spec.shape):
+            raise ValueError(f"hf_to_megatron: {name} is {tuple(local[name].shape)} locally, the layout says "
+                             f"{tuple(spec.shape)}")
+    with torch.no_grad():
+        for p in layout.pieces:
+            src = read_piece(hf_state, p)
+            d = p.local_box.view(local[p.local_name])
+            d.copy_(src.reshape(d.shape))
+
+
+def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], config: Any, tp_size: int = 1, ep_size: int = 1,
+                   tp_rank: int = 0, ep_rank: int = 0, te: bool = False,
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The local Megatron state dict of rank (tp_rank, ep_rank) from a full HF state dict (or an
+    HFCheckpoint, read slice by slice). dtype None: the state's dtype."""
+    if dtype is None:
+        first = next(iter(hf_state))
+        dtype = hf_state.out_dtype(first) if hasattr(hf_state, "out_dtype") else hf_state[first].dtype
+    layout = megatron_layout(config, tp_size, ep_size, tp_rank, ep_rank, dtype, te)
+    out = {name: torch.empty(spec.shape, dtype=spec.dtype) for name, spec in layout.tensors.items()}
+    load_hf_into(out, hf_state, config, tp_size, ep_size, tp_rank, ep_rank, te)
     return out
 
 
