@@ -162,7 +162,7 @@ def _copy(dst: torch.Tensor, dst_box: Box, src: torch.Tensor, src_box: Box) -> N
     d.copy_(s.reshape(d.shape))
 
 
-def read_piece(hf_state: Mapping[str, torch.Tensor], p) -> torch.Tensor:
+def read_piece(hf_state: Mapping[str, torch.Tensor], p, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The global box of piece `p` from a full HF state dict, or read as a slice from a checkpoint on disk
     (k2sys.models.checkpoint.HFCheckpoint: only the box's bytes are read, FP8 dequantized exactly)."""
     read = getattr(hf_state, "read", None)
@@ -170,7 +170,8 @@ def read_piece(hf_state: Mapping[str, torch.Tensor], p) -> torch.Tensor:
         if tuple(hf_state.shape(p.global_name)) != p.global_shape:
             raise ValueError(f"hf_to_megatron: {p.global_name} has shape {tuple(hf_state.shape(p.global_name))}, "
                              f"the config says {p.global_shape}")
-        return read(p.global_name, p.global_box.offsets, p.global_box.sizes)
+        # FP8 weights are dequantized straight to the destination dtype (no detour through bf16)
+        return read(p.global_name, p.global_box.offsets, p.global_box.sizes, dtype=dtype)
     src = hf_state[p.global_name]
     if tuple(src.shape) != p.global_shape:
         raise ValueError(f"hf_to_megatron: {p.global_name} has shape {tuple(src.shape)}, the config says "
@@ -194,8 +195,8 @@ def load_hf_into(local: Mapping[str, torch.Tensor], hf_state: Mapping[str, torch
                              f"{tuple(spec.shape)}")
     with torch.no_grad():
         for p in layout.pieces:
-            src = read_piece(hf_state, p)
             d = p.local_box.view(local[p.local_name])
+            src = read_piece(hf_state, p, d.dtype)
             d.copy_(src.reshape(d.shape))
 
 
