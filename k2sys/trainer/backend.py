@@ -120,6 +120,27 @@ class BatchError(ValueError):
     """A batch does not follow the format in the backend docstring; the message names the field."""
 
 
+def _proc_status_bytes(key: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (Linux), 0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS, so it measures the peak of what follows (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class MegatronBackend:
     """One rank's Megatron GPTModel + DDP + optimizer for a K2Config (see module doc)."""
 
@@ -138,9 +159,17 @@ class MegatronBackend:
         if self.ranks["etp"] != self.ranks["tp"] or self.ranks["etp_rank"] != self.ranks["tp_rank"]:
             raise RuntimeError("MegatronBackend: expert tensor parallel must equal tensor parallel (megatron default)")
         self.fused_experts = self.train.fused_experts()
+        rss_before = _proc_status_bytes("VmRSS")
         gpt = build_gpt_model(config, self.tc, self.use_te, self.fused_experts)
+        self.load_stats: dict[str, int] = {}
         if hf_state is not None:
+            _reset_peak_rss()
             self._load_local(gpt, hf_state)
+            # The rank's share = its parameters and buffers; peak = the most resident memory while loading
+            # (host RSS; on GPU the parameters live on the device and the host peak is the read buffers).
+            self.load_stats = {"rss_before_model": rss_before, "rss_peak_load": _proc_status_bytes("VmHWM"),
+                               "share_bytes": sum(t.numel() * t.element_size() for t in gpt.state_dict().values()
+                                                  if isinstance(t, torch.Tensor))}
         ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                             use_distributed_optimizer=self.train.optim.use_distributed_optimizer,
                                             bucket_size=None)
