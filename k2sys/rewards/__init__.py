@@ -8,6 +8,8 @@ from k2sys.rewards.critic import (CriticScore, EngineJudge, HeuristicJudge, Pref
 from k2sys.rewards.gym import RewardGym, Verifier, default_gym
 from k2sys.rewards.instruction import (CONSTRAINT_KINDS, InstructionResult, InstructionVerifier,
                                        find_compliance_claims)
+from k2sys.rewards.registry import (BUILTINS, FAILURE_REASONS, HTTPReward, PythonReward, Reward, RewardFailure,
+                                    RewardItem, RewardResult, make_reward)
 from k2sys.rewards.sandbox import SandboxConfig, SandboxResult, SandboxUnavailable, bwrap_available, run_python
 
 __all__ = [
@@ -17,4 +19,6 @@ __all__ = [
     "RewardGym", "Verifier", "default_gym",
     "CONSTRAINT_KINDS", "InstructionResult", "InstructionVerifier", "find_compliance_claims",
     "SandboxConfig", "SandboxResult", "SandboxUnavailable", "bwrap_available", "run_python",
+    "BUILTINS", "FAILURE_REASONS", "HTTPReward", "PythonReward", "Reward", "RewardFailure", "RewardItem",
+    "RewardResult", "make_reward",
 ]

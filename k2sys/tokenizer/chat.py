@@ -274,10 +274,12 @@ def render_continuation(messages: Sequence[dict], prior_call_ids: Sequence[str] 
 
 
 def _backend(tokenizer: Any) -> Any:
-    # Accept a `tokenizers.Tokenizer` or a transformers fast tokenizer (which wraps one).
+    # Accept a `tokenizers.Tokenizer`, a k2sys TiktokenTokenizer or a transformers fast tokenizer (which wraps one).
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not hasattr(backend, "token_to_id") or backend.token_to_id(IM_END) is None:
-        raise ValueError("tokenizer has no K2 chat tokens; use one made by k2sys.tokenizer.train_tokenizer")
+        raise ValueError("tokenizer has no K2 chat tokens; use one made by k2sys.tokenizer.train_tokenizer, or "
+                         "load a checkpoint's tokenizer with k2sys.tokenizer.load_tokenizer(dir) so its chat "
+                         "template is used")
     return backend
 
 
@@ -285,10 +287,21 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict],
                   tools: Sequence[dict] | None = None) -> tuple[list[int], list[int]]:
     """Tokenize a conversation for SFT: (input_ids, loss_mask), mask 1 on assistant tokens.
 
-    Assistant tokens are each assistant turn's content, tool-call section and closing <|im_end|>;
-    the `<|im_assistant|>assistant<|im_middle|>` header is the prompt and stays 0. Every span edge
-    is a special token, so no token straddles one.
+    A tokenizer from `load_tokenizer` carries its checkpoint's chat format (`tokenizer.chat_format`,
+    see k2sys.tokenizer.formats) and is tokenized with it. Otherwise the K2 format: assistant tokens
+    are each assistant turn's content, tool-call section and closing <|im_end|>; the
+    `<|im_assistant|>assistant<|im_middle|>` header is the prompt and stays 0. Every span edge is a
+    special token, so no token straddles one.
     """
+    fmt = getattr(tokenizer, "chat_format", None)
+    if fmt is not None:
+        return fmt.tokenize(messages, tools)
+    return tokenize_k2(tokenizer, messages, tools)
+
+
+def tokenize_k2(tokenizer: Any, messages: Sequence[dict],
+                tools: Sequence[dict] | None = None) -> tuple[list[int], list[int]]:
+    """`tokenize_chat` in the K2 format, whatever format the tokenizer carries."""
     text, spans = _render(messages, tools, add_generation_prompt=False)
     enc = _backend(tokenizer).encode(text, add_special_tokens=False)
     mask = [0] * len(enc.ids)

@@ -20,7 +20,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -121,12 +121,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     return save_tokenizer(tok, out_dir, model_max_length=model_max_length)
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load tokenizer.json from a directory written by `train_tokenizer` (no transformers needed)."""
-    file = Path(path) / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found; create it with k2sys.tokenizer.train_tokenizer")
-    return Tokenizer.from_file(str(file))
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """Load the tokenizer in directory `path`, with its chat format attached as `.chat_format`.
+
+    tokenizer.json (ours from `train_tokenizer`, or a release's) -> `tokenizers.Tokenizer`;
+    else tiktoken.model + tokenizer_config.json (the Kimi release layout) -> `TiktokenTokenizer`.
+    Both answer encode(text).ids / .offsets, decode, token_to_id, id_to_token, get_vocab_size.
+    `.chat_format` is the directory's chat template, else the K2 format when the tokenizer has the
+    K2 chat tokens, else None (see k2sys.tokenizer.formats). No transformers needed.
+    """
+    from .formats import format_for_dir
+    from .tiktoken_bpe import TIKTOKEN_FILE, TiktokenTokenizer
+
+    tok_dir = Path(path)
+    if (tok_dir / "tokenizer.json").is_file():
+        tok: Any = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    elif (tok_dir / TIKTOKEN_FILE).is_file():
+        tok = TiktokenTokenizer.from_dir(tok_dir)
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer in {tok_dir}: looked for tokenizer.json (Hugging Face tokenizers) and {TIKTOKEN_FILE} + "
+            "tokenizer_config.json (tiktoken BPE, the Kimi release layout); create one with "
+            "k2sys.tokenizer.train_tokenizer or copy the model's tokenizer files there")
+    tok.chat_format = format_for_dir(tok_dir, tok)
+    return tok
 
 
 # English prose for the corpus: general words the tiny model's chat turns and task prompts use.
