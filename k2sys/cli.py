@@ -72,17 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="list recipes or show a recipe's resolved config")
     c.add_argument("action", choices=["show", "list"])
     c.add_argument("recipe", nargs="?")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.seed=3")
+    c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="overrides, e.g. --set model.seed=3 rl.iterations=5 (repeatable)")
     c.set_defaults(fn=_cmd_config)
 
     r = sub.add_parser("run", help="run a recipe end to end")
     r.add_argument("recipe")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     r.set_defaults(fn=_cmd_run)
 
     f = sub.add_parser("sft", help="data + SFT stage of a recipe (runs on every rank under torchrun)")
     f.add_argument("recipe")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     f.set_defaults(fn=_cmd_sft)
 
     for name, text in (

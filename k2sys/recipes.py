@@ -7,15 +7,19 @@ from typing import Callable, Literal
 
 from k2sys.config import ConfigError
 from k2sys.coordinator.rollout import RolloutConfig
-from k2sys.coordinator.sections import EngineSection, RLSection, SFTSection, TasksSection, TrainerSection
+from k2sys.coordinator.sections import (DataSection, EngineSection, RLSection, SFTSection, TasksSection,
+                                        TrainerSection)
 from k2sys.envs.agent_loop import AgentConfig
 from k2sys.eval.harness import EvalConfig
 
 
 @dataclass(kw_only=True)
 class ModelSection:
+    path: str | None = None
+    """An HF checkpoint directory to post-train (as released: bf16 or FP8 block-128, sharded, tokenizer.json or
+    tiktoken.model, the checkpoint's chat template). None: a fresh `preset` model with a tokenizer trained here."""
     preset: Literal["k2-tiny", "k2-small", "kimi-k2"] = "k2-tiny"
-    """Architecture preset from k2sys.models.PRESETS."""
+    """Architecture preset from k2sys.models.PRESETS (when model.path is none)."""
     vocab_size: int | None = None
     """Override the preset's vocabulary (None: the tokenizer's size for trained tokenizers)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -25,6 +29,11 @@ class ModelSection:
     def validate(self) -> None:
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size: must be positive or none, got {self.vocab_size}")
+        if self.path is not None:
+            from pathlib import Path
+
+            if not (Path(self.path) / "config.json").is_file():
+                raise ConfigError(f"model.path: {self.path} is not an HF checkpoint directory (no config.json)")
 
 
 @dataclass(kw_only=True)
@@ -74,9 +83,27 @@ class RLRunConfig:
     engine: EngineSection = field(default_factory=EngineSection)
     agent: AgentConfig = field(default_factory=AgentConfig)
     """Multi-turn episodes (tasks.tool_use / tasks.code > 0): per-turn and per-episode token caps."""
+    data: DataSection = field(default_factory=DataSection)
+    reward: str | None = None
+    """Reward of data.rl_prompts: math | exact | code | instruction, a Python `module:function` or
+    `path/to/file.py:function` (called as fn(prompt, response, label, metadata) -> float), or an HTTP(S)
+    reward service URL (k2sys.rewards.registry). Failures score 0, are counted and never stop the run."""
+    reward_options: dict = field(default_factory=dict)
+    """Options of the reward (e.g. {"timeout_s": 10} for Python functions, {"batch_size": 64} for URLs)."""
 
     def validate(self) -> None:
         RunConfig.validate(self)  # same name rule
+        if self.data.rl_prompts and not self.reward:
+            raise ConfigError("reward: data.rl_prompts needs a reward, e.g. --set reward=math or reward=my_mod:score")
+        if self.reward and not self.data.rl_prompts:
+            raise ConfigError("data.rl_prompts: a reward is set but no prompt file; --set data.rl_prompts=FILE")
+        if self.data.rl_prompts:
+            self.rl.budgets.setdefault("user", self.data.max_new_tokens)
+        if not (self.tasks.families or self.data.rl_prompts or self.tasks.env_kinds()):
+            raise ConfigError("tasks.families: name at least one task family, or give your own prompts with "
+                              "data.rl_prompts=FILE and reward=...")
+        if self.rl.ptx_coef > 0 and not (self.tasks.families or self.data.sft or self.tasks.env_kinds()):
+            raise ConfigError("rl.ptx_coef: the PTX loss needs SFT rows (data.sft=FILE); or set rl.ptx_coef=0")
         missing = [f for f in self.tasks.families if f not in self.rl.budgets]
         if missing:
             raise ConfigError(f"rl.budgets: no token budget for task families {missing}; "
@@ -105,6 +132,19 @@ def tiny_k2_agent() -> RLRunConfig:
     )
 
 
+def custom() -> RLRunConfig:
+    """Post-train your own model: model.path (an HF checkpoint as released), data.rl_prompts (JSONL, Parquet or a
+    `datasets` directory) and reward (built-in, module:function or URL); optional data.sft for an SFT stage.
+    k2sys run custom --set model.path=DIR data.rl_prompts=FILE reward=math"""
+    return RLRunConfig(
+        name="custom",
+        tasks=TasksSection(families=[]),
+        sft=SFTSection(steps=0),
+        rl=RLSection(iterations=10, budgets={}, filter_prompts=0, ptx_coef=0.0),
+        rollout=RolloutConfig(prompts_per_iter=8, samples_per_prompt=4),
+    )
+
+
 def tiny_model() -> RunConfig:
     """Build a k2-tiny model and tokenizer, save as HF, reload, check logits agree."""
     return RunConfig(name="tiny-model", model=ModelSection(preset="k2-tiny"))
@@ -117,6 +157,7 @@ def small_model() -> RunConfig:
 RECIPES: dict[str, Callable[[], RunConfig | RLRunConfig]] = {
     "tiny-k2": tiny_k2,
     "tiny-k2-agent": tiny_k2_agent,
+    "custom": custom,
     "tiny-model": tiny_model,
     "small-model": small_model,
 }

@@ -39,7 +39,7 @@ from k2sys.models.hf_io import write_json_atomic
 from k2sys.rl import (BudgetConfig, BudgetController, DifficultyFilter, RolloutBuffer, StalePolicyConfig,
                       TemperatureSchedule, logprob_mismatch)
 from k2sys.tasks import Task, get_family
-from k2sys.tasks.format import prompt_ids, score, sft_rows, stop_token_ids
+from k2sys.tasks.format import prompt_ids, score_many, sft_rows, stop_token_ids
 from k2sys.tokenizer import render_chat, tokenize_chat
 
 log = logging.getLogger("k2sys.coordinator")
@@ -69,6 +69,13 @@ class RecipeRunner:
             saved.write_text(render(cfg) + "\n")
         self.metrics = MetricsLog(self.dir) if self.rank == 0 else NullMetrics()
         self.families = {f: get_family(f, **cfg.tasks.params.get(f, {})) for f in cfg.tasks.families}
+        if cfg.data.rl_prompts:  # the user's prompts, scored by the user's reward (k2sys.tasks.user)
+            from k2sys.rewards.registry import make_reward
+            from k2sys.tasks.user import UserPrompts
+
+            self.families[UserPrompts.name] = UserPrompts(make_reward(cfg.reward, **cfg.reward_options), cfg.reward)
+        self.model_path = Path(cfg.model.path) if cfg.model.path else None
+        self.tok_dir = self.model_path or self.dir / "data" / "tokenizer"
         self.engine: EngineHandle | None = None
         self.trainer = None
 
@@ -90,26 +97,31 @@ class RecipeRunner:
         data = self.dir / "data"
         if self.state.get("data_done") or self.rank != 0:
             _barrier()  # pairs with rank 0's barrier after it built the data (or found it built)
-            self.tok = load_tokenizer(data / "tokenizer")
+            self.tok = load_tokenizer(self.tok_dir)
             return
         data.mkdir(exist_ok=True)
         env_rows = self._env_sft_rows()
-        # Environment conversations join the tokenizer corpus: tool JSON, code and chat structure
-        # then cost a few tokens each instead of one per character.
-        corpus = default_corpus() + [render_chat(r["messages"], r.get("tools"))
-                                     for rows in env_rows.values() for r in rows[:1000]]
-        train_tokenizer(corpus, self.cfg.tokenizer.vocab_size, data / "tokenizer")
-        self.tok = load_tokenizer(data / "tokenizer")
+        if self.model_path is None:
+            # Environment conversations join the tokenizer corpus: tool JSON, code and chat structure
+            # then cost a few tokens each instead of one per character.
+            corpus = default_corpus() + [render_chat(r["messages"], r.get("tools"))
+                                         for rows in env_rows.values() for r in rows[:1000]]
+            train_tokenizer(corpus, self.cfg.tokenizer.vocab_size, self.tok_dir)
+        self.tok = load_tokenizer(self.tok_dir)  # a checkpoint's own tokenizer and chat template when model.path
         c = self.cfg.tasks
         splits = {}
+        user = self._user_tasks()
         for split, n, seed in (("train", c.n_train, self.cfg.seed), ("heldout", c.n_heldout, self.cfg.seed + 1)):
             splits[split] = {}
             for name, fam in self.families.items():
-                splits[split][name] = [t.to_dict() for t in _generate_upto(fam, n, seed, split)]
+                tasks = user[split] if name == "user" else _generate_upto(fam, n, seed, split)
+                splits[split][name] = [t.to_dict() for t in tasks]
             write_json_atomic(data / f"{split}.json", splits[split])
         rows = []
         for name, fam in self.families.items():
-            rows += sft_rows(fam, [Task.from_dict(d) for d in splits["train"][name]])
+            if name != "user":
+                rows += sft_rows(fam, [Task.from_dict(d) for d in splits["train"][name]])
+        rows += self._user_sft_rows()
         for kind, kind_rows in env_rows.items():
             fit = [r for r in kind_rows
                    if len(tokenize_chat(self.tok, r["messages"], r.get("tools"))[0]) <= self.cfg.sft.seq_len]
@@ -119,6 +131,50 @@ class RecipeRunner:
         write_chat_jsonl(data / "sft.jsonl", rows)
         self.save_state(data_done=True)
         _barrier()
+
+    def _user_tasks(self) -> dict[str, list[Task]]:
+        """The user's RL prompts (data.rl_prompts), split into train and held-out by a hash of each prompt."""
+        d = self.cfg.data
+        if not d.rl_prompts:
+            return {"train": [], "heldout": []}
+        from k2sys.data.sources import load_prompts
+        from k2sys.tasks.user import UserPrompts
+
+        records, report = load_prompts(d.rl_prompts, prompt_key=d.prompt_key, label_key=d.label_key,
+                                       messages_key=d.messages_key, split=d.split, max_bad_fraction=d.max_bad_fraction)
+        self._log_report("rl_prompts", report)
+        unique = {r.id: r for r in records}  # duplicated rows count once
+        order = sorted(unique)  # content hashes: a deterministic, order-free split
+        held = set(order[: min(d.heldout, max(len(order) - 1, 0))])
+        train = [unique[i] for i in order if i not in held]
+        if not train:
+            raise ConfigError(f"data.rl_prompts: {d.rl_prompts} has no usable prompt left for training")
+        return {"train": UserPrompts.tasks_from_records(train),
+                "heldout": UserPrompts.tasks_from_records([unique[i] for i in order if i in held])}
+
+    def _user_sft_rows(self) -> list[dict]:
+        d = self.cfg.data
+        if not d.sft:
+            return []
+        from k2sys.data.sources import load_chat_rows
+
+        rows, report = load_chat_rows(d.sft, messages_key=d.sft_messages_key, split=d.split)
+        self._log_report("sft_data", report)
+        report.check(d.max_bad_fraction)
+        return [r.to_json() for r in rows]
+
+    def _log_report(self, what: str, report: Any) -> None:
+        if report.n_bad:
+            log.warning("%s: %s", what, report.summary())
+        self.metrics.log("data", 0, **{f"{what}_rows": report.n_ok, f"{what}_bad_rows": report.n_bad})
+        write_json_atomic(self.dir / "data" / f"{what}_report.json", report.to_dict())
+
+    def _train_dtype(self) -> str | None:
+        """trainer.dtype, auto = the checkpoint's dtype on GPU, float32 on CPU (megatron's CPU path)."""
+        d = self.cfg.trainer.dtype
+        if d != "auto":
+            return d
+        return None if torch.cuda.is_available() else "float32"
 
     def _env_sft_rows(self) -> dict[str, list[dict]]:
         """SFT conversations of the train tasks of each environment kind (the tasks RL plays later):
@@ -140,7 +196,8 @@ class RecipeRunner:
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
         from k2sys.trainer.optim import OptimConfig
 
-        tcfg = TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr), moe_kernels=self.cfg.trainer.moe_kernels)
+        tcfg = TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr), moe_kernels=self.cfg.trainer.moe_kernels,
+                             dtype=self._train_dtype())
         return MegatronBackend.from_hf(hf_dir, train=tcfg)
 
     def stage_sft(self) -> Path:
@@ -149,9 +206,11 @@ class RecipeRunner:
         from k2sys.trainer.optim import OptimConfig
 
         out = self.dir / "sft_hf"
+        if self.model_path is not None and (self.cfg.sft.steps == 0 or not self.cfg.data.sft):
+            return self.model_path  # no SFT stage: RL starts from the user's checkpoint as it is
         if self.state.get("sft_done"):
             return out
-        init = self.dir / "init_hf"
+        init = self.model_path or self.dir / "init_hf"
         if self.rank == 0 and not init.exists():
             mcfg = preset(self.cfg.model.preset, vocab_size=self.cfg.model.vocab_size or self.tok.get_vocab_size())
             save_hf(build_model(mcfg, seed=self.cfg.model.seed), init, tokenizer=self.dir / "data" / "tokenizer")
@@ -160,7 +219,8 @@ class RecipeRunner:
         data = load_sft_data(SFTDataConfig(path=str(self.dir / "data" / "sft.jsonl"), seq_len=s.seq_len,
                                            rows_per_batch=s.rows_per_batch, pack=True), tokenizer=self.tok)
         ckpt = self.dir / "sft_ckpt"
-        tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr), moe_kernels=self.cfg.trainer.moe_kernels)
+        tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr), moe_kernels=self.cfg.trainer.moe_kernels,
+                             dtype=self._train_dtype())
         par = self._parallel()
         if ckpt.exists() and "sft_cursor" in self.state:
             trainer = MegatronBackend.from_checkpoint(ckpt, par, train=tcfg)
@@ -184,10 +244,7 @@ class RecipeRunner:
                 log.info("sft step %d/%d loss %.4f (%.1f s)", step, s.steps, res.loss, time.perf_counter() - t0)
         eval_loss = _eval_loss(trainer, data)
         self.metrics.log("sft", step, eval_loss=eval_loss)
-        trainer.save_hf(out)
-        if self.rank == 0:  # tokenizer files travel with the checkpoint the engine serves
-            for f in (self.dir / "data" / "tokenizer").iterdir():
-                (out / f.name).write_bytes(f.read_bytes())
+        trainer.save_hf(out, extras_from=self.tok_dir)  # tokenizer files travel with the checkpoint the engine serves
         self.save_state(sft_done=True, sft_eval_loss=eval_loss)
         _barrier()
         return out
@@ -230,6 +287,9 @@ class RecipeRunner:
         train = self.tasks("train")
         rng = random.Random(self.cfg.seed + 2)
         pool = [t for f in self.families for t in train[f]]
+        if r.filter_prompts == 0:  # no filter: every train prompt is used
+            write_json_atomic(path, [t.to_dict() for t in pool])
+            return pool
         rng.shuffle(pool)
         pool = pool[: r.filter_prompts]
         stops = stop_token_ids(self.tok)
@@ -239,8 +299,9 @@ class RecipeRunner:
                                                         stop_token_ids=tuple(stops), n=n, seed=i))
                 for i, t in enumerate(pool)]
         outs = self._engine_call(lambda: self.engine.client.generate(reqs))
-        correct = [sum(score(self.families[t.family], t, self.tok, o.output_ids, o.finish_reason, stops) >= 1.0
-                       for o in outs[i * n:(i + 1) * n]) for i, t in enumerate(pool)]
+        rewards = score_many([(self.families[t.family], t, o.output_ids, o.finish_reason)
+                              for i, t in enumerate(pool) for o in outs[i * n:(i + 1) * n]], self.tok, stops)
+        correct = [sum(r >= 1.0 for r in rewards[i * n:(i + 1) * n]) for i in range(len(pool))]
         res = flt([n] * len(pool), correct)
         kept = [pool[i] for i in res.keep]
         write_json_atomic(path, [t.to_dict() for t in kept])
@@ -272,11 +333,12 @@ class RecipeRunner:
         r = self.cfg.rl
         it = broadcast_value(self.state.get("rl_iter", 0), self.rank, self.world)
         ckpt = self.dir / "rl_ckpt"
-        tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr), moe_kernels=self.cfg.trainer.moe_kernels)
+        tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr), moe_kernels=self.cfg.trainer.moe_kernels,
+                             dtype=self._train_dtype())
         if it > 0 and ckpt.exists():
             self.trainer = MegatronBackend.from_checkpoint(ckpt, self._parallel(), train=tcfg)
         else:
-            self.trainer = MegatronBackend.from_hf(self.dir / "sft_hf", self._parallel(), train=tcfg)
+            self.trainer = MegatronBackend.from_hf(self.sft_hf, self._parallel(), train=tcfg)
         self.tg = TrainerGroup(self.trainer, self.rank, self.world,
                                receiver=(lambda: self.engine.target) if self.rank == 0 else None)
         if self.rank != 0:
@@ -443,7 +505,7 @@ class RecipeRunner:
     def _follow(self) -> dict:
         """Ranks > 0 of a torchrun job: the SFT stage, then mirror rank 0's RL trainer calls."""
         self.stage_data()
-        self.stage_sft()
+        self.sft_hf = self.stage_sft()
         self.stage_rl([])
         return {}
 
@@ -454,11 +516,12 @@ class RecipeRunner:
             return self._follow()
         t0 = time.perf_counter()
         self.stage_data()
-        sft_hf = self.stage_sft()
+        sft_hf = self.sft_hf = self.stage_sft()
         import k2sys.models as models
 
         mcfg = self._model_config = models.load_config(sft_hf)
-        self._model_dtype = torch.float32 if mcfg.torch_dtype == "float32" else torch.bfloat16
+        dtype = self._train_dtype() or mcfg.torch_dtype  # the engine computes in the trainer's dtype
+        self._model_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
         if self.cfg.tasks.env_kinds() and self.cfg.agent.max_episode_tokens > mcfg.max_position_embeddings:
             raise ConfigError(f"agent.max_episode_tokens={self.cfg.agent.max_episode_tokens} exceeds the model's "
                               f"max_position_embeddings={mcfg.max_position_embeddings}; lower it")
@@ -478,7 +541,7 @@ class RecipeRunner:
             if not self.state.get("final_exported"):
                 if self.trainer.offloaded:
                     self._onload()
-                self.tg.call("save_hf", self.dir / "final_hf")
+                self.tg.call("save_hf", self.dir / "final_hf", "native", self.tok_dir)
                 self.save_state(final_exported=True)
             self.tg.stop()
         self.save_state(total_s=self.state.get("total_s", 0.0) + time.perf_counter() - t0)

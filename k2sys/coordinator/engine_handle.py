@@ -57,10 +57,14 @@ class EngineHandle:
 
     def start(self, checkpoint: Path, model_config: Any, dtype: torch.dtype) -> HTTPEngine:
         self.checkpoint = checkpoint
+        # The engine computes in the trainer's dtype (not the checkpoint's torch_dtype): pushed weights
+        # land without a cast and the train/inference log-prob probe compares like with like.
+        dt = str(dtype).replace("torch.", "")
         if self.kind == "native":
-            cfg = NativeLaunchConfig(model_path=str(checkpoint), port=self.port, extra_args=self.native_args)
+            cfg = NativeLaunchConfig(model_path=str(checkpoint), port=self.port, extra_args=(*self.native_args,
+                                                                                              "--dtype", dt))
         else:
-            cfg = SGLangLaunchConfig(model_path=str(checkpoint), port=self.port)
+            cfg = SGLangLaunchConfig(model_path=str(checkpoint), port=self.port, dtype=dt)
         self.server = ServerProcess(command=cfg.command(), base_url=cfg.base_url,
                                     log_path=self.run_dir / "logs" / "engine.log")
         self.server.start()

@@ -27,7 +27,7 @@ from k2sys.envs.agent_loop import AgentConfig, advance_episode, is_episode
 from k2sys.rl.budget import BudgetController
 from k2sys.rl.rollout_buffer import PartialTrajectory
 from k2sys.tasks.base import Task, TaskFamily
-from k2sys.tasks.format import prompt_ids, score
+from k2sys.tasks.format import prompt_ids, score_many
 
 
 @dataclass(kw_only=True)
@@ -140,6 +140,10 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
     samples: list[Sample] = []
     unfinished: list[PartialTrajectory] = []
     ages = []
+    # single-turn rewards of every finished group, scored in one batch per family
+    scored = [g for g in groups if all(m.meta["finished"] for m in g) and not is_episode(g[0])]
+    flat = [(*family(g[0].meta), m.response_tokens, m.meta["finish_reason"]) for g in scored for m in g]
+    flat_rewards = iter(score_many(flat, tokenizer, stop_ids))
     for g in groups:
         if not all(m.meta["finished"] for m in g):
             unfinished.extend(g)
@@ -156,7 +160,7 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
             continue
         fam, task = family(g[0].meta)
         truncated = [m.meta["finish_reason"] == "length" for m in g]
-        raw = [score(fam, task, tokenizer, m.response_tokens, m.meta["finish_reason"], stop_ids) for m in g]
+        raw = [next(flat_rewards) for _ in g]
         rewards = budget.penalize(raw, truncated).tolist()
         for m, r, tr in zip(g, rewards, truncated):
             ages.append(m.age)

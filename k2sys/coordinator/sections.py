@@ -33,8 +33,6 @@ class TasksSection:
     def validate(self) -> None:
         from k2sys.tasks import list_families
 
-        if not self.families:
-            raise ConfigError("tasks.families: name at least one task family")
         for f in self.families:
             if f not in list_families():
                 raise ConfigError(f"tasks.families: {f!r} is unknown; choose from {list_families()}")
@@ -74,6 +72,43 @@ class TasksSection:
 
 
 @dataclass(kw_only=True)
+class DataSection:
+    """The user's own data (k2sys.data.sources: JSONL, Parquet, or a `datasets` save_to_disk directory)."""
+
+    rl_prompts: str | None = None
+    """RL prompts; each row gives a prompt (prompt_key, or messages_key for a chat) and a label for the reward."""
+    prompt_key: str = "prompt"
+    label_key: str | None = "answer"
+    """Column the reward checks against; none for rewards that need no label."""
+    messages_key: str | None = None
+    """Column holding the prompt as a chat message list (instead of prompt_key)."""
+    split: str | None = None
+    """Split of a DatasetDict directory (e.g. train)."""
+    heldout: int = 32
+    """Prompts held out of RL for evaluation before and after (chosen by a hash of the prompt)."""
+    max_new_tokens: int = 64
+    """Response token budget of the user prompts (rl.budgets['user'])."""
+    sft: str | None = None
+    """SFT conversations (messages_key rows) for an SFT stage before RL; sft.steps sets its length."""
+    sft_messages_key: str = "messages"
+    max_bad_fraction: float = 0.5
+    """Bad rows are reported and skipped; a file with more than this share of bad rows stops the run."""
+
+    def validate(self) -> None:
+        if self.heldout < 0 or self.max_new_tokens < 1:
+            raise ConfigError("data.heldout must be >= 0 and data.max_new_tokens >= 1")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        for key in ("rl_prompts", "sft"):
+            v = getattr(self, key)
+            if v is not None:
+                from pathlib import Path
+
+                if not Path(v).exists():
+                    raise ConfigError(f"data.{key}: {v} does not exist")
+
+
+@dataclass(kw_only=True)
 class SFTSection:
     steps: int = 100
     rows_per_batch: int = 16
@@ -94,6 +129,8 @@ class TrainerSection:
     """Tensor parallel size of the Megatron trainer (ranks come from torchrun; dp = world / (tp*...))."""
     ep: int = 1
     """Expert parallel size."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Params dtype: auto = the checkpoint's torch_dtype on GPU, float32 on CPU (megatron's CPU path is fp32)."""
     moe_kernels: Literal["auto", "triton", "megatron"] = "auto"
     """Routed experts: k2sys' Triton fused MoE on CUDA (auto), always (triton), or megatron's own
     SequentialMLP (megatron). Same parameters and checkpoints either way."""
@@ -136,6 +173,7 @@ class RLSection:
     filter_samples: int = 4
     """Samples per prompt for the unbiased pass@k estimate (>= filter_k)."""
     filter_prompts: int = 400
+    """Train prompts the pass@k difficulty filter samples before RL; 0 = no filter (every train prompt is used)."""
     mismatch_probe: int = 16
     """Prompts per iteration sampled at T=1 to compare engine and trainer log-probs."""
 

@@ -16,7 +16,7 @@ from typing import Any
 from k2sys.config import ConfigError
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
 from k2sys.tasks.base import Task, TaskFamily
-from k2sys.tasks.format import prompt_ids, score, stop_token_ids
+from k2sys.tasks.format import prompt_ids, score_many, stop_token_ids
 
 
 @dataclass(kw_only=True)
@@ -52,9 +52,9 @@ def evaluate(engine: Any, tokenizer: Any, families: dict[str, tuple[TaskFamily, 
                 index.append((name, ti))
     outs = engine.generate(reqs)
     per: dict[str, dict[int, list[float]]] = {n: {} for n in families}
-    for (name, ti), out in zip(index, outs):
-        fam, tasks = families[name]
-        r = score(fam, tasks[ti], tokenizer, out.output_ids, out.finish_reason, stops)
+    rewards = score_many([(families[name][0], families[name][1][ti], out.output_ids, out.finish_reason)
+                          for (name, ti), out in zip(index, outs)], tokenizer, stops)
+    for (name, ti), r in zip(index, rewards):
         per[name].setdefault(ti, []).append(r)
     report = {}
     for name, by_task in per.items():

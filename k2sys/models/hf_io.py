@@ -131,6 +131,8 @@ def copy_checkpoint_extras(src: str | os.PathLike | None, dst: str | os.PathLike
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, dst / name)
+        if (src / "additional_chat_templates").is_dir():  # transformers 5.x: named templates, one file each
+            shutil.copytree(src / "additional_chat_templates", dst / "additional_chat_templates", dirs_exist_ok=True)
         tok_cfg = src / "tokenizer_config.json"
         if tok_cfg.is_file():
             for f in _auto_map_files(json.loads(tok_cfg.read_text()).get("auto_map")):

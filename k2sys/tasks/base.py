@@ -64,6 +64,10 @@ class TaskFamily(ABC):
     def verify(self, task: Task, response: str) -> float:
         """Reward of ``response`` (decoded text without the end-of-turn token) for ``task``."""
 
+    def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[float]:
+        """Rewards of many responses at once; families whose verifier is a batched service override it."""
+        return [self.verify(t, r) for t, r in zip(tasks, responses)]
+
     def expert_solution(self, task: Task) -> str:
         self._check_task(task)
         return task.answer

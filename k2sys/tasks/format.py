@@ -8,24 +8,26 @@ from __future__ import annotations
 from typing import Any
 
 from k2sys.tasks.base import Task, TaskFamily
-from k2sys.tokenizer import STOP_TOKENS, render_chat
+from k2sys.tokenizer.formats import chat_format_for
 
 
 def task_messages(task: Task, answer: str | None = None) -> list[dict]:
-    msgs = [{"role": "user", "content": task.prompt}]
+    """The conversation of a task: its own message list when it has one (user data), else one user turn."""
+    msgs = [dict(m) for m in task.meta["messages"]] if "messages" in task.meta else [{"role": "user", "content": task.prompt}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs
 
 
 def prompt_ids(tokenizer: Any, task: Task) -> list[int]:
-    """Token ids of the rendered user turn plus the assistant generation prompt."""
-    return tokenizer.encode(render_chat(task_messages(task), add_generation_prompt=True)).ids
+    """Token ids of the rendered user turn plus the assistant generation prompt, in the tokenizer's chat
+    format (the checkpoint's own template, or our K2 format; k2sys.tokenizer.formats)."""
+    return chat_format_for(tokenizer).prompt_ids(task_messages(task))
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS]
-    return [i for i in ids if i is not None]
+    """End-of-turn / eos ids of the tokenizer's chat format."""
+    return list(chat_format_for(tokenizer).stop_token_ids)
 
 
 def response_text(tokenizer: Any, output_ids: list[int] | tuple[int, ...], stop_ids: list[int]) -> str:
@@ -42,6 +44,24 @@ def score(family: TaskFamily, task: Task, tokenizer: Any, output_ids, finish_rea
     if finish_reason != "stop":
         return 0.0
     return family.verify(task, response_text(tokenizer, output_ids, stop_ids))
+
+
+def score_many(items: list[tuple[TaskFamily, Task, Any, str | None]], tokenizer: Any,
+               stop_ids: list[int]) -> list[float]:
+    """score() of many (family, task, output_ids, finish_reason) at once: one verify_batch call per
+    family (a reward service sees whole batches, not one request per sample)."""
+    out = [0.0] * len(items)
+    by_family: dict[int, list[int]] = {}
+    for i, (fam, _, _, finish) in enumerate(items):
+        if finish == "stop":
+            by_family.setdefault(id(fam), []).append(i)
+    for idx in by_family.values():
+        fam = items[idx[0]][0]
+        rewards = fam.verify_batch([items[i][1] for i in idx],
+                                   [response_text(tokenizer, items[i][2], stop_ids) for i in idx])
+        for i, r in zip(idx, rewards):
+            out[i] = float(r)
+    return out
 
 
 def sft_rows(family: TaskFamily, tasks: list[Task]) -> list[dict]:

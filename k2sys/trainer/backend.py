@@ -437,13 +437,14 @@ class MegatronBackend:
         shards = dict(gathered)
         return megatron_to_hf(shards, self.config, self.ranks["tp"], self.ranks["ep"], self.use_te)
 
-    def save_hf(self, path: str | os.PathLike) -> None:
-        """Write an HF checkpoint directory (rank 0 writes)."""
-        from k2sys.trainer.convert import write_hf
+    def save_hf(self, path: str | os.PathLike, format: str = "native", extras_from: str | os.PathLike | None = None) -> None:
+        """Write an HF checkpoint directory (rank 0 writes, atomically). format: native | bf16 | fp8-block128
+        (k2sys.models.hf_io.export_state); extras_from: a checkpoint whose tokenizer / remote-code files travel."""
+        from k2sys.models.hf_io import write_hf_dir
 
         state = self.hf_state_dict()
         if dist.get_rank() == 0:
-            write_hf(state, self.config, path)
+            write_hf_dir(state, self.config, path, format=format, extras_from=extras_from)
         dist.barrier()
 
     # ---- resume checkpoints (dist_checkpointing) ----------------------------------------------
