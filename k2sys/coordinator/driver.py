@@ -430,12 +430,21 @@ class RecipeRunner:
                                                   f"{rec['action']}_bytes": rec["bytes_moved"],
                                                   f"{rec['action']}_engine_mem": rec["engine_device_bytes"] or 0,
                                                   f"{rec['action']}_trainer_mem": rec["trainer_device_bytes"] or 0})
-            self.metrics.log("rl", it, **ro.stats, **train_stats, **sm.summarize(recs),
+            self.metrics.log("rl", it, **ro.stats, **train_stats, **sm.summarize(recs), **self._reward_stats(),
                              buffer_size=len(buffer), iter_s=time.perf_counter() - t_iter, **buffer.last_stats.as_dict())
             log.info("rl iter %d/%d reward %.3f loss %.4f paused %d (%.1f s)", it, r.iterations,
                      ro.stats.get("reward_mean", sum(s.reward for s in ro.samples) / max(len(ro.samples), 1)),
                      train_stats.get("loss", float("nan")), ro.stats["paused_requests"], time.perf_counter() - t_iter)
         machine.do("continue", self.engine.client.continue_generation)  # engine serves the final eval
+
+    def _reward_stats(self) -> dict:
+        """Cumulative reward calls and failures (per reason) of the user's reward (0 failures: all scored)."""
+        fam = self.families.get("user")
+        if fam is None:
+            return {}
+        st = fam.reward.stats()
+        return {"reward_items": st["items"], "reward_failed": st["failed"],
+                **{f"reward_failed/{k}": v for k, v in st["failures"].items()}}
 
     def _pause(self) -> None:
         self.engine.client.pause("abort")

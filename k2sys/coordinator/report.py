@@ -57,6 +57,9 @@ def plot(run_dir: Path, recs: list[dict], families: list[str], evals: dict) -> P
 def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
     recs = read_metrics(run_dir)
     families = list(cfg.tasks.families) + (cfg.tasks.env_kinds() if hasattr(cfg.tasks, "env_kinds") else [])
+    data = getattr(cfg, "data", None)
+    if data is not None and data.rl_prompts:
+        families.append("user")
     evals = state.get("eval", {})
     rl_recs = [r for r in recs if r["kind"] == "rl"]
     switch = {k: sum(r.get(k, 0.0) for r in rl_recs) / max(len(rl_recs), 1)
@@ -78,7 +81,7 @@ def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
     write_json_atomic(run_dir / "report.json", report)
     png = plot(run_dir, recs, families, evals)
     lines = [f"# k2sys run `{cfg.name}`", "",
-             f"Model {cfg.model.preset}; SFT {cfg.sft.steps} steps; RL {report['rl_iterations']} iterations "
+             f"Model {getattr(cfg.model, 'path', None) or cfg.model.preset}; SFT {cfg.sft.steps} steps; RL {report['rl_iterations']} iterations "
              f"(K={cfg.rollout.samples_per_prompt}, tau={cfg.rl.tau}, PTX lambda={cfg.rl.ptx_coef}, "
              f"temperature {cfg.rl.t_start}->{cfg.rl.t_end}).", "",
              f"Held-out accuracy ({'greedy' if cfg.eval.temperature == 0 else f'avg@{cfg.eval.k} at T={cfg.eval.temperature}'}"
@@ -90,6 +93,12 @@ def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
         fmt = (lambda v: "-" if v is None else f"{100 * v:.1f}%")
         n = evals.get("rl", evals.get("sft", {})).get(f, {}).get("n", "-")
         lines.append(f"| {f} | {n} | {fmt(a)} | {fmt(b)} | {100 * delta[f]:+.1f} pts |")
+    fails = [r for r in rl_recs if "reward_items" in r]
+    if fails:
+        last = fails[-1]
+        why = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in last.items() if k.startswith("reward_failed/") and v)
+        lines += ["", f"User reward `{cfg.reward}`: {last['reward_items']} samples scored (evaluation and RL), "
+                      f"{last['reward_failed']} failed and scored 0{f' ({why})' if why else ''}."]
     lines += ["", f"Learning criterion (>= +10 pts on one family, no family lower): "
                   f"**{'met' if report['learned'] else 'not met'}**.", "",
               f"Mean switch latency per iteration: rollout->train {switch['rollout_to_train_s']:.3f} s, "
