@@ -341,3 +341,28 @@ def test_unexpected_and_missing_tensors_are_refused(release, tmp_path):
     _all_loaders_refuse(p, "unexpected")
     p2 = _edit(release[0], tmp_path / "missing", drop=["model.norm.weight"])
     _all_loaders_refuse(p2, "missing")
+
+
+def test_startup_reader_dequantizes_into_an_engine_layout(release):
+    """k2sys.ckpt.load_checkpoint on a release directory (1 gloo rank): FP8 weights arrive dequantized."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from k2sys.ckpt import InProcessReceiver, UpdateConfig, engine_tp_layout, load_checkpoint
+
+    path, deq, *_ = release
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        recv = InProcessReceiver(engine_tp_layout(K2Config(**CFG), 1, 0, torch.float32))
+        load_checkpoint(str(path), recv, config=UpdateConfig(bucket_bytes=1 << 16))
+        name = "model.layers.1.self_attn.q_b_proj.weight"
+        assert torch.equal(recv.weights[name], deq[name])
+        assert torch.equal(recv.weights["model.norm.weight"], deq["model.norm.weight"])
+    finally:
+        dist.destroy_process_group()

@@ -86,11 +86,14 @@ def load_checkpoint(path: str, receiver: WeightReceiver, *, group: Optional[dist
         from k2sys.models.checkpoint import HFCheckpoint
 
         ckpt = HFCheckpoint(path)
-        index = [CheckpointTensor(str(ckpt.tensors[n].file), TensorSpec(n, ckpt.shape(n), ckpt.out_dtype(n)))
+        # Read each tensor in the dtype the receiver holds it (FP8 dequantized straight into it).
+        layout = getattr(receiver, "layout", None)
+        want = {p.global_name: layout.tensors[p.local_name].dtype for p in layout.pieces} if layout else {}
+        index = [CheckpointTensor(str(ckpt.tensors[n].file), TensorSpec(n, ckpt.shape(n), want.get(n) or ckpt.out_dtype(n)))
                  for n in sorted(ckpt, key=lambda n: (str(ckpt.tensors[n].file), ckpt.tensors[n].offset))]
         mine = assign_readers(index, world)[rank]
         for t in mine:
-            tensors[t.spec.name] = ckpt.read(t.spec.name)
+            tensors[t.spec.name] = ckpt.read(t.spec.name, dtype=t.spec.dtype)
         ckpt.close()
     else:
         index = read_index(checkpoint_files(path))
