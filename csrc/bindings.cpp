@@ -9,6 +9,7 @@
 
 #include "buffer_pool.h"
 #include "crc32c.h"
+#include "fp8_quant.h"
 #include "host_copy.h"
 #include "onload.h"
 #include "strided_copy.h"
@@ -137,6 +138,32 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ptrs"), py::arg("sizes"), py::arg("threads") = 0, py::arg("impl") = "auto",
       "crc32c of many buffers, chunked over the thread pool and combined.");
   m.def("crc32c_combine", &k2sys::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
+
+  // ---- FP8 e4m3fn block quantization (csrc/fp8_quant.h) ----
+  m.def(
+      "quantize_fp8_blocks_ptr",
+      [](const std::vector<std::uint64_t>& src, const std::vector<int>& dtypes, const std::vector<std::int64_t>& rows,
+         const std::vector<std::int64_t>& cols, const std::vector<std::uint64_t>& q,
+         const std::vector<std::uint64_t>& scale_inv, std::int64_t block_rows, std::int64_t block_cols, int threads) {
+        const std::size_t n = src.size();
+        if (dtypes.size() != n || rows.size() != n || cols.size() != n || q.size() != n || scale_inv.size() != n)
+          throw std::invalid_argument("quantize_fp8_blocks_ptr: src, dtypes, rows, cols, q and scale_inv must have "
+                                      "the same length");
+        std::vector<k2sys::Fp8QuantJob> jobs(n);
+        for (std::size_t i = 0; i < n; ++i)
+          jobs[i] = {reinterpret_cast<const void*>(src[i]), static_cast<k2sys::QuantSrc>(dtypes[i]), rows[i], cols[i],
+                     reinterpret_cast<std::uint8_t*>(q[i]), reinterpret_cast<float*>(scale_inv[i])};
+        py::gil_scoped_release nogil;
+        return k2sys::quantize_fp8_blocks(jobs.data(), n, block_rows, block_cols, threads);
+      },
+      py::arg("src"), py::arg("dtypes"), py::arg("rows"), py::arg("cols"), py::arg("q"), py::arg("scale_inv"),
+      py::arg("block_rows") = 128, py::arg("block_cols") = 128, py::arg("threads") = 0,
+      "Block-quantize C-contiguous [rows, cols] tensors (dtype codes 0 fp32, 1 bf16, 2 fp16) at addresses `src` "
+      "into e4m3fn bytes at `q` and fp32 scale_inv [ceil(rows/br), ceil(cols/bc)] at `scale_inv`, all blocks of all "
+      "tensors over one thread pool. Returns -1, or the index of the first tensor holding a NaN/inf.");
+  m.def("fp32_to_e4m3fn", &k2sys::fp32_to_e4m3fn, py::arg("x"),
+        "One fp32 -> e4m3fn byte (round to nearest even, saturating at +-448).");
+  m.def("e4m3fn_to_fp32", &k2sys::e4m3fn_to_fp32, py::arg("byte"));
 
   // ---- aligned staging pool ----
   py::class_<k2sys::HostPool>(m, "HostPool", "Aligned, pre-touched host buffers reused across updates.")

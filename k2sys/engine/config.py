@@ -46,6 +46,11 @@ class EngineConfig:
     moe_kernels: str = "auto"
     """MoE layers: auto (Triton router + fused MoE on CUDA, grouped torch GEMMs elsewhere),
     triton (always; CPU only under TRITON_INTERPRET=1, for tests) or torch."""
+    quantization: str = "none"
+    """Weight format served (SGLang's flag name): none keeps the compute dtype; fp8 holds every
+    attention/MLP linear weight as float8_e4m3fn with 128x128 block scales (`X.weight` +
+    `X.weight_scale_inv`, the DeepSeek-V3 / Kimi-K2 release layout). A release FP8 checkpoint is
+    served as is; full-precision weights (at start or pushed by the trainer) are quantized once."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -64,6 +69,8 @@ class EngineConfig:
         need(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2 or None")
         need(self.moe_kernels in ("auto", "triton", "torch"), "moe_kernels",
              f"use auto, triton or torch, got {self.moe_kernels!r}")
+        need(self.quantization in ("none", "fp8"), "quantization",
+             f"use none or fp8 (block-128 e4m3, as Kimi-K2 / DeepSeek-V3 are released), got {self.quantization!r}")
 
     @property
     def num_blocks(self) -> int:

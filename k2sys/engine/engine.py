@@ -6,7 +6,9 @@
 Every state change (new request, abort, pause, memory release, applying a weight update) runs
 on the scheduler thread between two forward steps, so no lock guards the model or the cache.
 Weight updates are staged by the caller's thread (validated and copied aside) and applied all
-at once by `end_weight_update`: a bad name, shape or dtype leaves the old weights in use.
+at once by `end_weight_update`: a bad name, shape or dtype leaves the old weights in use. An
+engine serving FP8 (EngineConfig.quantization="fp8") quantizes the full-precision linear weights
+of each update call (one bucket) in one `quantize_fp8_blocks` call while staging them.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class NativeEngine:
         dtype = _DTYPES[config.dtype or model_config.torch_dtype]
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.runner = ModelRunner(model_config, state_dict, dtype, config.device, max_positions=self.max_model_len,
-                                  moe_kernels=config.moe_kernels)
+                                  moe_kernels=config.moe_kernels, quantization=config.quantization)
         self.cache = PagedLatentCache(model_config.num_hidden_layers, config.num_blocks, config.block_size,
                                       model_config.kv_lora_rank, model_config.qk_rope_head_dim, dtype, config.device)
         self.scheduler = Scheduler(config, self.runner, self.cache, self.max_model_len, model_config.eos_token_id,
@@ -516,10 +518,16 @@ class NativeEngine:
                 raise EngineError("begin_weight_update: a session is already open; call end_weight_update() first")
             if "weights" in self._released:
                 raise EngineError("begin_weight_update: weights are released; resume_memory(['weights']) first")
-            self._session = {"staged": {}, "error": None, "version": None}
+            self._session = {"staged": {}, "error": None, "version": None, "quantized": set(), "fp8_raw": set()}
 
     def update_weights(self, weights: Iterable[Any], *, weight_version: str | None = None) -> None:
-        """Stage (name, tensor) pairs or FlattenedBuckets (HF names, any order) in the open session."""
+        """Stage (name, tensor) pairs or FlattenedBuckets (HF names, any order) in the open session.
+
+        Serving FP8, a linear weight may come in full precision (float32/bfloat16/float16, as the
+        trainer has it): the engine quantizes all of this call's such tensors in one
+        quantize_fp8_blocks call (C++ threads on CPU, Triton on CUDA) and stages `X.weight` and
+        `X.weight_scale_inv`. Or it may come already in FP8 with its `X.weight_scale_inv` in the same
+        session (the release layout); then both are staged as sent."""
         with self._session_lock:
             s = self._session
             if s is None:
@@ -529,8 +537,11 @@ class NativeEngine:
                 raise EngineError(f"update_weights: this session already failed ({s['error']}); "
                                   "end it and start a new one")
             try:
-                for name, t in self._named(weights):
-                    s["staged"][name] = self._check_tensor(name, t)
+                if self.runner.fp8:
+                    self._stage_fp8(s, list(self._named(weights)))
+                else:
+                    for name, t in self._named(weights):
+                        s["staged"][name] = self._check_tensor(name, t)
             except (RequestError, EngineError) as e:
                 s["error"] = str(e)
                 raise
@@ -566,12 +577,73 @@ class NativeEngine:
                                f"cast before sending")
         return t.detach().to(want.device, copy=True)
 
+    def _stage_fp8(self, s: dict[str, Any], named: list[tuple[str, Any]]) -> None:
+        """Stage one update call of an FP8 engine: full-precision linear weights quantized together."""
+        from k2sys.quant import FP8_DTYPE, SCALE_SUFFIX, is_fp8_weight_name, quantize_fp8_blocks, scale_inv_name
+
+        params = self.runner.params
+        full: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, t in named:
+            if (isinstance(t, torch.Tensor) and is_fp8_weight_name(name) and name in params
+                    and t.dtype != FP8_DTYPE):
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise RequestError(f"weights[{name!r}]: shape {tuple(t.shape)} does not match the model's "
+                                       f"{tuple(params[name].shape)}")
+                if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise RequestError(f"weights[{name!r}]: {t.dtype} cannot be quantized to fp8; send float32, "
+                                       "bfloat16 or float16 (or float8_e4m3fn with its weight_scale_inv)")
+                if scale_inv_name(name) in s["fp8_raw"]:
+                    raise RequestError(f"weights[{name!r}]: full-precision weight after its {scale_inv_name(name)!r} "
+                                       "was sent; send either fp8 + scale_inv or the full-precision weight")
+                full.setdefault(t.device, []).append((name, t.detach()))
+                continue
+            staged = self._check_tensor(name, t)
+            if name.endswith(SCALE_SUFFIX) or staged.dtype == FP8_DTYPE:
+                w = name.removesuffix(SCALE_SUFFIX)
+                if w in s["quantized"]:
+                    raise RequestError(f"weights[{name!r}]: {w!r} came in full precision in this session and the "
+                                       "engine made its scales; send either fp8 + scale_inv or the full-precision "
+                                       "weight")
+                s["fp8_raw"].add(name)
+            s["staged"][name] = staged
+        for device, items in full.items():
+            names = [n for n, _ in items]
+            try:
+                pairs = quantize_fp8_blocks([t for _, t in items], self.runner.fp8_block, names=names)
+            except ValueError as e:
+                raise RequestError(f"weights: {e}") from None
+            for name, (q, scale) in zip(names, pairs):
+                if scale_inv_name(name) in s["fp8_raw"]:
+                    raise RequestError(f"weights[{name!r}]: sent in full precision together with its "
+                                       f"{scale_inv_name(name)!r}; send either fp8 + scale_inv or the full-precision "
+                                       "weight")
+                s["staged"][name] = q.to(self.runner.device)
+                s["staged"][scale_inv_name(name)] = scale.to(self.runner.device)
+                s["quantized"].add(name)
+                s["fp8_raw"].discard(name)
+
+    @staticmethod
+    def _fp8_session_error(s: dict[str, Any]) -> str | None:
+        """Why an FP8 session cannot be applied: a weight sent in fp8 without its scales, or scales
+        without their weight (one would be read with the other's stale partner)."""
+        from k2sys.quant import SCALE_SUFFIX
+
+        raw = s["fp8_raw"]
+        for name in sorted(raw):
+            partner = name.removesuffix(SCALE_SUFFIX) if name.endswith(SCALE_SUFFIX) else name + SCALE_SUFFIX
+            if partner not in raw:
+                return (f"{name!r} was sent without {partner!r}; an fp8 weight and its weight_scale_inv go "
+                        "together in one session (or send the weight in full precision and the engine quantizes it)")
+        return None
+
     def end_weight_update(self) -> str:
         """Apply the whole session at once (or nothing, if any part failed); returns the new version."""
         with self._session_lock:
             s, self._session = self._session, None
         if s is None:
             raise EngineError("end_weight_update: no open session; call begin_weight_update() first")
+        if s["error"] is None and self.runner.fp8:
+            s["error"] = self._fp8_session_error(s)
         if s["error"] is not None:
             raise EngineError(f"end_weight_update: session discarded, weights unchanged (version "
                               f"{self._weight_version}): {s['error']}")

@@ -12,6 +12,13 @@ Attention is the absorbed form for every token, prefill and decode:
     out[h]   = (probs @ latent) @ W_UV[h]^T    (apply kv_b's V part after attention)
 so K and V are never expanded per head.
 
+FP8 serving (EngineConfig.quantization="fp8"): every linear weight the DeepSeek-V3 / Kimi-K2
+release quantizes (`k2sys.quant.is_fp8_weight_name`) lives in float8_e4m3fn bases with fp32
+block-scale bases beside them, under the release names `X.weight` and `X.weight_scale_inv`; the
+rest (embeddings, lm_head, norms, router) stays in the compute dtype. A linear dequantizes its
+weight when it runs and drops it after (`_Fp8Linear`), so resident memory stays FP8; on CUDA the
+routed experts go through the Triton fused MoE, which dequantizes 128x128 tiles in its GEMM loop.
+
 Shape legend: T tokens in the step, B sequences, Q query tokens per sequence, L cached tokens,
 H heads, D hidden, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim,
 E routed experts, I expert width.
@@ -27,8 +34,12 @@ import torch.nn.functional as F
 from k2sys.engine.kv_cache import PagedLatentCache
 from k2sys.models import K2Config, param_shapes, route
 from k2sys.models.rope import RotaryEmbedding
+from k2sys.quant.fp8 import (FP8_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_block, fp8_scale_shape,
+                             is_fp8_weight_name, quantize_fp8_state, scale_inv_name)
 
-__all__ = ["AttnGroup", "ModelRunner", "StepBatch"]
+__all__ = ["AttnGroup", "ModelRunner", "StepBatch", "QUANTIZATIONS"]
+
+QUANTIZATIONS = ("none", "fp8")
 
 try:  # oneDNN's linear on a weight packed once ahead of time (the op inductor's CPU freezing uses)
     _onednn_linear = torch.ops.mkldnn._linear_pointwise
@@ -101,6 +112,43 @@ class _Linear:
         self.packed = None
 
 
+class _Fp8Linear:
+    """y = x @ dequant(q).T (+ bias) for an FP8 weight [out, in] with block scales.
+
+    `q` may fuse several HF weights stacked along the rows (q_a + kv_a, gate + up); each keeps its
+    own scale_inv (the release layout), so `parts` lists (rows, scale_inv view) in order. When every
+    part but the last fills whole row blocks, the stacked scales are the fused weight's own block
+    scales and it dequantizes in one call. The dequantized weight lives only for the call.
+    """
+
+    __slots__ = ("q", "parts", "bias", "dtype", "block", "whole_scale", "packed")
+
+    def __init__(self, q: torch.Tensor, parts: list[tuple[int, torch.Tensor]], dtype: torch.dtype,
+                 block: tuple[int, int], bias: torch.Tensor | None = None, whole_scale: torch.Tensor | None = None):
+        self.q, self.parts, self.dtype, self.block, self.bias = q, parts, dtype, block, bias
+        self.whole_scale = whole_scale if all(r % block[0] == 0 for r, _ in parts[:-1]) else None
+        self.packed = None
+
+    def weight(self) -> torch.Tensor:
+        if self.whole_scale is not None:
+            return dequantize_fp8_block(self.q, self.whole_scale, self.dtype, self.block)
+        out = torch.empty(self.q.shape, dtype=self.dtype, device=self.q.device)
+        r0 = 0
+        for rows, scale in self.parts:
+            out[r0:r0 + rows] = dequantize_fp8_block(self.q[r0:r0 + rows], scale, self.dtype, self.block)
+            r0 += rows
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+    def pack(self) -> None:  # nothing cached: the FP8 bytes are the only resident copy
+        pass
+
+    def unpack(self) -> None:
+        pass
+
+
 def _packing_works(device: torch.device, dtype: torch.dtype) -> bool:
     """True where packed oneDNN linears run and agree with F.linear (CPU, fp32)."""
     if _onednn_linear is None or device.type != "cpu" or dtype != torch.float32:
@@ -121,21 +169,44 @@ class _Layer:
     """One decoder layer's weights as fused bases and HF-named views (filled by ModelRunner)."""
 
 
+def _fp8_block(cfg: K2Config) -> tuple[int, int]:
+    """The checkpoint's weight_block_size when it was released in FP8, else 128 x 128."""
+    qc = getattr(cfg, "quantization_config", None) or {}
+    bs = qc.get("weight_block_size") if isinstance(qc, dict) else None
+    return (int(bs[0]), int(bs[1])) if bs else FP8_BLOCK
+
+
 class ModelRunner:
     def __init__(self, cfg: K2Config, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: str | torch.device = "cpu", max_positions: int | None = None, moe_kernels: str = "auto"):
+                 device: str | torch.device = "cpu", max_positions: int | None = None, moe_kernels: str = "auto",
+                 quantization: str = "none"):
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"EngineConfig.quantization: use one of {QUANTIZATIONS}, got {quantization!r}")
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.fp8 = quantization == "fp8"
+        self.fp8_block = _fp8_block(cfg) if self.fp8 else None
         self.triton_moe = _triton_moe_enabled(moe_kernels, self.device)
         self.H, self.C, self.R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.N, self.V = cfg.qk_nope_head_dim, cfg.v_head_dim
         self.scale = cfg.softmax_scale
         self.bases: list[torch.Tensor] = []
         self.params: dict[str, torch.Tensor] = {}
-        self.linears: list[_Linear] = []
-        self._consumers: dict[str, _Linear] = {}   # HF name -> the linear whose packed copy it feeds
+        self.linears: list[_Linear | _Fp8Linear] = []
+        self._consumers: dict[str, _Linear | _Fp8Linear] = {}   # HF name -> the linear whose packed copy it feeds
         self.packed = _packing_works(self.device, dtype)
         self._build_storage()
         self.expected = {n: tuple(s) for n, s in param_shapes(cfg).items()}
+        if self.fp8:
+            for n, shape in list(self.expected.items()):
+                if is_fp8_weight_name(n):
+                    self.expected[scale_inv_name(n)] = fp8_scale_shape(shape, self.fp8_block)
+            state = self._fp8_state(state)
+        else:
+            scales = sorted(n for n in state if n.endswith(SCALE_SUFFIX))
+            if scales:
+                raise ValueError(f"weights hold FP8 block scales ({scales[:2]}, ...): serve them in FP8 with "
+                                 "quantization='fp8' (EngineConfig.quantization, `k2sys serve --quantization fp8`) "
+                                 "or load the checkpoint dequantized")
         missing = sorted(set(self.expected) - set(state))
         unexpected = sorted(set(state) - set(self.expected))
         if missing or unexpected:
@@ -146,14 +217,64 @@ class ModelRunner:
         cos, sin = self.rope.cos_sin(torch.arange(n_pos, device=self.device), dtype)
         self.cos_table, self.sin_table = cos, sin
 
+    def _fp8_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The release layout of `state`: FP8 entries with their scales are kept as they are,
+        full-precision linear weights are quantized (one quantize_fp8_blocks call per group), and a
+        tensor stored in FP8 that the engine keeps in full precision is dequantized exactly."""
+        state = dict(state)
+        for name in [n for n, t in state.items() if t.dtype == FP8_DTYPE and not is_fp8_weight_name(n)]:
+            scale = state.pop(name + SCALE_SUFFIX, None)
+            if scale is None:
+                raise ValueError(f"{name}: float8 tensor without {name + SCALE_SUFFIX!r}; the scales are needed "
+                                 "to read it")
+            state[name] = dequantize_fp8_block(state[name], scale.to(torch.float32), torch.float32, self.fp8_block)
+        return quantize_fp8_state(state, self.fp8_block)
+
     # ---- weight storage ----------------------------------------------------------------------
     def _base(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = torch.zeros(*shape, dtype=dtype or self.dtype, device=self.device)
         self.bases.append(t)
         return t
 
-    def _linear(self, w: torch.Tensor, names: list[str], bias: torch.Tensor | None = None) -> _Linear:
-        lin = _Linear(w, bias)
+    def _weights(self, names: list[str], rows: list[int], cols: int,
+                 count: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Storage for linear weights stacked along the rows: one base [sum(rows), cols] (with
+        `count`: [count, sum(rows), cols], names holding "{e}") and each HF name a view of it. In
+        FP8 mode the base is float8 and an fp32 base beside it holds every name's weight_scale_inv
+        (its row blocks stacked the same way). Returns (base, scale base or None)."""
+        lead = () if count is None else (count,)
+        base = self._base(*lead, sum(rows), cols, dtype=FP8_DTYPE if self.fp8 else None)
+        sbase, srows = None, [0] * len(rows)
+        if self.fp8:
+            srows = [fp8_scale_shape((r, cols), self.fp8_block)[0] for r in rows]
+            sbase = self._base(*lead, sum(srows), fp8_scale_shape((1, cols), self.fp8_block)[1], dtype=torch.float32)
+        for k in range(count or 1):
+            b = base if count is None else base[k]
+            sb = sbase if count is None or sbase is None else sbase[k]
+            r0 = s0 = 0
+            for name, r, sr in zip(names, rows, srows):
+                n = name if count is None else name.format(e=k)
+                self.params[n] = b[r0:r0 + r]
+                if self.fp8:
+                    if not is_fp8_weight_name(n):  # the storage plan and the release rule must agree
+                        raise AssertionError(f"{n} is stored in FP8 but the release keeps it in full precision")
+                    self.params[scale_inv_name(n)] = sb[s0:s0 + sr]
+                r0, s0 = r0 + r, s0 + sr
+        return base, sbase
+
+    def _linear(self, w: torch.Tensor, names: list[str], bias: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None, rows: list[int] | None = None) -> _Linear | _Fp8Linear:
+        """The linear of weight `w` (FP8 when `scale`, the block scales of its stacked `rows`)."""
+        if scale is None:
+            lin = _Linear(w, bias)
+        else:
+            parts, s0 = [], 0
+            for r in rows or [w.shape[0]]:
+                sr = fp8_scale_shape((r, w.shape[1]), self.fp8_block)[0]
+                parts.append((r, scale[s0:s0 + sr]))
+                s0 += sr
+            lin = _Fp8Linear(w, parts, self.dtype, self.fp8_block, bias, whole_scale=scale)
+            names = names + [scale_inv_name(n) for n in names if n.endswith(".weight")]
         self.linears.append(lin)
         for n in names:
             self._consumers[n] = lin
@@ -179,32 +300,35 @@ class ModelRunner:
             L.post_norm = P[p + "post_attention_layernorm.weight"] = self._base(D)
             # One matmul for both input projections of attention (q_a or q, and kv_a).
             L.q_in = cfg.q_lora_rank if cfg.q_lora_rank is not None else qk
-            attn_in = self._base(L.q_in + C + R, D)
             q_name = a + ("q_a_proj" if cfg.q_lora_rank else "q_proj")
-            P[q_name + ".weight"] = attn_in[:L.q_in]
-            P[a + "kv_a_proj_with_mqa.weight"] = attn_in[L.q_in:]
             names = [q_name + ".weight", a + "kv_a_proj_with_mqa.weight"]
+            rows = [L.q_in, C + R]
+            attn_in, attn_in_scale = self._weights(names, rows, D)
             attn_in_bias = None
             if cfg.attention_bias:
                 attn_in_bias = self._base(L.q_in + C + R)
                 if cfg.q_lora_rank:
                     P[a + "q_a_proj.bias"] = attn_in_bias[:L.q_in]
                 P[a + "kv_a_proj_with_mqa.bias"] = attn_in_bias[L.q_in:]
-                names += [a + "q_a_proj.bias", a + "kv_a_proj_with_mqa.bias"]
-            L.attn_in = self._linear(attn_in, names, attn_in_bias)
+                names = names + [a + "q_a_proj.bias", a + "kv_a_proj_with_mqa.bias"]
+            L.attn_in = self._linear(attn_in, names, attn_in_bias, attn_in_scale, rows)
             if cfg.q_lora_rank:
                 L.q_norm = P[a + "q_a_layernorm.weight"] = self._base(cfg.q_lora_rank)
-                P[a + "q_b_proj.weight"] = self._base(qk, cfg.q_lora_rank)
-                L.q_b = self._linear(P[a + "q_b_proj.weight"], [a + "q_b_proj.weight"])
+                q_b, q_b_scale = self._weights([a + "q_b_proj.weight"], [qk], cfg.q_lora_rank)
+                L.q_b = self._linear(q_b, [a + "q_b_proj.weight"], scale=q_b_scale)
             L.kv_norm = P[a + "kv_a_layernorm.weight"] = self._base(C)
-            L.kv_b = P[a + "kv_b_proj.weight"] = self._base(H * (N + V), C)
-            kvb = L.kv_b.view(H, N + V, C)
-            L.w_uk, L.w_uv = kvb[:, :N], kvb[:, N:]          # [H, N, C], [H, V, C]
-            P[a + "o_proj.weight"] = self._base(D, H * V)
+            L.kv_b, kv_b_scale = self._weights([a + "kv_b_proj.weight"], [H * (N + V)], C)
+            L.kv_b_fp8 = None
+            if kv_b_scale is None:
+                kvb = L.kv_b.view(H, N + V, C)
+                L.w_uk, L.w_uv = kvb[:, :N], kvb[:, N:]          # [H, N, C], [H, V, C]
+            else:  # dequantized per step (_kv_b)
+                L.kv_b_fp8 = self._linear(L.kv_b, [a + "kv_b_proj.weight"], scale=kv_b_scale)
+            o_proj, o_scale = self._weights([a + "o_proj.weight"], [D], H * V)
             o_bias = None
             if cfg.attention_bias:
                 o_bias = P[a + "o_proj.bias"] = self._base(D)
-            L.o_proj = self._linear(P[a + "o_proj.weight"], [a + "o_proj.weight", a + "o_proj.bias"], o_bias)
+            L.o_proj = self._linear(o_proj, [a + "o_proj.weight", a + "o_proj.bias"], o_bias, o_scale)
             L.moe = cfg.is_moe_layer(i)
             if not L.moe:
                 L.gate_up, L.down = self._mlp(p + "mlp.", cfg.intermediate_size)
@@ -212,24 +336,30 @@ class ModelRunner:
             E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
             L.router = P[p + "mlp.gate.weight"] = self._base(E, D, dtype=torch.float32)
             L.router_bias = P[p + "mlp.gate.e_score_correction_bias"] = self._base(E, dtype=torch.float32)
-            L.w13, L.w2 = self._base(E, 2 * I, D), self._base(E, D, I)
+            q = p + "mlp.experts.{e}."
+            L.w13, L.s13 = self._weights([q + "gate_proj.weight", q + "up_proj.weight"], [I, I], D, count=E)
+            L.w2, L.s2 = self._weights([q + "down_proj.weight"], [D], I, count=E)
+            # The Triton fused MoE reads FP8 experts with 128x128 scales over the fused gate|up rows:
+            # the per-name scales stack into exactly those when I fills whole blocks.
+            L.fused_ok = not self.fp8 or (self.fp8_block == (128, 128) and I % 128 == 0
+                                          and self.dtype in (torch.bfloat16, torch.float16))
             L.experts13, L.experts2 = [], []
             for e in range(E):
-                q = f"{p}mlp.experts.{e}."
-                P[q + "gate_proj.weight"], P[q + "up_proj.weight"] = L.w13[e, :I], L.w13[e, I:]
-                P[q + "down_proj.weight"] = L.w2[e]
-                L.experts13.append(self._linear(L.w13[e], [q + "gate_proj.weight", q + "up_proj.weight"]))
-                L.experts2.append(self._linear(L.w2[e], [q + "down_proj.weight"]))
+                qe = q.format(e=e)
+                L.experts13.append(self._linear(L.w13[e], [qe + "gate_proj.weight", qe + "up_proj.weight"],
+                                                scale=None if L.s13 is None else L.s13[e], rows=[I, I]))
+                L.experts2.append(self._linear(L.w2[e], [qe + "down_proj.weight"],
+                                               scale=None if L.s2 is None else L.s2[e]))
             L.shared = None
             if cfg.n_shared_experts:
                 L.shared = self._mlp(p + "mlp.shared_experts.", I * cfg.n_shared_experts)
 
-    def _mlp(self, prefix: str, inter: int) -> tuple[_Linear, _Linear]:
-        gate_up = self._base(2 * inter, self.cfg.hidden_size)
+    def _mlp(self, prefix: str, inter: int) -> tuple[_Linear | _Fp8Linear, _Linear | _Fp8Linear]:
         g, u, d = (prefix + n + "_proj.weight" for n in ("gate", "up", "down"))
-        self.params[g], self.params[u] = gate_up[:inter], gate_up[inter:]
-        down = self.params[d] = self._base(self.cfg.hidden_size, inter)
-        return self._linear(gate_up, [g, u]), self._linear(down, [d])
+        gate_up, gate_up_scale = self._weights([g, u], [inter, inter], self.cfg.hidden_size)
+        down, down_scale = self._weights([d], [self.cfg.hidden_size], inter)
+        return (self._linear(gate_up, [g, u], scale=gate_up_scale, rows=[inter, inter]),
+                self._linear(down, [d], scale=down_scale))
 
     @property
     def weight_bytes(self) -> int:
@@ -237,7 +367,19 @@ class ModelRunner:
         return sum(b.untyped_storage().nbytes() for b in self.bases) + packed
 
     def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors into their views, then refresh the packed copies they feed."""
+        """Copy HF-named tensors into their views, then refresh the packed copies they feed.
+
+        Shapes must match exactly; FP8 weights and their scales are copied only from tensors of the
+        same dtype (a cast into float8 storage would drop the scales). Nothing is copied unless every
+        tensor passes."""
+        for name, t in named.items():
+            dst = self.params[name]
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ValueError(f"weights[{name!r}]: shape {tuple(t.shape)} does not match the model's "
+                                 f"{tuple(dst.shape)}")
+            if (dst.dtype == FP8_DTYPE or name.endswith(SCALE_SUFFIX)) and t.dtype != dst.dtype:
+                raise ValueError(f"weights[{name!r}]: {t.dtype} into the engine's {dst.dtype} FP8 storage; quantize "
+                                 "full-precision weights with k2sys.quant.quantize_fp8_blocks (weight + scale_inv)")
         with torch.no_grad():
             for name, t in named.items():
                 self.params[name].copy_(t)
@@ -313,7 +455,8 @@ class ModelRunner:
         k_rope = self._rope(k_rope, cos, sin)
         latent = self._rms(latent, L.kv_norm, 1e-6)
         cache.write(li, batch.slots, latent, k_rope)
-        q_lat = torch.bmm(q_nope.transpose(0, 1), L.w_uk).transpose(0, 1)      # [T, H, C]
+        w_uk, w_uv = self._kv_b(L)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # [T, H, C]
         qcat = torch.cat([q_lat, q_rope], dim=-1)                               # [T, H, C+R]
         o_lat = torch.empty(T, H, C, dtype=h.dtype, device=h.device)
         for g, bias in zip(batch.groups, biases):
@@ -332,8 +475,15 @@ class ModelRunner:
             else:
                 keep = g.valid.view(-1)
                 o_lat.index_copy_(0, g.rows.view(-1)[keep], out[keep])
-        o = torch.bmm(o_lat.transpose(0, 1), L.w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
         return L.o_proj(o.reshape(T, H * V))
+
+    def _kv_b(self, L: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b's K and V parts per head, [H, N, C] and [H, V, C] (dequantized for this step in FP8)."""
+        if L.kv_b_fp8 is None:
+            return L.w_uk, L.w_uv
+        kvb = L.kv_b_fp8.weight().view(self.H, self.N + self.V, self.C)
+        return kvb[:, :self.N], kvb[:, self.N:]
 
     @staticmethod
     def _swiglu(x: torch.Tensor, gate_up: _Linear, down: _Linear) -> torch.Tensor:
@@ -343,11 +493,11 @@ class ModelRunner:
     def _moe(self, L: _Layer, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         logits = F.linear(x.float(), L.router)
-        if self.triton_moe:
+        if self.triton_moe and L.fused_ok:
             weights, ids = _kernels.k2_router_topk(
                 logits, L.router_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                 cfg.routed_scaling_factor, cfg.norm_topk_prob)
-            out = _kernels.fused_moe(x, L.w13, L.w2, weights, ids)
+            out = _kernels.fused_moe(x, L.w13, L.w2, weights, ids, w13_scale=L.s13, w2_scale=L.s2)
         else:
             weights, ids = route(logits, L.router_bias, cfg)
             out = grouped_moe(x, L.experts13, L.experts2, weights, ids)

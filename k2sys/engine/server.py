@@ -384,6 +384,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
     async def server_info() -> dict:
         return {"engine": "k2sys-native", **engine.stats(), "max_total_num_tokens": engine.config.max_total_tokens,
                 "max_model_len": engine.max_model_len, "memory_bytes": engine.memory_bytes(),
+                "quantization": engine.config.quantization,
                 "weight_transports": server_transports()}
 
     @app.get("/get_weight_version")
@@ -529,6 +530,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="turn off prefix caching (SGLang's flag name; the native engine caches whole KV blocks)")
     ap.add_argument("--moe-kernels", default=EngineConfig.moe_kernels, choices=["auto", "triton", "torch"],
                     help="MoE layers: Triton kernels on CUDA (auto), always (triton) or never (torch)")
+    ap.add_argument("--quantization", default=EngineConfig.quantization, choices=["none", "fp8"],
+                    help="weights served: none (the compute dtype) or fp8 (e4m3 with 128x128 block scales, the "
+                         "Kimi-K2/DeepSeek-V3 release format; a bf16 checkpoint or trainer update is quantized)")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -542,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                        max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
                        served_model_name=args.served_model_name, moe_kernels=args.moe_kernels,
-                       enable_prefix_caching=not args.disable_radix_cache)
+                       enable_prefix_caching=not args.disable_radix_cache, quantization=args.quantization)
     engine = NativeEngine.from_pretrained(args.model, cfg)
     app = build_app(engine, args.model)
 
