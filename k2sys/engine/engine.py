@@ -231,54 +231,38 @@ class NativeEngine:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else str(token)
 
     # ---- chat (OpenAI /v1/chat/completions) ------------------------------------------------
-    def _k2_chat(self) -> bool:
-        from k2sys.tokenizer import STOP_TOKENS
-
-        return self.tokenizer is not None and all(self.token_id(t) is not None for t in STOP_TOKENS)
-
-    def render_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        """Prompt ids for a chat: the K2 chat format when the tokenizer has its tokens, else the
-        checkpoint's own Jinja chat_template (tokenizer_config.json)."""
+    def chat_format(self):
+        """The tokenizer's chat format: the checkpoint's own template, or our K2 format (k2sys.tokenizer.formats)."""
         if self.tokenizer is None:
             raise RequestError("messages: this model has no tokenizer; use /generate with input_ids")
-        if self._k2_chat():
-            from k2sys.tokenizer import render_chat
+        from k2sys.tokenizer.formats import chat_format_for
 
-            try:
-                text = render_chat(messages, tools, add_generation_prompt=True)
-            except (ValueError, TypeError, KeyError) as e:
-                raise RequestError(f"messages: {e}") from None
-        else:
-            text = self._jinja_chat(messages, tools)
-        return self.encode(text)
+        try:
+            return chat_format_for(self.tokenizer)
+        except ValueError as e:
+            raise RequestError(f"messages: {e}; or use /v1/completions with a prompt") from None
 
-    def _jinja_chat(self, messages: list[dict], tools: list[dict] | None) -> str:
-        import json as _json
-
-        import jinja2.sandbox
-
-        cfg = Path(self.model_path or "") / "tokenizer_config.json"
-        template = _json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
-        if not template:
-            raise RequestError("messages: the tokenizer has no chat template; use /v1/completions")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True)
+    def render_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """Prompt ids for a chat in the model's chat format, with the assistant generation prompt."""
+        fmt = self.chat_format()
+        try:
+            return fmt.prompt_ids(messages, tools)
+        except (ValueError, TypeError, KeyError) as e:
+            raise RequestError(f"messages: {e}") from None
 
     def chat_stop_ids(self) -> list[int]:
-        from k2sys.tokenizer import STOP_TOKENS
-
-        ids = [self.token_id(t) for t in STOP_TOKENS] if self.tokenizer is not None else []
-        return [i for i in ids if i is not None]
+        if self.tokenizer is None:
+            return []
+        try:
+            return list(self.chat_format().stop_token_ids)
+        except RequestError:
+            return []
 
     def parse_chat_output(self, text: str) -> tuple[dict, bool]:
-        """Generated assistant text -> (OpenAI message, has tool calls)."""
-        if not self._k2_chat():
-            return {"role": "assistant", "content": text}, False
+        """Generated assistant text -> (OpenAI message, has tool calls), tool calls in the model's own format."""
         import json as _json
 
-        from k2sys.tokenizer import parse_assistant
-
-        parsed = parse_assistant(text)
+        parsed = self.chat_format().parse_assistant(text)
         msg: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
         if parsed.tool_calls:
             msg["tool_calls"] = [{"id": c.id, "type": "function",
