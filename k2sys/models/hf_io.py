@@ -33,9 +33,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -45,7 +52,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def replace_dir_atomic(tmp_dir: Path, dst: Path) -> None:
-    """Move a fully written tmp_dir to dst; an existing dst is swapped out and removed after."""
+    """Move a fully written tmp_dir to dst; an existing dst is swapped out and removed after.
+    tmp_dir (from mkdtemp, 0700) gets ordinary directory permissions, so a shared checkpoint is readable."""
+    os.chmod(tmp_dir, 0o777 & ~_umask())
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)

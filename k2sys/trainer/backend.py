@@ -182,14 +182,15 @@ class MegatronBackend:
     # ---- construction -----------------------------------------------------------------------
     @classmethod
     def from_hf(cls, path: str | os.PathLike, parallel: ParallelConfig | None = None,
-                train: TrainerConfig | None = None) -> "MegatronBackend":
+                train: TrainerConfig | None = None, use_te: bool | None = None) -> "MegatronBackend":
         """Each rank reads only the slices it owns from the checkpoint (positioned reads, no full copy);
-        FP8 block-scaled release checkpoints are dequantized exactly (k2sys.models.checkpoint)."""
+        FP8 block-scaled release checkpoints are dequantized exactly (k2sys.models.checkpoint).
+        use_te: the Transformer Engine layer spec (None: when transformer_engine imports)."""
         from k2sys.models.checkpoint import HFCheckpoint
 
         ckpt = HFCheckpoint(path)
         try:
-            return cls(ckpt.config, parallel, train, hf_state=ckpt)
+            return cls(ckpt.config, parallel, train, hf_state=ckpt, use_te=use_te)
         finally:
             ckpt.close()
 
