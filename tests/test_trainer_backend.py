@@ -89,6 +89,10 @@ def test_convert_cli_round_trip_and_logits(ref, tmp_path):
     be = MegatronBackend.from_hf(tmp_path / "hf2")
     ids = _batch(0)["tokens"]
     assert (be.logits(ids) - a(ids).detach()).abs().max() <= 1e-4
+    # a converted checkpoint starts training directly (weights, fresh optimizer)
+    be2 = MegatronBackend.from_checkpoint(tmp_path / "mg")
+    assert torch.equal(be2.logits(ids), be.logits(ids)) and be2.step == 0
+    assert be2.train_step(_batch(1)).loss > 0
 
 
 def test_layout_matches_model(ref):

@@ -203,10 +203,18 @@ class MegatronBackend:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, parallel: ParallelConfig | None = None,
                         train: TrainerConfig | None = None) -> "MegatronBackend":
-        """A backend resumed from `save(path)` (any TP/EP layout; dist_checkpointing reshards)."""
+        """A backend resumed from `save(path)` (any TP/EP layout; dist_checkpointing reshards), or started from
+        the weights of a `k2sys convert hf-to-megatron` checkpoint (fresh optimizer, step 0)."""
+        from k2sys.trainer.convert import FORMAT_MODEL_DIST
+
         meta = json.loads((Path(path) / META).read_text())
+        if meta.get("format") == FORMAT_MODEL_DIST:
+            backend = cls(K2Config.from_hf_dict(meta["config"]), parallel, train, use_te=meta.get("spec") == "te")
+            backend.load(path, optimizer=False)
+            return backend
         if meta.get("format") != FORMAT_DIST:
-            raise ValueError(f"{path}: format {meta.get('format')!r} is not a MegatronBackend.save checkpoint")
+            raise ValueError(f"{path}: format {meta.get('format')!r} is not a MegatronBackend.save or "
+                             "`k2sys convert hf-to-megatron` checkpoint")
         cfg = K2Config.from_hf_dict(meta["config"])
         if train is None:
             t = dict(meta["train"])
