@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # Document-level tokens, then the chat tokens (Kimi K2's names). The trainer gives them ids 0..N-1
 # in this order.
@@ -316,6 +316,116 @@ def tokenize_k2(tokenizer: Any, messages: Sequence[dict],
     return list(enc.ids), mask
 
 
+@dataclass(frozen=True)
+class ToolSection:
+    """The special tokens of one model family's tool-call section:
+    SECTION_BEGIN (CALL_BEGIN head SEP body CALL_END)* SECTION_END, then an end-of-turn stop token."""
+
+    section_begin: str
+    section_end: str
+    call_begin: str
+    sep: str
+    call_end: str
+    special: frozenset
+    """Every structural token of the format (a stray one in content is reported)."""
+    stops: frozenset
+    """End-of-turn tokens."""
+    split: "re.Pattern"
+    """Splits text into special tokens and the text between them."""
+
+
+def parse_tool_sections(text: str, fmt: ToolSection,
+                        make_call: Callable[[int, str, str, list[str]], "ToolCall | None"]) -> ParsedAssistant:
+    """Content and tool calls of generated assistant text in a sectioned tool-call format. Never raises:
+    malformed calls (make_call returns None after appending its reason to errors), missing end tokens,
+    stray or unexpected tokens are left out of `tool_calls` and described in `errors`."""
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    errors: list[str] = []
+    state = "content"  # content -> section -> head -> body -> section ... -> after -> done
+    head: list[str] = []
+    body: list[str] = []
+    n_begun = 0  # tool calls started, so errors can name the call by position
+    for piece in fmt.split.split(text):
+        if not piece:
+            continue
+        special = piece in fmt.special
+        if state == "done":
+            if piece.strip():
+                errors.append(f"text after the end of the turn ignored: {piece[:40]!r}")
+        elif piece in fmt.stops:
+            if state in ("head", "body"):
+                errors.append(f"tool call {n_begun - 1}: {piece} before {fmt.call_end}; call dropped")
+            if state in ("section", "head", "body"):
+                errors.append(f"{piece} before {fmt.section_end}")
+            state = "done"
+        elif state == "content":
+            if piece == fmt.section_begin:
+                state = "section"
+            else:
+                if special:
+                    errors.append(f"unexpected {piece} in content (kept)")
+                content.append(piece)
+        elif state == "after":
+            if piece == fmt.section_begin:
+                errors.append("a second tool-call section; its calls are parsed too")
+                state = "section"
+            elif piece.strip():
+                errors.append(f"text after {fmt.section_end} ignored: {piece[:40]!r}")
+        elif state == "head" and not special:
+            head.append(piece)
+        elif state == "head" and piece == fmt.sep:
+            state = "body"
+        elif state == "body" and not special:
+            body.append(piece)
+        elif state == "body" and piece == fmt.call_end:
+            call = make_call(n_begun - 1, "".join(head), "".join(body), errors)
+            if call is not None:
+                calls.append(call)
+            state = "section"
+        else:
+            if state in ("head", "body"):
+                want = fmt.sep if state == "head" else fmt.call_end
+                errors.append(f"tool call {n_begun - 1}: expected {want}, got {piece}; call dropped")
+                state = "section"
+                if piece == fmt.call_end:  # the dropped call's own end token
+                    continue
+            # state == "section": calls separated by optional whitespace
+            if piece == fmt.call_begin:
+                state, head, body, n_begun = "head", [], [], n_begun + 1
+            elif piece == fmt.section_end:
+                state = "after"
+            elif special or piece.strip():
+                errors.append(f"unexpected {piece[:40]!r} in the tool-call section")
+    if state in ("head", "body"):
+        errors.append(f"tool call {n_begun - 1}: text ended before {fmt.call_end}; call dropped")
+    if state in ("section", "head", "body"):
+        errors.append(f"text ended before {fmt.section_end}")
+    return ParsedAssistant("".join(content), calls, errors)
+
+
+K2_TOOLS = ToolSection(SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARGS, CALL_END, frozenset(SPECIAL_TOKENS),
+                       frozenset(STOP_TOKENS), _SPECIAL_RE)
+
+
+def _k2_call(k: int, head: str, raw: str, errors: list[str]) -> "ToolCall | None":
+    cid = head.strip()
+    m = _CALL_ID_RE.fullmatch(cid)
+    if m is None:
+        errors.append(f"tool call {k}: id {cid[:40]!r} is not 'functions.NAME:IDX'; call dropped")
+        return None
+    try:
+        args = json.loads(raw)
+    except json.JSONDecodeError as e:
+        errors.append(f"tool call {k} ({cid}): arguments are not valid JSON ({e}); call dropped")
+        return None
+    if not isinstance(args, dict):
+        errors.append(f"tool call {k} ({cid}): arguments must be a JSON object, got {type(args).__name__}; "
+                      "call dropped")
+        return None
+    return ToolCall(cid, m.group(1), args)
+
+
 def parse_assistant(text: str) -> ParsedAssistant:
     """Recover content and tool calls from generated assistant text (special tokens not skipped).
 
@@ -323,85 +433,7 @@ def parse_assistant(text: str) -> ParsedAssistant:
     or [EOS]. Never raises: malformed calls (bad id, bad JSON, missing end tokens, stray or
     unexpected tokens) are left out of `tool_calls` and described in `errors`.
     """
-    content: list[str] = []
-    calls: list[ToolCall] = []
-    errors: list[str] = []
-    state = "content"  # content -> section -> call_id -> call_args -> section ... -> after -> done
-    call_id: list[str] = []
-    call_args: list[str] = []
-    n_begun = 0  # tool calls started, so errors can name the call by position
-
-    def finish_call() -> None:
-        k, cid, raw = n_begun - 1, "".join(call_id).strip(), "".join(call_args)
-        m = _CALL_ID_RE.fullmatch(cid)
-        if m is None:
-            errors.append(f"tool call {k}: id {cid[:40]!r} is not 'functions.NAME:IDX'; call dropped")
-            return
-        try:
-            args = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"tool call {k} ({cid}): arguments are not valid JSON ({e}); call dropped")
-            return
-        if not isinstance(args, dict):
-            errors.append(f"tool call {k} ({cid}): arguments must be a JSON object, got {type(args).__name__}; "
-                          "call dropped")
-            return
-        calls.append(ToolCall(cid, m.group(1), args))
-
-    for piece in _SPECIAL_RE.split(text):
-        if not piece:
-            continue
-        special = piece in SPECIAL_TOKENS
-        if state == "done":
-            if piece.strip():
-                errors.append(f"text after the end of the turn ignored: {piece[:40]!r}")
-        elif piece in STOP_TOKENS:
-            if state in ("call_id", "call_args"):
-                errors.append(f"tool call {n_begun - 1}: {piece} before {CALL_END}; call dropped")
-            if state in ("section", "call_id", "call_args"):
-                errors.append(f"{piece} before {SECTION_END}")
-            state = "done"
-        elif state == "content":
-            if piece == SECTION_BEGIN:
-                state = "section"
-            else:
-                if special:
-                    errors.append(f"unexpected {piece} in content (kept)")
-                content.append(piece)
-        elif state == "after":
-            if piece == SECTION_BEGIN:
-                errors.append("a second tool-call section; its calls are parsed too")
-                state = "section"
-            elif piece.strip():
-                errors.append(f"text after {SECTION_END} ignored: {piece[:40]!r}")
-        elif state == "call_id" and not special:
-            call_id.append(piece)
-        elif state == "call_id" and piece == CALL_ARGS:
-            state = "call_args"
-        elif state == "call_args" and not special:
-            call_args.append(piece)
-        elif state == "call_args" and piece == CALL_END:
-            finish_call()
-            state = "section"
-        else:
-            if state in ("call_id", "call_args"):
-                want = CALL_ARGS if state == "call_id" else CALL_END
-                errors.append(f"tool call {n_begun - 1}: expected {want}, got {piece}; call dropped")
-                state = "section"
-                if piece == CALL_END:  # the dropped call's own end token
-                    continue
-            # state == "section"
-            if piece == CALL_BEGIN:
-                state, call_id, call_args, n_begun = "call_id", [], [], n_begun + 1
-            elif piece == SECTION_END:
-                state = "after"
-            elif special or piece.strip():
-                errors.append(f"unexpected {piece[:40]!r} in the tool-call section")
-    if state in ("call_id", "call_args"):
-        errors.append(f"tool call {n_begun - 1}: text ended before {CALL_END}; call dropped")
-    if state in ("section", "call_id", "call_args"):
-        errors.append(f"text ended before {SECTION_END}")
-    return ParsedAssistant("".join(content), calls, errors)
+    return parse_tool_sections(text, K2_TOOLS, _k2_call)
 
 
 _TURN_RE = re.compile(
