@@ -131,7 +131,9 @@ def test_stop_token_ids_max_new_tokens_and_min_new_tokens(engine):
 def test_bad_sampling_params_name_the_field():
     for bad, field in (({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
                        ({"max_new_tokens": -3}, "max_new_tokens"), ({"n": 0}, "n"), ({"bogus": 1}, "bogus"),
-                       ({"frequency_penalty": 0.5}, "frequency_penalty")):
+                       ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"beam_width": 2}, "beam_width"),
+                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                       ({"stop_regex": ["("]}, "stop_regex"), ({"regex": "a", "ebnf": "root ::= \"a\""}, "regex")):
         with pytest.raises(RequestError, match=field):
             SamplingParams.from_dict(bad)
     assert SamplingParams.from_dict({"seed": 5}).sampling_seed == 5

@@ -37,7 +37,7 @@ from k2sys.models.rope import RotaryEmbedding
 from k2sys.quant.fp8 import (FP8_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_block, fp8_scale_shape,
                              is_fp8_weight_name, quantize_fp8_state, scale_inv_name)
 
-__all__ = ["AttnGroup", "ModelRunner", "StepBatch", "QUANTIZATIONS"]
+__all__ = ["AttnGroup", "ModelRunner", "PromptLogprobSpec", "PromptLogprobs", "StepBatch", "QUANTIZATIONS"]
 
 QUANTIZATIONS = ("none", "fp8")
 
@@ -77,12 +77,31 @@ class AttnGroup:
 
 
 @dataclass
+class PromptLogprobSpec:
+    """Prompt positions of this step whose next-token log-probabilities are wanted (echo /
+    input_token_logprobs), computed from the same forward as the step's sampling logits."""
+    rows: torch.Tensor          # [P] rows of the step's tokens
+    targets: torch.Tensor       # [P] the prompt token that follows each row
+    top_k: int = 0              # also the k most likely tokens of each row
+    token_ids: torch.Tensor | None = None  # [U] also the log-probs of these tokens at each row
+
+
+@dataclass
+class PromptLogprobs:
+    target: torch.Tensor                    # [P] log p(target | prefix)
+    top_values: torch.Tensor | None = None  # [P, k], descending
+    top_ids: torch.Tensor | None = None     # [P, k]
+    token_ids: torch.Tensor | None = None   # [P, U] log-probs of spec.token_ids
+
+
+@dataclass
 class StepBatch:
     input_ids: torch.Tensor     # [T]
     positions: torch.Tensor     # [T]
     slots: torch.Tensor         # [T] cache slot of each token
     groups: list[AttnGroup]
     logit_rows: torch.Tensor    # [S] rows whose next-token logits are needed
+    prompt_logprobs: PromptLogprobSpec | None = None
 
 
 class _Linear:
@@ -411,9 +430,14 @@ class ModelRunner:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self.rope.apply(x, cos, sin)
 
-    @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: PagedLatentCache) -> torch.Tensor:
         """-> logits [S, vocab] (fp32) for batch.logit_rows."""
+        return self.forward_with_prompt_logprobs(batch, cache)[0]
+
+    @torch.inference_mode()
+    def forward_with_prompt_logprobs(self, batch: StepBatch,
+                                     cache: PagedLatentCache) -> tuple[torch.Tensor, PromptLogprobs | None]:
+        """-> (logits [S, vocab] fp32 for batch.logit_rows, the prompt log-probs batch.prompt_logprobs asks for)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.embed)
@@ -425,10 +449,35 @@ class ModelRunner:
             x = x + self._attention(li, L, h, cos, sin, batch, cache, biases)
             h = self._rms(x, L.post_norm, eps)
             x = x + (self._moe(L, h) if L.moe else self._swiglu(h, L.gate_up, L.down))
+        spec = batch.prompt_logprobs
+        prompt = None
+        if spec is not None and spec.rows.numel():
+            prompt = self._prompt_logprobs(self._rms(x.index_select(0, spec.rows), self.final_norm, eps), spec)
         if batch.logit_rows.numel() != x.shape[0]:  # prefill chunks: only their last rows need logits
             x = x.index_select(0, batch.logit_rows)
         x = self._rms(x, self.final_norm, eps)
-        return self.lm_head(x).float()
+        return self.lm_head(x).float(), prompt
+
+    PROMPT_LOGPROB_ELEMENTS = 1 << 24
+    """Logits held at once while reducing prompt rows to log-probs (64 MiB of fp32)."""
+
+    def _prompt_logprobs(self, h: torch.Tensor, spec: PromptLogprobSpec) -> PromptLogprobs:
+        """log_softmax over the vocabulary for each row of h, a chunk of rows at a time, reduced to
+        what was asked: the target's log-prob, the top k, the listed token ids."""
+        V = self.cfg.vocab_size
+        chunk = max(1, self.PROMPT_LOGPROB_ELEMENTS // V)
+        target, top_v, top_i, ids = [], [], [], []
+        for i in range(0, h.shape[0], chunk):
+            lp = self.lm_head(h[i:i + chunk]).float().log_softmax(-1)
+            target.append(lp.gather(1, spec.targets[i:i + chunk, None])[:, 0])
+            if spec.top_k > 0:
+                v, j = lp.topk(min(spec.top_k, V), dim=-1)
+                top_v.append(v)
+                top_i.append(j)
+            if spec.token_ids is not None:
+                ids.append(lp.index_select(1, spec.token_ids))
+        return PromptLogprobs(target=torch.cat(target), top_values=torch.cat(top_v) if top_v else None,
+                              top_ids=torch.cat(top_i) if top_i else None, token_ids=torch.cat(ids) if ids else None)
 
     def _attn_bias(self, g: AttnGroup, block_size: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask (0 = attend, -inf = not) of a group: [B, 1, L] for decode (broadcast over

@@ -1,22 +1,33 @@
-"""Batched token sampling: temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Batched token sampling: penalties, biases, masks, temperature, top-k, top-p, min-p,
+per-request seeds, logprobs.
+
+One row's logits go through (`process_logits`, each step per row):
+    repetition_penalty   HF: every token in prompt + output, x * p if x < 0 else x / p
+    frequency/presence   OpenAI: x - f * count(output) - p * [count(output) > 0]
+    logit_bias           x + bias
+    masks                -inf on banned tokens (min_new_tokens) and outside a grammar's allowed set
+then are divided by the temperature and filtered by top-k / top-p / min-p.
 
 Reproducibility without per-request generators: the random draw of a row is a counter-based
 hash of (seed, sample index, step, token id) turned into Gumbel noise, and the token is
 argmax(filtered logits / T + Gumbel), which is an exact sample of softmax(filtered logits / T).
-A request's tokens therefore depend only on its seed, its logits and its own step, never on
-which other requests share the batch or on the batch order.
+A request's tokens therefore depend only on its seed, its logits, its own tokens and its own
+step, never on which other requests share the batch or on the batch order.
 
-Returned logprobs follow SGLang's default: log_softmax(logits / T) of the sampled token, taken
-before top-k/top-p renormalisation; greedy rows (T = 0) use T = 1.
+Returned logprobs follow SGLang's default: log_softmax(processed logits / T) of the sampled token,
+taken before top-k/top-p renormalisation; greedy rows (T = 0) use T = 1.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from k2sys.engine.config import SamplingParams
 
-__all__ = ["sample", "uniform_noise"]
+__all__ = ["RowContext", "process_logits", "sample", "uniform_noise"]
 
 _M32 = 0xFFFFFFFF
 
@@ -62,17 +73,66 @@ def _filter_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     return torch.zeros_like(drop_sorted).scatter_(1, sorted_idx, drop_sorted)
 
 
+@dataclass
+class RowContext:
+    """What the logit processing of one row reads besides its params."""
+    prompt: Sequence[int] = ()
+    output: Sequence[int] = ()
+    banned: Sequence[int] = ()
+    """Token ids that may not be sampled now (min_new_tokens keeps EOS and stop ids out)."""
+    allowed: torch.Tensor | None = None
+    """Boolean [V] mask of the tokens a grammar allows next (None = no grammar)."""
+
+
+def _row_needs(p: SamplingParams, c: RowContext | None) -> bool:
+    return p.needs_history or bool(p.logit_bias) or (c is not None and (bool(c.banned) or c.allowed is not None))
+
+
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
+                   contexts: Sequence[RowContext | None] | None) -> torch.Tensor:
+    """Penalties, biases and masks of each row (fp32 in, fp32 out; the input is not modified)."""
+    rows = [i for i, p in enumerate(params) if _row_needs(p, contexts[i] if contexts else None)]
+    if not rows:
+        return logits
+    out = logits.clone()
+    V, dev = logits.shape[1], logits.device
+    for i in rows:
+        p, c = params[i], (contexts[i] if contexts else None) or RowContext()
+        row = out[i]
+        if p.repetition_penalty != 1.0:
+            seen = sorted(set(c.prompt).union(c.output))
+            if seen:
+                ids = torch.tensor(seen, device=dev)
+                v = row.index_select(0, ids)
+                row.index_copy_(0, ids, torch.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty))
+        if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and len(c.output):
+            counts = torch.bincount(torch.tensor(list(c.output), device=dev), minlength=V)[:V].float()
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=dev)
+            row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev, dtype=row.dtype))
+        if c.banned:
+            row[torch.tensor(list(c.banned), device=dev)] = float("-inf")
+        if c.allowed is not None:
+            row.masked_fill_(~c.allowed.to(dev), float("-inf"))
+    return out
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], sample_idx: list[int],
-           steps: list[int], banned: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
-    """logits [B, V] -> (tokens, logprobs) for each row under its own params."""
+           steps: list[int], banned: list[list[int]] | None = None, *,
+           contexts: Sequence[RowContext | None] | None = None, return_logprobs_all: bool = False):
+    """logits [B, V] -> (tokens, logprobs) for each row under its own params; with
+    return_logprobs_all also the [B, V] log-probabilities the tokens were drawn from (for top-k
+    alternatives). `banned` is the older spelling of contexts[i].banned."""
     logits = logits.float()
     B, V = logits.shape
     dev = logits.device
     if banned is not None and any(banned):
-        logits = logits.clone()
-        for row, toks in enumerate(banned):
-            if toks:
-                logits[row, torch.tensor(toks, device=dev)] = float("-inf")
+        contexts = [RowContext(banned=b) if contexts is None or contexts[i] is None
+                    else RowContext(contexts[i].prompt, contexts[i].output, list(contexts[i].banned) + list(b),
+                                    contexts[i].allowed)
+                    for i, b in enumerate(banned)]
+    logits = process_logits(logits, params, contexts)
     greedy = [p.greedy for p in params]
     temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
     scaled = logits / temps[:, None]
@@ -94,4 +154,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
         gumbel = (-torch.log(-torch.log(u))).float()
         tokens = tokens.index_copy(0, rows, (sub + gumbel).argmax(-1))
     lp = logprobs_all.gather(1, tokens[:, None])[:, 0]
+    if return_logprobs_all:
+        return tokens.tolist(), lp.tolist(), logprobs_all
     return tokens.tolist(), lp.tolist()

@@ -16,6 +16,14 @@ Prefix caching (EngineConfig.enable_prefix_caching): every full block a sequence
 registered with the allocator under a chained key; an admitted sequence starts on the cached
 blocks of its longest cached prefix and prefills only the rest. The next turn of a multi-turn
 episode, a resumed partial rollout and a retracted sequence re-sending their context hit it.
+A request with a cache salt chains its keys from the salt, so only requests with the same salt
+share blocks.
+
+Prompt log-probs (logprob_start_len >= 0) come out of the prefill itself: the rows of the prompt
+positions that need them are reduced to log-probs in the same forward that yields the sampling
+logits. Cached blocks skip prefill, so such a request reuses cached blocks only up to the first
+position it still needs (as SGLang caps its prefix match at logprob_start_len); what is already
+computed is kept across retractions.
 
 Not thread-safe: the engine calls it from its scheduler thread only.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,10 +40,10 @@ from typing import Any, Callable
 
 import torch
 
-from k2sys.engine.config import EngineConfig, SamplingParams
+from k2sys.engine.config import EngineConfig, LogprobOptions, SamplingParams
 from k2sys.engine.kv_cache import OutOfBlocks, PagedLatentCache
-from k2sys.engine.model_runner import AttnGroup, ModelRunner, StepBatch
-from k2sys.engine.sampling import sample
+from k2sys.engine.model_runner import AttnGroup, ModelRunner, PromptLogprobSpec, StepBatch
+from k2sys.engine.sampling import RowContext, sample
 
 __all__ = ["Request", "Scheduler", "Sequence"]
 
@@ -59,6 +68,13 @@ class Sequence:
     """Prefix-cache keys of the leading full, computed blocks (registered with the allocator)."""
     cached_tokens: int = 0
     """Prompt tokens served from the prefix cache at the last admission."""
+    output_top: list[list[tuple[float, int]]] = field(default_factory=list)
+    """Per output token: the top_logprobs_num most likely (logprob, token id) of its distribution."""
+    output_ids_lp: list[list[float]] = field(default_factory=list)
+    """Per output token: the log-probs of the request's token_ids_logprob."""
+    stop_regex_match: bool = False
+    grammar: Any = None
+    """The request's structured-output matcher (one per sample), when it has a grammar."""
 
     @property
     def finished(self) -> bool:
@@ -83,9 +99,34 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     created: float = field(default_factory=time.time)
+    logprobs: LogprobOptions | None = None
+    """What log-probs to return (None: output token log-probs iff return_logprob)."""
+    cache_root: bytes | None = None
+    """Parent key of the first prefix-cache block (a cache salt); None = the shared root."""
+    grammar_factory: Callable[[], Any] | None = None
+    """Makes a fresh structured-output matcher for one sample (k2sys.engine.grammar)."""
+    input_start: int | None = None
+    """First prompt position reported in input_token_logprobs (None: no prompt log-probs)."""
+    input_lp: list[float] = field(default_factory=list)
+    """log p(prompt[p + 1] | prompt[:p + 1]) for p = input_start, input_start + 1, ... (filled by prefill)."""
+    input_top: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_ids_lp: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.logprobs is None:
+            self.logprobs = LogprobOptions(return_logprob=self.return_logprob)
+        self.return_logprob = self.logprobs.return_logprob
+        self.input_start = self.logprobs.input_start(len(self.input_ids))
 
     def sample_rid(self, i: int) -> str:
         return self.rid if self.params.n == 1 else f"{self.rid}-{i}"
+
+    def input_lp_next(self) -> int | None:
+        """The next prompt position whose next-token log-prob is still to compute, or None."""
+        if self.input_start is None:
+            return None
+        p = self.input_start + len(self.input_lp)
+        return p if p <= len(self.input_ids) - 2 else None
 
     @property
     def finished(self) -> bool:
@@ -115,9 +156,11 @@ class Scheduler:
         seq = Sequence(request=req, sample_idx=0, tokens=list(req.input_ids))
         req.seqs = [seq]
         self.requests[req.rid] = req
-        if req.params.max_new_tokens == 0:
-            self._finish(seq, {"type": "length", "length": 0})
+        if req.params.max_new_tokens == 0 and req.input_lp_next() is None:
+            self._finish_empty(seq)  # nothing to compute
             return
+        if req.grammar_factory is not None:
+            seq.grammar = req.grammar_factory()
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -135,8 +178,12 @@ class Scheduler:
         if not self.cfg.enable_prefix_caching or seq.blocks:
             return
         alloc, bs = self.cache.allocator, self.cache.block_size
-        parent = None
-        for j in range((len(seq.tokens) - 1) // bs):
+        parent = seq.request.cache_root
+        usable = (len(seq.tokens) - 1) // bs
+        need_from = seq.request.input_lp_next()
+        if need_from is not None:  # positions from here on must run through the model
+            usable = min(usable, need_from // bs)
+        for j in range(usable):
             key = alloc.block_key(parent, seq.tokens[j * bs:(j + 1) * bs])
             b = alloc.lookup(key)
             if b is None:
@@ -153,7 +200,7 @@ class Scheduler:
             return
         alloc, bs = self.cache.allocator, self.cache.block_size
         for j in range(len(seq.block_keys), min(seq.num_computed // bs, len(seq.blocks))):
-            parent = seq.block_keys[-1] if seq.block_keys else None
+            parent = seq.block_keys[-1] if seq.block_keys else seq.request.cache_root
             key = alloc.block_key(parent, seq.tokens[j * bs:(j + 1) * bs])
             alloc.register(seq.blocks[j], key)
             seq.block_keys.append(key)
@@ -170,6 +217,17 @@ class Scheduler:
             req.listener(seq, True)
         if req.finished:
             self.requests.pop(req.rid, None)
+
+    def _finish_empty(self, seq: Sequence) -> None:
+        """End a max_new_tokens=0 request: all n samples finish with no output (after its prefill,
+        when it asked for prompt log-probs)."""
+        req = seq.request
+        req.forked = True
+        for i in range(1, req.params.n):
+            req.seqs.append(Sequence(request=req, sample_idx=i, tokens=list(req.input_ids),
+                                     cached_tokens=seq.cached_tokens))
+        for s in list(req.seqs):
+            self._finish(s, {"type": "length", "length": 0})
 
     def abort(self, rid: str | None = None, message: str = "Abort requested") -> list[dict]:
         """Abort one request (rid) or all (None); returns the aborted sequences' snapshots."""
@@ -266,9 +324,20 @@ class Scheduler:
         dev = self.runner.device
         ids, pos, slots, logit_rows, samplers = [], [], [], [], []
         decode, prefill = [], []
+        lp_rows, lp_targets, lp_owners = [], [], []
         row = 0
         for seq, n in plan:
             start = seq.num_computed
+            nxt = seq.request.input_lp_next()
+            if nxt is not None:
+                if start > nxt:
+                    raise RuntimeError(f"request {seq.request.rid}: prompt position {nxt} needs log-probs but "
+                                       f"prefill starts at {start}")
+                end = min(start + n, len(seq.request.input_ids) - 1)  # positions whose next token is in the prompt
+                if end > nxt:
+                    lp_rows.extend(range(row + nxt - start, row + end - start))
+                    lp_targets.extend(seq.tokens[nxt + 1:end + 1])
+                    lp_owners.append((seq.request, end - nxt))
             ids.extend(seq.tokens[start:start + n])
             positions = range(start, start + n)
             pos.extend(positions)
@@ -292,16 +361,43 @@ class Scheduler:
                                     block_tables=torch.tensor(tables, device=dev),
                                     ctx_len=torch.tensor([c for _, _, _, c in members], device=dev),
                                     valid=torch.tensor(valid, device=dev)))
+        spec = None
+        if lp_rows:
+            k = max(r.logprobs.top_logprobs_num for r, _ in lp_owners)
+            wanted = sorted({t for r, _ in lp_owners for t in (r.logprobs.token_ids_logprob or ())})
+            spec = PromptLogprobSpec(rows=torch.tensor(lp_rows, device=dev), targets=torch.tensor(lp_targets, device=dev),
+                                     top_k=k, token_ids=torch.tensor(wanted, device=dev, dtype=torch.long)
+                                     if any(r.logprobs.token_ids_logprob is not None for r, _ in lp_owners) else None)
         batch = StepBatch(input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
                           slots=torch.tensor(slots, device=dev), groups=groups,
-                          logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long))
-        logits = self.runner.forward(batch, self.cache)
+                          logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long), prompt_logprobs=spec)
+        logits, prompt_lp = self.runner.forward_with_prompt_logprobs(batch, self.cache)
+        if spec is not None:
+            self._store_prompt_logprobs(lp_owners, prompt_lp, spec)
         for seq, n in plan:
             seq.num_computed += n
             self._register_blocks(seq)
         self.steps += 1
         self._sample_and_advance(samplers, logits)
         return row
+
+    @staticmethod
+    def _store_prompt_logprobs(owners: list[tuple[Request, int]], out: Any, spec: PromptLogprobSpec) -> None:
+        target = out.target.tolist()
+        top_v = out.top_values.tolist() if out.top_values is not None else None
+        top_i = out.top_ids.tolist() if out.top_ids is not None else None
+        by_id = out.token_ids.tolist() if out.token_ids is not None else None
+        column = {t: j for j, t in enumerate(spec.token_ids.tolist())} if spec.token_ids is not None else {}
+        off = 0
+        for req, count in owners:
+            req.input_lp.extend(target[off:off + count])
+            k = req.logprobs.top_logprobs_num
+            if k:
+                req.input_top.extend([list(zip(top_v[r][:k], top_i[r][:k])) for r in range(off, off + count)])
+            if req.logprobs.token_ids_logprob is not None:
+                cols = [column[t] for t in req.logprobs.token_ids_logprob]
+                req.input_ids_lp.extend([[by_id[r][c] for c in cols] for r in range(off, off + count)])
+            off += count
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """End of a prompt's prefill with n > 1: n sequences sharing the full prompt blocks."""
@@ -314,7 +410,8 @@ class Scheduler:
         out = [seq]
         for i in range(1, req.params.n):
             child = Sequence(request=req, sample_idx=i, tokens=list(seq.tokens), num_computed=seq.num_computed,
-                             cached_tokens=seq.cached_tokens)
+                             cached_tokens=seq.cached_tokens,
+                             grammar=req.grammar_factory() if req.grammar_factory is not None else None)
             child.blocks = self.cache.allocator.share(seq.blocks[:full])
             child.block_keys = list(seq.block_keys[:full])
             if full < len(seq.blocks):  # partial last block: private copy so appends never collide
@@ -336,20 +433,53 @@ class Scheduler:
     def _sample_and_advance(self, samplers: list[Sequence], logits: torch.Tensor) -> None:
         rows, seqs = [], []
         for r, seq in enumerate(samplers):
+            if seq.request.params.max_new_tokens == 0:  # prefilled for its prompt log-probs only
+                self._finish_empty(seq)
+                continue
             group = self._fork(seq) if not seq.request.forked else [seq]
             for s in group:
                 rows.append(r)
                 seqs.append(s)
+        if not seqs:
+            return
         # children recomputed after a fork failure land here too, with their own row
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        contexts: list[RowContext | None] = [None] * len(seqs)
+        ended = []
+        for i, s in enumerate(seqs):
+            p = s.request.params
+            banned = self._banned(s) if p.min_new_tokens else []
+            allowed = s.grammar.allowed_mask() if s.grammar is not None else None
+            if allowed is not None and not bool(allowed.any()):
+                ended.append(i)  # the grammar is complete and nothing may follow (no stop token to emit)
+                continue
+            if p.needs_history or banned or allowed is not None:
+                contexts[i] = RowContext(prompt=s.request.input_ids if p.repetition_penalty != 1.0 else (),
+                                         output=s.output_ids, banned=banned, allowed=allowed)
+        if ended:
+            for i in ended:
+                s = seqs[i]
+                self._finish(s, {"type": "stop", "matched": None} if s.grammar.is_completed() else
+                             {"type": "abort", "message": "structured output: the grammar allows no next token"})
+            keep = [i for i in range(len(seqs)) if i not in set(ended)]
+            if not keep:
+                return
+            seqs, contexts = [seqs[i] for i in keep], [contexts[i] for i in keep]
+            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
         params = [s.request.params for s in seqs]
-        banned = None
-        if any(p.min_new_tokens for p in params):
-            banned = [self._banned(s) for s in seqs]
-        tokens, lps = sample(logits, params, [s.request.seed for s in seqs], [s.sample_idx for s in seqs],
-                             [len(s.output_ids) for s in seqs], banned)
-        for seq, tok, lp in zip(seqs, tokens, lps):
+        want_dist = any(s.request.logprobs.top_logprobs_num or s.request.logprobs.token_ids_logprob is not None
+                        for s in seqs if s.request.return_logprob)
+        out = sample(logits, params, [s.request.seed for s in seqs], [s.sample_idx for s in seqs],
+                     [len(s.output_ids) for s in seqs], contexts=contexts, return_logprobs_all=want_dist)
+        tokens, lps = out[0], out[1]
+        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, lps)):
+            if seq.grammar is not None and not seq.grammar.accept(tok):
+                self._finish(seq, {"type": "abort", "message": f"structured output: the grammar refused token {tok} "
+                                                               f"after {len(seq.output_ids)} tokens"})
+                continue
+            if want_dist and seq.request.return_logprob:
+                self._record_alternatives(seq, out[2][i])
             seq.tokens.append(tok)
             seq.output_ids.append(tok)
             seq.output_logprobs.append(lp)
@@ -358,7 +488,20 @@ class Scheduler:
             if reason is not None:
                 self._finish(seq, reason)
             elif seq.request.listener is not None:
-                seq.request.listener(seq, False)
+                every = seq.request.params.stream_interval
+                if every is None or len(seq.output_ids) % every == 0:
+                    seq.request.listener(seq, False)
+
+    @staticmethod
+    def _record_alternatives(seq: Sequence, dist: torch.Tensor) -> None:
+        """Top-k and listed-token log-probs of the distribution the token was drawn from."""
+        opts = seq.request.logprobs
+        if opts.top_logprobs_num:
+            v, i = dist.topk(min(opts.top_logprobs_num, dist.numel()))
+            seq.output_top.append(list(zip(v.tolist(), i.tolist())))
+        if opts.token_ids_logprob is not None:
+            ids = list(opts.token_ids_logprob)
+            seq.output_ids_lp.append(dist[torch.tensor(ids, device=dist.device, dtype=torch.long)].tolist() if ids else [])
 
     def _banned(self, seq: Sequence) -> list[int]:
         p = seq.request.params
@@ -383,6 +526,14 @@ class Scheduler:
                 for s in p.stop:
                     if s in tail:
                         return {"type": "stop", "matched": s}
+            if p.stop_regex and self.detokenize is not None:
+                tail = self.detokenize(seq.output_ids[-_regex_window(p.stop_regex):], p.skip_special_tokens)
+                for pattern in p.stop_regex:
+                    if re.search(pattern, tail):
+                        seq.stop_regex_match = True
+                        return {"type": "stop", "matched": pattern}
+            if seq.grammar is not None and seq.grammar.is_terminated():
+                return {"type": "stop", "matched": None}  # the grammar is complete (no stop token follows)
         if n_out >= p.max_new_tokens:
             return {"type": "length", "length": p.max_new_tokens}
         if len(seq.tokens) >= self.max_model_len:
@@ -393,7 +544,11 @@ class Scheduler:
         text = self.detokenize(seq.output_ids, seq.request.params.skip_special_tokens)
         reason = seq.finish_reason or {}
         matched = reason.get("matched")
-        if isinstance(matched, str) and not seq.request.params.no_stop_trim:
+        if isinstance(matched, str) and seq.stop_regex_match:
+            m = re.search(matched, text)
+            if m is not None:  # trimmed at the match like a stop string; no_stop_trim keeps the match
+                text = text[:m.end()] if seq.request.params.no_stop_trim else text[:m.start()]
+        elif isinstance(matched, str) and not seq.request.params.no_stop_trim:
             cut = text.find(matched)
             if cut >= 0:
                 text = text[:cut]
@@ -401,3 +556,19 @@ class Scheduler:
 
     def running_text(self, seq: Sequence) -> str:
         return self.detokenize(seq.output_ids, seq.request.params.skip_special_tokens) if self.detokenize else ""
+
+
+def _regex_window(patterns: list[str]) -> int:
+    """Output tokens to decode when searching stop regexes: enough for the longest possible match
+    (each character may be its own token) plus a margin; unbounded patterns read everything."""
+    try:
+        import re._parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+    widest = 0
+    for pattern in patterns:
+        hi = sre_parse.parse(pattern).getwidth()[1]
+        if hi >= 1 << 16:
+            return 1 << 30
+        widest = max(widest, hi)
+    return widest + 8

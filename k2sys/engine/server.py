@@ -5,8 +5,10 @@
 
 Payloads follow sglang 0.5.23 (`GenerateReqInput`, `SamplingParams`, `ReleaseMemoryOccupationReqInput`,
 `UpdateWeightsFromTensorReqInput`, `PauseGenerationReqInput`, `AbortReq`), so the same client code
-talks to this server and to SGLang. Malformed JSON, unknown fields and bad values get a 400 with a
-message; the server keeps serving others. SIGTERM aborts in-flight requests (their callers get
+talks to this server and to SGLang; the OpenAI routes live in k2sys.engine.openai_api. Every field
+SGLang and OpenAI define is honoured or refused with a 400 naming it (k2sys.engine.api_fields,
+docs/engine_api.md); malformed JSON, unknown fields and bad values get a 400 with a message and
+the server keeps serving others. SIGTERM aborts in-flight requests (their callers get
 finish_reason "abort"), drains the HTTP connections and stops the engine thread.
 """
 
@@ -15,20 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import threading
-import time
-import uuid
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from k2sys.engine.api_fields import GENERATE, read_json
+from k2sys.engine.api_fields import check_fields as check_api_fields
 from k2sys.engine.wire import tensors_from_update
-from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
+from k2sys.engine.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
 from k2sys.engine.engine import NativeEngine
+from k2sys.engine.openai_api import OpenAIRoutes, sse
 from k2sys.engine.protocol import ProtocolError, UpdateWeightsFromTensorPayload
 from k2sys.engine.shm import ShmReader, ShmUpdatePayload, server_transports
 
@@ -36,34 +38,11 @@ __all__ = ["build_app", "main", "parse_generate"]
 
 log = logging.getLogger(__name__)
 
-# GenerateReqInput fields we accept; the second group only with their default value.
-_GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid",
-                    "return_text_in_logprobs", "log_metrics"}
-_GENERATE_DEFAULTS = {"logprob_start_len": (None, -1), "top_logprobs_num": (None, 0), "lora_path": (None,),
-                      "image_data": (None,), "custom_logit_processor": (None,), "token_ids_logprob": (None,),
-                      "return_hidden_states": (None, False), "session_params": (None,)}
-
-
 def error(status: int, message: str) -> JSONResponse:
     """SGLang/OpenAI error body: both clients read error.message or message."""
     return JSONResponse({"object": "error", "message": message, "type": "BadRequest" if status < 500 else "Error",
                          "param": None, "code": status, "error": {"message": message, "code": status}},
                         status_code=status)
-
-
-async def read_json(request: Request, allow_empty: bool = True) -> dict:
-    raw = await request.body()
-    if not raw.strip():
-        if allow_empty:
-            return {}
-        raise RequestError("body: empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise RequestError(f"body: malformed JSON ({e}); send a JSON object") from None
-    if not isinstance(body, dict):
-        raise RequestError(f"body: expected a JSON object, got {type(body).__name__}")
-    return body
 
 
 def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tuple] | None = None) -> None:
@@ -79,8 +58,11 @@ def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tup
 
 
 def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
-    """A /generate body -> (one submit kwargs dict per prompt, batched, stream)."""
-    check_fields("generate", body, _GENERATE_FIELDS, _GENERATE_DEFAULTS)
+    """A /generate body -> (one submit kwargs dict per prompt, batched, stream).
+
+    Fields follow SGLang's GenerateReqInput (k2sys.engine.api_fields.GENERATE): per-prompt fields
+    take one value for all prompts or a list with one per prompt."""
+    check_api_fields("generate", body, GENERATE, per_item=True)
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise RequestError("generate: give exactly one of text or input_ids")
@@ -99,11 +81,17 @@ def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
             if not isinstance(p, list) or not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 raise RequestError("input_ids: each prompt must be a non-empty list of ints")
         key = "input_ids"
+    if batched and not prompts:
+        raise RequestError(f"{key}: empty batch; send at least one prompt")
     k = len(prompts)
 
-    def per_prompt(name: str, default: Any) -> list:
-        v = body.get(name, default)
-        if batched and isinstance(v, list) and name != "sampling_params" or (name == "sampling_params" and isinstance(v, list)):
+    def per_prompt(name: str, default: Any, nested: bool = False) -> list:
+        """One value per prompt: a list of k values in a batch (for `nested` fields, whose single
+        value is itself a list, a list of k lists), else the single value for every prompt."""
+        v = body.get(name)
+        if v is None:
+            return [default] * k
+        if isinstance(v, list) and (name == "sampling_params" or (batched and (not nested or (v and isinstance(v[0], list))))):
             if len(v) != k:
                 raise RequestError(f"{name}: {len(v)} entries for {k} prompts; send one per prompt or a single value")
             return v
@@ -111,20 +99,33 @@ def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
 
     rids = body.get("rid")
     if isinstance(rids, str) and batched:
-        rids = [f"{rids}-{i}" for i in range(k)]
-    rid_list = per_prompt("rid", None) if not isinstance(rids, list) else rids
-    if isinstance(rids, list) and len(rids) != k:
-        raise RequestError(f"rid: {len(rids)} entries for {k} prompts")
+        rid_list = [f"{rids}-{i}" for i in range(k)]
+    else:
+        rid_list = per_prompt("rid", None)
     sps = per_prompt("sampling_params", None)
-    lps = per_prompt("return_logprob", False)
-    stream = bool(body.get("stream", False))
+    stream = False if body.get("stream") is None else body["stream"]
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream: must be true or false, got {stream!r}")
+    text_in_lp = False if body.get("return_text_in_logprobs") is None else body["return_text_in_logprobs"]
+    lps, starts, tops = per_prompt("return_logprob", False), per_prompt("logprob_start_len", -1), \
+        per_prompt("top_logprobs_num", 0)
+    token_ids = per_prompt("token_ids_logprob", None, nested=True)
+    keys, salts = per_prompt("extra_key", None), per_prompt("cache_salt", None)
     items = []
     for i in range(k):
         if not isinstance(sps[i], (dict, type(None))):
             raise RequestError("sampling_params: must be an object (or a list of objects, one per prompt)")
-        items.append({key: prompts[i], "params": SamplingParams.from_dict(sps[i]),
-                      "rid": rids if isinstance(rids, str) and not batched else rid_list[i],
-                      "return_logprob": bool(lps[i])})
+        if lps[i] is not None and not isinstance(lps[i], bool):
+            raise RequestError(f"return_logprob: must be true or false, got {lps[i]!r}")
+        opts = LogprobOptions(return_logprob=bool(lps[i]), logprob_start_len=-1 if starts[i] is None else starts[i],
+                              top_logprobs_num=0 if tops[i] is None else tops[i], token_ids_logprob=token_ids[i],
+                              return_text_in_logprobs=text_in_lp)
+        for name, v in (("extra_key", keys[i]), ("cache_salt", salts[i])):
+            if v is not None and not isinstance(v, str):
+                raise RequestError(f"{name}: must be a string (or one per prompt)")
+        salt = None if not (keys[i] or salts[i]) else f"{keys[i] or ''}\x00{salts[i] or ''}"
+        items.append({key: prompts[i], "params": SamplingParams.from_dict(sps[i]), "rid": rid_list[i],
+                      "logprobs": opts, "cache_salt": salt})
     return items, batched, stream
 
 
@@ -146,13 +147,14 @@ class Streams:
         total = sum(h.request.params.n for h in handles)
         return handles, q, total
 
-    async def results(self, handles: list, q: asyncio.Queue, total: int) -> list[dict]:
+    async def results(self, handles: list, q: asyncio.Queue, total: int, with_index: bool = False) -> list:
+        """Final outputs ordered (prompt, sample); with_index: ((prompt, sample), output) pairs."""
         done: dict[tuple[int, int], dict] = {}
         while len(done) < total:
             idx, sample, out, finished = await q.get()
             if finished:
                 done[(idx, sample)] = out
-        return [done[key] for key in sorted(done)]
+        return [(key, done[key]) if with_index else done[key] for key in sorted(done)]
 
     async def events(self, handles: list, q: asyncio.Queue, total: int) -> AsyncIterator[tuple[int, int, dict, bool]]:
         finished = 0
@@ -166,193 +168,6 @@ class Streams:
                 for h in handles:
                     if not h.done.is_set():
                         await asyncio.to_thread(self.engine.abort, h.request.rid)
-
-
-# ---- OpenAI-compatible routes ------------------------------------------------------------------
-_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-                      "logprobs", "user", "stream_options", "top_k", "ignore_eos", "min_p", "stop_token_ids"}
-_CHAT_FIELDS = {"model", "messages", "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature",
-                "top_p", "n", "stream", "stop", "seed", "logprobs", "top_logprobs", "user", "stream_options",
-                "parallel_tool_calls", "top_k", "min_p", "ignore_eos", "stop_token_ids"}
-_OPENAI_DEFAULTS = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "echo": (None, False),
-                    "best_of": (None, 1), "suffix": (None,), "logit_bias": (None, {}), "response_format": (None,),
-                    "service_tier": (None, "auto", "default")}
-
-
-class OpenAIRoutes:
-    """/v1/models, /v1/completions, /v1/chat/completions (tools via the K2 chat template)."""
-
-    def __init__(self, engine: NativeEngine, streams: Streams):
-        self.engine, self.streams = engine, streams
-        self.model_name = engine.config.served_model_name
-
-    def register(self, app: FastAPI) -> None:
-        app.get("/v1/models")(self.models)
-        app.post("/v1/completions")(self.completions)
-        app.post("/v1/chat/completions")(self.chat)
-
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "k2sys", "max_model_len": self.engine.max_model_len}]}
-
-    def _params(self, body: dict, max_tokens: Any, extra_stop_ids: list[int] = ()) -> SamplingParams:
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise RequestError(f"max_tokens: must be a positive int, got {max_tokens!r}")
-        sp: dict[str, Any] = {"max_new_tokens": max_tokens if max_tokens is not None else 16}
-        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("n", "n"), ("stop", "stop"),
-                             ("sampling_seed", "seed"), ("top_k", "top_k"), ("min_p", "min_p"),
-                             ("ignore_eos", "ignore_eos")):
-            if body.get(theirs) is not None:
-                sp[ours] = body[theirs]
-        sp["stop_token_ids"] = list(body.get("stop_token_ids") or []) + list(extra_stop_ids)
-        sp["skip_special_tokens"] = not extra_stop_ids  # chat keeps tool-call markup for the parser
-        return SamplingParams.from_dict(sp)
-
-    @staticmethod
-    def _usage(outs: list[dict]) -> dict:
-        prompt = sum({o["meta_info"]["id"].rsplit("-", 1)[0]: o["meta_info"]["prompt_tokens"] for o in outs}.values())
-        completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    @staticmethod
-    def _finish(out: dict) -> str | None:
-        reason = out["meta_info"]["finish_reason"]
-        return None if reason is None else reason["type"]
-
-    # -- /v1/completions
-    async def completions(self, request: Request) -> Response:
-        body = await read_json(request, allow_empty=False)
-        check_fields("completions", body, _COMPLETION_FIELDS, _OPENAI_DEFAULTS)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            prompts = prompt
-        else:
-            raise RequestError("prompt: a string, a list of strings, token ids, or a list of token id lists")
-        params = self._params(body, body.get("max_tokens"))
-        want_lp = body.get("logprobs") is not None
-        items = [{("text" if isinstance(p, str) else "input_ids"): p, "params": params, "rid": None,
-                  "return_logprob": want_lp} for p in prompts]
-        handles, q, total = await self.streams.submit(items)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name}
-
-        def logprobs(out: dict, start: int = 0) -> dict | None:
-            if not want_lp:
-                return None
-            rows = out["meta_info"]["output_token_logprobs"][start:]
-            toks = [self.engine.decode_token(r[1]) for r in rows]
-            return {"tokens": toks, "token_logprobs": [r[0] for r in rows], "top_logprobs": None, "text_offset": None}
-
-        if not body.get("stream"):
-            outs = await self.streams.results(handles, q, total)
-            choices = [{"index": i, "text": o["text"], "logprobs": logprobs(o), "finish_reason": self._finish(o)}
-                       for i, o in enumerate(outs)]
-            return JSONResponse({**head, "choices": choices, "usage": self._usage(outs)})
-
-        async def chunks() -> AsyncIterator[bytes]:
-            sent_text: dict[int, str] = {}
-            sent_tok: dict[int, int] = {}
-            finals = []
-            async for idx, sample, out, fin in self.streams.events(handles, q, total):
-                i = idx * params.n + sample
-                delta = _stable_delta(sent_text.get(i, ""), out["text"], fin)
-                sent_text[i] = sent_text.get(i, "") + delta
-                lp = logprobs(out, sent_tok.get(i, 0))
-                sent_tok[i] = len(out["output_ids"])
-                if fin:
-                    finals.append(out)
-                if delta or fin:
-                    yield sse({**head, "choices": [{"index": i, "text": delta, "logprobs": lp,
-                                                    "finish_reason": self._finish(out) if fin else None}]})
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield sse({**head, "choices": [], "usage": self._usage(finals)})
-            yield b"data: [DONE]\n\n"
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-
-    # -- /v1/chat/completions
-    async def chat(self, request: Request) -> Response:
-        body = await read_json(request, allow_empty=False)
-        check_fields("chat.completions", body, _CHAT_FIELDS, _OPENAI_DEFAULTS)
-        messages, tools = body.get("messages"), body.get("tools")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages: a non-empty list of {role, content} objects")
-        choice = body.get("tool_choice", "auto")
-        if choice not in (None, "auto", "none"):
-            raise RequestError(f"tool_choice={choice!r} is not supported; use 'auto' or 'none'")
-        if choice == "none":
-            tools = None
-        prompt_ids = self.engine.render_chat(messages, tools)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        params = self._params(body, max_tokens if max_tokens is not None else 256, self.engine.chat_stop_ids())
-        want_lp = bool(body.get("logprobs"))
-        if body.get("top_logprobs"):
-            raise RequestError("top_logprobs: not supported by the native engine; omit it")
-        handles, q, total = await self.streams.submit([{"input_ids": prompt_ids, "params": params, "rid": None,
-                                                        "return_logprob": want_lp}])
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name}
-
-        def lp_block(out: dict, start: int = 0) -> dict | None:
-            if not want_lp:
-                return None
-            rows = out["meta_info"]["output_token_logprobs"][start:]
-            return {"content": [{"token": self.engine.decode_token(r[1]), "logprob": r[0], "bytes": None,
-                                 "top_logprobs": []} for r in rows]}
-
-        if not body.get("stream"):
-            outs = await self.streams.results(handles, q, total)
-            choices = []
-            for i, o in enumerate(outs):
-                msg, calls = self.engine.parse_chat_output(o["text"])
-                reason = "tool_calls" if calls else self._finish(o)
-                choices.append({"index": i, "message": msg, "logprobs": lp_block(o), "finish_reason": reason})
-            return JSONResponse({**head, "choices": choices, "usage": self._usage(outs)})
-
-        head = {**head, "object": "chat.completion.chunk"}
-
-        async def chunks() -> AsyncIterator[bytes]:
-            sent: dict[int, str] = {}
-            sent_tok: dict[int, int] = {}
-            finals = []
-            for i in range(total):
-                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "finish_reason": None}]})
-            async for _, sample, out, fin in self.streams.events(handles, q, total):
-                msg, calls = self.engine.parse_chat_output(out["text"])
-                delta = _stable_delta(sent.get(sample, ""), msg.get("content") or "", fin)
-                sent[sample] = sent.get(sample, "") + delta
-                lp = lp_block(out, sent_tok.get(sample, 0))
-                sent_tok[sample] = len(out["output_ids"])
-                d: dict[str, Any] = {"content": delta} if delta else {}
-                if fin and calls:
-                    d["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
-                if fin:
-                    finals.append(out)
-                if d or fin:
-                    reason = ("tool_calls" if calls else self._finish(out)) if fin else None
-                    yield sse({**head, "choices": [{"index": sample, "delta": d, "logprobs": lp,
-                                                    "finish_reason": reason}]})
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield sse({**head, "choices": [], "usage": self._usage(finals)})
-            yield b"data: [DONE]\n\n"
-        return StreamingResponse(chunks(), media_type="text/event-stream")
-
-
-def _stable_delta(sent: str, text: str, final: bool) -> str:
-    """New text since `sent`, holding back a trailing partial UTF-8 character (decoded as U+FFFD)
-    until more tokens complete it."""
-    if not text.startswith(sent):
-        return ""
-    new = text[len(sent):]
-    if not final:
-        new = new.rstrip("\ufffd")
-    return new
-
-
-def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
@@ -375,17 +190,34 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
     async def health() -> Response:
         return Response(status_code=200 if engine.health() else 503)
 
+    def _model_info() -> dict:
+        """SGLang's /model_info fields."""
+        mc = engine.model_config
+        path = model_path or engine.model_path
+        return {"model_path": path, "served_model_name": engine.config.served_model_name, "tokenizer_path": path,
+                "is_generation": True, "preferred_sampling_params": None, "weight_version": engine.weight_version,
+                "load_format": "auto", "reasoning_parser": None, "tool_call_parser": _tool_parser(engine),
+                "disaggregation_mode": "null", "has_image_understanding": False, "has_audio_understanding": False,
+                "model_type": getattr(mc, "model_type", "deepseek_v3"),
+                "architectures": list(getattr(mc, "architectures", None) or ["DeepseekV3ForCausalLM"])}
+
+    @app.get("/model_info")
     @app.get("/get_model_info")
     async def model_info() -> dict:
-        return {"model_path": model_path or engine.model_path, "tokenizer_path": model_path or engine.model_path,
-                "is_generation": True, "preferred_sampling_params": None, "weight_version": engine.weight_version}
+        return _model_info()
 
+    @app.get("/server_info")
     @app.get("/get_server_info")
     async def server_info() -> dict:
-        return {"engine": "k2sys-native", **engine.stats(), "max_total_num_tokens": engine.config.max_total_tokens,
-                "max_model_len": engine.max_model_len, "memory_bytes": engine.memory_bytes(),
-                "quantization": engine.config.quantization,
-                "weight_transports": server_transports()}
+        stats = engine.stats()
+        return {"engine": "k2sys-native", "version": _version(), **stats, **_model_info(),
+                "max_total_num_tokens": engine.config.max_total_tokens, "max_model_len": engine.max_model_len,
+                "context_length": engine.max_model_len, "max_running_requests": engine.config.max_running_requests,
+                "chunked_prefill_size": engine.config.max_num_batched_tokens, "page_size": engine.config.block_size,
+                "disable_radix_cache": not engine.config.enable_prefix_caching, "dtype": str(engine.runner.dtype),
+                "device": engine.config.device, "memory_bytes": engine.memory_bytes(),
+                "quantization": engine.config.quantization, "weight_transports": server_transports(),
+                "internal_states": [{"running": stats["running"], "waiting": stats["waiting"]}]}
 
     @app.get("/get_weight_version")
     async def weight_version() -> dict:
@@ -393,20 +225,83 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
-        items, batched, stream = parse_generate(await read_json(request, allow_empty=False))
+        body = await read_json(request, allow_empty=False)
+        items, batched, stream = parse_generate(body)
+        want_prompt = False if body.get("return_prompt_token_ids") is None else body["return_prompt_token_ids"]
+        if not isinstance(want_prompt, bool):
+            raise RequestError(f"return_prompt_token_ids: must be true or false, got {want_prompt!r}")
         handles, q, total = await streams.submit(items)
         multi = batched or total > 1
+
+        def finish(idx: int, out: dict) -> dict:
+            return {**out, "prompt_token_ids": list(handles[idx].request.input_ids)} if want_prompt else out
+
         if not stream:
-            outs = await streams.results(handles, q, total)
+            done = await streams.results(handles, q, total, with_index=True)
+            outs = [finish(idx, out) for (idx, _), out in done]
             return JSONResponse(outs if multi else outs[0])
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body_chunks() -> AsyncIterator[bytes]:
             async for idx, sample, out, _ in streams.events(handles, q, total):
+                out = finish(idx, out)
                 if multi:
                     out = {**out, "index": idx * items[idx]["params"].n + sample}
                 yield sse(out)
             yield b"data: [DONE]\n\n"
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamingResponse(body_chunks(), media_type="text/event-stream")
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        """SGLang's /tokenize: {prompt: str | [str]} or {messages, tools}; -> {tokens, count, max_model_len}."""
+        body = await read_json(request, allow_empty=False)
+        check_fields("tokenize", body, {"model", "prompt", "messages", "tools", "add_special_tokens",
+                                        "add_generation_prompt"},
+                     {"tool_choice": (None, "auto", "none"), "reasoning_effort": (None,),
+                      "continue_final_message": (None, False), "chat_template_kwargs": (None, {})})
+        prompt, messages = body.get("prompt"), body.get("messages")
+        if (prompt is None) == (messages is None):
+            raise RequestError("tokenize: give exactly one of prompt or messages")
+        special = body.get("add_special_tokens")
+        if messages is not None:
+            from k2sys.engine.openai_api import normalize_messages
+
+            gen = body.get("add_generation_prompt")
+            msgs, _, _ = normalize_messages(messages, engine.chat_format())
+            tokens = engine.render_chat(msgs, body.get("tools"), add_generation_prompt=True if gen is None else bool(gen),
+                                        add_special_tokens=bool(special) if gen is not None else False)
+            return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+        special = True if special is None else special
+        if not isinstance(special, bool):
+            raise RequestError(f"add_special_tokens: must be true or false, got {special!r}")
+        if isinstance(prompt, str):
+            tokens = engine.encode(prompt, add_special_tokens=special)
+            return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+            raise RequestError("prompt: a string or a list of strings")
+        tokens = [engine.encode(p, add_special_tokens=special) for p in prompt]
+        return JSONResponse({"tokens": tokens, "count": [len(t) for t in tokens], "max_model_len": engine.max_model_len})
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        """SGLang's /detokenize: {tokens: [int] | [[int]], skip_special_tokens} -> {text}."""
+        body = await read_json(request, allow_empty=False)
+        check_fields("detokenize", body, {"model", "tokens", "skip_special_tokens"})
+        tokens, skip = body.get("tokens"), body.get("skip_special_tokens", True)
+        if not isinstance(skip, bool):
+            raise RequestError(f"skip_special_tokens: must be true or false, got {skip!r}")
+        vocab = engine.model_config.vocab_size
+
+        def one(ids: Any) -> str:
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                    for t in ids):
+                raise RequestError(f"tokens: token ids must be ints in [0, {vocab})")
+            return engine.detokenize(ids, skip)
+
+        if isinstance(tokens, list) and tokens and isinstance(tokens[0], list):
+            return JSONResponse({"text": [one(t) for t in tokens]})
+        return JSONResponse({"text": one(tokens)})
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
@@ -509,6 +404,25 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
 
     OpenAIRoutes(engine, streams).register(app)
     return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("k2sys")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.1.0"
+
+
+def _tool_parser(engine: NativeEngine) -> str | None:
+    try:
+        fmt = engine.chat_format()
+    except RequestError:
+        return None
+    from k2sys.tokenizer.formats import K2ChatFormat
+
+    return "kimi_k2" if isinstance(fmt, K2ChatFormat) else getattr(fmt, "tool_format", None)
 
 
 # ---- the `serve` command -------------------------------------------------------------------------

@@ -1,0 +1,577 @@
+"""OpenAI-compatible routes of `k2sys serve`: /v1/models, /v1/completions, /v1/chat/completions.
+
+Every field of the OpenAI API (and SGLang's additions to it) is honoured or refused with a 400
+that names it (k2sys.engine.api_fields). What the routes add on top of the engine:
+  - completions `echo` + `logprobs` return the prompt's log-probs computed in the prefill
+    (logprob_start_len=0), the shape lm-evaluation-harness' loglikelihood reads;
+  - `logprobs=k` / `top_logprobs=k` return the k most likely tokens at each position, plus the
+    chosen one (as OpenAI: up to k + 1 entries);
+  - chat messages may carry content as a list of text parts and the role `developer` (= system);
+  - tool-call ids in any form (OpenAI's `call_...`) are mapped to the model's own id format when
+    the format has one (Kimi K2: functions.NAME:IDX, numbered over the conversation), and the
+    reply's ids come back in the client's form;
+  - tool_choice: a named function starts the reply with the format's markup opening that call and
+    constrains the arguments to its parameter schema; `required` constrains the reply to a JSON
+    array of calls (as SGLang does); both need xgrammar (see ToolChoice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from k2sys.engine.api_fields import CHAT, COMPLETIONS, check_fields, read_json
+from k2sys.engine.config import LogprobOptions, RequestError, SamplingParams
+
+__all__ = ["OpenAIRoutes", "normalize_messages"]
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _int(body: dict, name: str, lo: int, hi: int | None = None, default: Any = None) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise RequestError(f"{name}: must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
+    return v
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise RequestError(f"{name}: must be true or false, got {v!r}")
+    return v
+
+
+def sampling_from_openai(body: dict, max_new_tokens: int, *, extra_stop_ids: list[int] = (),
+                         skip_special_tokens: bool | None = None) -> SamplingParams:
+    """SamplingParams from the sampling fields OpenAI and SGLang's OpenAI routes share."""
+    sp: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("n", "n"), ("stop", "stop"),
+                         ("sampling_seed", "seed"), ("top_k", "top_k"), ("min_p", "min_p"),
+                         ("ignore_eos", "ignore_eos"), ("min_new_tokens", "min_tokens"),
+                         ("frequency_penalty", "frequency_penalty"), ("presence_penalty", "presence_penalty"),
+                         ("repetition_penalty", "repetition_penalty"), ("stop_regex", "stop_regex"),
+                         ("no_stop_trim", "no_stop_trim"), ("regex", "regex"), ("ebnf", "ebnf"),
+                         ("json_schema", "json_schema"), ("skip_special_tokens", "skip_special_tokens")):
+        if body.get(theirs) is not None:
+            sp[ours] = body[theirs]
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise RequestError("logit_bias: must be an object {token_id: bias}")
+        bad = {k: v for k, v in bias.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100}
+        if bad:
+            raise RequestError(f"logit_bias: values must be numbers in [-100, 100], got {bad}")
+        sp["logit_bias"] = bias
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list):
+        raise RequestError("stop_token_ids: must be a list of token ids")
+    sp["stop_token_ids"] = list(stop_ids) + list(extra_stop_ids)
+    if skip_special_tokens is not None:
+        sp["skip_special_tokens"] = skip_special_tokens
+    grammar = _response_format(body.get("response_format"))
+    if grammar is not None:
+        kind, source = grammar
+        clash = [g for g in ("regex", "ebnf", "json_schema") if sp.get(g) is not None]
+        if clash:
+            raise RequestError(f"response_format: give it or {clash[0]}, not both")
+        sp[kind] = source
+    try:
+        return SamplingParams.from_dict(sp)
+    except RequestError as e:  # name the OpenAI field, not ours
+        msg = str(e).removeprefix("sampling_params.")
+        for ours, theirs in (("sampling_seed", "seed"), ("min_new_tokens", "min_tokens"),
+                             ("max_new_tokens", "max_tokens")):
+            msg = msg.replace(ours, theirs)
+        raise RequestError(msg) from None
+
+
+def _response_format(rf: Any) -> tuple[str, str] | None:
+    """OpenAI response_format -> (grammar kind, source), None for plain text (as SGLang maps it)."""
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise RequestError("response_format: must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
+    kind = rf["type"]
+    extra = sorted(set(rf) - {"type", "json_schema"})
+    if extra:
+        raise RequestError(f"response_format: unknown field(s) {extra}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_schema", '{"type": "object"}'
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise RequestError("response_format.json_schema: must be {'name': ..., 'schema': {...}}")
+        unknown = sorted(set(js) - {"name", "schema", "strict", "description", "schema_"})
+        if unknown:
+            raise RequestError(f"response_format.json_schema: unknown field(s) {unknown}")
+        schema = js.get("schema", js.get("schema_"))
+        if not isinstance(schema, dict):
+            raise RequestError("response_format.json_schema.schema: must be a JSON schema object")
+        return "json_schema", json.dumps(schema)
+    raise RequestError(f"response_format.type={kind!r} is not supported; use text, json_object or json_schema")
+
+
+# ---- chat messages -------------------------------------------------------------------------------
+def _kimi_ids(fmt: Any) -> bool:
+    from k2sys.tokenizer import toolcalls
+    from k2sys.tokenizer.formats import K2ChatFormat
+
+    return isinstance(fmt, K2ChatFormat) or getattr(fmt, "tool_format", None) == toolcalls.KIMI_K2
+
+
+def _text_content(content: Any, where: str) -> Any:
+    """A list of content parts -> their text, concatenated (as Kimi K2's template renders text parts)."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        else:
+            raise RequestError(f"{where}[{j}]: content part of type {kind!r} is not supported; the native engine "
+                               "takes text parts ({'type': 'text', 'text': ...}) only")
+    return "".join(texts)
+
+
+def normalize_messages(messages: Any, fmt: Any) -> tuple[list[dict], dict[str, str], int]:
+    """OpenAI messages -> what the model's chat format renders.
+
+    Returns (messages, id_map, calls): id_map maps the client's tool-call ids to the model's own
+    (empty when the ids were already the model's, or the format has no ids of its own); calls is
+    the number of tool calls in the history (the next call's index in Kimi K2's numbering)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages: a non-empty list of {role, content} objects")
+    kimi = _kimi_ids(fmt)
+    from k2sys.tokenizer.chat import _CALL_ID_RE
+
+    out, id_map, calls = [], {}, 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where}: must be an object with role and content")
+        m = dict(m)
+        if m.get("role") == "developer":
+            m["role"] = "system"  # OpenAI's newer name for the system prompt
+        if "content" in m:
+            m["content"] = _text_content(m["content"], f"{where}.content")
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise RequestError(f"{where}.tool_calls: must be a list")
+            mapped = []
+            for j, tc in enumerate(m["tool_calls"]):
+                if not isinstance(tc, dict):
+                    raise RequestError(f"{where}.tool_calls[{j}]: must be an object")
+                tc = dict(tc)
+                name = (tc.get("function") or {}).get("name") if isinstance(tc.get("function"), dict) else None
+                cid = tc.get("id")
+                if kimi and isinstance(name, str):
+                    own = f"functions.{name}:{calls}"
+                    hit = _CALL_ID_RE.fullmatch(cid) if isinstance(cid, str) else None
+                    if cid is not None and (hit is None or hit.group(1) != name):
+                        if cid in id_map:
+                            raise RequestError(f"{where}.tool_calls[{j}].id {cid!r} is used twice")
+                        id_map[cid] = own
+                        tc["id"] = own
+                mapped.append(tc)
+                calls += 1
+            m["tool_calls"] = mapped
+        if m.get("role") == "tool" and m.get("tool_call_id") in id_map:
+            m["tool_call_id"] = id_map[m["tool_call_id"]]
+        out.append(m)
+    return out, id_map, calls
+
+
+class ToolChoice:
+    """How a chat reply is made to call tools (tool_choice).
+
+    auto / none: the model decides (none: tools are not shown).
+    named {"type": "function", "function": {"name": N}}: the reply starts with the format's markup
+        opening a call of N (Kimi K2: <|tool_calls_section_begin|><|tool_call_begin|>functions.N:IDX
+        <|tool_call_argument_begin|>); the model writes the arguments, constrained to N's parameter
+        schema; the markup closing the call is added after them.
+    required: the reply is a JSON array of {"name", "parameters"} objects constrained to the tools'
+        schemas (SGLang's approach), turned into tool calls.
+    """
+
+    def __init__(self, choice: Any, tools: list | None, fmt: Any, calls: int, parallel: bool):
+        from k2sys.tokenizer import toolcalls
+
+        self.mode, self.prefix, self.suffix, self.schema, self.name = "auto", "", "", None, None
+        self.calls, self.kimi = calls, _kimi_ids(fmt)
+        if choice in (None, "auto", "none"):
+            return
+        if not tools:
+            raise RequestError(f"tool_choice={choice!r} needs tools")
+        params = {}
+        for k, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise RequestError(f"tools[{k}]: must be {{'type': 'function', 'function': {{'name': ...}}}}")
+            schema = fn.get("parameters")
+            params[fn["name"]] = schema if isinstance(schema, dict) else {"type": "object"}
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise RequestError("tool_choice: a named choice is {'type': 'function', 'function': {'name': ...}}")
+            name = fn["name"]
+            if name not in params:
+                raise RequestError(f"tool_choice.function.name {name!r} is not one of the tools {sorted(params)}")
+            self.mode, self.name, self.schema = "named", name, params[name]
+            if self.kimi:
+                self.prefix = (f"{toolcalls.KIMI_TOOL_TOKEN}<|tool_call_begin|>functions.{name}:{calls}"
+                               "<|tool_call_argument_begin|>")
+                self.suffix = "<|tool_call_end|><|tool_calls_section_end|>"
+            elif getattr(fmt, "tool_format", None) == toolcalls.DEEPSEEK_V3:
+                self.prefix = f"{toolcalls.DS_CALLS_BEGIN}{toolcalls.DS_CALL_BEGIN}function{toolcalls.DS_SEP}{name}\n```json\n"
+                self.suffix = f"\n```{toolcalls.DS_CALL_END}{toolcalls.DS_CALLS_END}"
+            else:
+                raise RequestError(f"tool_choice={choice!r}: the model's chat format ({fmt!r}) has no tool-call markup")
+        elif choice == "required":
+            self.mode = "required"
+            self.schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+                {"type": "object", "properties": {"name": {"type": "string", "enum": [n]}, "parameters": sch},
+                 "required": ["name", "parameters"], "additionalProperties": False} for n, sch in params.items()]}}
+            if not parallel:
+                self.schema["maxItems"] = 1
+        else:
+            raise RequestError(f"tool_choice={choice!r}: use 'auto', 'none', 'required' or a named function")
+
+    def grammar(self) -> str | None:
+        return None if self.schema is None else json.dumps(self.schema)
+
+    def reply(self, text: str, stop_texts: list[str]) -> str | list[dict] | None:
+        """The generated text as the chat format parses it (named), the calls (required), or None (auto)."""
+        if self.mode == "auto":
+            return None
+        for t in stop_texts:  # the turn's stop token the model emitted after the JSON
+            if t and text.endswith(t):
+                text = text[:-len(t)]
+                break
+        if self.mode == "named":
+            return self.prefix + text + self.suffix
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return []  # cut off (length) before the array closed: no complete call
+        return [{"id": f"functions.{it['name']}:{self.calls + k}" if self.kimi else _client_id(f"{it['name']}:{k}", text),
+                 "type": "function", "function": {"name": it["name"], "arguments": json.dumps(it["parameters"])}}
+                for k, it in enumerate(items)]
+
+
+def _client_id(own: str, salt: str) -> str:
+    return "call_" + hashlib.blake2b(f"{salt}/{own}".encode(), digest_size=12).hexdigest()
+
+
+def _usage(handles: list, outs: list[dict]) -> dict:
+    prompt = sum(len(h.request.input_ids) for h in handles)
+    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(out: dict) -> str | None:
+    reason = out["meta_info"]["finish_reason"]
+    return None if reason is None else reason["type"]
+
+
+def _matched(out: dict) -> Any:
+    reason = out["meta_info"]["finish_reason"] or {}
+    return reason.get("matched")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def stable_delta(sent: str, text: str, final: bool) -> str:
+    """New text since `sent`, holding back a trailing partial UTF-8 character (decoded as U+FFFD)
+    until more tokens complete it."""
+    if not text.startswith(sent):
+        return ""
+    new = text[len(sent):]
+    if not final:
+        new = new.rstrip("\ufffd")
+    return new
+
+
+class OpenAIRoutes:
+    """/v1/models, /v1/completions, /v1/chat/completions."""
+
+    def __init__(self, engine: Any, streams: Any):
+        self.engine, self.streams = engine, streams
+        self.model_name = engine.config.served_model_name
+
+    def register(self, app: FastAPI) -> None:
+        app.get("/v1/models")(self.models)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat)
+
+    async def models(self) -> dict:
+        """SGLang's ModelList / ModelCard."""
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "k2sys", "root": self.model_name, "parent": None,
+                                            "max_model_len": self.engine.max_model_len}]}
+
+    def _tok(self, t: int) -> str:
+        """A token's text for OpenAI logprobs; a piece of a UTF-8 character is shown one character per
+        raw byte (latin-1), as SGLang does, so distinct tokens keep distinct strings."""
+        raw = self.engine.token_bytes(t)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+    def _top_dict(self, row: list | None, chosen: list) -> dict[str, float]:
+        out = {self._tok(t): v for v, t, _ in (row or [])}
+        out[self._tok(chosen[1])] = chosen[0]  # OpenAI: the chosen token is always listed
+        return out
+
+    # -- /v1/completions ---------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        body = await read_json(request, allow_empty=False)
+        check_fields("completions", body, COMPLETIONS)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            prompts = prompt
+        else:
+            raise RequestError("prompt: a string, a list of strings, token ids, or a list of token id lists")
+        echo = _bool(body, "echo")
+        k = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        max_tokens = _int(body, "max_tokens", 0, default=16)
+        if max_tokens == 0 and not echo:
+            raise RequestError("max_tokens: must be >= 1 (0 only with echo, for the prompt's log-probs)")
+        params = sampling_from_openai(body, max_tokens)
+        want_lp = k is not None
+        opts = LogprobOptions(return_logprob=want_lp, logprob_start_len=0 if echo and want_lp else -1,
+                              top_logprobs_num=k or 0)
+        rid = body.get("rid")
+        if rid is None or isinstance(rid, list) and len(rid) == len(prompts):
+            rids = rid or [None] * len(prompts)
+        elif isinstance(rid, str):  # one prompt keeps it; a batch gets "rid-i" (as /generate)
+            rids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
+        else:
+            raise RequestError(f"rid: a string or a list with one per prompt ({len(prompts)})")
+        salt = _salt(body)
+        items = [{("text" if isinstance(p, str) else "input_ids"): p, "params": params, "logprobs": opts,
+                  "rid": rids[i], "cache_salt": salt} for i, p in enumerate(prompts)]
+        handles, q, total = await self.streams.submit(items)
+        echo_text = [(p if isinstance(p, str) else self.engine.detokenize(h.request.input_ids, True)) if echo else ""
+                     for p, h in zip(prompts, handles)]
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name}
+        return_ids = _bool(body, "return_token_ids")
+
+        def logprobs(out: dict, start: int = 0, with_prompt: bool = False) -> dict | None:
+            if not want_lp:
+                return None
+            meta = out["meta_info"]
+            rows = (meta["input_token_logprobs"] if with_prompt else []) + meta["output_token_logprobs"][start:]
+            tops = ((meta.get("input_top_logprobs") or []) if with_prompt else []) + \
+                (meta.get("output_top_logprobs") or [None] * len(meta["output_token_logprobs"]))[start:]
+            tokens = [self._tok(r[1]) for r in rows]
+            offsets, pos = [], 0
+            for t in tokens:
+                offsets.append(pos)
+                pos += len(t)
+            return {"tokens": tokens, "token_logprobs": [r[0] for r in rows],
+                    "top_logprobs": [None if r[0] is None else self._top_dict(top, r) for r, top in zip(rows, tops)],
+                    "text_offset": offsets}
+
+        def choice_extra(o: dict, idx: int) -> dict:
+            extra: dict[str, Any] = {"matched_stop": _matched(o)}
+            if return_ids:
+                extra["token_ids"] = o["output_ids"]
+                extra["prompt_token_ids"] = list(handles[idx].request.input_ids)
+            return extra
+
+        if not _bool(body, "stream"):
+            outs = await self.streams.results(handles, q, total)
+            choices = [{"index": i, "text": echo_text[i // params.n] + o["text"], "logprobs": logprobs(o, 0, echo),
+                        "finish_reason": _finish(o), **choice_extra(o, i // params.n)} for i, o in enumerate(outs)]
+            return JSONResponse({**head, "choices": choices, "usage": _usage(handles, outs)})
+
+        include_usage = _stream_usage(body)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent_text: dict[int, str] = {}
+            sent_tok: dict[int, int] = {}
+            finals = []
+            async for idx, sample, out, fin in self.streams.events(handles, q, total):
+                i = idx * params.n + sample
+                first = i not in sent_text
+                delta = stable_delta(sent_text.get(i, ""), out["text"], fin)
+                sent_text[i] = sent_text.get(i, "") + delta
+                lp = logprobs(out, sent_tok.get(i, 0), echo and first)
+                sent_tok[i] = len(out["output_ids"])
+                if fin:
+                    finals.append(out)
+                if delta or fin or first:
+                    c = {"index": i, "text": (echo_text[idx] if first else "") + delta, "logprobs": lp,
+                         "finish_reason": _finish(out) if fin else None}
+                    if fin:
+                        c.update(choice_extra(out, idx))
+                    yield sse({**head, "choices": [c]})
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": _usage(handles, finals)})
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    # -- /v1/chat/completions ----------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        body = await read_json(request, allow_empty=False)
+        check_fields("chat.completions", body, CHAT)
+        fmt = self.engine.chat_format()
+        messages, id_map, calls = normalize_messages(body.get("messages"), fmt)
+        tools = body.get("tools")
+        choice = body.get("tool_choice", "auto")
+        if choice == "none":
+            tools = None
+        parallel = _bool(body, "parallel_tool_calls", True)
+        plan = ToolChoice(choice, tools, fmt, calls, parallel)
+        prompt_ids = self.engine.render_chat(messages, tools, suffix=plan.prefix)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise RequestError(f"max_completion_tokens/max_tokens: must be a positive int, got {max_tokens!r}")
+        if max_tokens is None:  # OpenAI: up to the context length
+            max_tokens = max(1, self.engine.max_model_len - len(prompt_ids))
+        sampling_body = {k: v for k, v in body.items() if k != "skip_special_tokens"}
+        if plan.grammar() is not None:
+            clash = [g for g in ("response_format", "regex", "ebnf") if body.get(g) is not None]
+            if clash:
+                raise RequestError(f"tool_choice={choice!r} constrains the reply itself; drop {clash[0]}")
+            sampling_body["json_schema"] = plan.grammar()
+        stop_ids = self.engine.chat_stop_ids()
+        params = sampling_from_openai(sampling_body, max_tokens, extra_stop_ids=stop_ids, skip_special_tokens=False)
+        stop_texts = [self._tok(t) for t in stop_ids]
+        want_lp = _bool(body, "logprobs")
+        k = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if k and not want_lp:
+            raise RequestError("top_logprobs: needs logprobs=true")
+        opts = LogprobOptions(return_logprob=want_lp, top_logprobs_num=k or 0)
+        handles, q, total = await self.streams.submit([{"input_ids": prompt_ids, "params": params, "logprobs": opts,
+                                                        "rid": body.get("rid"), "cache_salt": _salt(body)}])
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name}
+        want_prompt_ids, want_ids = _bool(body, "return_prompt_token_ids"), _bool(body, "return_token_ids")
+
+        def lp_block(out: dict, start: int = 0) -> dict | None:
+            if not want_lp:
+                return None
+            meta = out["meta_info"]
+            rows = meta["output_token_logprobs"][start:]
+            tops = (meta.get("output_top_logprobs") or [[]] * len(meta["output_token_logprobs"]))[start:]
+
+            def entry(v: float, t: int) -> dict:
+                return {"token": self._tok(t), "logprob": v, "bytes": list(self.engine.token_bytes(t))}
+            return {"content": [{**entry(r[0], r[1]), "top_logprobs": [entry(v, t) for v, t, _ in top]}
+                                for r, top in zip(rows, tops)], "refusal": None}
+
+        def message(text: str) -> tuple[dict, bool]:
+            reply = plan.reply(text, stop_texts)
+            if isinstance(reply, list):  # tool_choice=required: the calls themselves
+                msg, has_calls = {"role": "assistant", "content": None}, bool(reply)
+                if reply:
+                    msg["tool_calls"] = reply
+            else:
+                msg, has_calls = self.engine.parse_chat_output(text if reply is None else reply)
+            if has_calls:
+                if not parallel:
+                    msg["tool_calls"] = msg["tool_calls"][:1]
+                if id_map:  # the client names calls its own way: answer in that form
+                    for c in msg["tool_calls"]:
+                        c["id"] = _client_id(c["id"], cid)
+            return msg, has_calls
+
+        def extra(o: dict) -> dict:
+            e: dict[str, Any] = {"matched_stop": _matched(o)}
+            if want_prompt_ids:
+                e["prompt_token_ids"] = list(prompt_ids)
+            if want_ids:
+                e["token_ids"] = o["output_ids"]
+            return e
+
+        if not _bool(body, "stream"):
+            outs = await self.streams.results(handles, q, total)
+            choices = []
+            for i, o in enumerate(outs):
+                msg, calls_made = message(o["text"])
+                reason = "tool_calls" if calls_made else _finish(o)
+                choices.append({"index": i, "message": msg, "logprobs": lp_block(o), "finish_reason": reason,
+                                **extra(o)})
+            return JSONResponse({**head, "choices": choices, "usage": _usage(handles, outs)})
+
+        head = {**head, "object": "chat.completion.chunk"}
+        include_usage = _stream_usage(body)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            sent: dict[int, str] = {}
+            sent_tok: dict[int, int] = {}
+            finals = []
+            for i in range(total):
+                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            async for _, sample, out, fin in self.streams.events(handles, q, total):
+                msg, calls_made = message(out["text"])
+                delta = stable_delta(sent.get(sample, ""), msg.get("content") or "", fin)
+                sent[sample] = sent.get(sample, "") + delta
+                lp = lp_block(out, sent_tok.get(sample, 0))
+                sent_tok[sample] = len(out["output_ids"])
+                d: dict[str, Any] = {"content": delta} if delta else {}
+                if fin and calls_made:
+                    d["tool_calls"] = [{"index": j, **c} for j, c in enumerate(msg["tool_calls"])]
+                if fin:
+                    finals.append(out)
+                if d or fin:
+                    reason = ("tool_calls" if calls_made else _finish(out)) if fin else None
+                    c = {"index": sample, "delta": d, "logprobs": lp, "finish_reason": reason}
+                    if fin:
+                        c.update(extra(out))
+                    yield sse({**head, "choices": [c]})
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": _usage(handles, finals)})
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+def _salt(body: dict) -> str | None:
+    """extra_key and cache_salt both namespace the prefix cache (as in SGLang)."""
+    parts = []
+    for name in ("extra_key", "cache_salt"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, str):
+            raise RequestError(f"{name}: must be a string")
+        parts.append(v or "")
+    return None if not any(parts) else "\x00".join(parts)
+
+
+def _stream_usage(body: dict) -> bool:
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise RequestError("stream_options: must be an object")
+    unknown = sorted(set(so) - {"include_usage", "continuous_usage_stats", "include_obfuscation"})
+    if unknown:
+        raise RequestError(f"stream_options: unknown field(s) {unknown}")
+    if so.get("continuous_usage_stats"):
+        raise RequestError("stream_options.continuous_usage_stats=true is not supported; usage comes in the last chunk")
+    if so.get("include_obfuscation"):
+        raise RequestError("stream_options.include_obfuscation=true is not supported")
+    return bool(so.get("include_usage"))
