@@ -35,6 +35,7 @@ SMEM_BYTES = 200 * 1024  # H100/H200 allow ~227 KiB per block; keep headroom for
 def candidates(num_tokens: int, E: int, top_k: int, dtype_key: str, elem_bytes: int):
     """Config space pruned by shared memory and by how many rows an expert block can fill."""
     from k2sys_triton import MoEKernelConfig, heuristic_config
+    from k2sys_triton.configs import MAX_ACCUMULATORS_PER_THREAD, accumulators_per_thread
 
     per_expert = max(1.0, num_tokens * top_k / E)
     max_bm = max(16, min(128, 1 << (int(per_expert) * 2 - 1).bit_length()))
@@ -46,9 +47,11 @@ def candidates(num_tokens: int, E: int, top_k: int, dtype_key: str, elem_bytes: 
         if bm > max_bm:
             continue
         smem = stages * (bm * bk + 2 * bn * bk) * elem_bytes  # A tile + gate and up B tiles
-        if smem > SMEM_BYTES or (bm * bn >= 128 * 128 and warps < 8):
+        cfg = MoEKernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+        # Shared memory, and register spills of the fused gate/up GEMM (training reuses the table's tiles).
+        if smem > SMEM_BYTES or accumulators_per_thread(cfg) > MAX_ACCUMULATORS_PER_THREAD:
             continue
-        out.add(MoEKernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages))
+        out.add(cfg)
     return sorted(out, key=lambda c: tuple(c.to_dict().values()))
 
 
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     dev = device_name(torch.device(device))
     for name, s in shapes.items():
         table, report, key = tune_shape(s["E"], s["I"], H, top_k, tokens, dtype, device, args.iters, space, args.max_configs)
-        meta = dict(shape=name, E=s["E"], N=s["I"], H=H, top_k=top_k, dtype=key, device=dev,
+        capability = list(torch.cuda.get_device_capability()) if device == "cuda" else None
+        meta = dict(shape=name, E=s["E"], N=s["I"], H=H, top_k=top_k, dtype=key, device=dev, capability=capability,
                     triton=triton.__version__, torch=torch.__version__, dry_run=args.dry_run,
                     tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     measurements=report)  # fmt: skip

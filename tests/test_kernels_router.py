@@ -62,13 +62,43 @@ def test_matches_hf_router(kern, E, top_k, n_group, topk_group, norm, T):
         torch.testing.assert_close(w.cpu().gather(1, order.indices), hf_w.gather(1, hf_order.indices), rtol=1e-5, atol=1e-6)
 
 
+# Experts per group that are not a power of two: the kernel pads each group's row of its
+# [n_group, E/n_group] tile, and padding must never count as an expert (weights were off by up
+# to 0.5 when it did).
+@pytest.mark.parametrize(
+    "E,top_k,n_group,topk_group",
+    [(12, 3, 4, 2), (12, 6, 4, 3), (24, 5, 8, 3), (24, 6, 8, 2), (20, 4, 4, 2), (20, 7, 4, 3), (18, 4, 6, 2),
+     (36, 8, 4, 3)],
+)
+@pytest.mark.parametrize("norm", [True, False])
+def test_non_power_of_two_groups_match_hf_router(kern, E, top_k, n_group, topk_group, norm):
+    assert (E // n_group) & (E // n_group - 1), "the case must have a non-power-of-two group size"
+    scale = 2.5
+    router = _hf_router(E, top_k, n_group, topk_group, scale, norm, seed=E + top_k)
+    hidden = torch.randn(11, router.hidden_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, hf_w, hf_ids = router(hidden)
+    bias = router.e_score_correction_bias
+    dev = _device()
+    w, ids = kern.k2_router_topk(logits.to(dev), bias.to(dev), top_k, n_group, topk_group, scale, norm)
+    order, hf_order = ids.long().cpu().sort(dim=1), hf_ids.sort(dim=1)
+    assert torch.equal(order.values, hf_order.values)
+    got, want = w.cpu().gather(1, order.indices), hf_w.gather(1, hf_order.indices)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The weights are the unbiased sigmoid scores of the chosen experts (a formula, not our code).
+    s = torch.sigmoid(logits).gather(1, hf_order.values)
+    want_formula = (s / s.sum(dim=1, keepdim=True) if norm else s) * scale
+    torch.testing.assert_close(got, want_formula, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_equals_reference_exactly(kern, dtype):
     g = torch.Generator().manual_seed(3)
     # Integer-valued logits make ties common; both sides must break them towards lower indices.
     logits = torch.randint(-2, 3, (9, 24), generator=g).to(dtype)
     bias = torch.randint(0, 2, (24,), generator=g).float() * 0.25
-    for args in [(4, 6, 3), (8, 1, 1), (1, 2, 1)]:
+    # (top_k, n_group, topk_group): groups of 4 (a power of two), 6 and 3 experts, no grouping, top-1.
+    for args in [(4, 6, 3), (5, 4, 2), (6, 8, 3), (8, 1, 1), (1, 2, 1)]:
         w, ids = kern.k2_router_topk(logits.to(_device()), bias.to(_device()), *args, 1.5, True)
         rw, rids = kern.k2_router_topk_torch(logits, bias, *args, 1.5, True)
         assert torch.equal(ids.cpu(), rids), args

@@ -10,11 +10,11 @@ Spec: the Transformer Engine spec when transformer_engine imports (GPU), else th
 two modules of ours: `K2CoreAttention` (the local DotProductAttention rejects MLA's k/v channel
 sizes) and `K2RMSNorm` (megatron's torch-norm wrapper refuses sequence parallel, which MoE+TP needs).
 
-Group-limited routing: megatron ranks expert groups by the sum of their top (topk // group_topk)
-scores, DeepSeek-V3 (and k2sys.models.route) by their top-2. They agree exactly when
-num_experts_per_tok // topk_group == 2 (DeepSeek-V3: 8 // 4; k2-small: 4 // 2) or when grouping is
-inactive (n_group == 1 or topk_group == n_group, Kimi-K2). Other configs are refused by
-`check_supported` rather than trained with a silently different router.
+Group-limited routing: megatron's TopKRouter ranks expert groups by the sum of their top
+(topk // group_topk) scores, DeepSeek-V3 (HF transformers, k2sys.models.route) by their top-2; the
+two agree only when num_experts_per_tok == 2 * topk_group. Every MoE layer therefore gets
+`K2TopKRouter` (megatron's router with HF's group scoring; same parameters, buffers and state-dict
+keys), so any valid DeepseekV3 config trains with the routing it was released with.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+)
+from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
 from megatron.core.transformer.transformer_config import MLATransformerConfig  # noqa: E402
@@ -67,10 +72,8 @@ def check_supported(cfg: K2Config, tp: int = 1, ep: int = 1) -> None:
         need(cfg.norm_topk_prob == (k > 1), "K2Config.norm_topk_prob",
              f"megatron's sigmoid router normalises top-k weights exactly when k > 1 (k={k}); "
              f"set norm_topk_prob={k > 1}")
-        if grouping_active(cfg):
-            need(k // cfg.topk_group == 2, "K2Config.num_experts_per_tok",
-                 f"group-limited routing ranks groups by their top-2 scores; megatron uses top-(k // topk_group) = "
-                 f"top-{k // cfg.topk_group}. Choose num_experts_per_tok = 2 * topk_group ({2 * cfg.topk_group})")
+        # Group-limited routing: any grouping K2Config accepts (it checks n_group, topk_group and
+        # num_experts_per_tok) trains with HF's scoring through K2TopKRouter.
         need(cfg.n_routed_experts % ep == 0, "ParallelConfig.ep",
              f"ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
     for name, size in (("vocab_size", cfg.vocab_size), ("num_attention_heads", cfg.num_attention_heads),
@@ -151,6 +154,91 @@ def transformer_config(cfg: K2Config, tp: int = 1, ep: int = 1, dtype: str | Non
         recompute_num_layers=1 if recompute else None,
         **moe,
     )
+
+
+def hf_group_limited_topk(scores_for_choice: torch.Tensor, topk: int, num_groups: int, group_topk: int) -> torch.Tensor:
+    """Expert ids [T, topk] chosen as DeepSeek-V3 does: each group of E / num_groups experts scores the
+    sum of its two best `scores_for_choice`, the best `group_topk` groups stay, and the top-k experts
+    are taken among them (order within a row unspecified, as HF's topk(sorted=False))."""
+    T, E = scores_for_choice.shape
+    per_group = E // num_groups
+    group_scores = scores_for_choice.view(T, num_groups, per_group).topk(2, dim=-1).values.sum(dim=-1)
+    kept = group_scores.topk(group_topk, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    masked = scores_for_choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
+    return masked.topk(topk, dim=-1, sorted=False).indices
+
+
+def k2_group_limited_routing(logits: torch.Tensor, topk: int, num_groups: int, group_topk: int,
+                             scaling_factor: float | None, expert_bias: torch.Tensor | None):
+    """(routing_probs [T, E], routing_map [T, E] bool) of the sigmoid router with HF's group scoring.
+
+    Same contract as megatron's topk_routing_with_score_function(score_function="sigmoid"): the
+    bias steers selection only, probabilities are the unbiased scores of the chosen experts,
+    normalised when topk > 1, times scaling_factor."""
+    scores = torch.sigmoid(logits.float()).type_as(logits)
+    choice = scores if expert_bias is None else scores + expert_bias
+    with torch.no_grad():
+        ids = hf_group_limited_topk(choice, topk, num_groups, group_topk)
+    probs = scores.gather(1, ids)
+    if topk > 1:
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+    if scaling_factor:
+        probs = probs * scaling_factor
+    routing_probs = torch.zeros_like(logits).scatter(1, ids, probs)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, ids, True)
+    return routing_probs, routing_map
+
+
+class K2TopKRouter(TopKRouter):
+    """megatron's TopKRouter with DeepSeek-V3's group scoring (top-2 per group, not top-(k / group_topk)).
+
+    Parameters, buffers (weight, expert_bias) and state-dict keys are megatron's; the z-loss, aux
+    losses and the expert-bias token counts are megatron's own methods. Only the top-k selection of
+    group-limited routing differs; without active grouping this is megatron's routing unchanged.
+    """
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        groups, keep = config.moe_router_num_groups, config.moe_router_group_topk
+        self.hf_groups = bool(groups and keep and keep < groups)
+        if self.hf_groups:
+            unsupported = [
+                (config.moe_router_score_function != "sigmoid", "moe_router_score_function must be 'sigmoid'"),
+                (self.routing_type == "sinkhorn", "sinkhorn load balancing"),
+                (config.moe_router_fusion, "moe_router_fusion (TE's fused router scores groups megatron's way)"),
+                (config.moe_enable_routing_replay, "moe_enable_routing_replay"),
+            ]
+            msgs = [m for bad, m in unsupported if bad]
+            if msgs:
+                raise ValueError("K2TopKRouter: group-limited routing with " + "; ".join(msgs) + " is not supported")
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if not self.hf_groups:
+            return super().routing(logits, padding_mask=padding_mask)
+        # megatron 0.16's TopKRouter.routing with the top-k step replaced.
+        seq_length, bsz = logits.shape[:2]
+        logits = logits.view(-1, self.config.num_moe_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+        probs, routing_map = k2_group_limited_routing(
+            logits, self.topk, self.config.moe_router_num_groups, self.config.moe_router_group_topk,
+            self.config.moe_router_topk_scaling_factor, self.expert_bias)
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs, routing_map, router_topk=self.topk, capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            aux_map, aux_scores = compute_routing_scores_for_aux_loss(
+                logits, self.topk, self.score_function, fused=False, padding_mask=padding_mask)
+            masked = padding_mask is not None
+            probs = self._apply_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)
+            probs = self._apply_seq_aux_loss(probs, aux_scores, aux_map, seq_length, bsz, with_padding_mask=masked)
+            probs = self._apply_global_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)
+        self._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        return probs, routing_map
 
 
 class K2RMSNorm(torch.nn.Module):
@@ -289,6 +377,13 @@ def _localize(layer_spec: ModuleSpec) -> ModuleSpec:
     return layer_spec
 
 
+def _use_k2_router(layer_spec: ModuleSpec) -> None:
+    """Route every MoE layer with K2TopKRouter (HF's group scoring) in place; dense layers are left."""
+    sub = getattr(layer_spec.submodules.mlp, "submodules", None)
+    if sub is not None and hasattr(sub, "router"):
+        sub.router = K2TopKRouter
+
+
 def _fuse_experts(layer_spec: ModuleSpec) -> None:
     """Swap megatron's SequentialMLP for K2FusedExperts (same params, Triton forward) in place."""
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -307,18 +402,18 @@ def _fuse_experts(layer_spec: ModuleSpec) -> None:
 
 def block_spec(config: MLATransformerConfig, use_te: bool | None = None, fused_experts: bool = False):
     """The decoder block spec: TE's when `use_te` (default: TE importable with CUDA), else local + ours;
-    routed experts on the Triton kernels when `fused_experts` (K2FusedExperts)."""
+    every MoE layer routed by K2TopKRouter; routed experts on the Triton kernels when `fused_experts`
+    (K2FusedExperts)."""
     if use_te is None:
         use_te = te_available()
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
-    if not use_te or fused_experts:
-        import copy
+    import copy
 
-        spec = copy.deepcopy(spec)
+    spec = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm"))
     seen: set[int] = set()
     for layer in spec.layer_specs:
         if id(layer) not in seen:
             seen.add(id(layer))
+            _use_k2_router(layer)
             if not use_te:
                 _localize(layer)
             if fused_experts:

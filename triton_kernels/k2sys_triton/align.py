@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ._interp import cdiv, check_launchable, next_pow2, tl, triton
+from .launch import launch
 
 __all__ = ["MoEAlignment", "moe_align_block_size", "moe_align_block_size_torch", "max_padded_rows"]
 
@@ -132,6 +133,11 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     """Triton launcher; see the module docstring for the outputs."""
     _check(topk_ids, block_m, num_experts)
     check_launchable("moe_align_block_size", topk_ids)
+    return _align(topk_ids, block_m, num_experts)
+
+
+def _align(topk_ids: torch.Tensor, block_m: int, num_experts: int) -> MoEAlignment:
+    """The launches behind moe_align_block_size (arguments already checked)."""
     ids = topk_ids.contiguous().view(-1)
     numel = ids.numel()
     out = _empty(numel, block_m, num_experts, ids.device)
@@ -141,14 +147,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     num_chunks = cdiv(numel, chunk)
     block_e = next_pow2(num_experts)
     counts = torch.empty(num_chunks, num_experts, dtype=torch.int32, device=ids.device)
-    _count_kernel[(num_chunks,)](ids, counts, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e)
+    launch(_count_kernel, (num_chunks,), ids, counts, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e)
     max_blocks = out.expert_ids.numel()
-    _scan_kernel[(1,)](
+    launch(
+        _scan_kernel, (1,),
         counts, out.expert_offsets, out.expert_ids, out.num_tokens_post_padded,
         num_chunks, num_experts, max_blocks,
         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=max(16, min(64, next_pow2(max_blocks))),
     )  # fmt: skip
-    _scatter_kernel[(num_chunks,)](ids, out.sorted_token_ids, counts, out.expert_offsets, numel, num_experts, CHUNK=chunk)
+    launch(_scatter_kernel, (num_chunks,), ids, out.sorted_token_ids, counts, out.expert_offsets, numel, num_experts,
+           CHUNK=chunk)
     return out
 
 

@@ -1,17 +1,23 @@
 """Tile configs for the fused MoE kernels: tuned JSON tables with a heuristic fallback.
 
-A table is one JSON file per (E, N, device, dtype) under `configs/`, named
-`E={E},N={N},device_name={device},dtype={dtype}.json`, where E is the local expert count,
-N the per-expert intermediate size (w2.shape[2]), device the CUDA device name with spaces
-replaced by underscores (e.g. NVIDIA_H200) and dtype one of DTYPE_KEYS. Its body:
+A table is one JSON file per (E, N, device, dtype, triton version) under `configs/`, named
+`E={E},N={N},device_name={device},dtype={dtype},triton={version}.json`, where E is the local
+expert count, N the per-expert intermediate size (w2.shape[2]), device the CUDA device name with
+spaces replaced by underscores (e.g. NVIDIA_H200), dtype one of DTYPE_KEYS and version the
+`triton.__version__` it was tuned with (tiles that were fastest under one compiler release are not
+trusted under another). Its body (format TABLE_FORMAT):
 
-  {"meta": {... how it was tuned ...},
+  {"format": "k2sys-moe-configs-v2",
+   "key": {"E": 48, "N": 2048, "device_name": "NVIDIA_H200", "dtype": "bf16", "triton": "3.9.0"},
+   "meta": {... how it was tuned; "capability": [9, 0] ...},
    "configs": {"<tokens>": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
                             "num_warps": 4, "num_stages": 3}, ...}}
 
-`benchmarks/tune_moe.py` writes these on a GPU. Lookup takes the entry whose token count is
-nearest to the call's; with no table for the key, `heuristic_config` picks tiles from the
-average number of tokens per expert (small blocks for decode, large for prefill).
+`benchmarks/tune_moe.py` writes these on a GPU. Lookup (`get_config`) takes the entry whose token
+count is nearest to the call's. Without a usable table for the exact key it falls back to
+`heuristic_config` (tiles from the average number of tokens per expert) and logs why, once per key
+and reason, on the `k2sys.kernels` logger: no table (INFO), or a table for another triton version,
+an unversioned (v1) table, or a malformed one (WARNING).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +38,31 @@ __all__ = [
     "MoEKernelConfig",
     "DTYPE_KEYS",
     "CONFIG_DIR",
+    "TABLE_FORMAT",
+    "TableLookup",
     "dtype_key",
     "device_name",
+    "triton_version",
     "config_filename",
+    "parse_config_filename",
+    "find_config_table",
+    "list_config_tables",
     "load_config_table",
     "save_config_table",
     "heuristic_config",
+    "accumulators_per_thread",
+    "MAX_ACCUMULATORS_PER_THREAD",
+    "FP8_NATIVE_ARCH",
     "get_config",
 ]
 
+log = logging.getLogger("k2sys.kernels")
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPE_KEYS = ("fp32", "fp16", "bf16", "fp8_w8a16_block128")
+TABLE_FORMAT = "k2sys-moe-configs-v2"
 _POW2_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_NAME_RE = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+),dtype=([^,]+?)(?:,triton=([^,]+))?\.json$")
 
 
 @dataclass(frozen=True)
@@ -102,43 +123,132 @@ def device_name(device: torch.device | None = None) -> str:
     return torch.cuda.get_device_name(device).replace(" ", "_")
 
 
-def config_filename(E: int, N: int, device: str, dtype: str) -> str:
+@functools.cache
+def triton_version() -> str:
+    """The installed triton's version (the table key's `triton` part), or 'none' without triton."""
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return str(triton.__version__)
+
+
+def config_filename(E: int, N: int, device: str, dtype: str, triton: str | None = None) -> str:
+    """Table file name of a key; triton None = the installed version."""
     if dtype not in DTYPE_KEYS:
         raise ValueError(f"dtype key {dtype!r} must be one of {DTYPE_KEYS}")
-    return f"E={E},N={N},device_name={device},dtype={dtype}.json"
+    return f"E={E},N={N},device_name={device},dtype={dtype},triton={triton or triton_version()}.json"
+
+
+def parse_config_filename(name: str) -> dict | None:
+    """{E, N, device_name, dtype, triton (None for an unversioned v1 name)} of a table file name."""
+    m = _NAME_RE.match(name)
+    if m is None:
+        return None
+    return {"E": int(m[1]), "N": int(m[2]), "device_name": m[3], "dtype": m[4], "triton": m[5]}
 
 
 @functools.lru_cache(maxsize=64)
-def _read_table(path: str, mtime: float) -> dict[int, MoEKernelConfig]:
-    with open(path) as f:
-        body = json.load(f)
-    if not isinstance(body, dict) or not isinstance(body.get("configs"), dict):
-        raise ValueError(f"{path}: expected {{'meta': ..., 'configs': {{tokens: config}}}}")
+def _read_table(path: str, mtime: float) -> tuple[dict[int, MoEKernelConfig], dict]:
+    """(table, meta) of a v2 file; ValueError naming the file and the fix for anything else."""
+    name = os.path.basename(path)
+    key = parse_config_filename(name)
+    fix = "re-run benchmarks/tune_moe.py on that device"
     try:
-        return {int(m): MoEKernelConfig.from_dict(c) for m, c in body["configs"].items()}
+        with open(path) as f:
+            body = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable config table ({e}); {fix}") from e
+    if not isinstance(body, dict) or body.get("format") != TABLE_FORMAT:
+        got = body.get("format") if isinstance(body, dict) else type(body).__name__
+        raise ValueError(f"{path}: format {got!r}, expected {TABLE_FORMAT!r} (an unversioned table?); {fix}")
+    if key is None or body.get("key") != key:
+        raise ValueError(f"{path}: body key {body.get('key')} does not match the file name {name}; {fix}")
+    if not isinstance(body.get("configs"), dict) or not body["configs"]:
+        raise ValueError(f"{path}: expected a non-empty 'configs' {{tokens: config}}; {fix}")
+    try:
+        table = {int(m): MoEKernelConfig.from_dict(c) for m, c in body["configs"].items()}
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad config table ({e}); re-run benchmarks/tune_moe.py") from e
+        raise ValueError(f"{path}: bad config table ({e}); {fix}") from e
+    return table, dict(body.get("meta") or {})
 
 
-def load_config_table(E: int, N: int, device: str, dtype: str, config_dir: Path | None = None):
-    """The tuned table {tokens: config} for the key, or None when no file exists."""
-    path = Path(config_dir or CONFIG_DIR) / config_filename(E, N, device, dtype)
+@dataclass(frozen=True)
+class TableLookup:
+    """Result of looking a key up: the table, or None and the reason it cannot be used."""
+
+    table: dict[int, MoEKernelConfig] | None
+    path: Path | None
+    reason: str
+    severity: int = logging.INFO
+
+
+def find_config_table(E: int, N: int, device: str, dtype: str, config_dir: Path | None = None,
+                      triton: str | None = None) -> TableLookup:
+    """The usable table for the exact key (triton None = the installed version), or why there is none."""
+    root = Path(config_dir or CONFIG_DIR)
+    version = triton or triton_version()
+    path = root / config_filename(E, N, device, dtype, version)
+    if path.is_file():
+        try:
+            return TableLookup(_read_table(str(path), path.stat().st_mtime)[0], path, "")
+        except ValueError as e:
+            return TableLookup(None, path, f"{e}; using the heuristic", logging.WARNING)
+    stem = f"E={E},N={N},device_name={device},dtype={dtype}"
+    others = sorted(p.name for p in root.glob(f"{stem},triton=*.json")) if root.is_dir() else []
+    if others:
+        versions = ", ".join(parse_config_filename(n)["triton"] for n in others if parse_config_filename(n))
+        return TableLookup(None, root / others[0], f"{stem}: tuned tables exist for triton {versions} only, this is "
+                           f"triton {version}; using the heuristic (re-run benchmarks/tune_moe.py)", logging.WARNING)
+    legacy = root / f"{stem}.json"
+    if legacy.is_file():
+        return TableLookup(None, legacy, f"{legacy.name} is an unversioned table (no triton version in its key); "
+                           "using the heuristic (re-run benchmarks/tune_moe.py)", logging.WARNING)
+    return TableLookup(None, None, f"no tuned table for {stem} under triton {version} in {root}; using the heuristic")
+
+
+def list_config_tables(config_dir: Path | None = None) -> list[tuple[Path, dict, dict | None, str]]:
+    """Every table-like file in the folder: (path, key from the name, meta or None, error or '')."""
+    root = Path(config_dir or CONFIG_DIR)
+    out = []
+    for path in sorted(root.glob("E=*.json")) if root.is_dir() else []:
+        key = parse_config_filename(path.name)
+        if key is None:
+            out.append((path, {}, None, f"{path.name}: not a config table name"))
+            continue
+        try:
+            _, meta = _read_table(str(path), path.stat().st_mtime)
+            out.append((path, key, meta, ""))
+        except ValueError as e:
+            out.append((path, key, None, str(e)))
+    return out
+
+
+def load_config_table(E: int, N: int, device: str, dtype: str, config_dir: Path | None = None,
+                      triton: str | None = None) -> dict[int, MoEKernelConfig] | None:
+    """The tuned table {tokens: config} for the key, None when no file exists; ValueError when the file is
+    not a valid v2 table (strict: for tools; kernels use get_config, which falls back instead)."""
+    path = Path(config_dir or CONFIG_DIR) / config_filename(E, N, device, dtype, triton)
     if not path.is_file():
         return None
-    return _read_table(str(path), path.stat().st_mtime)
+    return _read_table(str(path), path.stat().st_mtime)[0]
 
 
 def save_config_table(
     table: dict[int, MoEKernelConfig], E: int, N: int, device: str, dtype: str, meta: dict,
-    config_dir: Path | None = None,
+    config_dir: Path | None = None, triton: str | None = None,
 ) -> Path:  # fmt: skip
-    """Write a table atomically (temp file + os.replace) and return its path."""
+    """Write a v2 table atomically (temp file + os.replace) and return its path. meta should hold
+    "capability": [major, minor] of the device (the compile check compiles the table for that arch)."""
     if not table:
         raise ValueError("save_config_table: empty table; tune at least one token count")
     out_dir = Path(config_dir or CONFIG_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / config_filename(E, N, device, dtype)
-    body = {"meta": meta, "configs": {str(m): table[m].to_dict() for m in sorted(table)}}
+    version = triton or triton_version()
+    path = out_dir / config_filename(E, N, device, dtype, version)
+    key = {"E": E, "N": N, "device_name": device, "dtype": dtype, "triton": version}
+    body = {"format": TABLE_FORMAT, "key": key, "meta": meta,
+            "configs": {str(m): table[m].to_dict() for m in sorted(table)}}
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp_", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -152,26 +262,72 @@ def save_config_table(
     return path
 
 
-def heuristic_config(num_tokens: int, E: int, top_k: int, dtype: str) -> MoEKernelConfig:
-    """Fallback tiles from the average tokens per expert (what a row block can be filled with)."""
+# GEMM1 holds two fp32 accumulators (gate and up) of BLOCK_M x BLOCK_N, spread over the block's
+# threads. Above 64 accumulator values per thread ptxas spills in the training variant (which also
+# stores the pre-activations) on sm_90 and in every variant on sm_80 (`k2sys kernels compile`
+# measured: 64x128 on 4 warps and 128x128 on 8 warps spill; 64x128 and 128x64 on 8 warps do not).
+MAX_ACCUMULATORS_PER_THREAD = 64
+# First compute capability with fp8 (e4m3) types in triton; older GPUs read fp8 weights as bits.
+FP8_NATIVE_ARCH = 89
+
+
+def accumulators_per_thread(cfg: MoEKernelConfig) -> int:
+    """fp32 accumulator values each thread holds in the fused gate/up GEMM of `cfg`."""
+    return 2 * cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps)
+
+
+def heuristic_config(num_tokens: int, E: int, top_k: int, dtype: str, arch: int | None = None) -> MoEKernelConfig:
+    """Fallback tiles from the average tokens per expert (what a row block can be filled with).
+
+    Every config here compiles for sm_80 and sm_90 without spills for every kernel role (the CI's
+    compile check covers it). fp32 runs IEEE dots on the FMA units, whose operands sit in registers
+    too: its tiles are smaller. `arch` (compute capability, None = unknown) matters for fp8 weights
+    only: before sm_89 the kernel decodes them from bits, which needs more registers per tile."""
     per_expert = num_tokens * top_k / max(E, 1)
+    if dtype == "fp32":
+        if per_expert <= 16:
+            return MoEKernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
+        if per_expert <= 64:
+            return MoEKernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
+        return MoEKernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
     block_k = 128 if dtype == "fp8_w8a16_block128" else 64
     if per_expert <= 16:  # decode: blocks are mostly padding, keep them short and the grid wide
         return MoEKernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=3)
     if per_expert <= 64:
         return MoEKernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3)
+    if dtype == "fp8_w8a16_block128" and arch is not None and arch < FP8_NATIVE_ARCH:
+        return MoEKernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=16, num_stages=3)
     if per_expert <= 256:
-        return MoEKernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-    return MoEKernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return MoEKernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return MoEKernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_lookup(E, N, device, dtype, root, version, stamp) -> TableLookup:
+    return find_config_table(E, N, device, dtype, Path(root), version)
 
 
 def get_config(
     num_tokens: int, E: int, N: int, top_k: int, dtype: str, device: str | None = None,
-    config_dir: Path | None = None,
+    config_dir: Path | None = None, arch: int | None = None,
 ) -> MoEKernelConfig:  # fmt: skip
-    """Tuned config nearest in token count for (E, N, device, dtype), else the heuristic."""
-    table = load_config_table(E, N, device or device_name(), dtype, config_dir)
-    if table:
-        nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
-        return table[nearest]
-    return heuristic_config(num_tokens, E, top_k, dtype)
+    """Tuned config nearest in token count for (E, N, device, dtype, triton version), else the
+    heuristic (for compute capability `arch`); a fallback is logged once per key and reason."""
+    dev = device or device_name()
+    root = Path(config_dir or CONFIG_DIR)
+    try:
+        stamp = root.stat().st_mtime_ns  # a table written or removed (os.replace) changes the folder's mtime
+    except OSError:
+        stamp = -1
+    found = _cached_lookup(E, N, dev, dtype, str(root), triton_version(), stamp)
+    if found.table:
+        nearest = min(found.table, key=lambda m: (abs(m - num_tokens), m))
+        return found.table[nearest]
+    tag = (f"{E},{N},{dev},{dtype},{root}", found.reason)
+    if tag not in _LOGGED:
+        _LOGGED.add(tag)
+        log.log(found.severity, "MoE tile config: %s", found.reason)
+    return heuristic_config(num_tokens, E, top_k, dtype, arch)

@@ -144,6 +144,11 @@ def _tile_rows(br: int) -> int:
     return min(br, 32)
 
 
+# 8 warps: at 4 the [32, 128] tile plus the integer e4m3 encode needs all 255 registers and spills
+# (k2sys kernels compile, sm_80 and sm_90); at 8 it takes ~75.
+QUANT_NUM_WARPS = 8
+
+
 def _check_block(block: tuple[int, int]) -> tuple[int, int]:
     br, bc = (int(b) for b in block)
     for name, v in (("block[0]", br), ("block[1]", bc)):
@@ -181,7 +186,7 @@ def quantize_fp8_blocks_triton(weights: list[torch.Tensor], block: tuple[int, in
                                    *outs[i][0].shape] for i in part], dtype=torch.int64).to(weights[0].device)
             max_blocks = max(outs[i][2].numel() for i in part)
             quant_fp8_kernel[(max_blocks, len(part))](
-                table, SRC_DTYPE=_tl_dtype(dtype), BR=br, BC=bc, TILE_R=_tile_rows(br), num_warps=4)
+                table, SRC_DTYPE=_tl_dtype(dtype), BR=br, BC=bc, TILE_R=_tile_rows(br), num_warps=QUANT_NUM_WARPS)
     bad = [i for i, (_, _, s) in enumerate(outs) if s.numel() and not bool(torch.isfinite(s).all())]
     if bad:
         raise ValueError(f"quantize_fp8_blocks: tensor {_label(names, bad[0])} holds NaN or inf values; "

@@ -26,11 +26,26 @@ from __future__ import annotations
 import torch
 
 from ._interp import cdiv, check_launchable, tl, triton, upcast_flag
-from .align import MoEAlignment, moe_align_block_size
-from .configs import MoEKernelConfig, device_name, dtype_key, get_config
+from .align import MoEAlignment, _align
+from .align import _check as _check_align
+from .configs import FP8_NATIVE_ARCH, MoEKernelConfig, device_name, dtype_key, get_config
 from .fp8 import FP8_BLOCK, FP8_DTYPE, check_fp8_scale, dequantize_fp8_block
+from .launch import launch, target_arch
 
 __all__ = ["fused_moe", "fused_moe_torch", "FusedMoEFunction", "check_moe_args"]
+
+
+@triton.jit
+def _e4m3fn_bits_to_f32(bits):
+    """fp32 values of float8_e4m3fn bit patterns (uint8), in integer arithmetic: GPUs before sm_89
+    have no fp8 types in triton ("fp8e4nv not supported in this architecture")."""
+    code = bits.to(tl.int32)
+    e = (code >> 3) & 15
+    m = code & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormals: m * 2^-9
+    v = tl.where((code & 0x80) != 0, -v, v)
+    return tl.where((code & 0x7F) == 0x7F, float("nan"), v)
 
 
 @triton.jit
@@ -45,6 +60,7 @@ def _grouped_gemm_kernel(
     STORE_PREACT: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     FP8_W: tl.constexpr,
+    FP8_BITS: tl.constexpr,  # fp8 weights passed as uint8 bit patterns, decoded in integer arithmetic
     SCALE_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -85,10 +101,16 @@ def _grouped_gemm_kernel(
         if FP8_W:
             s_ptrs = scale_ptr + e * stride_se + ((kb * BLOCK_K) // SCALE_BLOCK) * stride_sk
             s = tl.load(s_ptrs + (offs_n // SCALE_BLOCK) * stride_sn, mask=col_ok, other=0.0)
-            b = (b.to(tl.float32) * s[None, :]).to(a.dtype)
+            if FP8_BITS:
+                b = (_e4m3fn_bits_to_f32(b) * s[None, :]).to(a.dtype)
+            else:
+                b = (b.to(tl.float32) * s[None, :]).to(a.dtype)
             if FUSE_SILU:
                 s_up = tl.load(s_ptrs + ((offs_n + N) // SCALE_BLOCK) * stride_sn, mask=col_ok, other=0.0)
-                b_up = (b_up.to(tl.float32) * s_up[None, :]).to(a.dtype)
+                if FP8_BITS:
+                    b_up = (_e4m3fn_bits_to_f32(b_up) * s_up[None, :]).to(a.dtype)
+                else:
+                    b_up = (b_up.to(tl.float32) * s_up[None, :]).to(a.dtype)
         elif UPCAST:
             b = b.to(tl.float32)
             if FUSE_SILU:
@@ -190,10 +212,15 @@ def _launch_gemm(a, b, c, align, P, top_k_div, cfg, *, fuse_silu=False, preact=N
     N = c.shape[1]
     K = a.shape[1]
     EM = align.sorted_token_ids.numel()
+    arch = target_arch(b.device)
+    fp8_bits = scale is not None and arch is not None and arch < FP8_NATIVE_ARCH
+    if fp8_bits:
+        b = b.view(torch.uint8)  # same strides; the kernel decodes the bits itself
     stride_be, stride_bn, stride_bk = b_strides or b.stride()
     s_strides = scale.stride() if scale is not None else (0, 0, 0)
     grid = (cdiv(EM, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
-    _grouped_gemm_kernel[grid](
+    launch(
+        _grouped_gemm_kernel, grid,
         a, b, c, preact if preact is not None else c, scale if scale is not None else c,
         weights if weights is not None else c,
         align.sorted_token_ids, align.expert_ids, align.num_tokens_post_padded,
@@ -201,7 +228,7 @@ def _launch_gemm(a, b, c, align, P, top_k_div, cfg, *, fuse_silu=False, preact=N
         a.stride(0), a.stride(1), stride_be, stride_bn, stride_bk, c.stride(0), c.stride(1),
         preact.stride(0) if preact is not None else 0, *s_strides,
         A_DIV=top_k_div, FUSE_SILU=fuse_silu, STORE_PREACT=preact is not None, MUL_WEIGHT=weights is not None,
-        FP8_W=scale is not None, SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast,
+        FP8_W=scale is not None, FP8_BITS=fp8_bits, SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast,
         PRECISION="ieee" if a.dtype == torch.float32 and not upcast else "tf32",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -212,7 +239,8 @@ def _launch_wgrad(x, y, c, align, P, x_div, y_div, cfg, *, x_scale=None, upcast=
     """C[e] = sum over e's pairs of (x_scale * X[p // x_div])^T Y[p // y_div]; C is [E, N, K]."""
     E, N, K = c.shape
     grid = (cdiv(N, cfg.BLOCK_N) * cdiv(K, cfg.BLOCK_K), E)
-    _grouped_wgrad_kernel[grid](
+    launch(
+        _grouped_wgrad_kernel, grid,
         x, y, c, x_scale if x_scale is not None else c, align.sorted_token_ids, align.expert_offsets,
         N, K, P,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), c.stride(0), c.stride(1), c.stride(2),
@@ -228,7 +256,8 @@ def _pick_config(hidden, w13, w2, topk_ids, fp8, config):
         cfg = config
     else:
         key = dtype_key(hidden.dtype, fp8)
-        cfg = get_config(hidden.shape[0], w13.shape[0], w2.shape[2], topk_ids.shape[1], key, device_name(hidden.device))
+        cfg = get_config(hidden.shape[0], w13.shape[0], w2.shape[2], topk_ids.shape[1], key, device_name(hidden.device),
+                         arch=target_arch(hidden.device))
     if fp8 and FP8_BLOCK % cfg.BLOCK_K:
         raise ValueError(f"fp8 block scales need BLOCK_K to divide {FP8_BLOCK}, got config BLOCK_K={cfg.BLOCK_K}")
     return cfg
@@ -241,7 +270,8 @@ def _forward(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, cfg, 
     P = T * top_k
     upcast = upcast_flag(hidden.dtype)
     buf_dtype = torch.float32 if upcast else hidden.dtype  # interpreter: keep bf16 out of arithmetic
-    align = moe_align_block_size(topk_ids, cfg.BLOCK_M, E)
+    _check_align(topk_ids, cfg.BLOCK_M, E)
+    align = _align(topk_ids, cfg.BLOCK_M, E)
     act = torch.empty(P, I, dtype=buf_dtype, device=hidden.device)
     preact = torch.empty(P, 2 * I, dtype=buf_dtype, device=hidden.device) if save_preact else None
     _launch_gemm(hidden, w13, act, align, P, top_k, cfg, fuse_silu=True, preact=preact, scale=w13_scale, upcast=upcast)

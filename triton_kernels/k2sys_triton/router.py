@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._interp import check_launchable, next_pow2, tl, triton
+from .launch import launch
 
 __all__ = ["k2_router_topk", "k2_router_topk_torch", "check_router_args"]
 
@@ -46,11 +47,14 @@ def _router_topk_kernel(
     g1 = tl.arange(0, BLOCK_G)
     g = g1[:, None]
     j = tl.arange(0, BLOCK_EPG)[None, :]
-    e = g * EPG + j  # flat expert index of each tile element
     valid = (g < N_GROUP) & (j < EPG)
+    # Flat expert index of each tile element. Padding slots (j >= EPG, when EPG is not a power of
+    # two) would alias the next group's first experts (g * EPG + j), so they get an index past
+    # every real expert: a lookup by index (the weight below) must never see them.
+    e = tl.where(valid, g * EPG + j, BLOCK_G * BLOCK_EPG + g * BLOCK_EPG + j)
     logit = tl.load(logits_ptr + t * stride_lt + e, mask=valid, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
-    score = tl.sigmoid(logit)
+    score = tl.where(valid, tl.sigmoid(logit), 0.0)
     choice = tl.where(valid, score + bias, float("-inf"))
 
     if N_GROUP > 1:
@@ -70,7 +74,7 @@ def _router_topk_kernel(
     kk = tl.arange(0, BLOCK_K)
     w_out = tl.zeros([BLOCK_K], dtype=tl.float32)
     id_out = tl.zeros([BLOCK_K], dtype=tl.int32)
-    big = BLOCK_G * BLOCK_EPG
+    big = 2 * BLOCK_G * BLOCK_EPG
     for i in tl.static_range(TOP_K):
         best = tl.max(tl.max(choice, axis=1), axis=0)
         idx = tl.min(tl.min(tl.where(choice == best, e, big), axis=1), axis=0)
@@ -127,6 +131,15 @@ def k2_router_topk(
     if e_score_correction_bias is None:
         e_score_correction_bias = torch.zeros(E, dtype=torch.float32, device=router_logits.device)
     check_launchable("k2_router_topk", router_logits, e_score_correction_bias)
+    return _router_topk(router_logits, e_score_correction_bias, top_k, n_group, topk_group, routed_scaling_factor,
+                        norm_topk_prob)
+
+
+def _router_topk(router_logits, e_score_correction_bias, top_k, n_group, topk_group, routed_scaling_factor,
+                 norm_topk_prob):
+    """The launch behind k2_router_topk (arguments already checked; also driven on meta tensors by
+    the compile check)."""
+    T, E = router_logits.shape
     logits = router_logits
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -136,7 +149,9 @@ def k2_router_topk(
     if T == 0:
         return weights, ids
     epg = E // n_group
-    _router_topk_kernel[(T,)](
+    launch(
+        _router_topk_kernel,
+        (T,),
         logits,
         bias,
         weights,
