@@ -78,10 +78,11 @@ def _timed(fn) -> float:
 
 
 def model_case(preset: str) -> dict:
-    from k2sys.ckpt import hf_layout, update_weights
+    from k2sys.ckpt import update_weights
+    from k2sys.ckpt.engine_sinks import NativeEngineSink
     from k2sys.ckpt.pipeline import TrainerShards
     from k2sys.engine.engine import NativeEngine
-    from k2sys.models import build_model, param_shapes
+    from k2sys.models import build_model
     from k2sys.models import preset as make
     from k2sys.trainer.backend import MegatronBackend
 
@@ -92,7 +93,6 @@ def model_case(preset: str) -> dict:
     tok = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
     trainer.train_step({"tokens": tok[:, :-1], "labels": tok[:, 1:], "loss_mask": torch.ones(2, 16)})  # Adam state
     engine = NativeEngine.from_model(ref)
-    layout = hf_layout(param_shapes(cfg), torch.float32)
     trainer.offload()  # start of a rollout: the engine owns the device
     st: dict[str, float] = {}
     moved = {}
@@ -107,8 +107,9 @@ def model_case(preset: str) -> dict:
         st["resume_weights"] = _timed(lambda: engine.resume_memory(["weights"]))
         tensors, lay = trainer.export_shards()
         rep = {}
+        # the native engine in this process: its released-and-resumed weights are written in place
         st["update_weights"] = _timed(lambda: rep.update(r=update_weights(TrainerShards(layout=lay, tensors=tensors),
-                                                                           engine, layout=layout)))
+                                                                           NativeEngineSink(engine))))
         moved["update"] = sum(t.numel() * t.element_size() for t in tensors.values())
         st["resume_kv"] = _timed(lambda: engine.resume_memory(["kv_cache"]))
     finally:
@@ -118,7 +119,7 @@ def model_case(preset: str) -> dict:
 
 def synthetic_case(gib: float) -> dict:
     """Trainer state of `gib` GiB (4 tensors per weight), engine weights = a quarter of it."""
-    from k2sys.ckpt import InProcessReceiver, hf_layout, update_weights
+    from k2sys.ckpt import TensorSink, hf_layout, update_weights
     from k2sys.ckpt.pipeline import TrainerShards
     from k2sys.trainer.offload import StateOffloader
 
@@ -128,7 +129,7 @@ def synthetic_case(gib: float) -> dict:
     state = [*params.values()] + [torch.zeros(per) for _ in range(3 * n_weights)]  # grads, m, v
     off = StateOffloader()
     layout = hf_layout({k: (per,) for k in params}, torch.float32)
-    engine = InProcessReceiver(layout, in_place=False)  # commit swaps staging and live: no second copy
+    engine = TensorSink(layout, in_place=False)  # commit swaps staging and live: no second copy
     engine.weights = {k: v.clone() for k, v in params.items()}
     off.offload(state)
     st: dict[str, float] = {}

@@ -5,9 +5,14 @@ Figures, each a ratio against a bound or a peer measured in the same run (higher
   update      2-rank gloo update of a TP=2 trainer into a TP=1 engine: serial time / pipelined time
   apply       reshard apply (batched strided copy of a real plan) GB/s / plain memcpy GB/s
   shm         cross-process update of a `k2sys serve` subprocess (k2-small, fp32): GB/s of
-              update_weights through /dev/shm vs through base64 HTTP bodies, and vs one plain memcpy
-              of the same bytes (shm moves them twice: pack into the segment, server copy to staging,
-              so 0.5 is its bound)
+              HTTPEngine.update_weights through /dev/shm vs through base64 HTTP bodies, and vs one plain
+              memcpy of the same bytes (shm moves them twice: pack into the segment, server copy to
+              staging, so 0.5 is its bound)
+  copies      bytes copied per update / model bytes, the one push path update_weights(shards, sink)
+              from a Megatron trainer's offloaded host copy (k2-small): into the native engine in
+              this process (NativeEngineSink; target 1.0) and into `k2sys serve` through shared memory
+              (NativeServerSink; target <= 2.0), in the colocated cycle (engine weights released and
+              resumed, so written in place) and with the weights in use (staged, all-or-nothing)
   projection  Kimi-K2 (1.04T params, real shapes) update time on 8/16/256 GPUs from the measured
               efficiencies and stated bandwidths, next to checkpoint-engine's 16 s (256xH20) anchor
 
@@ -40,8 +45,8 @@ from common import env_info, print_results, result, write_json  # noqa: E402
 def _row(name, value, unit, baseline=None, ratio=None, target=None):
     """A result row with the ratio measured here (per-trial medians), not value / baseline."""
     return result(name, value, unit, baseline, target=target, ratio=ratio)
-from k2sys.ckpt import (InProcessReceiver, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,
-                        hf_param_shapes, plan_reshard)
+from k2sys.ckpt import (TensorSink, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,
+                        hf_param_shapes, plan_reshard, update_weights)
 from k2sys.ckpt.apply import compile_buckets
 from k2sys.ckpt.bucket import interleave_owners
 
@@ -115,7 +120,7 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
     shards = TrainerShards(src, tensors)
     # Commit by swapping staged and live buffers: the figure is the transport pipeline, not a
     # final memcpy that both modes would pay alike.
-    recv = InProcessReceiver(engine_tp_layout(BENCH_MODEL, 1, 0), in_place=False)
+    recv = TensorSink(engine_tp_layout(BENCH_MODEL, 1, 0), in_place=False)
     cfg = dict(bucket_bytes=bucket_mib * MiB, checksum=True)
     runners = {"pipelined": WeightUpdater(None, UpdateConfig(pipeline=True, **cfg)),
                "serial": WeightUpdater(None, UpdateConfig(pipeline=False, **cfg))}
@@ -169,8 +174,8 @@ def bench_apply(repeats: int) -> tuple[list[dict], float]:
     outs = {n: torch.empty(s.shape, dtype=s.dtype) for n, s in dst.tensors.items()}
     for t in outs.values():
         t.view(-1).view(torch.uint8).fill_(0)
-    addrs = torch.tensor([outs[n].data_ptr() for n in comp[0].dst_names], dtype=torch.int64)
-    rows = [c.absolute_rows(b.data_ptr(), addrs) for c, b in zip(comp, bufs)]
+    rows = [c.absolute_rows(b.data_ptr(), torch.tensor([outs[n].data_ptr() for n in c.dst_names], dtype=torch.int64))
+            for c, b in zip(comp, bufs)]
     total = sum(c.nbytes for c in comp)
 
     def apply_all():
@@ -244,6 +249,86 @@ def bench_shm(repeats: int, bucket_mib: int, model: str) -> list[dict]:
                    round(statistics.median(t[2] / t[0] for t in trip), 3), None)]
 
 
+# ------------------------------------------------------------------ bytes copied per update
+def _serve(path: str):
+    import httpx
+
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("k2sys serve did not come up")
+
+
+def bench_copies(model: str, repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
+    """Copy ratio and time of update_weights(shards, sink) for the native sinks (see module doc)."""
+    from k2sys.ckpt.engine_sinks import NativeEngineSink, NativeServerSink
+    from k2sys.engine.client import HTTPEngine
+    from k2sys.engine.engine import NativeEngine
+    from k2sys.models import build_model, preset, save_hf
+    from k2sys.trainer.backend import MegatronBackend
+
+    cfg = preset(model)
+    trainer = MegatronBackend.from_model(build_model(cfg, seed=1))
+    trainer.offload()  # the colocated push reads the trainer's host copy
+    tensors, layout = trainer.export_shards()
+    shards = TrainerShards(layout, tensors)
+    ucfg = UpdateConfig(bucket_bytes=bucket_mib * MiB)
+    out, detail = [], {}
+
+    def measure(name: str, sink, before=None, target=None) -> None:
+        reps = []
+        for _ in range(repeats + 1):  # first: warm (plans, buffers, pages)
+            if before:
+                before()
+            reps.append(update_weights(shards, sink, config=ucfg))
+        reps = reps[1:]
+        r = sorted(reps, key=lambda x: x.wall_s)[len(reps) // 2]
+        gb = r.model_bytes / 1e9
+        detail[name] = {"wall_s": r.wall_s, "apply_s": r.apply_s, "commit_s": r.commit_s,
+                        "bytes_copied": r.bytes_copied, "model_bytes": r.model_bytes, "mode": r.mode}
+        out.append(_row(f"update_copies_{name}_{model}", round(r.copy_ratio, 3), "x model bytes", None,
+                        round(r.copy_ratio, 3), target))
+        out.append(_row(f"update_GBps_{name}_{model}", round(gb / r.wall_s, 3), "GB/s", None, None, None))
+
+    with NativeEngine.from_model(build_model(cfg, seed=0)) as eng:
+        sink = NativeEngineSink(eng)
+
+        def cycle():
+            eng.release_memory(["kv_cache", "weights"])
+            eng.resume_memory(["weights"])
+        measure("native_inproc_colocated", sink, cycle, 1.0)
+        eng.resume_memory(["kv_cache"])
+        measure("native_inproc_live", sink, None, None)
+    with tempfile.TemporaryDirectory() as d:
+        proc, url = _serve(save_hf(build_model(cfg, seed=0), os.path.join(d, "model")))
+        try:
+            with HTTPEngine(url) as c:
+                sink = NativeServerSink(c, bucket_bytes=bucket_mib * MiB)
+
+                def cycle():
+                    c.release_memory(["kv_cache", "weights"])
+                    c.resume_memory(["weights"])
+                measure(f"native_xproc_{sink.mode}_colocated", sink, cycle, 2.0)
+                c.resume_memory(["kv_cache"])
+                measure(f"native_xproc_{sink.mode}_live", sink, None, None)
+                sink.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out, detail
+
+
 # ------------------------------------------------------------------ Kimi-K2 projection
 def k2_params() -> tuple[int, int]:
     shapes = hf_param_shapes(KIMI_K2)
@@ -293,6 +378,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bucket-mib", type=int, default=4, help="bucket cap of the 2-rank update")
     ap.add_argument("--skip-update", action="store_true", help="skip the 2-rank gloo update")
     ap.add_argument("--skip-shm", action="store_true", help="skip the cross-process shm vs http update")
+    ap.add_argument("--skip-copies", action="store_true", help="skip the bytes-copied figures of the sinks")
+    ap.add_argument("--copies-model", default="k2-small", help="model preset of the bytes-copied figures")
     ap.add_argument("--shm-model", default="k2-small", help="model preset served for the shm vs http figure")
     ap.add_argument("--shm-bucket-mib", type=int, default=64, help="shm bucket cap of the cross-process update")
     args = ap.parse_args(argv)
@@ -309,12 +396,16 @@ def main(argv=None) -> int:
         results += upd
     if not args.skip_shm:
         results += bench_shm(args.repeats, args.shm_bucket_mib, args.shm_model)
+    copies = None
+    if not args.skip_copies:
+        rows, copies = bench_copies(args.copies_model, args.repeats, args.shm_bucket_mib)
+        results += rows
     # Efficiency vs a plain copy, capped at 1: the projection scales bandwidth bounds, never beyond them.
     onload_eff = min(1.0, min(r["ratio"] for r in results if r["name"].startswith("onload_pipelined")))
     apply_eff = min(1.0, apply_eff)
     proj, lines = projection(onload_eff, apply_eff)
     results += proj
-    env = env_info(crc32c_hw=ext.summary()["crc32c_hw"], update_stages=stages, projection=lines)
+    env = env_info(crc32c_hw=ext.summary()["crc32c_hw"], update_stages=stages, projection=lines, copies=copies)
     write_json(args.json, {"results": results, "env": env})
     print_results(results, "# checkpoint engine: onload, update, apply, shm, projection")
     if stages:
@@ -322,6 +413,10 @@ def main(argv=None) -> int:
             print(f"update {k:9s}: wall {s['wall_s']:.3f} s = stage {s['stage_s']:.3f} + broadcast {s['broadcast_s']:.3f}"
                   f" + apply {s['apply_s']:.3f} (checksum {s['checksum_s']:.3f}) [{s['mode']}, {s['n_buckets']} buckets,"
                   f" {s['bytes_sent'] / 1e6:.0f} MB] (rank 0, stage sums overlap when pipelined)")
+    if copies:
+        for k, c in copies.items():
+            print(f"copies {k:34s}: {c['bytes_copied'] / c['model_bytes']:.3f}x of {c['model_bytes'] / 1e6:.0f} MB, "
+                  f"wall {c['wall_s']:.3f} s (apply {c['apply_s']:.3f}, commit {c['commit_s']:.3f}) [{c['mode']}]")
     print("\n".join(lines))
     return 0
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ckpt_fixtures import TINY, free_port, materialize, megatron_like_layout, random_hf_state
-from k2sys.ckpt import InProcessReceiver, PlanError, TrainerShards, UpdateConfig, engine_layout, engine_tp_layout, \
+from k2sys.ckpt import TensorSink, PlanError, TrainerShards, UpdateConfig, engine_layout, engine_tp_layout, \
     plan_reshard, update_weights
 
 WORLD = 2
@@ -79,7 +79,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         shards = TrainerShards(src, materialize(src, g))
         dst = engine_layout(TINY, 2, 2, rank)
         for pipeline in (True, False):
-            r = InProcessReceiver(dst)
+            r = TensorSink(dst)
             rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, pipeline=pipeline, checksum=True))
             res[pipeline] = (bitwise_equal(r.weights, materialize(dst, g)), rep.mode, rep.n_buckets)
         dist.destroy_process_group()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ckpt_fixtures import TINY, free_port, materialize, random_hf_state
-from k2sys.ckpt import (InProcessReceiver, TrainerShards, UpdateConfig, UpdateError, engine_tp_layout, hf_layout,
+from k2sys.ckpt import (TensorSink, TrainerShards, UpdateConfig, UpdateError, engine_tp_layout, hf_layout,
                         hf_param_shapes, update_weights)
 from k2sys.ckpt.peer import PeerLink, load_from_peer, serve_peer
 
@@ -42,7 +42,7 @@ def serve_in_thread(*args, **kw):
 def test_pair_load_refusals_keep_previous_weights():
     lay = engine_tp_layout(TINY, 1, 0)
     live = materialize(lay, random_hf_state(TINY, seed=4))
-    r = InProcessReceiver(lay)
+    r = TensorSink(lay)
     link = PeerLink("127.0.0.1", free_port())
     th, out = serve_in_thread(lay, live, link, version=lambda: 7, config=CFG)
     rep = load_from_peer(r, link, config=CFG)
@@ -94,7 +94,7 @@ def replica(rank: int, port: int, peer_port: int, out_dir: str) -> None:
         lay = engine_tp_layout(TINY, 1, 0)  # three TP1 replicas; the trainer's HF tensors are split over ranks
         shapes = hf_param_shapes(TINY)
         src = hf_layout(shapes).restrict(list(shapes)[rank::3], name=f"trainer part {rank}")
-        r = InProcessReceiver(lay)
+        r = TensorSink(lay)
         for seed in (1, 2):  # two global updates: version 2 holds seed 2's weights
             g = random_hf_state(TINY, seed=seed)
             update_weights(TrainerShards(src, {n: g[n] for n in src.tensors}), r, config=CFG)
@@ -119,7 +119,7 @@ def replica(rank: int, port: int, peer_port: int, out_dir: str) -> None:
 def restarted(peer_port: int, out_dir: str) -> None:
     res = {}
     try:  # a fresh process: no default process group, nothing but the link to one peer
-        r = InProcessReceiver(engine_tp_layout(TINY, 1, 0))
+        r = TensorSink(engine_tp_layout(TINY, 1, 0))
         rep = load_from_peer(r, PeerLink("127.0.0.1", peer_port), config=CFG)
         res.update(weights=r.weights, version=r.version, report=rep, initialized=dist.is_initialized())
     except Exception:

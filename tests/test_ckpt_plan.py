@@ -112,8 +112,8 @@ def test_apply_rows_match_plan_on_odd_sizes():
     per_owner = {r: [s for n, s in lay.tensors.items() if (r, n) in plan.src_specs] for r, lay in srcs.items()}
     buckets = interleave_owners(per_owner, 300)
     out = {n: torch.zeros(s, dtype=dtypes[n]) for n, s in shapes.items()}
-    addrs = torch.tensor([out[n].data_ptr() for n in dst.tensors], dtype=torch.int64)
     for b, comp in zip(buckets, compile_buckets(plan, buckets)):
+        addrs = torch.tensor([out[n].data_ptr() for n in comp.dst_names], dtype=torch.int64)  # this bucket's targets
         buf = torch.zeros(b.nbytes, dtype=torch.uint8)
         for e in b.entries:
             lay = srcs[b.owner]
@@ -191,7 +191,7 @@ def test_single_process_update_round_trips_through_the_engine_layout():
     the receiver; HF -> engine layout (fused w13, TP=1) -> HF is bitwise."""
     import torch
 
-    from k2sys.ckpt import InProcessReceiver, engine_tp_layout, hf_layout, update_weights
+    from k2sys.ckpt import TensorSink, engine_tp_layout, hf_layout, update_weights
     from k2sys.ckpt.pipeline import TrainerShards
     from k2sys.models import k2_tiny, param_shapes
 
@@ -200,10 +200,10 @@ def test_single_process_update_round_trips_through_the_engine_layout():
     g = torch.Generator().manual_seed(0)
     hf = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     src = hf_layout(shapes, torch.float32)
-    eng = InProcessReceiver(engine_tp_layout(cfg, 1, 0, torch.float32))
+    eng = TensorSink(engine_tp_layout(cfg, 1, 0, torch.float32))
     rep = update_weights(TrainerShards(layout=src, tensors=hf), eng)
     assert rep.mode == "local" and rep.bytes_applied == sum(t.numel() * 4 for t in hf.values())
-    back = InProcessReceiver(src)
+    back = TensorSink(src)
     update_weights(TrainerShards(layout=eng.layout, tensors=eng.weights), back)
     assert back.weights.keys() == hf.keys()
     for k, v in hf.items():

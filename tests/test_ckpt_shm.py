@@ -160,18 +160,35 @@ def test_route_rejects_missing_segment(served):
 
 
 def test_one_call_update_through_shm(served, cfg):
-    """The coordinator's update_weights(shards, engine) with an HTTPEngine target (1-rank gloo)."""
+    """update_weights(shards, NativeServerSink) into `k2sys serve` (1-rank gloo group): buckets are
+    written straight into shared memory and the server copies each into its weights. Weights in
+    use: the engine stages them (3 copies in all); after release + resume (the colocated cycle)
+    it writes in place: exactly 2 copies per byte, the across-process bound of issue 12."""
+    from k2sys.ckpt.engine_sinks import NativeServerSink
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     try:
         w = new_weights(cfg, seed=21)
         layout = hf_layout({n: tuple(t.shape) for n, t in w.items()}, {n: t.dtype for n, t in w.items()})
+        nbytes = sum(t.numel() * t.element_size() for t in w.values())
         with HTTPEngine(served, shm_bucket_bytes=1 << 20) as c:
-            assert c.resolve_transport(None, [("x", torch.zeros(1))]) == "shm"
-            rep = update_weights(TrainerShards(layout, w), c, layout=layout, config=UpdateConfig(bucket_bytes=1 << 18))
-            assert rep.version == 1
+            sink = NativeServerSink(c, bucket_bytes=1 << 18)
+            assert sink.mode == "shm"
+            rep = update_weights(TrainerShards(layout, w), sink, config=UpdateConfig(bucket_bytes=1 << 18))
+            assert rep.version == c.weight_version == sink.version_checked
+            assert sink.buckets_sent == len(sink.out_buckets) > 2
+            assert rep.model_bytes == nbytes and rep.bytes_copied == 3 * nbytes  # shm + staging + publish
             assert_served_equal(c, w)
-            assert my_segments() == [c._shm.name]
+            assert len(my_segments()) <= 3 < sink.buckets_sent  # a window of segments (filling, sending), reused
+            c.release_memory(["kv_cache", "weights"])
+            c.resume_memory(["weights"])
+            w2 = new_weights(cfg, seed=22)
+            rep = update_weights(TrainerShards(layout, w2), sink, config=UpdateConfig(bucket_bytes=1 << 18))
+            assert rep.bytes_copied == 2 * nbytes and rep.copy_ratio == 2.0  # shm, then in place
+            c.resume_memory(["kv_cache"])
+            assert_served_equal(c, w2)
+            sink.close()
         assert my_segments() == []
     finally:
         dist.destroy_process_group()
@@ -199,6 +216,42 @@ def test_cuda_ipc_update(cfg, tmp_path):  # pragma: no cover - GPU only
             c.update_weights(list(w.items()))
             c.end_weight_update()
             assert_served_equal(c, {n: t.cpu() for n, t in w.items()})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+def test_cuda_ipc_sink_two_copies(cfg, tmp_path):  # pragma: no cover - GPU only
+    """NativeServerSink on a GPU: buckets filled on the device (one H2D from the host copy), sent by
+    IPC handle, copied by the engine into its released-and-resumed weights: 2 copies per byte."""
+    from k2sys.ckpt.engine_sinks import NativeServerSink
+
+    path = save_hf(build_model(cfg, seed=1), tmp_path / "model")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port),
+                             "--device", "cuda"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        w = new_weights(cfg, seed=6)
+        layout = hf_layout({n: tuple(t.shape) for n, t in w.items()}, {n: t.dtype for n, t in w.items()})
+        with HTTPEngine(url) as c:
+            sink = NativeServerSink(c, bucket_bytes=1 << 18, device="cuda")
+            assert sink.mode == "cuda_ipc"
+            c.release_memory(["kv_cache", "weights"])
+            c.resume_memory(["weights"])
+            rep = update_weights(TrainerShards(layout, w), sink, config=UpdateConfig(bucket_bytes=1 << 18))
+            c.resume_memory(["kv_cache"])
+            assert rep.copy_ratio == 2.0 and rep.version == c.weight_version
+            assert_served_equal(c, w)
+            sink.close()
     finally:
         proc.terminate()
         proc.wait(30)

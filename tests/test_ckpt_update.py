@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from ckpt_fixtures import TINY, free_port, materialize, megatron_like_layout, random_hf_state
-from k2sys.ckpt import (EngineReceiver, FaultInjection, InProcessReceiver, TrainerShards, UpdateConfig, UpdateError,
-                        engine_tp_layout, hf_layout, load_checkpoint, update_weights)
+from k2sys.ckpt import (BucketSink, FaultInjection, TensorSink, TrainerShards, UpdateConfig, UpdateError,
+                        engine_tp_layout, load_checkpoint, update_weights)
+from k2sys.ckpt.engine_sinks import NativeEngineSink
 
 WORLD = 2
 
@@ -24,21 +25,37 @@ def bitwise_equal(got: dict, expect: dict) -> bool:
                                                          expect[n].view(-1).view(torch.uint8)) for n in expect)
 
 
-class RecordingEngine:
-    """Test double of the native engine's weight-update session API: records what arrives."""
+class RecordingBucketSink(BucketSink):
+    """Test double of a forwarding sink (the engine in another process): records each out-bucket
+    it would send, as sent, and the session calls."""
 
-    def __init__(self):
-        self.calls, self.weights = [], {}
+    def __init__(self, bucket_bytes):
+        super().__init__(bucket_bytes)
+        self.calls, self.weights, self.sent = [], {}, []
 
-    def begin_weight_update(self):
+    def _open(self):
         self.calls.append("begin")
 
-    def update_weights_from_tensor(self, named_tensors):
-        self.calls.append("update")
-        self.weights.update({n: t.clone() for n, t in named_tensors})
+    def _send(self, bucket):
+        self.calls.append("send")
+        self.sent.append(bucket.names)
+        self.weights.update({n: t.clone() for n, t in bucket.unpack()})
 
-    def end_weight_update(self):
+    def _finish(self):
         self.calls.append("end")
+        return "v1"
+
+    def _discard(self):
+        self.calls.append("abort")
+
+
+def native_engine(g):
+    from k2sys.engine.config import EngineConfig
+    from k2sys.engine.engine import NativeEngine
+    from k2sys.models.config import K2Config
+
+    return NativeEngine(g, K2Config.from_hf_dict({**TINY, "torch_dtype": "bfloat16"}),
+                        EngineConfig(max_total_tokens=256, dtype="bfloat16"))
 
 
 def _init(rank: int, port: int) -> None:
@@ -56,13 +73,13 @@ def worker_main(rank: int, port: int, out_dir: str) -> None:
         for dst_tp in (1, 2):
             dst = engine_tp_layout(TINY, dst_tp, rank % dst_tp)
             for pipeline in (True, False):
-                r = InProcessReceiver(dst)
+                r = TensorSink(dst)
                 rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, pipeline=pipeline))
                 res[f"tp{dst_tp}_pipe{pipeline}"] = (bitwise_equal(r.weights, materialize(dst, g)), rep.mode,
                                                      rep.n_buckets, r.version)
         # A second update into the same receiver lands the new weights in the same storage.
         dst = engine_tp_layout(TINY, 2, rank)
-        r = InProcessReceiver(dst)
+        r = TensorSink(dst)
         update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096))
         ptrs = {n: t.data_ptr() for n, t in r.weights.items()}
         g2 = {n: (t.float() + 1).to(t.dtype) for n, t in g.items()}
@@ -82,11 +99,22 @@ def worker_main(rank: int, port: int, out_dir: str) -> None:
             res["corrupt"] = ("no error",)
         except UpdateError as e:
             res["corrupt"] = (str(e), e.bucket, bitwise_equal(r.weights, before), r.version == v)
-        # Engine target through its begin/update/end session, HF names.
-        eng = RecordingEngine()
-        hf = hf_layout({n: t.shape for n, t in g.items()}, torch.bfloat16)
-        update_weights(shards, eng, layout=hf, config=UpdateConfig(bucket_bytes=1 << 20))
-        res["engine"] = (eng.calls, bitwise_equal(eng.weights, g))
+        # A forwarding sink: every out-bucket sent once, when complete, whole HF tensors, bitwise.
+        fwd = RecordingBucketSink(bucket_bytes=3000)
+        rep = update_weights(shards, fwd, config=UpdateConfig(bucket_bytes=4096))
+        res["forward"] = (fwd.calls[0], fwd.calls[-1], fwd.calls.count("send"), len(fwd.out_buckets),
+                          sorted(n for b in fwd.sent for n in b) == sorted(g), bitwise_equal(fwd.weights, g),
+                          rep.version)
+        # The native engine in this process (one per rank): its live weights after a release/resume
+        # are written in place, the router (float32 in the engine) widened exactly from bf16.
+        with native_engine({n: torch.zeros_like(t) for n, t in g.items()}) as eng:
+            eng.release_memory(["weights"])
+            eng.resume_memory(["weights"])
+            rep = update_weights(shards, NativeEngineSink(eng), config=UpdateConfig(bucket_bytes=4096))
+            p = eng.runner.params
+            res["engine"] = (rep.version, eng.weight_version, eng.stats()["stale_tensors"],
+                             all(torch.equal(p[n], t.to(p[n].dtype)) for n, t in g.items()),
+                             eng.last_update["direct_tensors"], eng.last_update["staged_tensors"])
         # Startup: rank 0 writes a 2-file checkpoint; each rank reads half, the broadcast assembles it.
         ckpt = os.path.join(out_dir, "ckpt")
         if rank == 0:
@@ -95,7 +123,7 @@ def worker_main(rank: int, port: int, out_dir: str) -> None:
             save_file({n: g[n] for n in names[: len(names) // 2]}, os.path.join(ckpt, "a.safetensors"))
             save_file({n: g[n] for n in names[len(names) // 2:]}, os.path.join(ckpt, "b.safetensors"))
         dist.barrier()
-        r3 = InProcessReceiver(engine_tp_layout(TINY, 2, rank))
+        r3 = TensorSink(engine_tp_layout(TINY, 2, rank))
         rep = load_checkpoint(ckpt, r3, config=UpdateConfig(bucket_bytes=8192))
         res["startup"] = (bitwise_equal(r3.weights, materialize(r3.layout, g)), rep.n_buckets)
         dist.barrier()
@@ -112,7 +140,7 @@ def worker_killed(rank: int, port: int, out_dir: str) -> None:
         g = random_hf_state(TINY, seed=2)
         src = megatron_like_layout(TINY, 2, rank)
         shards = TrainerShards(src, materialize(src, g))
-        r = InProcessReceiver(engine_tp_layout(TINY, 1, 0))
+        r = TensorSink(engine_tp_layout(TINY, 1, 0))
         update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, timeout_s=20))
         before = {n: t.clone() for n, t in r.weights.items()}
         g2 = {n: (t.float() * 2).to(t.dtype) for n, t in g.items()}
@@ -181,10 +209,18 @@ def test_checksum_failure_aborts_every_rank(main_results):
         assert bucket == 3 and kept and same_version
 
 
-def test_engine_session_target(main_results):
+def test_forwarding_sink_sends_each_bucket_once_complete(main_results):
     for r in range(WORLD):
-        calls, exact = main_results[r]["engine"]
-        assert calls == ["begin", "update", "end"] and exact
+        first, last, sends, planned, covered, exact, version = main_results[r]["forward"]
+        assert (first, last, version) == ("begin", "end", "v1")
+        assert sends == planned > 2 and covered and exact
+
+
+def test_native_engine_sink_writes_stale_weights_in_place(main_results):
+    for r in range(WORLD):
+        version, served, stale, exact, direct, staged = main_results[r]["engine"]
+        assert version == served == "1" and stale == 0 and exact
+        assert direct > 0 and staged == 0  # released + resumed: every tensor written in place
 
 
 def test_startup_load_from_peers(main_results):

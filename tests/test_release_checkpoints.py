@@ -350,7 +350,7 @@ def test_startup_reader_dequantizes_into_an_engine_layout(release):
 
     import torch.distributed as dist
 
-    from k2sys.ckpt import InProcessReceiver, UpdateConfig, engine_tp_layout, load_checkpoint
+    from k2sys.ckpt import TensorSink, UpdateConfig, engine_tp_layout, load_checkpoint
 
     path, deq, *_ = release
     with socket.socket() as s:
@@ -362,7 +362,7 @@ def test_startup_reader_dequantizes_into_an_engine_layout(release):
                                 timeout=datetime.timedelta(seconds=30))
     assert dist.get_world_size() == 1
     try:
-        recv = InProcessReceiver(engine_tp_layout(K2Config(**CFG), 1, 0, torch.float32))
+        recv = TensorSink(engine_tp_layout(K2Config(**CFG), 1, 0, torch.float32))
         load_checkpoint(str(path), recv, config=UpdateConfig(bucket_bytes=1 << 16))
         name = "model.layers.1.self_attn.q_b_proj.weight"
         assert torch.equal(recv.weights[name], deq[name])

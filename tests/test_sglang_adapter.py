@@ -1,15 +1,17 @@
 """HTTPEngine / SGLangEngine against an in-test FakeSGLangServer, launch.py, and (where they exist)
-a real SGLang (gpu) and `k2sys serve` (contract test)."""
+a real SGLang (gpu) and `k2sys serve` (contract test).
+
+The fake is only for ordering and fault drills: every weight body it receives is parsed with
+SGLang's own request class and decoded with SGLang's serializer and flattened-bucket loader, for
+every TP rank (tests/sglang_ref.py); the payloads themselves are tested in test_sglang_payloads.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import importlib.util
 import json
 import os
-import pickle
 import sys
 import textwrap
 import threading
@@ -28,6 +30,13 @@ from k2sys.engine.protocol import (GenerateRequest, ProtocolError, SamplingParam
                                    colocated_update)
 from k2sys.engine.sglang_adapter import (InitWeightsUpdateGroupPayload, SGLangEngine,
                                         UpdateWeightsFromDistributedPayload, sglang_available)
+
+sglang_ref = pytest.importorskip("sglang_ref")  # SGLang's own decoding (needs sglang, scripts/install.sh)
+try:
+    sglang_ref.prepare()
+except ImportError as e:
+    pytest.skip(str(e), allow_module_level=True)
+pytest.importorskip("sglang")
 
 # Field names of sglang 0.5.23's io_struct / SamplingParams (see protocol.py's docstring).
 GENERATE_FIELDS = {"rid", "text", "input_ids", "sampling_params", "return_logprob", "stream"}
@@ -130,9 +139,13 @@ class FakeSGLangServer:
         async def health():
             return Response(status_code=200)
 
-        @app.get("/get_server_info")
+        @app.get("/server_info")
         async def server_info():
             return {"version": "0.5.23"}
+
+        @app.get("/model_info")
+        async def model_info():
+            return {"weight_version": self.version}
 
         @app.post("/abort_request")
         async def abort(request: Request):
@@ -202,9 +215,15 @@ class FakeSGLangServer:
                                     status_code=400)
             if "weights" in self.released:
                 return self._bad("weights are released; resume them first")
-            if self.weight_format == "sglang":
-                assert body["load_format"] is None  # flattened buckets need sglang's classes
-                named = pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))
+            if self.weight_format == "sglang":  # what every TP rank of sglang loads, by sglang's code
+                cls = sglang_ref.io_struct().UpdateWeightsFromTensorReqInput
+                assert not sglang_ref.unknown_fields(cls, body), sglang_ref.unknown_fields(cls, body)
+                per_rank = [sglang_ref.load_tensor_update(body, r) for r in range(len(body["serialized_named_tensors"]))]
+                named = per_rank[0]
+                for other in per_rank[1:]:
+                    assert [n for n, _ in other] == [n for n, _ in named]
+                    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                               for (_, a), (_, b) in zip(other, named))
             else:
                 named = tensors_from_update(UpdateWeightsFromTensorPayload.from_sglang(body))
             self.weights.update({n: t.clone() for n, t in named})
@@ -439,14 +458,19 @@ def test_native_format_buckets_bitwise():
                                                                    t.view(torch.uint8))
 
 
-def test_sglang_serializer_payload_is_sglang_shape():
+def test_sglang_serializer_payload_decodes_with_sglang():
+    from sglang.srt.utils import MultiprocessingSerializer
+
     eng = SGLangEngine("http://127.0.0.1:1")
-    named = [("x", torch.arange(6, dtype=torch.float32).view(2, 3))]
-    back = pickle.loads(base64.b64decode(eng.encode_named_tensors(named)))  # what sglang's deserializer does
-    assert [n for n, _ in back] == ["x"] and torch.equal(back[0][1], named[0][1])
-    if not sglang_available():
-        (fmt, data), = eng.encode_bucket(FlattenedBucket.pack(named))
-        assert fmt is None and torch.equal(pickle.loads(base64.b64decode(data))[0][1], named[0][1])
+    named = [("x", torch.arange(6, dtype=torch.float32).view(2, 3)), ("y", torch.ones(3, dtype=torch.bfloat16))]
+    back = MultiprocessingSerializer.deserialize(eng.encode_named_tensors(named))  # sglang's SafeUnpickler
+    assert [n for n, _ in back] == ["x", "y"] and all(torch.equal(b, t) for (_, b), (_, t) in zip(back, named))
+    (fmt, data), = eng.encode_bucket(FlattenedBucket.pack(named))
+    body = {"serialized_named_tensors": [data], "load_format": fmt, "flush_cache": False,
+            "abort_all_requests": False, "weight_version": None}
+    got = sglang_ref.load_tensor_update(body, 0)
+    assert fmt == "flattened_bucket" and [n for n, _ in got] == ["x", "y"]
+    assert all(b.dtype == t.dtype and torch.equal(b, t) for (_, b), (_, t) in zip(got, named))
 
 
 def test_distributed_update_payloads():

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from k2sys import ext
+from k2sys.ckpt.bucket import FlattenedBucket
 from k2sys.ckpt.plan import ReshardPlan
 from k2sys.ckpt.types import Box, Bucket, CopyOp, TensorSpec
 
@@ -39,11 +40,12 @@ class BucketApply:
     bucket: int
     rows: torch.Tensor          # int64 [n, 12], addresses relative (dst: to its tensor, src: to the bucket)
     dst_index: torch.Tensor     # int64 [n], index into `dst_names`
-    dst_names: tuple[str, ...]
-    ops: tuple[CopyOp, ...]     # for the generic receiver path and error messages
+    dst_names: tuple[str, ...]  # the destination tensors this bucket writes into, in first-write order
+    ops: tuple[CopyOp, ...]     # for the generic path and error messages
     nbytes: int
 
     def absolute_rows(self, bucket_addr: int, dst_addrs: torch.Tensor) -> torch.Tensor:
+        """Rows with absolute addresses; dst_addrs[k] is the address of dst_names[k]."""
         rows = self.rows.clone()
         rows[:, 0] += dst_addrs[self.dst_index]
         rows[:, 1] += bucket_addr
@@ -63,12 +65,11 @@ def compile_buckets(plan: ReshardPlan, buckets: Sequence[Bucket]) -> list[Bucket
             raise ValueError(f"compile_buckets: source {op.src_name} of rank {op.src_rank} (for {op.global_name}) "
                              f"is in no bucket; buckets and plan were built from different layouts")
         per_bucket[loc[0]].append(op)
-    dst_names = tuple(plan.dst.tensors)
-    dst_pos = {n: i for i, n in enumerate(dst_names)}
     out = []
     for b in buckets:
         rows: list[list[int]] = []
         idx: list[int] = []
+        dst_pos: dict[str, int] = {}
         nbytes = 0
         for op in per_bucket[b.index]:
             src_spec: TensorSpec = plan.src_specs[(op.src_rank, op.src_name)]
@@ -80,20 +81,31 @@ def compile_buckets(plan: ReshardPlan, buckets: Sequence[Bucket]) -> list[Bucket
             _, entry_off = where[(op.src_rank, op.src_name)]
             new = ext.strided_rows(d_sizes, d_st, s_st, item, d_off * item, entry_off + s_off * item)
             rows += new
-            idx += [dst_pos[op.dst_name]] * len(new)
+            idx += [dst_pos.setdefault(op.dst_name, len(dst_pos))] * len(new)
             nbytes += op.dst_box.numel * item
         out.append(BucketApply(b.index, torch.tensor(rows, dtype=torch.int64).reshape(-1, ext.STRIDED_COLS),
-                               torch.tensor(idx, dtype=torch.int64), dst_names, tuple(per_bucket[b.index]), nbytes))
+                               torch.tensor(idx, dtype=torch.int64), tuple(dst_pos), tuple(per_bucket[b.index]),
+                               nbytes))
     return out
+
+
+def completions(plan: ReshardPlan, compiled: Sequence[BucketApply]) -> tuple[list[list[str]], list[str]]:
+    """For each bucket, the destination tensors whose last write it carries (ready after it is
+    applied), and the destination tensors no bucket writes (empty tensors: ready at once)."""
+    last: dict[str, int] = {}
+    for c in compiled:
+        for n in c.dst_names:
+            last[n] = c.bucket
+    done: list[list[str]] = [[] for _ in compiled]
+    pos = {c.bucket: k for k, c in enumerate(compiled)}
+    for n, b in last.items():
+        done[pos[b]].append(n)
+    return done, [n for n in plan.dst.tensors if n not in last]
 
 
 def bucket_views(bucket: Bucket, buf: torch.Tensor) -> dict[str, torch.Tensor]:
     """Typed views of every entry of a packed bucket buffer (uint8, at least bucket.nbytes)."""
-    out = {}
-    for e in bucket.entries:
-        raw = buf[e.offset:e.offset + e.nbytes]
-        out[e.name] = raw.view(e.spec.dtype).view(e.spec.shape) if e.nbytes else torch.empty(e.spec.shape, dtype=e.spec.dtype)
-    return out
+    return dict(FlattenedBucket.of(bucket, buf).unpack())
 
 
 def op_slices(bucket: Bucket, buf: torch.Tensor, ops: Sequence[CopyOp]) -> dict[str, list[tuple[Box, torch.Tensor]]]:

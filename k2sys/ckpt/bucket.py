@@ -1,16 +1,29 @@
-"""Bucketing: pack named tensors into broadcast buckets.
+"""Buckets: the planned layout (`Bucket`) and the one filled-bucket type (`FlattenedBucket`).
 
-Rules: entries start at multiples of `align` bytes (256: NCCL/vector friendly, and the bucket
-end keeps the 8-byte checksum trailer aligned); a bucket holds at most `cap_bytes` unless a
-single tensor is larger, then that tensor travels alone; input order is kept, so every rank
-computes identical buckets; every byte of every tensor is in exactly one bucket.
+Planning rules (plan_buckets): entries start at multiples of `align` bytes (256: NCCL/vector
+friendly, and the bucket end keeps the 8-byte checksum trailer aligned; 1 with itemsize-sorted
+specs gives SGLang's gap-free NCCL layout); a bucket holds at most `cap_bytes` unless a single
+tensor is larger, then that tensor travels alone; input order is kept, so every rank computes
+identical buckets; every byte of every tensor is in exactly one bucket.
+
+`FlattenedBucket` = one contiguous uint8 buffer + `BucketEntry`s (name, dtype, shape, byte
+offset). Every transport carries this one type as it is, without repacking: the broadcast
+pipeline's buffers, a /dev/shm segment (entries as JSON), SGLang's flattened_bucket payload
+(its FlattenedTensorMetadata are the entries; the buffer is its `flattened_tensor`), an NCCL
+broadcast to SGLang (names/dtypes/shapes + the buffer), and the native engine (typed views).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import base64
+import json
+import struct
+from typing import Iterable, Mapping, Sequence
+
+import torch
 
 from k2sys.ckpt.types import Bucket, BucketEntry, TensorSpec
+from k2sys.engine.protocol import ProtocolError
 
 
 def align_up(n: int, align: int) -> int:
@@ -24,6 +37,11 @@ def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int, align: int = 256, 
         raise ValueError(f"plan_buckets: cap_bytes must be > 0, got {cap_bytes}")
     if align <= 0 or align & (align - 1):
         raise ValueError(f"plan_buckets: align must be a power of two, got {align}")
+    if align < max((s.dtype.itemsize for s in specs), default=1) and \
+            any(a.dtype.itemsize < b.dtype.itemsize for a, b in zip(specs, specs[1:])):
+        raise ValueError(f"plan_buckets: align={align} packs tensors back to back, which keeps every offset a "
+                         "multiple of its dtype's size only when specs come in non-increasing itemsize; sort them "
+                         "(sort_for_packing) or raise align")
     seen: set[str] = set()
     buckets: list[Bucket] = []
     cur: list[BucketEntry] = []
@@ -43,7 +61,7 @@ def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int, align: int = 256, 
         if cur and off + s.nbytes > cap_bytes:
             close()
             off = 0
-        cur.append(BucketEntry(s.name, off, s))
+        cur.append(BucketEntry.of(s, off))
         used = off + s.nbytes
         if s.nbytes >= cap_bytes:  # oversize (or exactly full): it owns this bucket
             close()
@@ -64,3 +82,145 @@ def interleave_owners(per_owner: Mapping[int, Sequence[TensorSpec]], cap_bytes: 
                 out.append(Bucket(len(out), r, b.entries, b.nbytes))
         k += 1
     return out
+
+
+def sort_for_packing(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """Specs by non-increasing dtype size (stable): packed back to back (align=1) every tensor
+    then starts at a multiple of its own size, the layout SGLang's FlattenedTensorBucket.empty
+    expects on the receiving side of an NCCL update."""
+    return sorted(specs, key=lambda s: -s.dtype.itemsize)
+
+
+# ---------------------------------------------------------------------------------- the filled bucket
+
+# A malformed flattened bucket (or serialized form) is a ProtocolError: it arrives at the engine edge.
+BucketFormatError = ProtocolError
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob; {} for anything that is not one (e.g. a pickle)."""
+    if len(blob) < 8:
+        return {}
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        return {}
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+class FlattenedBucket:
+    """Many tensors of any dtypes in one contiguous uint8 buffer (see the module doc).
+
+    Entries start at offsets aligned for their dtype, so `unpack()` returns zero-copy views.
+    """
+
+    FORMAT = "k2sys.flattened_bucket.v1"
+    """Format tag of `serialize()` (safetensors bytes: pickle-free, bit-exact)."""
+
+    def __init__(self, buffer: torch.Tensor, entries: Sequence[BucketEntry]):
+        if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1 \
+                or not buffer.is_contiguous():
+            raise BucketFormatError("buffer: must be a contiguous 1-D uint8 tensor; build buckets with "
+                                    "FlattenedBucket.pack")
+        names = set()
+        for e in entries:
+            if e.name in names:
+                raise BucketFormatError(f"entries: duplicate name {e.name!r}; each tensor goes in once")
+            names.add(e.name)
+            if e.offset + e.nbytes > buffer.numel() or e.offset % e.dtype.itemsize:
+                raise BucketFormatError(f"entries[{e.name!r}]: offset {e.offset} (+{e.nbytes} bytes) does not fit a "
+                                        f"{buffer.numel()}-byte buffer aligned for {e.dtype}")
+        self.buffer = buffer
+        self.entries = tuple(entries)
+
+    @classmethod
+    def of(cls, bucket: Bucket, buffer: torch.Tensor) -> "FlattenedBucket":
+        """A planned bucket filled in `buffer` (at least bucket.nbytes; the payload is its prefix)."""
+        return cls(buffer[:bucket.nbytes], bucket.entries)
+
+    @classmethod
+    def pack(cls, named: Iterable[tuple[str, torch.Tensor]], alignment: int = 64,
+             device: torch.device | str | None = None) -> "FlattenedBucket":
+        """Copy (name, tensor) pairs into a new bucket (one copy; tests and ad-hoc pushes)."""
+        named = list(named)
+        if not named:
+            raise BucketFormatError("named_tensors: empty; a bucket needs at least one tensor")
+        if alignment < 16 or alignment & (alignment - 1):
+            raise BucketFormatError(f"alignment: {alignment} must be a power of two >= 16 (the largest itemsize)")
+        entries, offset = [], 0
+        for name, t in named:
+            entries.append(BucketEntry(name, t.dtype, tuple(t.shape), offset))
+            offset += -(-entries[-1].nbytes // alignment) * alignment
+        dev = torch.device(device) if device is not None else named[0][1].device
+        buffer = torch.empty(offset, dtype=torch.uint8, device=dev)
+        for e, (_, t) in zip(entries, named):
+            if e.nbytes:
+                buffer[e.offset:e.end].copy_(t.detach().reshape(-1).view(torch.uint8))
+        return cls(buffer, entries)
+
+    @staticmethod
+    def pack_size(named: Sequence[tuple[str, torch.Tensor]], alignment: int = 64) -> int:
+        """Bytes `pack` needs for these tensors."""
+        return sum(-(-t.numel() * t.element_size() // alignment) * alignment for _, t in named)
+
+    def view(self, e: BucketEntry) -> torch.Tensor:
+        raw = self.buffer[e.offset:e.end]
+        return raw.view(e.dtype).view(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.dtype,
+                                                                             device=self.buffer.device)
+
+    def unpack(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, view) pairs in entry order; the views share the buffer (no copy)."""
+        return [(e.name, self.view(e)) for e in self.entries]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of tensor data (without alignment padding)."""
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    # ---- pickle-free bytes (the native server's /update_weights_from_tensor body)
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save as st_save
+
+        meta = {"format": self.FORMAT, "entries": json.dumps([e.to_json() for e in self.entries])}
+        return st_save({"buffer": self.buffer.detach().to("cpu").contiguous()}, metadata=meta)
+
+    def serialize(self) -> str:
+        return base64.b64encode(self.to_bytes()).decode("ascii")
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "FlattenedBucket":
+        from safetensors.torch import load as st_load
+
+        meta = _safetensors_metadata(blob)
+        if meta.get("format") != cls.FORMAT:
+            raise BucketFormatError("serialized_named_tensors: not a flattened bucket; send load_format=None for "
+                                    "plain named tensors")
+        try:
+            entries = [BucketEntry.from_json(d) for d in json.loads(meta["entries"])]
+        except ValueError as e:
+            raise BucketFormatError(f"serialized_named_tensors: {e}") from None
+        return cls(st_load(blob)["buffer"], entries)
+
+    @classmethod
+    def deserialize(cls, payload: str | bytes) -> "FlattenedBucket":
+        try:
+            blob = base64.b64decode(payload, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise BucketFormatError(f"serialized_named_tensors: not valid base64 ({exc})") from exc
+        return cls.from_bytes(blob)
+

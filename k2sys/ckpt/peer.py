@@ -1,6 +1,6 @@
 """Peer load: a restarted inference replica takes the current weights from one healthy peer.
 
-    restarted replica: load_from_peer(receiver, link)       healthy peer: serve_peer(layout, tensors, link)
+    restarted replica: load_from_peer(sink, link)           healthy peer: serve_peer(layout, tensors, link)
         (nothing else of the job takes part)                  (in a thread: the peer keeps serving)
       rendezvous: a TCPStore at `link` + a 2-member gloo group, its own, not a sub-group of the
         job's default group, so no collective over the other replicas is needed to create it
@@ -8,6 +8,7 @@
       buckets: pack(i+1) || send(i)  ->  recv(i+1) || verify crc32c + apply(i) into staging
       bye:     the peer's version after the last send; changed -> the snapshot may be torn: abort
       commit (the replica adopts the peer's version) | abort + UpdateError naming the bucket
+    (the sink API of k2sys.ckpt.sink: begin -> target -> ready -> commit | abort)
 
 Both sides hold the same layout (a replica restarts with its old parallel config), so a bucket
 entry is a whole destination tensor: no reshard plan, one batched copy per bucket.
@@ -29,9 +30,9 @@ from k2sys import ext
 from k2sys.ckpt.apply import bucket_views, pack_bucket
 from k2sys.ckpt.bucket import plan_buckets
 from k2sys.ckpt.layout import Layout
-from k2sys.ckpt.receiver import WeightReceiver
+from k2sys.ckpt.sink import WeightSink
 from k2sys.ckpt.transport import TRAILER_BYTES, payload_crc, read_trailer, write_trailer
-from k2sys.ckpt.types import Box, UpdateConfig, UpdateError
+from k2sys.ckpt.types import UpdateConfig, UpdateError
 
 log = logging.getLogger("k2sys.ckpt")
 
@@ -130,13 +131,14 @@ def serve_peer(layout: Layout, tensors: Mapping[str, torch.Tensor], link: PeerLi
     return rep
 
 
-def load_from_peer(receiver: WeightReceiver, link: PeerLink, *, config: Optional[UpdateConfig] = None) -> PeerReport:
-    """The restarted side: fill `receiver` with the peer's current weights (begin -> apply -> commit;
-    abort and UpdateError on any failure, the receiver's previous state kept)."""
+def load_from_peer(sink: WeightSink, link: PeerLink, *, config: Optional[UpdateConfig] = None) -> PeerReport:
+    """The restarted side: fill `sink` (a sink with a fixed `layout`, e.g. TensorSink) with the
+    peer's current weights (begin -> target/ready per bucket -> commit; abort and UpdateError on
+    any failure, the sink's previous state kept)."""
     cfg = config or UpdateConfig()
     t0 = time.perf_counter()
     pair = _Pair(link, RESTARTED, cfg.timeout_s)
-    layout = receiver.layout
+    layout = sink.layout
     try:
         hello = pair.get("hello")
         if hello["fingerprint"] != layout.fingerprint or hello["bucket_bytes"] != cfg.bucket_bytes:
@@ -148,10 +150,8 @@ def load_from_peer(receiver: WeightReceiver, link: PeerLink, *, config: Optional
         pair.put("ack", {"ok": True})
         buckets, bufs = _plan(layout, cfg)
         rep = PeerReport(n_buckets=len(buckets))
-        receiver.begin(dict(layout.tensors))
+        sink.begin()
         try:
-            fast = callable(getattr(receiver, "target", None))
-
             def recv(i: int):
                 b = buckets[i]
                 return pair.pg.recv([bufs[i % len(bufs)][:b.nbytes + TRAILER_BYTES]], PEER, b.index)
@@ -167,25 +167,26 @@ def load_from_peer(receiver: WeightReceiver, link: PeerLink, *, config: Optional
                         raise UpdateError(f"peer load aborted: bucket {i} checksum mismatch (crc32c {got:#010x} != "
                                           f"sent {want:#010x}, {b.nbytes} bytes)", bucket=i, rank=PEER)
                 views = bucket_views(b, buf)
-                if fast:
-                    pairs = [(receiver.target(e.name), views[e.name]) for e in b.entries if e.nbytes]
-                    if pairs:
-                        ext.batched_host_copy([d for d, _ in pairs], [s for _, s in pairs], cfg.copy_threads)
+                pairs = [(sink.target(e.name), views[e.name]) for e in b.entries]
+                pairs = [(d, s) for d, s in pairs if s.numel()]
+                if pairs and all(d.device.type == "cpu" for d, _ in pairs):
+                    ext.batched_host_copy([d for d, _ in pairs], [s for _, s in pairs], cfg.copy_threads)
                 else:
-                    for e in b.entries:
-                        receiver.apply(e.name, [(Box.full(e.spec.shape), views[e.name])])
+                    for d, s in pairs:
+                        d.copy_(s)
+                sink.ready([e.name for e in b.entries])
                 rep.bytes += b.nbytes
             bye = pair.get("bye")
             if bye["version"] != hello["version"]:
                 raise UpdateError(f"peer load aborted: the peer's weights changed during the transfer (version "
                                   f"{hello['version']} -> {bye['version']}); retry to get a consistent snapshot")
         except BaseException:
-            receiver.abort()
+            sink.abort()
             raise
-        receiver.commit()
+        sink.commit()
         rep.version = hello["version"]
-        if isinstance(getattr(receiver, "version", None), int):
-            receiver.version = rep.version  # the replica now serves the peer's weights
+        if isinstance(getattr(sink, "version", None), int):
+            sink.version = rep.version  # the replica now serves the peer's weights
     finally:
         try:
             pair.put("done", {})

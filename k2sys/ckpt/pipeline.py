@@ -1,16 +1,26 @@
-"""The update pipeline: trainer shards -> buckets -> broadcast -> reshard -> receiver.
+"""The update pipeline: trainer shards -> buckets -> broadcast -> reshard -> sink (the one entry).
 
-    layouts (all_gather) -> plan + buckets (cached) -> receiver.begin
-      -> for each bucket i:  stage(i+1) || broadcast(i) || apply(i-1)   (3 buffers)
-      -> agree (every rank learns any failure) -> receiver.commit | receiver.abort + UpdateError
+    update_weights(shards, sink)
+      layouts (all_gather) -> sink.destination -> plan + buckets (cached) -> sink.begin
+        -> for each bucket i:  stage(i+1) || broadcast(i) || apply(i-1)   (3 buffers)
+             apply(i): verify crc32c, one batched strided copy of every plan op fed by bucket i
+                       straight into sink.target() memory, then sink.ready(tensors it completed)
+        -> agree (every rank learns any failure) -> sink.commit | sink.abort + UpdateError
 
 stage:     the owner packs its tensors into a staging buffer (CPU: one batched C++ copy into a
            pooled aligned buffer; GPU: H2D through the pinned ring) and writes the crc32c trailer.
 broadcast: one torch.distributed broadcast per bucket (gloo on CPU, NCCL on GPU).
-apply:     verify the trailer, then one batched strided copy of every plan op fed by the bucket
-           into the receiver's staging tensors.
+apply:     into the sink's memory: the engine's weights (in-process native engine), or the
+           out-buckets a forwarding sink sends on as they complete, so the engine applies bucket i
+           while bucket i+1 is broadcast; there is no full-model staging copy on the way.
+One process holding every shard (world size 1, the colocated trainer) skips buckets, broadcast
+and checksums: each plan copy goes from the trainer's (host) tensors straight into the sink.
 With too little staging memory for 3 buffers the pipeline runs 2 stages (stage || broadcast
 then apply) or serially, and logs why.
+
+Bytes copied (UpdateReport.bytes_copied) counts every byte written on the way from the
+trainer's tensors to the engine's weights on this rank, the engine's own copies included (as
+the sink reports them); copy_ratio divides it by the destination's bytes.
 """
 
 from __future__ import annotations
@@ -27,11 +37,11 @@ import torch
 import torch.distributed as dist
 
 from k2sys import ext
-from k2sys.ckpt.apply import BucketApply, compile_buckets, op_slices, pack_bucket
+from k2sys.ckpt.apply import BucketApply, compile_buckets, completions, op_slices, pack_bucket
 from k2sys.ckpt.bucket import interleave_owners
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.plan import ReshardPlan, plan_reshard, select_sources
-from k2sys.ckpt.receiver import WeightReceiver, as_receiver
+from k2sys.ckpt.sink import NullSink, WeightSink, global_specs
 from k2sys.ckpt.transport import TRAILER_BYTES, BucketTransport, Failure, payload_crc, read_trailer, write_trailer
 from k2sys.ckpt.types import Bucket, PlanError, TensorSpec, UpdateConfig, UpdateError
 
@@ -64,20 +74,41 @@ class UpdateReport:
     broadcast_s: float = 0.0
     apply_s: float = 0.0
     checksum_s: float = 0.0
+    commit_s: float = 0.0
     bytes_sent: int = 0
+    """Bucket bytes broadcast (every rank's buckets; 0 in-process)."""
     bytes_applied: int = 0
+    """Bytes written into the sink's memory by this rank."""
+    bytes_copied: int = 0
+    """Every byte copied on this rank on the way to the engine's weights, the engine's copies included."""
+    model_bytes: int = 0
+    """Bytes of this rank's destination tensors (what its engine receives)."""
     n_buckets: int = 0
     depth: int = 0
-    version: int = 0
+    version: Any = 0
     mode: str = ""
+
+    @property
+    def copy_ratio(self) -> float:
+        return self.bytes_copied / self.model_bytes if self.model_bytes else 0.0
 
 
 @dataclass
 class _Prepared:
     buckets: list[Bucket]
     compiled: list[BucketApply]
-    dst_specs: dict[str, TensorSpec]
+    done: list[list[str]]
+    empty: list[str]
+    dst: Layout
     slot_bytes: int
+
+
+def _sink_copies(sink: Any) -> int:
+    """Bytes the sink's engine copied itself during the last session (0 when it does not say)."""
+    get = getattr(sink, "engine_bytes_copied", None)
+    if callable(get):
+        return int(get() or 0)
+    return int(getattr(sink, "bytes_copied", 0) or 0)
 
 
 class WeightUpdater:
@@ -95,20 +126,25 @@ class WeightUpdater:
         self._slots: list[Any] = []
 
     # ------------------------------------------------------------------ planning
-    def _prepare(self, tr: BucketTransport, shards: TrainerShards, dst: Layout) -> _Prepared:
+    def _prepare(self, tr: BucketTransport, shards: TrainerShards, sink: WeightSink) -> _Prepared:
         fps = tr.gather_objects(shards.layout.fingerprint)
-        key = (tuple(fps), dst.fingerprint, self.config.bucket_bytes)
-        if key in self._cache:
-            return self._cache[key]
+        key = (tuple(fps), id(sink), self.config.bucket_bytes)
+        hit = self._cache.get(key)
+        if hit is not None and sink.destination(self._sources_specs) is hit.dst:
+            return hit
         layouts = tr.gather_objects(shards.layout)
         sources = dict(enumerate(layouts))
+        self._sources_specs = global_specs(layouts)
+        dst = sink.destination(self._sources_specs)
         chosen = select_sources(sources)
         per_owner: dict[int, list[TensorSpec]] = {r: [] for r in sources}
         for r, lay in sources.items():  # layout order, so every rank packs identically
             per_owner[r] = [spec for name, spec in lay.tensors.items() if (r, name) in chosen]
         buckets = interleave_owners(per_owner, self.config.bucket_bytes)
         plan = plan_reshard(sources, dst)
-        prepared = _Prepared(buckets, compile_buckets(plan, buckets), dict(dst.tensors),
+        compiled = compile_buckets(plan, buckets)
+        done, empty = completions(plan, compiled)
+        prepared = _Prepared(buckets, compiled, done, empty, dst,
                              max((b.nbytes for b in buckets), default=0) + TRAILER_BYTES)
         self._cache = {key: prepared}  # one live plan: layouts rarely change between updates
         return prepared
@@ -138,26 +174,32 @@ class WeightUpdater:
         return [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(depth)]
 
     # ------------------------------------------------------------------ the update
-    def update(self, shards: TrainerShards, receiver: WeightReceiver) -> UpdateReport:
+    def update(self, shards: TrainerShards, sink: Optional[WeightSink]) -> UpdateReport:
         cfg = self.config
+        sink = NullSink() if sink is None else sink
+        if not isinstance(sink, WeightSink):
+            raise TypeError(f"update_weights: {type(sink).__name__} is not a weight sink; pass a WeightSink "
+                            "(k2sys.ckpt.sink / k2sys.ckpt.engine_sinks) or an engine sink_for() knows")
         t_start = time.perf_counter()
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        if world == 1 and callable(getattr(receiver, "target", None)) and cfg.fault is None:
-            return self._update_local(shards, receiver, t_start)
+        if world == 1 and cfg.fault is None:
+            return self._update_local(shards, sink, t_start)
         tr = BucketTransport(self.group, cfg.timeout_s)
-        prep = self._prepare(tr, shards, receiver.layout)
+        prep = self._prepare(tr, shards, sink)
         depth = self._depth(prep.slot_bytes)
         bufs = self._buffers(depth, prep.slot_bytes)
         threads = cfg.copy_threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", tr.world)))
         rep = UpdateReport(n_buckets=len(prep.buckets), depth=depth,
                            mode={3: "3-stage", 2: "2-stage", 1: "serial"}[depth],
-                           bytes_sent=sum(b.nbytes for b in prep.buckets))
+                           bytes_sent=sum(b.nbytes for b in prep.buckets), model_bytes=prep.dst.nbytes)
         failure: list[Optional[Failure]] = [None]
-        receiver.begin(prep.dst_specs)
+        staged, received = [0], [0]  # bytes packed (stage thread) / received (broadcast thread) on this rank
+        sink.begin()
         try:
-            fast = callable(getattr(receiver, "target", None))
-            dst_addrs = (torch.tensor([receiver.target(n).data_ptr() for n in prep.compiled[0].dst_names],
-                                      dtype=torch.int64) if fast and prep.compiled else None)
+            for n in prep.empty:  # destination tensors no byte travels for (empty tensors)
+                sink.target(n)
+            if prep.empty:
+                sink.ready(prep.empty)
 
             def fail(bucket: Bucket, reason: str) -> None:
                 if failure[0] is None:
@@ -173,6 +215,7 @@ class WeightUpdater:
                 buf = bufs[i % depth]
                 try:
                     self._pack(b, shards.tensors, buf, threads)
+                    staged[0] += b.nbytes
                     t1 = time.perf_counter()
                     write_trailer(buf, b.nbytes, payload_crc(buf, b.nbytes, threads) if cfg.checksum else 0)
                     rep.checksum_s += time.perf_counter() - t1
@@ -191,6 +234,8 @@ class WeightUpdater:
                 t0 = time.perf_counter()
                 tr.wait(tr.broadcast_async(bufs[i % depth][:b.nbytes + TRAILER_BYTES], b.owner), i, b.owner)
                 rep.broadcast_s += time.perf_counter() - t0
+                if b.owner != tr.rank:
+                    received[0] += b.nbytes  # landed in this rank's buffer
                 if drill and b.owner != tr.rank:
                     bufs[i % depth][0] ^= 0xFF  # drill: a bit flipped in transit
 
@@ -208,14 +253,20 @@ class WeightUpdater:
                             return
                     if failure[0] is not None:
                         return  # the update is lost anyway; do not spend time applying
-                    if fast:
-                        if comp.rows.shape[0]:
-                            ext.batched_strided_copy_(comp.absolute_rows(buf.data_ptr(), dst_addrs), self.device,
+                    if comp.rows.shape[0]:
+                        targets = [sink.target(n) for n in comp.dst_names]
+                        if all(t.device == buf.device for t in targets):
+                            addrs = torch.tensor([t.data_ptr() for t in targets], dtype=torch.int64)
+                            ext.batched_strided_copy_(comp.absolute_rows(buf.data_ptr(), addrs), self.device,
                                                       threads)
-                    else:
-                        for name, slices in op_slices(b, buf, comp.ops).items():
-                            receiver.apply(name, slices)
+                        else:  # sink memory on another device than the bucket (e.g. CPU buckets, CUDA engine)
+                            by_name = dict(zip(comp.dst_names, targets))
+                            for name, slices in op_slices(b, buf, comp.ops).items():
+                                for box, src in slices:
+                                    box.view(by_name[name]).copy_(src)
                     rep.bytes_applied += comp.nbytes
+                    if prep.done[i]:
+                        sink.ready(prep.done[i])
                 except Exception as e:
                     fail(b, f"apply failed: {type(e).__name__}: {e}")
                 finally:
@@ -224,45 +275,72 @@ class WeightUpdater:
             self._schedule(len(prep.buckets), depth, stage, broadcast, apply)
             tr.agree(failure[0])
         except BaseException:
-            receiver.abort()
+            sink.abort()
             raise
-        receiver.commit()
-        rep.version = getattr(receiver, "version", 0)
+        t0 = time.perf_counter()
+        rep.version = sink.commit()
+        rep.commit_s = time.perf_counter() - t0
+        rep.bytes_copied = staged[0] + received[0] + rep.bytes_applied + _sink_copies(sink)
         rep.wall_s = time.perf_counter() - t_start
         return rep
 
-    def _update_local(self, shards: TrainerShards, receiver: WeightReceiver, t_start: float) -> UpdateReport:
+    def _update_local(self, shards: TrainerShards, sink: WeightSink, t_start: float) -> UpdateReport:
         """One process holds every source shard (colocated, world size 1): each plan copy goes
-        straight from the source view into the receiver's staging tensor, in one native batched
-        call. No bucket staging, broadcast or checksum: the bytes never leave this process."""
-        key = ("local", shards.layout.fingerprint, receiver.layout.fingerprint)
+        straight from the source view into the sink's memory, one native batched call per chunk
+        of about bucket_bytes (then those tensors are ready). No bucket staging, broadcast or
+        checksum: the bytes never leave this process."""
+        dst = sink.destination(global_specs([shards.layout]))
+        key = ("local", shards.layout.fingerprint, dst.fingerprint)
         plan = self._local_plan.get(key)
         if plan is None:
-            plan = plan_reshard({0: shards.layout}, receiver.layout)
+            plan = plan_reshard({0: shards.layout}, dst)
             self._local_plan = {key: plan}  # one live plan, as for the distributed path
-        rep = UpdateReport(n_buckets=0, depth=1, mode="local")
-        receiver.begin(dict(receiver.layout.tensors))
+        by_dst: dict[str, list] = {}
+        for op in plan.ops:
+            by_dst.setdefault(op.dst_name, []).append(op)
+        rep = UpdateReport(n_buckets=0, depth=1, mode="local", model_bytes=dst.nbytes)
+        sink.begin()
         try:
             t0 = time.perf_counter()
-            # boxes agree up to unit dims (CopyOp checks it): compare squeezed views
-            pairs = [(op.dst_box.view(receiver.target(op.dst_name)).squeeze(),
-                      op.src_box.view(shards.tensors[op.src_name]).squeeze()) for op in plan.ops]
-            if self.device.type == "cpu" and all(src.device.type == "cpu" for _, src in pairs):
-                ext.batched_view_copy_(pairs, self.config.copy_threads)
-            else:
-                for dst, src in pairs:
-                    dst.copy_(src, non_blocking=True)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            chunk: list[str] = []
+            used = 0
+            for name, spec in dst.tensors.items():
+                chunk.append(name)
+                used += spec.nbytes
+                if used >= self.config.bucket_bytes:
+                    self._copy_local(chunk, by_dst, shards, sink)
+                    chunk, used = [], 0
+            if chunk:
+                self._copy_local(chunk, by_dst, shards, sink)
             rep.apply_s = time.perf_counter() - t0
-            rep.bytes_applied = rep.bytes_sent = plan.nbytes
+            rep.bytes_applied = rep.bytes_copied = plan.nbytes
         except BaseException:
-            receiver.abort()
+            sink.abort()
             raise
-        receiver.commit()
-        rep.version = getattr(receiver, "version", 0)
+        t0 = time.perf_counter()
+        rep.version = sink.commit()
+        rep.commit_s = time.perf_counter() - t0
+        rep.bytes_copied += _sink_copies(sink)
         rep.wall_s = time.perf_counter() - t_start
         return rep
+
+    def _copy_local(self, names: list[str], by_dst: dict[str, list], shards: TrainerShards, sink: WeightSink) -> None:
+        pairs = []
+        for name in names:
+            dst = sink.target(name)
+            # boxes agree up to unit dims (CopyOp checks it): compare squeezed views
+            pairs += [(op.dst_box.view(dst).squeeze(), op.src_box.view(shards.tensors[op.src_name]).squeeze())
+                      for op in by_dst.get(name, ())]
+        if all(d.device.type == "cpu" and s.device.type == "cpu" for d, s in pairs):
+            if pairs:
+                ext.batched_view_copy_(pairs, self.config.copy_threads)
+        else:
+            for d, s in pairs:
+                d.copy_(s, non_blocking=True)
+            devs = {t.device for p in pairs for t in p if t.device.type == "cuda"}
+            for dev in devs:
+                torch.cuda.synchronize(dev)
+        sink.ready(names)
 
     def _pack(self, b: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int) -> None:
         if self.device.type == "cpu":
@@ -306,31 +384,42 @@ class WeightUpdater:
 
 
 _UPDATERS: dict[tuple, WeightUpdater] = {}
-_ADAPTERS: "weakref.WeakKeyDictionary[Any, WeightReceiver]" = weakref.WeakKeyDictionary()
+_SINKS: "weakref.WeakKeyDictionary[Any, WeightSink]" = weakref.WeakKeyDictionary()
 
 
-def update_weights(trainer_shards: TrainerShards, engine: Any, *, layout: Optional[Layout] = None,
-                   group: Optional[dist.ProcessGroup] = None, config: Optional[UpdateConfig] = None,
-                   device: str | torch.device = "cpu") -> UpdateReport:
-    """The coordinator's one call: move this rank's trainer shards into `engine` on every rank.
+def as_sink(engine: Any) -> WeightSink:
+    """`engine` itself when it is a WeightSink (None: a rank without an engine), else the sink of
+    its transport (k2sys.ckpt.engine_sinks.sink_for), kept per engine for the next update."""
+    if engine is None:
+        return NullSink()
+    if isinstance(engine, WeightSink):
+        return engine
+    sink = _SINKS.get(engine)
+    if sink is None:
+        from k2sys.ckpt.engine_sinks import sink_for
 
-    `engine` is a WeightReceiver (e.g. InProcessReceiver) or any engine with
-    begin_weight_update / update_weights_from_tensor / end_weight_update (then `layout`, or
-    the engine's weight_layout(), names what it loads). Collective over `group`: every rank
-    calls it with its own shards and engine. Raises UpdateError on every rank if any rank
-    fails; the engines then keep their previous weights and version.
+        sink = sink_for(engine)
+        try:
+            _SINKS[engine] = sink
+        except TypeError:
+            pass
+    return sink
+
+
+def update_weights(trainer_shards: TrainerShards, sink: Any, *, group: Optional[dist.ProcessGroup] = None,
+                   config: Optional[UpdateConfig] = None, device: str | torch.device = "cpu") -> UpdateReport:
+    """The coordinator's one call: move this rank's trainer shards into its engine, every rank.
+
+    `sink` is the engine side of the transport (k2sys.ckpt.sink: TensorSink, NullSink;
+    k2sys.ckpt.engine_sinks: NativeEngineSink, NativeServerSink, SGLangTensorSink,
+    SGLangDistributedSink), an engine object (its sink is picked by sink_for), or None on a rank
+    that only sends. Collective over `group`: every rank calls it with its own shards. Raises
+    UpdateError on every rank if any rank fails; the engines then keep their previous weights
+    and version (or, released and resumed, stay marked stale until an update succeeds).
     """
     cfg = config or UpdateConfig()
-    receiver = _ADAPTERS.get(engine) if not isinstance(engine, WeightReceiver) else None
-    if receiver is None or (layout is not None and receiver.layout is not layout):
-        receiver = as_receiver(engine, layout, device)
-        if receiver is not engine:
-            try:  # keep the adapter (and its staging tensors) for the next update
-                _ADAPTERS[engine] = receiver
-            except TypeError:
-                pass
     key = (id(group), str(torch.device(device)), repr(cfg))
     upd = _UPDATERS.get(key)
     if upd is None:
         upd = _UPDATERS[key] = WeightUpdater(group, cfg, device)
-    return upd.update(trainer_shards, receiver)
+    return upd.update(trainer_shards, as_sink(sink))

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from k2sys.ckpt.layout import hf_layout
 from k2sys.ckpt.pipeline import TrainerShards, UpdateReport, WeightUpdater
-from k2sys.ckpt.receiver import WeightReceiver
+from k2sys.ckpt.sink import WeightSink
 from k2sys.ckpt.types import TensorSpec, UpdateConfig
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -73,9 +73,9 @@ def assign_readers(index: Sequence[CheckpointTensor], world: int) -> list[list[C
     return parts
 
 
-def load_checkpoint(path: str, receiver: WeightReceiver, *, group: Optional[dist.ProcessGroup] = None,
+def load_checkpoint(path: str, sink: WeightSink, *, group: Optional[dist.ProcessGroup] = None,
                     config: Optional[UpdateConfig] = None, device: str | torch.device = "cpu") -> UpdateReport:
-    """Load an HF safetensors checkpoint into `receiver` on every rank, each file byte read once.
+    """Load an HF safetensors checkpoint into `sink` on every rank, each file byte read once.
 
     A checkpoint directory (config.json) is read through k2sys.models.checkpoint.HFCheckpoint: model
     tensors only, FP8 block-scaled weights dequantized exactly by the rank that reads them. A bare
@@ -86,8 +86,8 @@ def load_checkpoint(path: str, receiver: WeightReceiver, *, group: Optional[dist
         from k2sys.models.checkpoint import HFCheckpoint
 
         ckpt = HFCheckpoint(path)
-        # Read each tensor in the dtype the receiver holds it (FP8 dequantized straight into it).
-        layout = getattr(receiver, "layout", None)
+        # Read each tensor in the dtype the sink holds it (FP8 dequantized straight into it).
+        layout = getattr(sink, "layout", None)
         want = {p.global_name: layout.tensors[p.local_name].dtype for p in layout.pieces} if layout else {}
         index = [CheckpointTensor(str(ckpt.tensors[n].file), TensorSpec(n, ckpt.shape(n), want.get(n) or ckpt.out_dtype(n)))
                  for n in sorted(ckpt, key=lambda n: (str(ckpt.tensors[n].file), ckpt.tensors[n].offset))]
@@ -112,4 +112,4 @@ def load_checkpoint(path: str, receiver: WeightReceiver, *, group: Optional[dist
     layout = hf_layout({t.spec.name: t.spec.shape for t in mine}, {t.spec.name: t.spec.dtype for t in mine},
                        name=f"checkpoint part {rank}/{world}")
     shards = TrainerShards(layout, tensors)
-    return WeightUpdater(group, config, device).update(shards, receiver)
+    return WeightUpdater(group, config, device).update(shards, sink)

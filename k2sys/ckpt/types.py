@@ -157,17 +157,67 @@ class CopyOp:
             raise ValueError(f"CopyOp({self.global_name}): src box {self.src_box} and dst box {self.dst_box} differ")
 
 
+def dtype_name(dt: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16 (the convention of SGLang's payloads and our JSON)."""
+    return str(dt).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, field: str = "dtype") -> torch.dtype:
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"{field}: {name!r} is not a torch dtype; use names like 'bfloat16'")
+    return dt
+
+
 @dataclass(frozen=True)
 class BucketEntry:
-    """A tensor packed at byte `offset` of a bucket."""
+    """A tensor packed at byte `offset` of a bucket: the one entry type of every transport (the
+    broadcast pipeline, shared memory, SGLang's flattened buckets, NCCL to SGLang)."""
 
     name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
     offset: int
-    spec: TensorSpec
+    """Byte offset in the bucket buffer (a multiple of the dtype's size, so it can be viewed as one)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", _ints(f"BucketEntry({self.name}).shape", self.shape))
+        if not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"BucketEntry({self.name}).dtype must be a torch.dtype, got {self.dtype!r}")
+        if int(self.offset) < 0:
+            raise ValueError(f"BucketEntry({self.name}).offset must be >= 0, got {self.offset}")
+        object.__setattr__(self, "offset", int(self.offset))
+
+    @classmethod
+    def of(cls, spec: TensorSpec, offset: int) -> "BucketEntry":
+        return cls(spec.name, spec.dtype, spec.shape, offset)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.shape, self.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.spec.nbytes
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": dtype_name(self.dtype), "shape": list(self.shape), "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BucketEntry":
+        try:
+            return cls(str(d["name"]), dtype_from_name(d["dtype"], f"entries[{d.get('name')!r}].dtype"),
+                       tuple(int(x) for x in d["shape"]), int(d["offset"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"bucket entry {d!r}: needs name, dtype, shape, offset ({e})") from None
 
 
 @dataclass(frozen=True)

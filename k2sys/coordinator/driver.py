@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from k2sys.ckpt import UpdateConfig
 from k2sys.config import ConfigError, render, to_dict
 from k2sys.coordinator import state as sm
 from k2sys.coordinator.engine_handle import EngineHandle
@@ -312,19 +313,47 @@ class RecipeRunner:
 
     # ---- RL ----------------------------------------------------------------------------------
     def _memory_probe(self) -> tuple[int | None, int | None]:
-        """(engine, trainer) resident bytes: the engine's own report; the trainer's live tensors."""
+        """(engine, trainer) device bytes after each switch: the engine's own report; the trainer's
+        caching-allocator reservation on GPU (what empty_cache hands back), its live tensors on CPU."""
         trainer_bytes = 0
-        if self.trainer is not None and not self.trainer.offloaded:
+        if torch.cuda.is_available():
+            trainer_bytes = int(torch.cuda.memory_reserved())
+        elif self.trainer is not None and not self.trainer.offloaded:
             trainer_bytes = sum(t.numel() * t.element_size() for t in self.trainer.local_state().values())
         return self.engine.memory_bytes() if self.engine else None, trainer_bytes
 
+    @staticmethod
+    def _device_extra() -> dict:
+        """Device-wide free bytes (torch.cuda.mem_get_info: both processes' use shows) for a switch record."""
+        from k2sys.trainer.offload import device_memory
+
+        mem = device_memory()
+        return {"device_free": mem["device_free_bytes"], "device_used": mem["device_total_bytes"] -
+                mem["device_free_bytes"]} if mem else {}
+
+    def _push(self, version: str) -> sm.StepResult:
+        rep = self.tg.call("push", version)
+        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={
+            "copy_ratio": rep["copy_ratio"], "bytes_copied": rep["bytes_copied"], "buckets": rep["buckets"],
+            **self._device_extra()})
+
+    def _release_engine(self) -> sm.StepResult:
+        self.engine.client.release_memory(None)  # kv_cache, weights, cuda_graph
+        return sm.StepResult(extra=self._device_extra())
+
+    def _resume_kv(self) -> sm.StepResult:
+        self.engine.client.resume_memory(["kv_cache", "cuda_graph"])
+        self.engine.client.flush_cache()  # the pushes ran without flushing (SGLang flushes only when idle)
+        return sm.StepResult(extra=self._device_extra())
+
     def _offload(self) -> sm.StepResult:
         rep = self.tg.call("offload")
-        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
+        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={
+            "GBps": rep["GBps"], **{k: v for k, v in rep.items() if k.endswith("_bytes")}, **self._device_extra()})
 
     def _onload(self) -> sm.StepResult:
         rep = self.tg.call("onload")
-        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"]})
+        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"], **self._device_extra()})
 
     def stage_rl(self, prompts: list[Task]) -> None:
         from k2sys.trainer.backend import MegatronBackend, TrainerConfig
@@ -339,8 +368,10 @@ class RecipeRunner:
             self.trainer = MegatronBackend.from_checkpoint(ckpt, self._parallel(), train=tcfg)
         else:
             self.trainer = MegatronBackend.from_hf(self.sft_hf, self._parallel(), train=tcfg)
+        # every rank pushes its shards through the one push path; rank 0 owns the engine's sink
         self.tg = TrainerGroup(self.trainer, self.rank, self.world,
-                               receiver=(lambda: self.engine.target) if self.rank == 0 else None)
+                               sink=(lambda: self.engine.sink) if self.rank == 0 else None,
+                               update_config=UpdateConfig(bucket_bytes=self.cfg.engine.update_bucket_mb << 20))
         if self.rank != 0:
             self.tg.follow()  # mirror rank 0's trainer calls until it says stop
             return
@@ -348,7 +379,7 @@ class RecipeRunner:
             if (self.dir / "rollout_buffer.json").exists() else RolloutBuffer(self.dir / "rollout_buffer.json",
                                                                                max_age=self.cfg.rollout.max_age)
         if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
-            self.tg.call("push")
+            self.tg.call("push", str(it))
         self._offload()
         machine = sm.OwnershipMachine(sm.Phase.READY, memory_probe=self._memory_probe)
         budget = BudgetController(BudgetConfig(budgets=dict(r.budgets), penalty=r.budget_penalty))
@@ -391,7 +422,7 @@ class RecipeRunner:
                     machine.reset(sm.Phase.READY)
             else:
                 raise RuntimeError(f"rollout of iteration {it + 1} failed {self.cfg.engine.restarts + 1} times")
-            machine.do("release_engine", lambda: self.engine.client.release_memory(["kv_cache", "weights"]))
+            machine.do("release_engine", self._release_engine)
             machine.do("onload_trainer", self._onload)
             train_stats: dict = {}
 
@@ -417,19 +448,21 @@ class RecipeRunner:
             self.tg.call("save", ckpt)  # resume point: trainer, then buffer + state below
             machine.do("offload_trainer", self._offload)
             machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
-            # every trainer rank sends its shards from its host copy (export while offloaded reads DRAM)
-            machine.do("update_weights", lambda: sm.StepResult(bytes_moved=self.tg.call("push")["bytes"]))
-            machine.do("resume_kv", lambda: self.engine.client.resume_memory(["kv_cache"]))
+            # every trainer rank sends its shards from its host copy (export while offloaded reads DRAM);
+            # the sink checks the engine serves the new version (it + 1) after the push
+            machine.do("update_weights", lambda: self._push(str(it + 1)))
+            machine.do("resume_kv", self._resume_kv)
             it += 1
             buffer.put(ro.unfinished)
             buffer.commit(it)
             self.save_state(rl_iter=it)
             recs = machine.drain_records()
             for rec in recs:
-                self.metrics.log("switch", it, **{f"{rec['action']}_s": rec["seconds"],
-                                                  f"{rec['action']}_bytes": rec["bytes_moved"],
-                                                  f"{rec['action']}_engine_mem": rec["engine_device_bytes"] or 0,
-                                                  f"{rec['action']}_trainer_mem": rec["trainer_device_bytes"] or 0})
+                a = rec["action"]
+                extra = {f"{a}_{k}": v for k, v in rec["extra"].items() if isinstance(v, (int, float))}
+                self.metrics.log("switch", it, **{f"{a}_s": rec["seconds"], f"{a}_bytes": rec["bytes_moved"],
+                                                  f"{a}_engine_mem": rec["engine_device_bytes"] or 0,
+                                                  f"{a}_trainer_mem": rec["trainer_device_bytes"] or 0}, **extra)
             self.metrics.log("rl", it, **ro.stats, **train_stats, **sm.summarize(recs), **self._reward_stats(),
                              buffer_size=len(buffer), iter_s=time.perf_counter() - t_iter, **buffer.last_stats.as_dict())
             log.info("rl iter %d/%d reward %.3f loss %.4f paused %d (%.1f s)", it, r.iterations,
@@ -471,7 +504,8 @@ class RecipeRunner:
             return
         dtype = self.trainer.dtype
         self.engine.restart(self.trainer.config, dtype)
-        self.tg.call("push")  # the offloaded trainer's host copy holds the current weights
+        # the offloaded trainer's host copy holds the current weights
+        self.tg.call("push", str(self.state.get("rl_iter", 0)))
         self.metrics.log("fault", self.state.get("rl_iter", 0), engine_restarted=1)
 
     def _ptx_pool(self) -> list[tuple[list[int], list[int]]]:
@@ -534,9 +568,7 @@ class RecipeRunner:
         if self.cfg.tasks.env_kinds() and self.cfg.agent.max_episode_tokens > mcfg.max_position_embeddings:
             raise ConfigError(f"agent.max_episode_tokens={self.cfg.agent.max_episode_tokens} exceeds the model's "
                               f"max_position_embeddings={mcfg.max_position_embeddings}; lower it")
-        self.engine = EngineHandle(self.cfg.engine.kind, self.dir, self.cfg.engine.port,
-                                   self.cfg.engine.max_running_requests, self.cfg.engine.startup_timeout_s,
-                                   self.cfg.engine.restarts, native_args=self.cfg.engine.native_args())
+        self.engine = EngineHandle(self.cfg.engine, self.dir)
         try:
             self.engine.start(sft_hf, mcfg, self._model_dtype)
             self.run_eval("sft")

@@ -196,6 +196,7 @@ class RLSection:
 @dataclass(kw_only=True)
 class EngineSection:
     kind: Literal["native", "sglang"] = "native"
+    """native: `k2sys serve` (one device, CPU or GPU); sglang: `python -m sglang.launch_server` (GPU nodes)."""
     port: int = 0
     """0 picks a free port."""
     max_running_requests: int = 256
@@ -209,6 +210,28 @@ class EngineSection:
     quantization: Literal["none", "fp8"] = "none"
     """Inference weights: fp8 = FP8 e4m3 with 128x128 block scales (the paper's inference precision): the engine
     holds FP8 weights + scales and quantizes every trainer push once per bucket on arrival (k2sys.quant)."""
+    tp: int = 1
+    """engine.kind=sglang: the engine's tensor parallel size, independent of trainer.tp (each TP rank takes
+    whole HF tensors and shards them itself). The native engine runs on one device: 1."""
+    ep: int = 1
+    """engine.kind=sglang: expert parallel size (divides engine.tp)."""
+    dp: int = 1
+    """engine.kind=sglang: data-parallel replicas (each engine.tp GPUs)."""
+    mem_fraction_static: float | None = None
+    """engine.kind=sglang: share of GPU memory for weights + KV cache (colocated: leave the trainer room);
+    None = sglang's default."""
+    memory_saver: bool = True
+    """engine.kind=sglang: --enable-memory-saver, which release/resume_memory_occupation need (colocated)."""
+    weight_sync: Literal["tensor", "distributed"] = "tensor"
+    """engine.kind=sglang: tensor = /update_weights_from_tensor with flattened buckets (colocated; CUDA IPC on
+    GPU); distributed = an NCCL group with the engine (/init_weights_update_group +
+    /update_weights_from_distributed), for an engine on other GPUs or nodes."""
+    sync_port: int = 0
+    """weight_sync=distributed: the update group's TCP port on this host (0 picks a free one)."""
+    update_bucket_mb: int = 256
+    """Bucket size of a weight push to the engine (MiB): the memory a push holds in flight per bucket."""
+    sglang_module: str = "sglang.launch_server"
+    """The module `python -m` runs for engine.kind=sglang (tests point it at a stand-in taking the same args)."""
 
     def native_args(self) -> tuple[str, ...]:
         """`k2sys serve` flags for these settings (the native engine only)."""
@@ -221,6 +244,23 @@ class EngineSection:
                 "--moe-kernels", self.moe_kernels, "--quantization", self.quantization)
 
     def validate(self) -> None:
+        if min(self.tp, self.ep, self.dp) < 1:
+            raise ConfigError(f"engine.tp/ep/dp: {self.tp}/{self.ep}/{self.dp} must be >= 1")
+        if self.tp % self.ep:
+            raise ConfigError(f"engine.ep={self.ep} must divide engine.tp={self.tp}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
+            raise ConfigError(f"engine.mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]")
+        if self.update_bucket_mb < 1:
+            raise ConfigError(f"engine.update_bucket_mb: {self.update_bucket_mb} must be >= 1")
+        if not 0 <= self.sync_port < 65536:
+            raise ConfigError(f"engine.sync_port: {self.sync_port} must be a TCP port (0 = pick a free one)")
+        if self.kind == "native":
+            if (self.tp, self.ep, self.dp) != (1, 1, 1):
+                raise ConfigError(f"engine.tp/ep/dp={self.tp}/{self.ep}/{self.dp}: the native engine runs on one "
+                                  "device; use engine.kind=sglang for a parallel engine, or set them to 1")
+            if self.weight_sync != "tensor":
+                raise ConfigError("engine.weight_sync=distributed is SGLang's NCCL path; the native engine takes "
+                                  "pushes through shared memory / CUDA IPC (engine.weight_sync=tensor)")
         if self.kind == "sglang":
             import importlib.util
 
@@ -228,4 +268,4 @@ class EngineSection:
                 raise ConfigError("engine.quantization=fp8 with engine.kind=sglang: the weight push to SGLang in FP8 "
                                   "is not implemented yet; use engine.kind=native or engine.quantization=none")
             if importlib.util.find_spec("sglang") is None:
-                raise ConfigError("engine.kind=sglang: sglang is not installed (GPU nodes: pip install sglang)")
+                raise ConfigError("engine.kind=sglang: sglang is not installed (GPU nodes: pip install sglang==0.5.23)")

@@ -5,8 +5,8 @@
 
 The trainer's methods are collectives (the same global batch on every rank), so the coordinator
 (rank 0, which also owns the engine and the data) only has to tell the others what to run. With
-one rank nothing is broadcast. Weight pushes are collective too: rank 0 hands its engine as the
-receiver, the others an empty one (they only send their shards).
+one rank nothing is broadcast. Weight pushes are collective too (k2sys.ckpt.update_weights, the
+one push path): rank 0 hands its engine's sink, the others none (they only send their shards).
 """
 
 from __future__ import annotations
@@ -16,26 +16,30 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from k2sys.ckpt import update_weights
-from k2sys.ckpt.layout import Layout
+from k2sys.ckpt import UpdateConfig, update_weights
 from k2sys.ckpt.pipeline import TrainerShards
-from k2sys.ckpt.receiver import InProcessReceiver
 
 METHODS = ("train_step", "logprobs", "offload", "onload", "save", "save_hf", "push")
 
 
 class TrainerGroup:
-    def __init__(self, backend: Any, rank: int, world: int, receiver: Callable[[], Any] | None = None):
-        """receiver(): the engine's weight target (rank 0), called at each push."""
+    def __init__(self, backend: Any, rank: int, world: int, sink: Callable[[], Any] | None = None,
+                 update_config: UpdateConfig | None = None):
+        """sink(): the engine's weight sink (rank 0), called at each push; update_config: the push's knobs
+        (equal on every rank)."""
         self.backend, self.rank, self.world = backend, rank, world
-        self._receiver = receiver
+        self._sink = sink
+        self.update_config = update_config or UpdateConfig()
 
     def _run(self, name: str, *args: Any) -> Any:
         if name == "push":
             tensors, layout = self.backend.export_shards()
-            target = self._receiver() if self._receiver is not None else InProcessReceiver(Layout({}, (), "none"))
-            rep = update_weights(TrainerShards(layout=layout, tensors=tensors), target)
-            return {"bytes": rep.bytes_applied or rep.bytes_sent, "buckets": rep.n_buckets, "mode": rep.mode}
+            sink = self._sink() if self._sink is not None else None
+            if sink is not None and args and args[0] is not None:
+                sink.next_version = str(args[0])  # the policy version the engine serves after this push
+            rep = update_weights(TrainerShards(layout=layout, tensors=tensors), sink, config=self.update_config)
+            return {"bytes": rep.model_bytes, "bytes_copied": rep.bytes_copied, "copy_ratio": rep.copy_ratio,
+                    "buckets": rep.n_buckets, "mode": rep.mode, "version": rep.version, "seconds": rep.wall_s}
         if name not in METHODS:
             raise ValueError(f"TrainerGroup: {name!r} is not a mirrored trainer method ({METHODS})")
         return getattr(self.backend, name)(*args)

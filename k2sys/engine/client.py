@@ -5,13 +5,15 @@ One client for both servers (`k2sys serve` and `sglang.launch_server`):
     requests -> [bounded thread pool | asyncio semaphore] -> POST /generate (one request per
     call, so abort/pause act per request) -> GenerateOutput
 
-Weights cross the process edge as base64 text inside JSON (SGLang's
-`serialized_named_tensors`), encoded by k2sys.engine.wire (safetensors bytes: pickle-free,
-bit-exact; the names are re-exported here), or through shared memory / CUDA IPC handles.
+Weights cross the process edge as one bucket type (k2sys.ckpt.bucket.FlattenedBucket) per
+request: base64 text inside JSON (SGLang's `serialized_named_tensors`; for `k2sys serve`
+safetensors bytes, pickle-free and bit-exact, k2sys.engine.wire), or through shared memory /
+CUDA IPC handles (send_shm / send_cuda_ipc, which the checkpoint engine's NativeServerSink
+feeds with buckets it wrote into the transport memory directly).
 
 A real SGLang server cannot read our encoding: it unpickles `MultiprocessingSerializer` output.
-`SGLangEngine` (sglang_adapter.py) overrides the two encode hooks below to produce SGLang's
-own format (sglang's serializer and FlattenedTensorBucket when sglang is importable).
+`SGLangEngine` (sglang_adapter.py) overrides the encode hooks below to produce SGLang's own
+format (its FlattenedTensorBucket metadata over our bucket buffer, pickled as sglang does).
 """
 
 from __future__ import annotations
@@ -381,6 +383,9 @@ class HTTPEngine:
         handles of device buckets), or None = this client's weight_transport ("auto": "shm" or,
         for CUDA tensors, "cuda_ipc" when the server is on localhost and lists it in
         /get_server_info's weight_transports; else "http"). flush_cache is forwarded on http only.
+
+        This copies the tensors into transport buckets first; the checkpoint engine's
+        NativeServerSink (k2sys.ckpt.engine_sinks) writes them there directly instead.
         """
         items = list(weights)
         if not items:
@@ -406,9 +411,54 @@ class HTTPEngine:
             return
         groups = [b.unpack() for b in items] if buckets else split_buckets(items, self.shm_bucket_bytes)
         if mode == "shm":
-            self._send_shm(groups, version)
-        else:
-            self._send_cuda_ipc(groups, version)
+            with self._shm.lock:
+                try:
+                    seg = self._shm.segment(max(FlattenedBucket.pack_size(g) for g in groups))
+                    for i, g in enumerate(groups):
+                        entries = [BucketEntry.from_json(e) for e in seg.write(g)]
+                        self.send_shm(FlattenedBucket(seg.tensor, entries), seg, version,
+                                      release=i == len(groups) - 1)
+                except BaseException:
+                    self._shm.close()  # an aborted update leaves no segment behind
+                    raise
+            return
+        for g in groups:
+            bucket = FlattenedBucket.pack(g, device=torch.device("cuda", torch.cuda.current_device()))
+            self.send_cuda_ipc(bucket, version)
+            del bucket
+        torch.cuda.ipc_collect()
+
+    def send_shm(self, bucket: FlattenedBucket, segment: Any, version: str | None, release: bool = True) -> None:
+        """POST one bucket whose buffer lies in shared-memory `segment` (k2sys.engine.shm.ShmSegment);
+        the server copies it into its weights before answering."""
+        base = bucket.buffer.data_ptr() - segment.tensor.data_ptr()
+        if not 0 <= base <= segment.nbytes - bucket.nbytes:
+            raise ProtocolError(f"bucket: its buffer is not inside shared-memory segment {segment.name}")
+        entries = tuple({**e.to_json(), "offset": e.offset + base} for e in bucket.entries)
+        payload = ShmUpdatePayload(entries=entries, shm_name=segment.name, shm_size=segment.nbytes,
+                                   weight_version=version, release=release)
+        self._post("update_shm", payload.to_json())
+
+    def send_cuda_ipc(self, bucket: FlattenedBucket, version: str | None) -> None:
+        """POST one CUDA bucket by its IPC handle; the server copies it before answering (the
+        caller keeps the buffer alive until then and may reuse it after)."""
+        torch.cuda.current_stream(bucket.buffer.device).synchronize()  # the server reads on its own stream
+        payload = ShmUpdatePayload(entries=tuple(e.to_json() for e in bucket.entries), transport="cuda_ipc",
+                                   cuda_ipc=cuda_ipc_handle(bucket.buffer), weight_version=version)
+        self._post("update_shm", payload.to_json())
+
+    def send_http(self, bucket: FlattenedBucket, version: str | None) -> None:
+        """POST one bucket as base64 bytes in /update_weights_from_tensor (any host)."""
+        for fmt, data in self.encode_bucket(bucket):
+            payload = UpdateWeightsFromTensorPayload(serialized_named_tensors=[data] * self.tp_size, load_format=fmt,
+                                                     flush_cache=False, weight_version=version)
+            self._post("update_tensor", payload.to_sglang())
+
+    def server_info(self) -> dict[str, Any]:
+        info = self._call("GET", "server_info", idempotent=True)
+        if not isinstance(info, dict):
+            raise EngineHTTPError(self._url("server_info"), 200, f"expected a JSON object, got {str(info)[:200]}")
+        return info
 
     def server_transports(self) -> list[str]:
         """Weight transports the server lists in /get_server_info (["http"] if it lists none)."""
@@ -421,7 +471,7 @@ class HTTPEngine:
             self._server_transports = list(got) if isinstance(got, list) else ["http"]
         return self._server_transports
 
-    def resolve_transport(self, transport: str | None, items: Sequence[Any] = ()) -> str:
+    def resolve_transport(self, transport: str | None, items: Sequence[Any] = (), on_cuda: bool | None = None) -> str:
         """The transport an update would use (see update_weights)."""
         mode = transport or self.weight_transport
         if mode not in self.WEIGHT_TRANSPORTS:
@@ -431,32 +481,10 @@ class HTTPEngine:
         host = httpx.URL(self.base_url).host
         if host not in ("127.0.0.1", "localhost", "::1"):
             return "http"
-        on_cuda = any((b.buffer if isinstance(b, FlattenedBucket) else b[1]).device.type == "cuda" for b in items)
+        if on_cuda is None:
+            on_cuda = any((b.buffer if isinstance(b, FlattenedBucket) else b[1]).device.type == "cuda" for b in items)
         want = "cuda_ipc" if on_cuda else "shm"
         return want if want in self.server_transports() else "http"
-
-    def _send_shm(self, groups: list[list[tuple[str, torch.Tensor]]], version: str | None) -> None:
-        with self._shm.lock:
-            try:
-                seg = self._shm.segment(max(FlattenedBucket.pack_size(g) for g in groups))
-                for i, g in enumerate(groups):
-                    entries = seg.write(g)
-                    payload = ShmUpdatePayload(entries=tuple(entries), shm_name=seg.name, shm_size=seg.nbytes,
-                                               weight_version=version, release=i == len(groups) - 1)
-                    self._post("update_shm", payload.to_json())
-            except BaseException:
-                self._shm.close()  # an aborted update leaves no segment behind
-                raise
-
-    def _send_cuda_ipc(self, groups: list[list[tuple[str, torch.Tensor]]], version: str | None) -> None:
-        for g in groups:
-            bucket = FlattenedBucket.pack(g, device=torch.device("cuda", torch.cuda.current_device()))
-            torch.cuda.current_stream().synchronize()  # the server reads the buffer on its own stream
-            payload = ShmUpdatePayload(entries=tuple(e.to_json() for e in bucket.entries), transport="cuda_ipc",
-                                       cuda_ipc=cuda_ipc_handle(bucket.buffer), weight_version=version)
-            self._post("update_shm", payload.to_json())  # the server copied before answering
-            del bucket
-        torch.cuda.ipc_collect()
 
     def end_weight_update(self) -> str | None:
         self._post("end", {})

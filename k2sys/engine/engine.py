@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
+from k2sys.engine.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
 from k2sys.engine.kv_cache import PagedLatentCache
 from k2sys.engine.model_runner import ModelRunner
 from k2sys.engine.protocol import (PAUSE_MODES, GenerateOutput, GenerateRequest, PausedRequest,
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 _PAUSED_KEYS = ("rid", "input_ids", "output_ids", "output_logprobs", "sampling_params", "return_logprob",
                 "weight_version")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EXACT_WIDENINGS = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+"""Arriving dtype -> engine dtype conversions an update may do: every value is kept exactly (the
+engine holds its router in float32 while a bf16 trainer sends bf16). Anything else is refused."""
 
 
 @dataclass
@@ -89,6 +92,24 @@ class RequestHandle:
             yield item
 
 
+@dataclass
+class _Session:
+    """One weight update session (see NativeEngine's weight-update section)."""
+
+    direct: set[str]
+    """Stale tensors at begin: written straight into the live storage."""
+    written: set[str] = field(default_factory=set)
+    staged: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full-precision buffers of FP8 weights handed out by weight_target, quantized when ready."""
+    quantized: set[str] = field(default_factory=set)
+    fp8_raw: set[str] = field(default_factory=set)
+    error: str | None = None
+    version: str | None = None
+    copied: int = 0
+    """Bytes the engine copied itself (update_weights, quantization, publishing staged tensors)."""
+
+
 def _resolve(fut: "asyncio.Future") -> None:
     if not fut.done():
         fut.set_result(None)
@@ -111,7 +132,10 @@ class NativeEngine:
         self._weight_version: str = "0"
         self._released: set[str] = set()
         self._stale: set[str] = set()
-        self._session: dict[str, Any] | None = None
+        self._session: _Session | None = None
+        self.last_update: dict[str, Any] = {}
+        """Copy figures of the last applied weight update (bytes_copied by the engine, tensors
+        written in place / staged); in stats() and the server's /get_server_info."""
         self._session_lock = threading.Lock()
         self._paused: str | None = None
         self._commands: list[tuple[Callable[[], Any], Future]] = []
@@ -219,16 +243,36 @@ class NativeEngine:
     def _detokenize(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("text: this model has no tokenizer.json; send input_ids instead")
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            raise RequestError("tokens: this model has no tokenizer; text is not available")
+        return self._detokenize(list(ids), skip_special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (a piece of a UTF-8 character stays a piece)."""
+        from k2sys.engine.grammar import vocabulary_bytes
+
+        table = self.__dict__.get("_vocab_bytes")
+        if table is None and self.tokenizer is not None:
+            table = self.__dict__["_vocab_bytes"] = vocabulary_bytes(self.tokenizer, self.model_config.vocab_size)
+        return table[token] if table is not None else str(token).encode()
 
     def token_id(self, token: str) -> int | None:
         return None if self.tokenizer is None else self.tokenizer.token_to_id(token)
 
     def decode_token(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else str(token)
+        """One token's text (special tokens included), cached per id."""
+        cache = self.__dict__.setdefault("_token_text", {})
+        text = cache.get(token)
+        if text is None:
+            text = cache[token] = (self.tokenizer.decode([token], skip_special_tokens=False)
+                                   if self.tokenizer else str(token))
+        return text
 
     # ---- chat (OpenAI /v1/chat/completions) ------------------------------------------------
     def chat_format(self):
@@ -242,13 +286,18 @@ class NativeEngine:
         except ValueError as e:
             raise RequestError(f"messages: {e}; or use /v1/completions with a prompt") from None
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        """Prompt ids for a chat in the model's chat format, with the assistant generation prompt."""
+    def render_chat(self, messages: list[dict], tools: list[dict] | None, *, suffix: str = "",
+                    add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+        """Prompt ids for a chat in the model's chat format, with the assistant generation prompt
+        and `suffix` (text the reply is made to start with, e.g. forced tool-call markup)."""
         fmt = self.chat_format()
         try:
-            return fmt.prompt_ids(messages, tools)
+            if not suffix and add_generation_prompt and not add_special_tokens:
+                return fmt.prompt_ids(messages, tools)
+            text = fmt.render(messages, tools, add_generation_prompt=add_generation_prompt) + suffix
         except (ValueError, TypeError, KeyError) as e:
             raise RequestError(f"messages: {e}") from None
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def chat_stop_ids(self) -> list[int]:
         if self.tokenizer is None:
@@ -273,10 +322,15 @@ class NativeEngine:
     # ---- generation --------------------------------------------------------------------------
     def submit(self, input_ids: Sequence[int] | None = None, params: SamplingParams | None = None, *,
                text: str | None = None, rid: str | None = None, return_logprob: bool = False,
-               on_update: Callable[[int, dict, bool], None] | None = None) -> RequestHandle:
-        """Queue one prompt (n samples); returns at once. on_update runs on the scheduler thread."""
+               on_update: Callable[[int, dict, bool], None] | None = None, logprobs: LogprobOptions | None = None,
+               cache_salt: str | None = None) -> RequestHandle:
+        """Queue one prompt (n samples); returns at once. on_update runs on the scheduler thread.
+
+        logprobs (instead of return_logprob) asks for prompt log-probs and top-k alternatives;
+        cache_salt keeps the request's prefix-cache blocks apart from requests with another salt."""
         return self.submit_many([dict(input_ids=input_ids, params=params, text=text, rid=rid,
-                                      return_logprob=return_logprob, on_update=on_update)])[0]
+                                      return_logprob=return_logprob, on_update=on_update, logprobs=logprobs,
+                                      cache_salt=cache_salt)])[0]
 
     def submit_many(self, items: Sequence[dict]) -> list[RequestHandle]:
         """Queue several prompts in one scheduler command, so they join the same step; each item
@@ -297,8 +351,13 @@ class NativeEngine:
 
     def _make_handle(self, input_ids: Sequence[int] | None = None, params: SamplingParams | None = None, *,
                      text: str | None = None, rid: str | None = None, return_logprob: bool = False,
-                     on_update: Callable[[int, dict, bool], None] | None = None) -> RequestHandle:
+                     on_update: Callable[[int, dict, bool], None] | None = None,
+                     logprobs: LogprobOptions | None = None, cache_salt: str | None = None) -> RequestHandle:
         params = params or SamplingParams()
+        if logprobs is None:
+            logprobs = LogprobOptions(return_logprob=bool(return_logprob))
+        elif return_logprob and not logprobs.return_logprob:
+            raise RequestError("return_logprob: True here but False in logprobs; give one of them")
         if (input_ids is None) == (text is None):
             raise RequestError("input_ids/text: give exactly one")
         ids = self.encode(text) if text is not None else [int(t) for t in input_ids]
@@ -315,7 +374,28 @@ class NativeEngine:
                                f"({self.config.max_total_tokens} tokens)")
         if params.stop and self.tokenizer is None:
             raise RequestError("sampling_params.stop: stop strings need a tokenizer; use stop_token_ids")
-        req = Request(rid=rid or uuid.uuid4().hex, input_ids=ids, params=params, return_logprob=return_logprob)
+        if params.stop_regex and self.tokenizer is None:
+            raise RequestError("sampling_params.stop_regex: stop patterns need a tokenizer; use stop_token_ids")
+        for name, toks in (("sampling_params.logit_bias", params.logit_bias or ()),
+                           ("sampling_params.stop_token_ids", params.stop_token_ids),
+                           ("token_ids_logprob", logprobs.token_ids_logprob or ())):
+            bad = [t for t in toks if t >= vocab]
+            if bad:
+                raise RequestError(f"{name}: token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        grammar_factory = None
+        if params.grammar is not None:
+            from k2sys.engine.grammar import grammar_factory_for
+
+            grammar_factory = grammar_factory_for(self, params)
+        cache_root = None
+        if cache_salt is not None:
+            if not isinstance(cache_salt, str):
+                raise RequestError(f"cache_salt: must be a string, got {type(cache_salt).__name__}")
+            import hashlib
+
+            cache_root = hashlib.blake2b(b"salt:" + cache_salt.encode(), digest_size=16).digest()
+        req = Request(rid=rid or uuid.uuid4().hex, input_ids=ids, params=params, logprobs=logprobs,
+                      cache_root=cache_root, grammar_factory=grammar_factory)
         handle = RequestHandle(request=req, engine=self, on_update=on_update)
         req.listener = handle._listen
         return handle
@@ -330,8 +410,37 @@ class NativeEngine:
             "weight_version": self._weight_version, "e2e_latency": time.time() - req.created,
         }
         if req.return_logprob:
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(seq.output_logprobs, seq.output_ids)]
+            meta.update(self._logprob_meta(seq))
         return {"text": text, "output_ids": list(seq.output_ids), "meta_info": meta}
+
+    def _logprob_meta(self, seq: Seq) -> dict[str, Any]:
+        """SGLang's logprob fields of meta_info: [logprob, token_id, text or None] triples; the
+        first prompt entry (and its alternatives) is None, as SGLang reports it."""
+        req = seq.request
+        opts = req.logprobs
+        txt = self.decode_token if opts.return_text_in_logprobs else (lambda t: None)
+
+        def triples(vals: Sequence[float], ids: Sequence[int]) -> list[list]:
+            return [[v, t, txt(t)] for v, t in zip(vals, ids)]
+
+        prompt = req.input_ids
+        start = req.input_start
+        got = len(req.input_lp)
+        shown = [] if start is None else prompt[start:start + 1 + got]
+        meta: dict[str, Any] = {
+            "input_token_logprobs": [[None, t, txt(t)] for t in shown[:1]] + triples(req.input_lp, shown[1:]),
+            "output_token_logprobs": triples(seq.output_logprobs, seq.output_ids),
+            "output_token_logprobs_length": len(seq.output_ids),
+        }
+        if opts.top_logprobs_num:
+            meta["input_top_logprobs"] = [None for _ in shown[:1]] + [
+                [[v, t, txt(t)] for v, t in row] for row in req.input_top]
+            meta["output_top_logprobs"] = [[[v, t, txt(t)] for v, t in row] for row in seq.output_top]
+        if opts.token_ids_logprob is not None:
+            ids = list(opts.token_ids_logprob)
+            meta["input_token_ids_logprobs"] = [None for _ in shown[:1]] + [triples(row, ids) for row in req.input_ids_lp]
+            meta["output_token_ids_logprobs"] = [triples(row, ids) for row in seq.output_ids_lp]
+        return meta
 
     def generate_sglang(self, prompts: Sequence[Sequence[int] | str], params: SamplingParams,
                         return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[dict]:
@@ -442,6 +551,9 @@ class NativeEngine:
         """Free KV cache and/or weight storage for real (tags: kv_cache, weights; cuda_graph is a no-op)."""
         tags = validate_tags(tags)
 
+        if "weights" in tags and self._session is not None:  # a session may be writing into them
+            raise EngineError("release_memory: a weight update session is open; end or abort it first")
+
         def run() -> None:
             if self.scheduler.running:
                 raise EngineError(f"release_memory: {len(self.scheduler.running)} requests hold KV; "
@@ -496,41 +608,129 @@ class NativeEngine:
         self._call(run)
 
     # ---- weight updates ----------------------------------------------------------------------
-    def begin_weight_update(self) -> None:
+    # A session writes each tensor into engine-owned memory once: the live weight storage when the
+    # tensor is stale (weights released and resumed: the colocated cycle, nothing serves from it),
+    # else a staging tensor that end_weight_update copies in (the old weights keep serving until
+    # then). Either way nothing is served from a session that fails: staged tensors are dropped,
+    # directly written ones stay stale (generation refuses them) until an update succeeds.
+
+    def begin_weight_update(self, weight_version: str | None = None) -> None:
+        """Open a session; `weight_version` names the version it sets (else the counter's next)."""
         with self._session_lock:
             if self._session is not None:
                 raise EngineError("begin_weight_update: a session is already open; call end_weight_update() first")
             if "weights" in self._released:
                 raise EngineError("begin_weight_update: weights are released; resume_memory(['weights']) first")
-            self._session = {"staged": {}, "error": None, "version": None, "quantized": set(), "fp8_raw": set()}
+            self._session = _Session(direct=set(self._stale),
+                                     version=None if weight_version is None else str(weight_version))
+
+    def _open_session(self, what: str) -> "_Session":
+        s = self._session
+        if s is None:
+            raise EngineError(f"{what}: no weight update session; call begin_weight_update() first "
+                              "(SGLang >= 0.5.23 refuses updates outside a session too)")
+        if s.error is not None:
+            raise EngineError(f"{what}: this session already failed ({s.error}); end it and start a new one")
+        return s
+
+    def _dest(self, s: "_Session", name: str) -> torch.Tensor:
+        """The engine-owned tensor `name` is written into in session s (see the section comment)."""
+        if name in s.direct:
+            s.written.add(name)
+            return self.runner.params[name]
+        t = s.staged.get(name)
+        if t is None:
+            t = s.staged[name] = torch.empty_like(self.runner.params[name])
+        return t
+
+    def _quantizes(self, name: str, dtype: torch.dtype) -> bool:
+        """Serving FP8, a full-precision linear weight is quantized on arrival."""
+        from k2sys.quant import FP8_DTYPE, is_fp8_weight_name
+
+        return (self.runner.fp8 and is_fp8_weight_name(name) and name in self.runner.params
+                and dtype != FP8_DTYPE)
+
+    def check_weight(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        """Raise RequestError unless an update can bring `name` as `dtype`/`shape` (checked once per
+        plan by the checkpoint engine's NativeEngineSink, before any byte moves)."""
+        self._check_spec(name, dtype, tuple(shape), quantized=self._quantizes(name, dtype))
+
+    def weight_target(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        """Writable engine memory for `name` arriving as `dtype`/`shape` in the open session (the
+        checkpoint engine writes straight into it, then calls weights_ready). Serving FP8, a
+        full-precision linear weight lands in a full-precision buffer that weights_ready quantizes."""
+        with self._session_lock:
+            s = self._open_session("weight_target")
+            try:
+                self._check_spec(name, dtype, tuple(shape), quantized=self._quantizes(name, dtype))
+                if self._quantizes(name, dtype):
+                    self._check_fp8_full(s, name)
+                    buf = s.pending.get(name)
+                    if buf is None or buf.dtype != dtype:
+                        buf = s.pending[name] = torch.empty(tuple(shape), dtype=dtype, device=self.runner.device)
+                    return buf
+                self._note_fp8_raw(s, name, dtype)
+                if dtype != self.runner.params[name].dtype:  # an exact widening, done when ready
+                    buf = s.pending.get(name)
+                    if buf is None or buf.dtype != dtype:
+                        buf = s.pending[name] = torch.empty(tuple(shape), dtype=dtype, device=self.runner.device)
+                    return buf
+                return self._dest(s, name)
+            except (RequestError, EngineError) as e:
+                s.error = str(e)
+                raise
+
+    def weights_ready(self, names: Sequence[str]) -> None:
+        """The tensors `names` (handed out by weight_target) are complete. Serving FP8, the
+        full-precision linear weights among them are quantized in one quantize_fp8_blocks call."""
+        with self._session_lock:
+            s = self._open_session("weights_ready")
+            try:
+                arrived = [(n, s.pending.pop(n)) for n in names if n in s.pending]
+                full = [(n, t) for n, t in arrived if self._quantizes(n, t.dtype)]
+                for n, t in arrived:
+                    if not self._quantizes(n, t.dtype):  # exact widening (_EXACT_WIDENINGS)
+                        dst = self._dest(s, n)
+                        dst.copy_(t)
+                        s.copied += dst.numel() * dst.element_size()
+                if full:
+                    self._quantize_into(s, full)
+            except (RequestError, EngineError) as e:
+                s.error = str(e)
+                raise
 
     def update_weights(self, weights: Iterable[Any], *, weight_version: str | None = None) -> None:
-        """Stage (name, tensor) pairs or FlattenedBuckets (HF names, any order) in the open session.
+        """Write (name, tensor) pairs or FlattenedBuckets (HF names, any order) in the open session.
 
         Serving FP8, a linear weight may come in full precision (float32/bfloat16/float16, as the
         trainer has it): the engine quantizes all of this call's such tensors in one
-        quantize_fp8_blocks call (C++ threads on CPU, Triton on CUDA) and stages `X.weight` and
+        quantize_fp8_blocks call (C++ threads on CPU, Triton on CUDA) and stores `X.weight` and
         `X.weight_scale_inv`. Or it may come already in FP8 with its `X.weight_scale_inv` in the same
-        session (the release layout); then both are staged as sent."""
+        session (the release layout); then both are stored as sent."""
         with self._session_lock:
-            s = self._session
-            if s is None:
-                raise EngineError("update_weights: no weight update session; call begin_weight_update() first "
-                                  "(SGLang >= 0.5.23 refuses updates outside a session too)")
-            if s["error"] is not None:
-                raise EngineError(f"update_weights: this session already failed ({s['error']}); "
-                                  "end it and start a new one")
+            s = self._open_session("update_weights")
             try:
-                if self.runner.fp8:
-                    self._stage_fp8(s, list(self._named(weights)))
-                else:
-                    for name, t in self._named(weights):
-                        s["staged"][name] = self._check_tensor(name, t)
+                full: list[tuple[str, torch.Tensor]] = []
+                for name, t in self._named(weights):
+                    if not isinstance(t, torch.Tensor):
+                        raise RequestError(f"weights[{name!r}]: expected a tensor, got {type(t).__name__}")
+                    quant = self._quantizes(name, t.dtype)
+                    self._check_spec(name, t.dtype, tuple(t.shape), quantized=quant)
+                    if quant:
+                        self._check_fp8_full(s, name)
+                        full.append((name, t.detach()))
+                        continue
+                    self._note_fp8_raw(s, name, t.dtype)
+                    dst = self._dest(s, name)
+                    dst.copy_(t.detach())
+                    s.copied += dst.numel() * dst.element_size()
+                if full:
+                    self._quantize_into(s, full)
             except (RequestError, EngineError) as e:
-                s["error"] = str(e)
+                s.error = str(e)
                 raise
             if weight_version is not None:
-                s["version"] = str(weight_version)
+                s.version = str(weight_version)
 
     update_weights_from_tensor = update_weights
 
@@ -544,75 +744,77 @@ class NativeEngine:
             else:
                 raise RequestError(f"weights: expected (name, tensor) pairs or FlattenedBuckets, got {type(item).__name__}")
 
-    def _check_tensor(self, name: str, t: Any) -> torch.Tensor:
+    def _check_spec(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], quantized: bool = False) -> None:
         params = self.runner.params
         if name not in params:
             near = [n for n in params if n.split(".")[-2:] == name.split(".")[-2:]][:3]
             raise RequestError(f"weights: unknown tensor {name!r}; names are HF DeepseekV3 names"
                                + (f" (e.g. {near})" if near else ""))
-        if not isinstance(t, torch.Tensor):
-            raise RequestError(f"weights[{name!r}]: expected a tensor, got {type(t).__name__}")
         want = params[name]
-        if tuple(t.shape) != tuple(want.shape):
-            raise RequestError(f"weights[{name!r}]: shape {tuple(t.shape)} does not match the model's "
-                               f"{tuple(want.shape)}")
-        if t.dtype != want.dtype:
-            raise RequestError(f"weights[{name!r}]: dtype {t.dtype} does not match the engine's {want.dtype}; "
+        if shape != tuple(want.shape):
+            raise RequestError(f"weights[{name!r}]: shape {shape} does not match the model's {tuple(want.shape)}")
+        if quantized:
+            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise RequestError(f"weights[{name!r}]: {dtype} cannot be quantized to fp8; send float32, "
+                                   "bfloat16 or float16 (or float8_e4m3fn with its weight_scale_inv)")
+        elif dtype != want.dtype and (dtype, want.dtype) not in _EXACT_WIDENINGS:
+            raise RequestError(f"weights[{name!r}]: dtype {dtype} does not match the engine's {want.dtype}; "
                                f"cast before sending")
-        return t.detach().to(want.device, copy=True)
 
-    def _stage_fp8(self, s: dict[str, Any], named: list[tuple[str, Any]]) -> None:
-        """Stage one update call of an FP8 engine: full-precision linear weights quantized together."""
-        from k2sys.quant import FP8_DTYPE, SCALE_SUFFIX, is_fp8_weight_name, quantize_fp8_blocks, scale_inv_name
+    @staticmethod
+    def _check_fp8_full(s: "_Session", name: str) -> None:
+        from k2sys.quant import scale_inv_name
 
-        params = self.runner.params
-        full: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-        for name, t in named:
-            if (isinstance(t, torch.Tensor) and is_fp8_weight_name(name) and name in params
-                    and t.dtype != FP8_DTYPE):
-                if tuple(t.shape) != tuple(params[name].shape):
-                    raise RequestError(f"weights[{name!r}]: shape {tuple(t.shape)} does not match the model's "
-                                       f"{tuple(params[name].shape)}")
-                if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                    raise RequestError(f"weights[{name!r}]: {t.dtype} cannot be quantized to fp8; send float32, "
-                                       "bfloat16 or float16 (or float8_e4m3fn with its weight_scale_inv)")
-                if scale_inv_name(name) in s["fp8_raw"]:
-                    raise RequestError(f"weights[{name!r}]: full-precision weight after its {scale_inv_name(name)!r} "
-                                       "was sent; send either fp8 + scale_inv or the full-precision weight")
-                full.setdefault(t.device, []).append((name, t.detach()))
-                continue
-            staged = self._check_tensor(name, t)
-            if name.endswith(SCALE_SUFFIX) or staged.dtype == FP8_DTYPE:
-                w = name.removesuffix(SCALE_SUFFIX)
-                if w in s["quantized"]:
-                    raise RequestError(f"weights[{name!r}]: {w!r} came in full precision in this session and the "
-                                       "engine made its scales; send either fp8 + scale_inv or the full-precision "
-                                       "weight")
-                s["fp8_raw"].add(name)
-            s["staged"][name] = staged
-        for device, items in full.items():
+        if scale_inv_name(name) in s.fp8_raw:
+            raise RequestError(f"weights[{name!r}]: full-precision weight after its {scale_inv_name(name)!r} "
+                               "was sent; send either fp8 + scale_inv or the full-precision weight")
+
+    def _note_fp8_raw(self, s: "_Session", name: str, dtype: torch.dtype) -> None:
+        """Serving FP8: an FP8 weight or a weight_scale_inv arriving as sent (the release layout)."""
+        from k2sys.quant import FP8_DTYPE, SCALE_SUFFIX
+
+        if not self.runner.fp8 or not (name.endswith(SCALE_SUFFIX) or dtype == FP8_DTYPE):
+            return
+        w = name.removesuffix(SCALE_SUFFIX)
+        if w in s.quantized:
+            raise RequestError(f"weights[{name!r}]: {w!r} came in full precision in this session and the engine made "
+                               "its scales; send either fp8 + scale_inv or the full-precision weight")
+        s.fp8_raw.add(name)
+
+    def _quantize_into(self, s: "_Session", full: list[tuple[str, torch.Tensor]]) -> None:
+        """One quantize_fp8_blocks call per device for these full-precision weights; the FP8 bytes
+        and scales land in the session's memory for `X.weight` and `X.weight_scale_inv`."""
+        from k2sys.quant import quantize_fp8_blocks, scale_inv_name
+
+        by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, t in full:
+            by_device.setdefault(t.device, []).append((name, t))
+        for items in by_device.values():
             names = [n for n, _ in items]
+            for name in names:
+                if scale_inv_name(name) in s.fp8_raw:
+                    raise RequestError(f"weights[{name!r}]: sent in full precision together with its "
+                                       f"{scale_inv_name(name)!r}; send either fp8 + scale_inv or the full-precision "
+                                       "weight")
             try:
                 pairs = quantize_fp8_blocks([t for _, t in items], self.runner.fp8_block, names=names)
             except ValueError as e:
                 raise RequestError(f"weights: {e}") from None
             for name, (q, scale) in zip(names, pairs):
-                if scale_inv_name(name) in s["fp8_raw"]:
-                    raise RequestError(f"weights[{name!r}]: sent in full precision together with its "
-                                       f"{scale_inv_name(name)!r}; send either fp8 + scale_inv or the full-precision "
-                                       "weight")
-                s["staged"][name] = q.to(self.runner.device)
-                s["staged"][scale_inv_name(name)] = scale.to(self.runner.device)
-                s["quantized"].add(name)
-                s["fp8_raw"].discard(name)
+                for n, v in ((name, q), (scale_inv_name(name), scale)):
+                    dst = self._dest(s, n)
+                    dst.copy_(v)
+                    s.copied += dst.numel() * dst.element_size()
+                s.quantized.add(name)
+                s.fp8_raw.discard(name)
 
     @staticmethod
-    def _fp8_session_error(s: dict[str, Any]) -> str | None:
+    def _fp8_session_error(s: "_Session") -> str | None:
         """Why an FP8 session cannot be applied: a weight sent in fp8 without its scales, or scales
         without their weight (one would be read with the other's stale partner)."""
         from k2sys.quant import SCALE_SUFFIX
 
-        raw = s["fp8_raw"]
+        raw = s.fp8_raw
         for name in sorted(raw):
             partner = name.removesuffix(SCALE_SUFFIX) if name.endswith(SCALE_SUFFIX) else name + SCALE_SUFFIX
             if partner not in raw:
@@ -626,26 +828,34 @@ class NativeEngine:
             s, self._session = self._session, None
         if s is None:
             raise EngineError("end_weight_update: no open session; call begin_weight_update() first")
-        if s["error"] is None and self.runner.fp8:
-            s["error"] = self._fp8_session_error(s)
-        if s["error"] is not None:
+        if s.error is None and s.pending:
+            s.error = (f"{len(s.pending)} tensors were handed out by weight_target but never reported ready "
+                       f"(e.g. {sorted(s.pending)[:3]})")
+        if s.error is None and self.runner.fp8:
+            s.error = self._fp8_session_error(s)
+        if s.error is not None:
             raise EngineError(f"end_weight_update: session discarded, weights unchanged (version "
-                              f"{self._weight_version}): {s['error']}")
+                              f"{self._weight_version}): {s.error}")
 
         def run() -> str:
             if "weights" in self._released:
                 raise EngineError("end_weight_update: weights were released during the session; nothing applied")
-            self.runner.load_weights(s["staged"])
+            # staged tensors are copied in; directly written ones only refresh their packed copies
+            self.runner.load_weights({**{n: self.runner.params[n] for n in s.written}, **s.staged})
+            s.copied += sum(t.numel() * t.element_size() for t in s.staged.values())
             self.cache.allocator.flush_prefix_cache()  # KV computed with the old weights is stale
-            self._stale -= set(s["staged"])
+            self._stale -= s.written | set(s.staged)
             self.version += 1
-            self._weight_version = s["version"] or str(self.version)
+            self._weight_version = s.version or str(self.version)
+            self.last_update = {"bytes_copied": s.copied, "direct_tensors": len(s.written),
+                                "staged_tensors": len(s.staged), "weight_version": self._weight_version}
             return self._weight_version
         return self._call(run)
 
     def abort_weight_update(self) -> None:
         """Discard the open session (the sender failed part-way): nothing staged is applied and the
-        previous weights and version stay in use. A no-op without an open session."""
+        previous weights and version stay in use (tensors written in place stay stale). A no-op
+        without an open session."""
         with self._session_lock:
             self._session = None
 
@@ -669,7 +879,7 @@ class NativeEngine:
         return {"running": len(sch.running), "waiting": len(sch.waiting), "generated_tokens": sch.generated_tokens,
                 "steps": sch.steps, "free_blocks": self.cache.allocator.num_free, "paused": self._paused,
                 "released": sorted(self._released), "stale_tensors": len(self._stale),
-                "weight_version": self._weight_version, "prefix_cache": {
+                "weight_version": self._weight_version, "weight_update": dict(self.last_update), "prefix_cache": {
                     "cached_blocks": self.cache.allocator.num_cached, "hit_tokens": sch.cached_tokens,
                     "evictions": self.cache.allocator.evictions}}
 

@@ -44,6 +44,10 @@ class SGLangLaunchConfig:
     """`python -m sglang.launch_server` for the colocated RL setup."""
     model_path: str
     tp_size: int = 1
+    ep_size: int = 1
+    """Expert parallel size (divides tp_size: sglang's MoE runs tp/ep-way TP inside each EP group)."""
+    dp_size: int = 1
+    """Data-parallel replicas (each tp_size GPUs)."""
     host: str = "127.0.0.1"
     port: int = 30000
     mem_fraction_static: float | None = None
@@ -56,19 +60,28 @@ class SGLangLaunchConfig:
     skip_tokenizer_init: bool = False
     extra_args: tuple[str, ...] = ()
     python: str = sys.executable
+    module: str = "sglang.launch_server"
+    """The module run with `python -m` (tests run a stand-in that takes the same arguments)."""
 
     def __post_init__(self) -> None:
         if not self.model_path:
             raise LaunchError("model_path: empty; pass an HF checkpoint directory or hub id")
-        if self.tp_size < 1:
-            raise LaunchError(f"tp_size: {self.tp_size} must be >= 1")
+        if self.tp_size < 1 or self.ep_size < 1 or self.dp_size < 1:
+            raise LaunchError(f"tp_size/ep_size/dp_size: {self.tp_size}/{self.ep_size}/{self.dp_size} must be >= 1")
+        if self.tp_size % self.ep_size:
+            raise LaunchError(f"ep_size: {self.ep_size} must divide tp_size {self.tp_size} (sglang splits each expert "
+                              "group tp/ep ways)")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise LaunchError(f"mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]")
         _check_port(self.port)
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
+        cmd = [self.python, "-m", self.module, "--model-path", str(self.model_path),
                "--tp-size", str(self.tp_size), "--host", self.host, "--port", str(self.port)]
+        if self.ep_size > 1:
+            cmd += ["--ep-size", str(self.ep_size)]
+        if self.dp_size > 1:
+            cmd += ["--dp-size", str(self.dp_size)]
         if self.mem_fraction_static is not None:
             cmd += ["--mem-fraction-static", str(self.mem_fraction_static)]
         if self.enable_memory_saver:
@@ -86,6 +99,11 @@ class SGLangLaunchConfig:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the server occupies (its ranks in an NCCL weight-update group)."""
+        return self.tp_size * self.dp_size
 
 
 @dataclass(kw_only=True)

@@ -1,20 +1,27 @@
 """The InferenceEngine protocol on a real SGLang (>= 0.5.23): over HTTP, or in-process.
 
-`SGLangEngine` is `HTTPEngine` with SGLang's weight encoding. SGLang deserializes
-`serialized_named_tensors` with `MultiprocessingSerializer` (ForkingPickler + base64):
+`SGLangEngine` is `HTTPEngine` with SGLang's weight encoding. SGLang reads
+`serialized_named_tensors[tp_rank]` with `MultiprocessingSerializer.deserialize` (base64, then
+its SafeUnpickler: only allow-listed torch/sglang classes) on each TP rank, and with
+load_format "flattened_bucket" rebuilds the tensors with its FlattenedTensorBucket:
 
-    CUDA tensors -> ForkingPickler (CUDA IPC handles: zero-copy, same node only; the sender
-                    keeps the tensors alive until the HTTP call returns)
-    CPU tensors  -> plain pickle (bytes embedded; ForkingPickler would pass shared-memory file
-                    descriptors, which do not survive an HTTP hop)
-    buckets      -> load_format "flattened_bucket": {"flattened_tensor", "metadata":
-                    [sglang FlattenedTensorMetadata]} per dtype; needs sglang importable for the
-                    metadata class, else the bucket is sent as plain named tensors.
+    one bucket      -> {"flattened_tensor": uint8 buffer, "metadata": [FlattenedTensorMetadata]}
+                       (sglang's own metadata class over our bucket's entries: no repacking; the
+                       buffer may hold tensors of every dtype, sglang >= 0.5.23)
+    CUDA tensors    -> sglang's serializer (ForkingPickler: CUDA IPC handles, zero-copy, same node;
+                       device UUIDs via sglang's monkey_patch_torch_reductions, as its receiver
+                       expects); one entry per engine TP rank, each pickled separately (each rank
+                       releases its own IPC reference); the buffer lives until the call returns
+    CPU tensors     -> plain pickle (the bytes travel inside the entry; ForkingPickler would pass a
+                       shared-memory file descriptor). Tests and CPU-only flows; one string reused
+                       for every TP rank.
 
-Version notes (sglang 0.5.23, FACTS.md): update_weights_from_* must sit between
-/begin_weight_update and /end_weight_update, else success=False; pause/continue exist only as
-HTTP routes (the in-process wrapper reaches the tokenizer manager directly); release/resume
-need --enable-memory-saver and an idle engine.
+The checkpoint engine's SGLang sinks (k2sys.ckpt.engine_sinks) build these payloads from the
+buckets the pipeline fills. Version notes (sglang 0.5.23, FACTS.md): update_weights_from_* must
+sit between /begin_weight_update and /end_weight_update, else success=False; pause/continue exist
+only as HTTP routes (the in-process wrapper reaches the tokenizer manager directly);
+release/resume need --enable-memory-saver and an idle engine; /model_info reports the
+weight_version the last update set.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import dataclasses
 import inspect
 import io
 import pickle
-from multiprocessing.reduction import ForkingPickler
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -66,27 +72,50 @@ def _has_cuda_tensor(obj: Any) -> bool:
 
 
 def sglang_serialize(obj: Any) -> str:
-    """Text that sglang's MultiprocessingSerializer.deserialize reads back into `obj`."""
-    buf = io.BytesIO()
+    """Text that sglang's MultiprocessingSerializer.deserialize reads back into `obj` (see the
+    module doc: sglang's own serializer for CUDA tensors, plain pickle for CPU tensors)."""
     if _has_cuda_tensor(obj):
-        ForkingPickler(buf).dump(obj)  # torch registers CUDA-IPC reductions with ForkingPickler
-    else:
-        pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        try:
+            from sglang.srt.utils import MultiprocessingSerializer
+            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        except ImportError as e:
+            raise ImportError(f"CUDA weight payloads for SGLang need sglang importable here: {_INSTALL_HINT}") from e
+        monkey_patch_torch_reductions()  # device UUIDs in the IPC handles, as sglang's receiver reads them
+        return MultiprocessingSerializer.serialize(obj, output_str=True)
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def sglang_bucket_objects(bucket: FlattenedBucket) -> list[dict[str, Any]]:
-    """One SGLang flattened-bucket object per dtype (SGLang's flattened tensor has one dtype)."""
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+def sglang_bucket_object(bucket: FlattenedBucket) -> dict[str, Any]:
+    """SGLang's load_format="flattened_bucket" object for one bucket: our buffer as its
+    `flattened_tensor`, one sglang FlattenedTensorMetadata per entry (byte offsets as they are)."""
+    try:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+    except ImportError as e:
+        raise ImportError(f"SGLang weight payloads pickle sglang's FlattenedTensorMetadata: {_INSTALL_HINT} "
+                          "(tests: pip install sglang==0.5.23 --no-deps, scripts/install.sh)") from e
+    meta = [FlattenedTensorMetadata(name=e.name, shape=torch.Size(e.shape), dtype=e.dtype, start_idx=e.offset,
+                                    end_idx=e.end, numel=e.nbytes) for e in bucket.entries]
+    buf = bucket.buffer
+    if buf.device.type == "cpu" and buf.untyped_storage().nbytes() != buf.numel():
+        buf = buf.clone()  # pickle writes a tensor's whole storage: send only this bucket's bytes
+    return {"flattened_tensor": buf, "metadata": meta}
 
-    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in bucket.unpack():
-        by_dtype.setdefault(t.dtype, []).append((name, t))
-    out = []
-    for group in by_dtype.values():
-        b = FlattenedTensorBucket(named_tensors=group)
-        out.append({"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()})
-    return out
+
+def tensor_update_body(bucket: FlattenedBucket, tp_size: int, weight_version: str | None, *,
+                       flush_cache: bool = False) -> dict[str, Any]:
+    """The JSON body of POST /update_weights_from_tensor (sglang's UpdateWeightsFromTensorReqInput)
+    carrying one bucket: one serialized entry per engine TP rank."""
+    if tp_size < 1:
+        raise ProtocolError(f"tp_size: {tp_size} must be >= 1 (the engine's tensor parallel size)")
+    obj = sglang_bucket_object(bucket)
+    if _has_cuda_tensor(obj):
+        entries = [sglang_serialize(obj) for _ in range(tp_size)]
+    else:
+        entries = [sglang_serialize(obj)] * tp_size
+    return {"serialized_named_tensors": entries, "load_format": "flattened_bucket", "flush_cache": flush_cache,
+            "abort_all_requests": False, "weight_version": weight_version}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,16 +171,31 @@ class InitWeightsUpdateGroupPayload:
 class SGLangEngine(HTTPEngine):
     """A running `sglang.launch_server` behind the InferenceEngine protocol."""
 
-    ROUTES = {**HTTPEngine.ROUTES, "server_info": "/get_server_info",
-              "init_group": "/init_weights_update_group", "update_dist": "/update_weights_from_distributed"}
+    # SGLang's routes only (no /update_weights_from_shm, no /abort_weight_update): checked against
+    # sglang's http_server in tests/test_sglang_payloads.py
+    ROUTES = {**{k: v for k, v in HTTPEngine.ROUTES.items() if k not in ("update_shm", "abort_update")},
+              "server_info": "/server_info", "model_info": "/model_info",
+              "init_group": "/init_weights_update_group", "update_dist": "/update_weights_from_distributed",
+              "destroy_group": "/destroy_weights_update_group"}
 
     def encode_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> str:
         return sglang_serialize([(name, t.detach()) for name, t in named])
 
     def encode_bucket(self, bucket: FlattenedBucket) -> list[tuple[str | None, str]]:
-        if not sglang_available():  # no FlattenedTensorMetadata class to pickle: use the plain format
-            return [(None, self.encode_named_tensors(bucket.unpack()))]
-        return [("flattened_bucket", sglang_serialize(obj)) for obj in sglang_bucket_objects(bucket)]
+        return [("flattened_bucket", sglang_serialize(sglang_bucket_object(bucket)))]
+
+    def send_http(self, bucket: FlattenedBucket, version: str | None) -> None:
+        """POST one bucket in SGLang's flattened_bucket format, one entry per TP rank."""
+        self._post("update_tensor", tensor_update_body(bucket, self.tp_size, version))
+
+    def model_weight_version(self) -> str | None:
+        """The weight_version SGLang reports in /model_info (set by the last weight update)."""
+        info = self._call("GET", "model_info", idempotent=True)
+        if not isinstance(info, dict) or "weight_version" not in info:
+            raise EngineHTTPError(self._url("model_info"), 200, "no 'weight_version' in the answer; is this SGLang "
+                                  ">= 0.5.23?")
+        v = info["weight_version"]
+        return None if v is None else str(v)
 
     def server_version(self) -> str:
         info = self._call("GET", "server_info", idempotent=True)
@@ -165,6 +209,23 @@ class SGLangEngine(HTTPEngine):
             raise RuntimeError(f"sglang server is {v}; k2sys needs >= {minimum} (weight-update sessions); "
                                f"upgrade sglang on the GPU nodes")
         return v
+
+    weights_stale = False
+    """True after an update that did not complete: SGLang has no abort, so whatever part of it
+    was loaded stays in the weights until the next complete update."""
+
+    def end_weight_update(self) -> str | None:
+        version = super().end_weight_update()
+        self.weights_stale = False
+        return version
+
+    def abort_weight_update(self) -> None:
+        """SGLang has no abort route: close the session (/end_weight_update) and mark the weights
+        stale (`weights_stale`): the part already loaded stays loaded, so push again before
+        generating (the coordinator's push raises, and its retry pushes everything)."""
+        self.weights_stale = True
+        self._pending_version = None
+        self._post("end", {})
 
     def init_weights_update_group(self, payload: InitWeightsUpdateGroupPayload) -> None:
         self._post("init_group", payload.to_sglang())
@@ -280,8 +341,8 @@ class SGLangInProcess:
             extra["weight_version"] = weight_version or self._pending_version
         if items and all(isinstance(b, FlattenedBucket) for b in items):
             for b in items:
-                for obj in sglang_bucket_objects(b):
-                    update(named_tensors=obj, load_format="flattened_bucket", flush_cache=False, **extra)
+                update(named_tensors=sglang_bucket_object(b), load_format="flattened_bucket", flush_cache=False,
+                       **extra)
         elif items and all(isinstance(p, tuple) and len(p) == 2 for p in items):
             update(named_tensors=items, flush_cache=False, **extra)
         else:

@@ -194,6 +194,54 @@ class ShmWriter:
             self._seg = None
 
 
+class ShmPool:
+    """Segments for out-buckets (k2sys.ckpt.engine_sinks.NativeServerSink): a bucket is written
+    straight into a segment and the server copies it from there, so the bytes move twice in all.
+    Segments are reused across buckets and updates (fresh pages cost a quarter of the copy bound,
+    FACTS.md); at most as many exist as buckets were in flight at once."""
+
+    def __init__(self, min_bytes: int = 1 << 20):
+        self.min_bytes = max(int(min_bytes), ALIGN)
+        self._free: list[ShmSegment] = []
+        self._used: dict[int, ShmSegment] = {}
+        self.lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A writable uint8 view of `nbytes` at the start of a free segment (grown if needed)."""
+        with self.lock:
+            fit = [s for s in self._free if not s.closed and s.nbytes >= nbytes]
+            seg = min(fit, key=lambda s: s.nbytes) if fit else None
+            if seg is None:
+                seg = ShmSegment(max(nbytes, self.min_bytes))
+            else:
+                self._free.remove(seg)
+            view = seg.tensor[:nbytes]
+            self._used[view.data_ptr()] = seg
+            return view
+
+    def segment_of(self, view: torch.Tensor) -> ShmSegment:
+        seg = self._used.get(view.data_ptr())
+        if seg is None:
+            raise ValueError("ShmPool: this buffer was not acquired from the pool (or was released)")
+        return seg
+
+    def release(self, view: torch.Tensor) -> None:
+        with self.lock:
+            seg = self._used.pop(view.data_ptr(), None)
+            if seg is not None:
+                self._free.append(seg)
+
+    @property
+    def segments(self) -> list[ShmSegment]:
+        return list(self._free) + list(self._used.values())
+
+    def close(self) -> None:
+        with self.lock:
+            for seg in self._free + list(self._used.values()):
+                seg.close()
+            self._free, self._used = [], {}
+
+
 def split_buckets(named: Sequence[tuple[str, torch.Tensor]], cap_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
     """In-order groups of at most cap_bytes (aligned); a larger tensor travels alone."""
     groups: list[list[tuple[str, torch.Tensor]]] = [[]]

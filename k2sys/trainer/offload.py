@@ -10,6 +10,11 @@ is its own tensors; working per *storage* (deduplicated) moves each byte once an
 Host buffers are allocated once and reused (FACTS.md: copies into fresh memory run at a quarter of
 the bound); on CUDA they are pinned and onload goes through k2sys.ext.h2d_copy_. On CPU the bytes
 move with k2sys.ext.host_copy_ (the C++ thread pool) and the "device" storage is freed the same way.
+
+On CUDA, freed storage first returns to PyTorch's caching allocator, where only this process can
+use it; offload then calls torch.cuda.empty_cache() so the blocks go back to the driver and the
+colocated engine can take them, and reports what the allocator still reserves and what the device
+has free (torch.cuda.mem_get_info, every process included): a leak shows in the switch metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ import time
 import torch
 
 from k2sys import ext
+
+
+def device_memory(device: torch.device | int | None = None) -> dict[str, int]:
+    """This process's reserved / allocated CUDA bytes and the device's free / total bytes (all
+    processes, torch.cuda.mem_get_info); {} without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"device_free_bytes": int(free), "device_total_bytes": int(total),
+            "reserved_bytes": int(torch.cuda.memory_reserved(device)),
+            "allocated_bytes": int(torch.cuda.memory_allocated(device))}
 
 
 def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
@@ -62,8 +78,14 @@ class StateOffloader:
             s.resize_(0)
         self.offloaded = True
         nbytes = sum(h.numel() for h in self._host)
-        return {"bytes": nbytes, "seconds": copy_s, "GBps": nbytes / max(copy_s, 1e-9) / 1e9,
-                "tensors": len(storages)}
+        rep = {"bytes": nbytes, "seconds": copy_s, "GBps": nbytes / max(copy_s, 1e-9) / 1e9, "tensors": len(storages)}
+        devices = {s.device for s in storages if s.device.type == "cuda"}
+        if devices:
+            t0 = time.perf_counter()
+            torch.cuda.empty_cache()  # hand the freed blocks back to the driver (the engine's turn)
+            rep["empty_cache_seconds"] = time.perf_counter() - t0
+            rep.update(device_memory(devices.pop()))
+        return rep
 
     def host_view(self, t: torch.Tensor) -> torch.Tensor:
         """While offloaded: `t`'s values as a view into the host copy (same shape, strides, offset).
