@@ -21,18 +21,19 @@ python -m pip install -q -e ".[dev]"
 python -c "import k2sys, k2sys._C; from k2sys import ext; print('k2sys installed:', ext.summary())"
 
 # SGLang's Python modules for the tests that decode our weight payloads with SGLang's own code
-# (tests/sglang_ref.py): sglang without its dependency set (a CUDA torch, FACTS.md), the pure-Python
-# packages its modules import with this venv's torch pinned, and on a CPU torch a torchvision for
-# its imports kept out of site-packages (the matching wheel is a CUDA build; see tests/sglang_ref.py).
-# GPU nodes that serve with SGLang install it whole instead (pip install sglang==0.5.23).
-if ! python -c "import sglang" 2>/dev/null; then
-  python -m pip install -q --no-deps "sglang==0.5.23"
-fi
-pins=$(mktemp)
-python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >"$pins"
-python -m pip install -q -c "$pins" -r scripts/requirements-sglang-cpu.txt
-rm -f "$pins"
+# (tests/sglang_ref.py), on CPU machines only: sglang without its dependency set (which pins a CUDA
+# torch, FACTS.md), the pure-Python packages its modules import with this venv's torch pinned, and a
+# torchvision for its imports kept out of site-packages (the matching wheel is a CUDA build; see
+# tests/sglang_ref.py). GPU nodes that serve with SGLang install it whole instead
+# (pip install sglang==0.5.23): a --no-deps copy there would make pip skip its dependencies.
 if python -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)"; then
+  if ! python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('sglang') else 1)"; then
+    python -m pip install -q --no-deps "sglang==0.5.23"
+  fi
+  pins=$(mktemp)
+  python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >"$pins"
+  python -m pip install -q -c "$pins" -r scripts/requirements-sglang-cpu.txt
+  rm -f "$pins"
   tv=$(python -c "import torch; v = torch.__version__.split('+')[0].split('.'); print(f'0.{int(v[1]) + 15}.*')")
   site=$(python -c "import sys; print(sys.prefix)")/sglang-cpu-site
   [ -d "$site/torchvision" ] || python -m pip install -q --no-deps --target "$site" "torchvision==$tv"

@@ -115,6 +115,13 @@ def worker_main(rank: int, port: int, out_dir: str) -> None:
             res["engine"] = (rep.version, eng.weight_version, eng.stats()["stale_tensors"],
                              all(torch.equal(p[n], t.to(p[n].dtype)) for n, t in g.items()),
                              eng.last_update["direct_tensors"], eng.last_update["staged_tensors"])
+        # As the coordinator pushes: rank 0 into its (kept) engine sink, rank 1 into none (a fresh one
+        # each time); the second push reuses the plan on rank 0 and must not desynchronise the ranks.
+        keep = TensorSink(engine_tp_layout(TINY, 1, 0)) if rank == 0 else None
+        for _ in range(2):
+            rep = update_weights(shards, keep, config=UpdateConfig(bucket_bytes=4096, timeout_s=20))
+        res["coordinator"] = (rep.version, bitwise_equal(keep.weights, materialize(keep.layout, g))) \
+            if rank == 0 else (rep.version, rep.model_bytes)
         # Startup: rank 0 writes a 2-file checkpoint; each rank reads half, the broadcast assembles it.
         ckpt = os.path.join(out_dir, "ckpt")
         if rank == 0:
@@ -221,6 +228,11 @@ def test_native_engine_sink_writes_stale_weights_in_place(main_results):
         version, served, stale, exact, direct, staged = main_results[r]["engine"]
         assert version == served == "1" and stale == 0 and exact
         assert direct > 0 and staged == 0  # released + resumed: every tensor written in place
+
+
+def test_repeated_pushes_with_one_engine_rank(main_results):
+    assert main_results[0]["coordinator"] == (2, True)
+    assert main_results[1]["coordinator"] == (None, 0)  # no engine on rank 1: it only sent its shards
 
 
 def test_startup_load_from_peers(main_results):

@@ -120,6 +120,7 @@ class WeightUpdater:
         self.config = config or UpdateConfig()
         self.device = torch.device(device)
         self._cache: dict[tuple, _Prepared] = {}
+        self._sources: Optional[tuple] = None  # (gathered key, layouts by rank, global specs, buckets)
         self._local_plan: dict[tuple, ReshardPlan] = {}
         self._pool = ext.StagingPool() if self.device.type == "cpu" else None
         self._onloader = ext.Onloader(self.device) if self.device.type == "cuda" else None
@@ -127,26 +128,30 @@ class WeightUpdater:
 
     # ------------------------------------------------------------------ planning
     def _prepare(self, tr: BucketTransport, shards: TrainerShards, sink: WeightSink) -> _Prepared:
+        """Buckets (collective: every rank decides from the same gathered fingerprints whether to
+        exchange layouts again) and this rank's plan into its sink's destination (local)."""
         fps = tr.gather_objects(shards.layout.fingerprint)
-        key = (tuple(fps), id(sink), self.config.bucket_bytes)
-        hit = self._cache.get(key)
-        if hit is not None and sink.destination(self._sources_specs) is hit.dst:
+        key = (tuple(fps), self.config.bucket_bytes)
+        if self._sources is None or self._sources[0] != key:
+            layouts = tr.gather_objects(shards.layout)
+            sources = dict(enumerate(layouts))
+            chosen = select_sources(sources)
+            per_owner: dict[int, list[TensorSpec]] = {r: [] for r in sources}
+            for r, lay in sources.items():  # layout order, so every rank packs identically
+                per_owner[r] = [spec for name, spec in lay.tensors.items() if (r, name) in chosen]
+            self._sources = (key, sources, global_specs(layouts),
+                             interleave_owners(per_owner, self.config.bucket_bytes))
+        _, sources, specs, buckets = self._sources
+        dst = sink.destination(specs)
+        hit = self._cache.get((key, dst.fingerprint))
+        if hit is not None:
             return hit
-        layouts = tr.gather_objects(shards.layout)
-        sources = dict(enumerate(layouts))
-        self._sources_specs = global_specs(layouts)
-        dst = sink.destination(self._sources_specs)
-        chosen = select_sources(sources)
-        per_owner: dict[int, list[TensorSpec]] = {r: [] for r in sources}
-        for r, lay in sources.items():  # layout order, so every rank packs identically
-            per_owner[r] = [spec for name, spec in lay.tensors.items() if (r, name) in chosen]
-        buckets = interleave_owners(per_owner, self.config.bucket_bytes)
         plan = plan_reshard(sources, dst)
         compiled = compile_buckets(plan, buckets)
         done, empty = completions(plan, compiled)
         prepared = _Prepared(buckets, compiled, done, empty, dst,
                              max((b.nbytes for b in buckets), default=0) + TRAILER_BYTES)
-        self._cache = {key: prepared}  # one live plan: layouts rarely change between updates
+        self._cache = {(key, dst.fingerprint): prepared}  # one live plan: layouts rarely change between updates
         return prepared
 
     def _depth(self, slot_bytes: int) -> int:

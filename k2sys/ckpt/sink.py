@@ -228,14 +228,9 @@ class BucketSink:
         """The order tensors are laid out in out-buckets (default: the trainer's)."""
         return specs
 
-    def accepts(self, spec: TensorSpec) -> None:
-        """Raise PlanError for a tensor the engine cannot take (default: all are taken)."""
-
     def destination(self, sources: Mapping[str, TensorSpec]) -> Layout:
         key = tuple((s.name, s.shape, str(s.dtype)) for s in sources.values())
-        if key != self._key:
-            for s in sources.values():
-                self.accepts(s)
+        if key != self._key:  # the engine rejects a tensor it does not know by name, at its first bucket
             specs = self.order(list(sources.values()))
             self.layout = hf_layout({s.name: s.shape for s in specs}, {s.name: s.dtype for s in specs},
                                     name=f"{type(self).__name__} buckets")

@@ -65,6 +65,8 @@ class EngineHandle:
             self.client = SGLangEngine(cfg.base_url, max_concurrency=self.section.max_running_requests,
                                        tp_size=self.section.tp)
             self.client.check_version()
+            # the pushes pickle sglang's FlattenedTensorMetadata: import sglang now, not inside the first switch
+            import sglang.srt.weight_sync.tensor_bucket  # noqa: F401
         self.sink = self._make_sink(cfg)
         log.info("engine %s up at %s on %s (weights in through %s)", self.kind, cfg.base_url, checkpoint,
                  type(self.sink).__name__)
