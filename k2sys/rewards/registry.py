@@ -745,6 +745,8 @@ def _code_reward(options: dict) -> Reward:
     from k2sys.tasks.base import Task
 
     threads = options.pop("threads", max(1, min(4, os.cpu_count() or 1)))
+    if isinstance(options.get("extra_ro_binds"), list):  # JSON/--set gives a list
+        options["extra_ro_binds"] = tuple(options["extra_ro_binds"])
     config = SandboxConfig(**options)
     ok, why = bwrap_available(config.bwrap)
     if not ok:
@@ -791,7 +793,9 @@ _PYTHON_OPTIONS = ("timeout_s", "workers", "batched", "batch_size", "startup_tim
 _OPTIONS = {
     "math": ("timeout_s", "workers", "startup_timeout_s"),
     "exact": (),
-    "code": ("time_limit_s", "memory_limit_mb", "max_output_bytes", "python", "bwrap", "extra_ro_binds", "threads"),
+    "code": ("time_limit_s", "memory_limit_mb", "max_output_bytes", "max_processes", "max_file_bytes",
+             "max_open_files", "tmpfs_size_mb", "seccomp", "host_uid", "python", "bwrap", "extra_ro_binds",
+             "threads"),
     "instruction": ("partial_credit", "hack_penalty"),
     "python": _PYTHON_OPTIONS,
     "http": ("batch_size", "timeout_s", "retries", "backoff_s", "concurrency", "headers"),
