@@ -1,7 +1,8 @@
 """Held-out evaluation through the InferenceEngine protocol (native engine or SGLang).
 
 For each family: k samples per held-out task at `temperature` (greedy when 0, then k is 1):
-  accuracy = avg@k (mean reward over all samples), pass@k = share of tasks solved by any sample.
+  accuracy = avg@k (mean reward over all samples), pass@j for j in {1, k} = the unbiased estimator
+  (k2sys.eval.passk; with j = k it is the share of tasks solved by any of the k samples).
 The Kimi-K2 report uses avg@k for high-variance benchmarks; the recipe reports both.
 Multi-turn environments (`evaluate_episodes`): one greedy episode per held-out env spec through
 the same token-level agent loop RL uses; accuracy = mean env reward, pass@1 = share of episodes
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from k2sys.config import ConfigError
-from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.eval.passk import count_correct, pass_at_k
 from k2sys.tasks.base import Task, TaskFamily
-from k2sys.tasks.format import prompt_ids, score_many, stop_token_ids
 
 
 @dataclass(kw_only=True)
@@ -40,6 +40,11 @@ class EvalConfig:
 
 def evaluate(engine: Any, tokenizer: Any, families: dict[str, tuple[TaskFamily, list[Task]]],
              cfg: EvalConfig) -> dict[str, dict]:
+    """Held-out tasks of each family through an InferenceEngine: {family: {"accuracy", "avg@k", "pass@1",
+    "pass@k", "n", "k", "temperature"}}. Public benchmark files: k2sys.eval.suite.run_suite."""
+    from k2sys.engine.protocol import GenerateRequest, SamplingParams
+    from k2sys.tasks.format import prompt_ids, score_many, stop_token_ids
+
     stops = stop_token_ids(tokenizer)
     k = 1 if cfg.temperature == 0 else cfg.k
     reqs, index = [], []
@@ -59,11 +64,12 @@ def evaluate(engine: Any, tokenizer: Any, families: dict[str, tuple[TaskFamily, 
     report = {}
     for name, by_task in per.items():
         rewards = [r for rs in by_task.values() for r in rs]
-        report[name] = {
-            "accuracy": sum(rewards) / max(len(rewards), 1),
-            f"pass@{k}": sum(1.0 for rs in by_task.values() if max(rs) >= 1.0) / max(len(by_task), 1),
-            "n": len(by_task), "k": k, "temperature": cfg.temperature,
-        }
+        acc = sum(rewards) / max(len(rewards), 1)
+        report[name] = {"accuracy": acc, f"avg@{k}": acc}
+        for j in sorted({1, k}):
+            report[name][f"pass@{j}"] = (sum(pass_at_k(len(rs), count_correct(rs), j) for rs in by_task.values())
+                                         / max(len(by_task), 1))
+        report[name].update(n=len(by_task), k=k, temperature=cfg.temperature)
     return report
 
 
@@ -73,6 +79,7 @@ def evaluate_episodes(engine: Any, tokenizer: Any, specs: list[dict], agent: Any
     import asyncio
 
     from k2sys.envs.agent_loop import new_episode_group, run_episodes
+    from k2sys.tasks.format import stop_token_ids
 
     trajs = [new_episode_group(spec, i, 1, tokenizer, seed=seed + i)[0] for i, spec in enumerate(specs)]
     asyncio.run(run_episodes(engine, tokenizer, trajs, version=0, temperature=temperature, top_p=1.0, cfg=agent,
