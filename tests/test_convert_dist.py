@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # file total > 30 s on a 2-core CPU: scheduled first (conftest)
+
 warnings.filterwarnings("ignore")
 
 VOCAB = 512

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # file total > 30 s on a 2-core CPU: scheduled first (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

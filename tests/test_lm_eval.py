@@ -19,6 +19,8 @@ import pytest
 from k2sys.models import build_model, k2_tiny, save_hf
 from k2sys.tokenizer import default_corpus, train_tokenizer
 
+pytestmark = pytest.mark.slow  # file total > 30 s on a 2-core CPU: scheduled first (conftest)
+
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.slow  # file total > 30 s on a 2-core CPU: scheduled first (conftest)
+
 sglang_ref = pytest.importorskip("sglang_ref")
 try:  # before sglang is imported: children spawned by these tests inherit sglang_ref's sys.path
     sglang_ref.prepare()

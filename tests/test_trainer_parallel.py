@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # file total > 30 s on a 2-core CPU: scheduled first (conftest)
+
 warnings.filterwarnings("ignore")
 
 VOCAB, B, T, STEPS = 512, 4, 16, 5
@@ -81,7 +83,7 @@ def _worker(out_path: str, scenarios: list[str]) -> None:
     shutdown()
 
 
-def _torchrun(tmp_path: Path, scenarios: list[str], timeout: int = 240) -> dict:
+def _torchrun(tmp_path: Path, scenarios: list[str], timeout: int = 600) -> dict:
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).resolve()), str(out), *scenarios]
