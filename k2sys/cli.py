@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from k2sys.config import ConfigError, apply_overrides, render
@@ -40,9 +41,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_recipe(args.recipe, args.set)  # a bad value fails here, before the pipelines' imports
     from k2sys.pipelines import registry
 
-    cfg = _load_recipe(args.recipe, args.set)
     registry.run(cfg)
     return 0
 
@@ -50,19 +51,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sft(args: argparse.Namespace) -> int:
     import logging
 
-    from k2sys.coordinator.driver import RecipeRunner
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cfg = _load_recipe(args.recipe, args.set)
+    cfg = _load_recipe(args.recipe, args.set)  # a bad value fails here, before the trainer's imports
     if getattr(cfg, "pipeline", None) != "sft-rl":
         raise ConfigError(f"sft: recipe {args.recipe!r} has no SFT stage; use an SFT->RL recipe such as tiny-k2")
+    from k2sys.coordinator.driver import RecipeRunner
+
+    # INFO: the data reports (rows kept, bad rows per reason and their first line numbers) are shown
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     out = RecipeRunner(cfg).run_sft()
     print(f"SFT checkpoint (HF format): {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="k2sys", description="Kimi-K2 post-training system")
+    p = argparse.ArgumentParser(prog="k2sys", description="Kimi-K2 post-training system",
+                                epilog="Errors print one line naming the field or file and the fix; --debug (anywhere "
+                                       f"on the line) or {DEBUG_ENV}=1 shows the Python traceback instead.")
+    p.add_argument("--debug", action="store_true", help=f"show tracebacks of errors (also {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("env", help="versions, built extensions, usable backends")
@@ -87,29 +92,127 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("serve", "serve a checkpoint with the native engine (SGLang-compatible HTTP API)"),
-        ("convert", "hf-to-megatron SRC DST --tp N --ep M [--spec auto|local|te] | "
-                    "megatron-to-hf SRC DST [--format F]"),
+        ("convert", "hf-to-megatron SRC DST --tp N --ep M [--spec auto|local|te] [--overwrite] | "
+                    "megatron-to-hf SRC DST [--format F] [--overwrite]"),
         ("kernels", "compile --arch 90 --json OUT | nvcc --arch 80 90 --json OUT: GPU-readiness checks on a CPU"),
+        ("eval", "MODEL --suite ADAPTER[:LABEL]=PATH --out OUT | compare ...: benchmark suites (avg@n, pass@k, CIs)"),
     ):
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     return p
 
 
-PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert", "kernels": "k2sys.kernels.cli"}
+PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert", "kernels": "k2sys.kernels.cli",
+               "eval": "k2sys.eval.cli"}
+DEBUG_ENV = "K2SYS_DEBUG"
+
+
+# ---- errors: one line naming the field/file and the fix; the traceback only on request -----------------
+def _own_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message was written for the user (names the field or file, says the fix): shown whole."""
+    types_: list[type[BaseException]] = [ConfigError]
+    for mod, name in (("k2sys.data.jsonl", "BadDataError"), ("k2sys.trainer.convert", "ConvertError"),
+                      ("k2sys.models.checkpoint", "CheckpointError"), ("k2sys.models.config", "ConfigError"),
+                      ("k2sys.kernels.cli", "KernelsCLIError")):
+        m = sys.modules.get(mod)  # only what the command imported can have been raised
+        if m is not None and isinstance(getattr(m, name, None), type):
+            types_.append(getattr(m, name))
+    return tuple(types_)
+
+
+def format_error(exc: BaseException, command: str | None) -> tuple[str, int]:
+    """(message for stderr, exit code) of an error that ended a command: 2 for a usage or config
+    error, 1 otherwise. Our own error classes keep their whole message (a data error lists its first
+    bad rows below the summary line); anything else is cut to its first line plus a pointer to --debug."""
+    where = f"k2sys {command}" if command else "k2sys"
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{where}: interrupted", 130
+    if isinstance(exc, MemoryError):
+        return f"{where}: error: out of memory; use a smaller model, batch or sequence length", 1
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = f"missing key {exc.args[0]!r}"
+    own = isinstance(exc, _own_error_types())
+    if isinstance(exc, OSError):
+        if exc.filename is not None and exc.strerror:
+            # "[Errno 2] No such file or directory: 'x'" -> the file first, then what is wrong with it
+            text = f"{exc.filename}: {exc.strerror}" + (f" (and {exc.filename2})" if exc.filename2 else "")
+        own = True  # the machine's state (a missing file, a full disk), not a bug: the message is enough
+    if not text:
+        text = type(exc).__name__
+    if own:
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        rc = 2 if isinstance(exc, ConfigError) else 1
+        return f"{where}: {kind}: {text}", rc
+    first = text.splitlines()[0]
+    more = " ..." if "\n" in text else ""
+    return (f"{where}: error: {type(exc).__name__}: {first}{more} "
+            f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"), 1
+
+
+def _flag_value(argv: list[str], *names: str) -> str | None:
+    """The value of the last `--name V` / `--name=V` in argv (argparse's rule: the last one wins)."""
+    out = None
+    for i, a in enumerate(argv):
+        for n in names:
+            if a == n and i + 1 < len(argv):
+                out = argv[i + 1]
+            elif a.startswith(n + "="):
+                out = a[len(n) + 1:]
+    return out
+
+
+def _preflight_serve(argv: list[str]) -> None:
+    """Checks of `k2sys serve` arguments that must fail in a second, not after the model has loaded:
+    a --port outside 0..65535 (uvicorn does not reject it until it binds, after the load) and a --model
+    that is not a directory (the engine imports take seconds before they notice)."""
+    port = _flag_value(argv, "--port")
+    if port is not None:
+        try:
+            ok = 0 <= int(port) <= 65535
+        except ValueError:
+            ok = True  # not an int: the server's own parser says so
+        if not ok:
+            raise ConfigError(f"serve --port: {port} is not a TCP port; use 1..65535 (0 picks a free one)")
+    model = _flag_value(argv, "--model", "--model-path")
+    if model is not None:
+        from pathlib import Path
+
+        if not Path(model).is_dir():
+            what = "does not exist" if not Path(model).exists() else "is a file"
+            raise ConfigError(f"serve --model: {model} {what}; give an HF checkpoint directory (config.json + "
+                              "*.safetensors)")
+        if not (Path(model) / "config.json").is_file():
+            raise ConfigError(f"serve --model: {model} has no config.json; give an HF checkpoint directory")
+
+
+def _split_debug(argv: list[str]) -> tuple[bool, list[str]]:
+    flag = "--debug" in argv
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return flag or env, [a for a in argv if a != "--debug"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASSTHROUGH:  # these own their flags (incl. --help)
-        import importlib
-
-        return int(importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
+    debug, argv = _split_debug(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
     try:
+        if command in PASSTHROUGH:  # these own their flags (incl. --help)
+            import importlib
+
+            if command == "serve":
+                _preflight_serve(argv[1:])
+
+            return int(importlib.import_module(PASSTHROUGH[command]).main(argv[1:]) or 0)
+        args = build_parser().parse_args(argv)  # a usage error exits 2 with argparse's one-line message
         return args.fn(args)
-    except ConfigError as e:
-        print(f"k2sys: config error: {e}", file=sys.stderr)
-        return 2
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI's one place that turns errors into messages
+        if debug:
+            raise
+        message, rc = format_error(exc, command)
+        print(message, file=sys.stderr)
+        return rc
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from k2sys.config import ConfigError
+from k2sys.config import ConfigError, check_int, check_name, check_number, check_seed, check_writable_dir
 from k2sys.coordinator.rollout import RolloutConfig
 from k2sys.coordinator.sections import (DataSection, EngineSection, RLSection, SFTSection, TasksSection,
                                         TrainerSection)
 from k2sys.envs.agent_loop import AgentConfig
 from k2sys.eval.harness import EvalConfig
+
+
+MAX_VOCAB = 1 << 22  # 4M ids: 25x Kimi-K2's 163840; beyond it the embedding alone outgrows any machine here
 
 
 @dataclass(kw_only=True)
@@ -27,11 +30,15 @@ class ModelSection:
     """Initialisation seed."""
 
     def validate(self) -> None:
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            raise ConfigError(f"model.vocab_size: must be positive or none, got {self.vocab_size}")
+        if self.vocab_size is not None:
+            check_int("model.vocab_size", self.vocab_size, 1, MAX_VOCAB, hint="or none for the tokenizer's size")
+        check_seed("model.seed", self.seed)
         if self.path is not None:
             from pathlib import Path
 
+            if not Path(self.path).is_dir():
+                raise ConfigError(f"model.path: {self.path} is not a directory; give an HF checkpoint directory "
+                                  "(config.json + safetensors), or none for a fresh model.preset")
             if not (Path(self.path) / "config.json").is_file():
                 raise ConfigError(f"model.path: {self.path} is not an HF checkpoint directory (no config.json)")
 
@@ -42,8 +49,7 @@ class TokenizerSection:
     """BPE vocabulary trained on the built-in corpus (k2sys.tokenizer.default_corpus)."""
 
     def validate(self) -> None:
-        if self.vocab_size < 300:
-            raise ConfigError(f"tokenizer.vocab_size: must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+        check_int("tokenizer.vocab_size", self.vocab_size, 300, MAX_VOCAB, hint="256 bytes + specials + merges")
 
 
 @dataclass(kw_only=True)
@@ -57,8 +63,11 @@ class RunConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
 
     def validate(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        if (not self.name or self.name != self.name.strip() or any(c in self.name for c in "/\\")
+                or self.name in (".", "..") or len(self.name.encode()) > 200):
+            raise ConfigError(f"name: must be a non-empty name of at most 200 bytes without '/', '\\' or "
+                              f"surrounding spaces (not '.' or '..'), got {self.name!r}")
+        check_writable_dir("output_root", self.output_root)
 
 
 @dataclass(kw_only=True)
@@ -92,7 +101,23 @@ class RLRunConfig:
     """Options of the reward (e.g. {"timeout_s": 10} for Python functions, {"batch_size": 64} for URLs)."""
 
     def validate(self) -> None:
-        RunConfig.validate(self)  # same name rule
+        RunConfig.validate(self)  # same name and output_root rules
+        check_seed("seed", self.seed)
+        check_int("cpu_threads", self.cpu_threads, 1, 4096)
+        # Sections defined beside the code that uses them (rollout, eval, agent) check their own core
+        # rules; these are the values they accept that would fail later, mid-run.
+        check_int("rollout.max_age", self.rollout.max_age, 1, hint="paused trajectories older than this are dropped")
+        check_number("rollout.top_p", self.rollout.top_p, gt=0, le=1, hint="1.0 disables nucleus sampling")
+        check_int("rollout.prompts_per_iter", self.rollout.prompts_per_iter, 1)
+        check_int("rollout.samples_per_prompt", self.rollout.samples_per_prompt, 2)
+        check_number("rollout.max_seconds", self.rollout.max_seconds, gt=0)
+        check_int("eval.max_new_tokens", self.eval.max_new_tokens, 1)
+        check_number("eval.temperature", self.eval.temperature, ge=0)
+        check_seed("eval.seed", self.eval.seed)
+        check_int("agent.max_turn_tokens", self.agent.max_turn_tokens, 1)
+        check_int("agent.max_episode_tokens", self.agent.max_episode_tokens, 2)
+        if self.reward is not None:
+            check_name("reward", self.reward)
         if self.data.rl_prompts and not self.reward:
             raise ConfigError("reward: data.rl_prompts needs a reward, e.g. --set reward=math or reward=my_mod:score")
         if self.reward and not self.data.rl_prompts:

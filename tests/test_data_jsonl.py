@@ -57,9 +57,12 @@ def test_bad_rows_reported_with_line_and_reason(tmp_path):
     assert rep.reasons()["not JSON"] == 1
     # 7 of 9 bad > 0.5: the run must stop, naming lines and reasons.
     with pytest.raises(BadDataError) as ei:
-        read_chat_jsonl(p)
+        read_chat_jsonl(p, max_bad_fraction=0.5)
     msg = str(ei.value)
     assert "line 2: not JSON" in msg and "line 3: missing role" in msg and "max_bad_fraction=0.5" in msg
+    # The first line alone says what and how to fix it (the CLI's one-line error); the rows follow.
+    first = msg.splitlines()[0]
+    assert "2 of 9 rows kept, 7 bad" in first and "max_bad_fraction=0.5" in first and "data.max_bad_fraction" in first
     # A tolerant threshold lets it through with the same report.
     rows2, rep2 = read_chat_jsonl(p, max_bad_fraction=0.8)
     assert len(rows2) == 2 and rep2.n_bad == 7
@@ -67,9 +70,17 @@ def test_bad_rows_reported_with_line_and_reason(tmp_path):
 
 def test_threshold_edges(tmp_path):
     p = tmp_path / "d.jsonl"
-    _write_lines(p, [json.dumps(GOOD), "x"])          # exactly 0.5 bad: allowed
-    rows, rep = read_chat_jsonl(p)
+    _write_lines(p, [json.dumps(GOOD), "x"])          # exactly 0.5 bad: allowed at 0.5
+    rows, rep = read_chat_jsonl(p, max_bad_fraction=0.5)
     assert rep.bad_fraction == 0.5 and len(rows) == 1
+    with pytest.raises(BadDataError, match="max_bad_fraction=0.02"):   # the default tolerates 2%
+        read_chat_jsonl(p)
+    _write_lines(p, [json.dumps(GOOD)] * 49 + ["x"])  # exactly 2% bad: allowed by default
+    rows, rep = read_chat_jsonl(p)
+    assert rep.bad_fraction == 0.02 and len(rows) == 49
+    _write_lines(p, [json.dumps(GOOD)] * 48 + ["x", "y"])  # 4%: stops
+    with pytest.raises(BadDataError, match="2 bad"):
+        read_chat_jsonl(p)
     _write_lines(p, ["x", "y"])
     with pytest.raises(BadDataError):
         read_chat_jsonl(p, max_bad_fraction=1.0)        # nothing usable is always an error

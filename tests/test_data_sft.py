@@ -64,7 +64,9 @@ def test_over_long_and_mostly_bad(tokenizer, tmp_path):
     long_conv = {"messages": [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "ok"}]}
     reserved = {"messages": [{"role": "user", "content": "hi <|im_end|>"}, {"role": "assistant", "content": "ok"}]}
     _write(p, n=20, extra=[json.dumps(long_conv), "nope", json.dumps(reserved)])
-    data = load_sft_data(SFTDataConfig(path=str(p), seq_len=320), tokenizer=tokenizer)
+    with pytest.raises(BadDataError, match="max_bad_fraction=0.02"):    # 3 of 23 bad: above the default 2%
+        load_sft_data(SFTDataConfig(path=str(p), seq_len=320), tokenizer=tokenizer)
+    data = load_sft_data(SFTDataConfig(path=str(p), seq_len=320, max_bad_fraction=0.2), tokenizer=tokenizer)
     bad = {b.line: b.reason for b in data.report.bad}
     assert bad[21].startswith("over-long:") and "> seq_len 320" in bad[21]
     assert bad[22].startswith("not JSON")
@@ -72,7 +74,7 @@ def test_over_long_and_mostly_bad(tokenizer, tmp_path):
     assert len(data.train) + len(data.heldout) == 20 and data.report.n_ok == 20
     # Over-long rows count toward the threshold too: with seq_len so small most rows fail.
     with pytest.raises(BadDataError, match="over-long"):
-        load_sft_data(SFTDataConfig(path=str(p), seq_len=100), tokenizer=tokenizer)
+        load_sft_data(SFTDataConfig(path=str(p), seq_len=100, max_bad_fraction=0.2), tokenizer=tokenizer)
 
 
 def test_split_is_deterministic_disjoint_and_order_free(tokenizer, tmp_path):

@@ -111,7 +111,10 @@ def test_bad_rows_reported_with_row_numbers(tmp_path):
         {"question": "ok three", "solution": "6"},              # 6
     ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
-    recs, rep = load_prompts(tmp_path / "p.parquet", prompt_key="question", label_key="solution")
+    with pytest.raises(BadDataError, match="max_bad_fraction=0.02"):   # 3 of 6 bad: far above the default 2%
+        load_prompts(tmp_path / "p.parquet", prompt_key="question", label_key="solution")
+    recs, rep = load_prompts(tmp_path / "p.parquet", prompt_key="question", label_key="solution",
+                             max_bad_fraction=0.5)
     assert [r.row for r in recs] == [1, 5, 6] and [r.prompt for r in recs] == ["ok one", "ok two", "ok three"]
     by_row = {b.line: b.reason for b in rep.bad}
     assert set(by_row) == {2, 3, 4}
@@ -147,7 +150,7 @@ def test_mostly_bad_file_stops(tmp_path):
     rows = [{"prompt": "fine", "answer": "1"}] + [{"prompt": None, "answer": str(i)} for i in range(3)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(BadDataError) as ei:
-        load_prompts(tmp_path / "ds")
+        load_prompts(tmp_path / "ds", max_bad_fraction=0.5)
     msg = str(ei.value)
     assert "1 of 4 rows kept" in msg and "row 2: missing prompt" in msg and "max_bad_fraction=0.5" in msg
     recs, rep = load_prompts(tmp_path / "ds", max_bad_fraction=0.8)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from k2sys.config import ConfigError
+from k2sys.config import ConfigError, check_fraction, check_int, check_name, check_number, check_port
 
 
 @dataclass(kw_only=True)
@@ -31,17 +32,26 @@ class TasksSection:
     code_max_turns: int = 3
 
     def validate(self) -> None:
-        from k2sys.tasks import list_families
+        from k2sys.tasks import get_family, list_families
 
         for f in self.families:
             if f not in list_families():
                 raise ConfigError(f"tasks.families: {f!r} is unknown; choose from {list_families()}")
-        if self.n_train < 1 or self.n_heldout < 1:
-            raise ConfigError("tasks.n_train and tasks.n_heldout must be >= 1")
-        if min(self.tool_use, self.tool_use_heldout, self.code, self.code_heldout) < 0:
-            raise ConfigError("tasks.tool_use, tool_use_heldout, code and code_heldout must be >= 0")
-        if self.tool_use_max_turns < 1 or self.code_max_turns < 1:
-            raise ConfigError("tasks.tool_use_max_turns and tasks.code_max_turns must be >= 1")
+        check_int("tasks.n_train", self.n_train, 1)
+        check_int("tasks.n_heldout", self.n_heldout, 1)
+        for name in ("tool_use", "tool_use_heldout", "code", "code_heldout"):
+            check_int(f"tasks.{name}", getattr(self, name), 0)
+        check_int("tasks.tool_use_max_turns", self.tool_use_max_turns, 1)
+        check_int("tasks.code_max_turns", self.code_max_turns, 1)
+        check_number("tasks.tool_use_failure_rate", self.tool_use_failure_rate, ge=0, lt=1)
+        for f in self.families:  # a family refuses bad difficulty params when built: build it now, not mid-run
+            params = self.params.get(f, {})
+            if not isinstance(params, dict):
+                raise ConfigError(f"tasks.params.{f}: expected a JSON object of difficulty params, got {params!r}")
+            try:
+                get_family(f, **params)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"tasks.params.{f}: {params} is not accepted: {e}") from None
         if self.code:
             from k2sys.rewards.sandbox import bwrap_available
 
@@ -49,8 +59,6 @@ class TasksSection:
             if not ok:
                 raise ConfigError(f"tasks.code: model-written programs run only in the bubblewrap sandbox: {why}; "
                                   "or set tasks.code=0")
-        if not 0 <= self.tool_use_failure_rate < 1:
-            raise ConfigError(f"tasks.tool_use_failure_rate: must be in [0, 1), got {self.tool_use_failure_rate}")
 
     def env_kinds(self) -> list[str]:
         """The multi-turn environment kinds this run trains on (k2sys.envs)."""
@@ -91,21 +99,37 @@ class DataSection:
     sft: str | None = None
     """SFT conversations (messages_key rows) for an SFT stage before RL; sft.steps sets its length."""
     sft_messages_key: str = "messages"
-    max_bad_fraction: float = 0.5
-    """Bad rows are reported and skipped; a file with more than this share of bad rows stops the run."""
+    max_bad_fraction: float = 0.02
+    """Every bad row is counted and reported (a summary per reason and the first line numbers, also in
+    runs/<name>/data/*_report.json) and skipped; a file with more than this share of bad rows stops the
+    run. Raise it only for data known to be that noisy."""
 
     def validate(self) -> None:
-        if self.heldout < 0 or self.max_new_tokens < 1:
-            raise ConfigError("data.heldout must be >= 0 and data.max_new_tokens >= 1")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        check_int("data.heldout", self.heldout, 0)
+        check_int("data.max_new_tokens", self.max_new_tokens, 1)
+        check_fraction("data.max_bad_fraction", self.max_bad_fraction)
+        check_name("data.prompt_key", self.prompt_key)
+        check_name("data.sft_messages_key", self.sft_messages_key)
+        for key in ("label_key", "messages_key", "split"):
+            if getattr(self, key) is not None:
+                check_name(f"data.{key}", getattr(self, key))
         for key in ("rl_prompts", "sft"):
             v = getattr(self, key)
             if v is not None:
                 from pathlib import Path
 
-                if not Path(v).exists():
-                    raise ConfigError(f"data.{key}: {v} does not exist")
+                p = Path(v)
+                if not p.exists():
+                    raise ConfigError(f"data.{key}: {v} does not exist; give an existing JSONL/Parquet/Arrow "
+                                      "file or `datasets` directory")
+                if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+                    raise ConfigError(f"data.{key}: {v} is not readable (check its permissions)")
+                from k2sys.data.sources import source_format
+
+                try:  # the suffix or directory layout decides the reader: an unknown one fails now, not mid-run
+                    source_format(p)
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"data.{key}: {e}") from None
 
 
 @dataclass(kw_only=True)
@@ -119,8 +143,11 @@ class SFTSection:
     checkpoint_every: int = 50
 
     def validate(self) -> None:
-        if self.steps < 0 or self.rows_per_batch < 1 or self.seq_len < 8 or self.checkpoint_every < 1:
-            raise ConfigError("sft: steps >= 0, rows_per_batch >= 1, seq_len >= 8, checkpoint_every >= 1")
+        check_int("sft.steps", self.steps, 0)
+        check_int("sft.rows_per_batch", self.rows_per_batch, 1)
+        check_int("sft.seq_len", self.seq_len, 8)
+        check_number("sft.lr", self.lr, gt=0, le=1, hint="learning rates above 1 only diverge")
+        check_int("sft.checkpoint_every", self.checkpoint_every, 1)
 
 
 @dataclass(kw_only=True)
@@ -136,8 +163,8 @@ class TrainerSection:
     SequentialMLP (megatron). Same parameters and checkpoints either way."""
 
     def validate(self) -> None:
-        if self.tp < 1 or self.ep < 1:
-            raise ConfigError("trainer.tp and trainer.ep must be >= 1")
+        check_int("trainer.tp", self.tp, 1)
+        check_int("trainer.ep", self.ep, 1)
 
 
 @dataclass(kw_only=True)
@@ -154,7 +181,11 @@ class RLSection:
     ptx_rows: int = 16
     old_logprobs: Literal["trainer", "engine"] = "trainer"
     """pi_old from a trainer recompute, or the engine's sampling log-probs (valid at temperature 1 only)."""
-    stale_mode: Literal["none", "mask", "importance"] = "mask"
+    stale_mode: Literal["none", "mask"] = "mask"
+    """How tokens sampled by an older policy (resumed partial rollouts) enter the loss: mask drops those more
+    than max_staleness versions behind; none uses them as if on-policy. (k2sys.rl.losses also has an
+    importance-weighting mode, but the RL loop does not yet give it the per-token behaviour and pi_old
+    log-probs it needs, so it is not offered here.)"""
     max_staleness: int = 1
     t_start: float = 1.0
     t_end: float = 0.8
@@ -178,12 +209,31 @@ class RLSection:
     """Prompts per iteration sampled at T=1 to compare engine and trainer log-probs."""
 
     def validate(self) -> None:
-        if self.iterations < 0 or self.inner_steps < 1:
-            raise ConfigError("rl.iterations must be >= 0 and rl.inner_steps >= 1")
-        if not self.tau > 0:
-            raise ConfigError(f"rl.tau: must be > 0, got {self.tau}")
-        if self.ptx_coef < 0:
-            raise ConfigError(f"rl.ptx_coef: must be >= 0, got {self.ptx_coef}")
+        check_int("rl.iterations", self.iterations, 0)
+        check_number("rl.tau", self.tau, gt=0)
+        check_number("rl.lr", self.lr, gt=0, le=1, hint="learning rates above 1 only diverge")
+        check_int("rl.inner_steps", self.inner_steps, 1)
+        check_number("rl.ptx_coef", self.ptx_coef, ge=0)
+        check_int("rl.ptx_rows", self.ptx_rows, 0)
+        if self.ptx_coef > 0 and self.ptx_rows < 1:
+            raise ConfigError("rl.ptx_rows: the PTX loss (rl.ptx_coef > 0) needs rl.ptx_rows >= 1; "
+                              "or set rl.ptx_coef=0")
+        check_int("rl.max_staleness", self.max_staleness, 0)
+        check_number("rl.t_start", self.t_start, gt=0)
+        check_number("rl.t_end", self.t_end, gt=0)
+        check_int("rl.episode_groups_per_iter", self.episode_groups_per_iter, 0)
+        if not isinstance(self.budgets, dict):
+            raise ConfigError(f"rl.budgets: expected a JSON object of family -> max response tokens, "
+                              f"got {self.budgets!r}")
+        for fam, b in self.budgets.items():
+            check_int(f"rl.budgets.{fam}", b, 1, hint="a token budget is a positive int")
+        check_number("rl.budget_penalty", self.budget_penalty, ge=0)
+        check_int("rl.filter_k", self.filter_k, 1)
+        check_int("rl.filter_samples", self.filter_samples, 1)
+        check_int("rl.filter_prompts", self.filter_prompts, 0)
+        check_int("rl.mismatch_probe", self.mismatch_probe, 0)
+        check_number("rl.filter_low", self.filter_low, ge=0, le=1)
+        check_number("rl.filter_high", self.filter_high, ge=0, le=1)
         if self.old_logprobs == "engine" and (self.t_start != 1.0 or self.t_end != 1.0):
             raise ConfigError("rl.old_logprobs=engine: engine log-probs are of the tempered distribution; "
                               "use it with rl.t_start=1 and rl.t_end=1, or set rl.old_logprobs=trainer")
@@ -244,16 +294,28 @@ class EngineSection:
                 "--moe-kernels", self.moe_kernels, "--quantization", self.quantization)
 
     def validate(self) -> None:
-        if min(self.tp, self.ep, self.dp) < 1:
-            raise ConfigError(f"engine.tp/ep/dp: {self.tp}/{self.ep}/{self.dp} must be >= 1")
+        for name in ("tp", "ep", "dp"):
+            check_int(f"engine.{name}", getattr(self, name), 1)
         if self.tp % self.ep:
             raise ConfigError(f"engine.ep={self.ep} must divide engine.tp={self.tp}")
-        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
-            raise ConfigError(f"engine.mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]")
-        if self.update_bucket_mb < 1:
-            raise ConfigError(f"engine.update_bucket_mb: {self.update_bucket_mb} must be >= 1")
-        if not 0 <= self.sync_port < 65536:
-            raise ConfigError(f"engine.sync_port: {self.sync_port} must be a TCP port (0 = pick a free one)")
+        check_port("engine.port", self.port)
+        check_port("engine.sync_port", self.sync_port)
+        if self.port and self.port == self.sync_port:
+            raise ConfigError(f"engine.sync_port: {self.sync_port} is also engine.port; use another port or 0")
+        check_int("engine.max_running_requests", self.max_running_requests, 1)
+        check_int("engine.restarts", self.restarts, 0)
+        check_number("engine.startup_timeout_s", self.startup_timeout_s, gt=0)
+        if self.mem_fraction_static is not None:
+            check_number("engine.mem_fraction_static", self.mem_fraction_static, gt=0, le=1)
+        check_int("engine.update_bucket_mb", self.update_bucket_mb, 1, 1 << 20)
+        if self.kind == "native" and self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("engine.device=cuda: this process sees no CUDA device; use engine.device=auto or cpu")
+        if not all(part.isidentifier() for part in self.sglang_module.split(".")):
+            raise ConfigError(f"engine.sglang_module: {self.sglang_module!r} is not a module name "
+                              "(dotted identifiers, e.g. sglang.launch_server)")
         if self.kind == "native":
             if (self.tp, self.ep, self.dp) != (1, 1, 1):
                 raise ConfigError(f"engine.tp/ep/dp={self.tp}/{self.ep}/{self.dp}: the native engine runs on one "

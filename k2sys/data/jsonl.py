@@ -31,10 +31,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 __all__ = ["ROLES", "ChatRow", "BadRow", "LoadReport", "BadDataError", "RowError", "normalize_conversation",
-           "load_chat_jsonl", "read_chat_jsonl", "write_jsonl", "write_chat_jsonl"]
+           "load_chat_jsonl", "read_chat_jsonl", "write_jsonl", "write_chat_jsonl", "iter_text_lines",
+           "json_error_reason"]
 
 ROLES = ("system", "user", "assistant", "tool")
-DEFAULT_MAX_BAD_FRACTION = 0.5
+DEFAULT_MAX_BAD_FRACTION = 0.02
+"""Above 2% bad rows a file stops the run: a file that loses more is the wrong file or a broken export,
+and training on what is left would silently change the data mix. Pass a larger value for data known to
+be noisy (the report still lists every dropped row)."""
+BOM = b"\xef\xbb\xbf"
 
 
 class RowError(ValueError):
@@ -117,16 +122,22 @@ class LoadReport:
         return f"{head}; by reason: {kinds}\n{lines}{more}"
 
     def check(self, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> None:
-        """Raise BadDataError when no row survives or the bad fraction exceeds `max_bad_fraction`."""
+        """Raise BadDataError when no row survives or the bad fraction exceeds `max_bad_fraction`.
+
+        The message's first line says it all (file, counts, threshold, fix); the lines below it list
+        the first bad rows with their reasons."""
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction={max_bad_fraction} must be within [0, 1]")
         if self.rows_seen == 0:
             raise BadDataError(f"{self.source}: no conversations (empty file); expected one JSON object per line")
         if self.n_ok == 0 or self.bad_fraction > max_bad_fraction:
+            head, _, rows = self.summary().partition("\n")
+            why = ("no row is usable" if self.n_ok == 0 else
+                   f"bad fraction {self.bad_fraction:.3f} exceeds max_bad_fraction={max_bad_fraction}")
             raise BadDataError(
-                f"{self.summary()}\nbad fraction {self.bad_fraction:.3f} exceeds max_bad_fraction="
-                f"{max_bad_fraction}; fix the rows above or point the run at the right file "
-                f"(raise max_bad_fraction only if this data is expected to be this noisy)")
+                f"{head}; {why}: fix the rows listed below or point the run at the right file (raise "
+                f"data.max_bad_fraction only if this data is expected to be this noisy)"
+                + (f"\n{rows}" if rows else ""))
 
     def to_dict(self) -> dict:
         return {"source": self.source, "rows_seen": self.rows_seen, "ok": self.n_ok, "bad": self.n_bad,
@@ -252,21 +263,14 @@ def load_chat_jsonl(path: str | os.PathLike) -> tuple[list[ChatRow], LoadReport]
     report = LoadReport(source=str(path))
     rows: list[ChatRow] = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.rows_seen += 1
-                report.add_bad(lineno, f"not UTF-8: byte {e.start}")
-                continue
-            if not line.strip():
-                report.blank_lines += 1
-                continue
-            report.rows_seen += 1
+        for lineno, line in iter_text_lines(f, report):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                report.add_bad(lineno, f"not JSON: {e.msg} at column {e.colno}")
+                report.add_bad(lineno, json_error_reason(line, e))
+                continue
+            except RecursionError:
+                report.add_bad(lineno, "too deeply nested: the JSON nests beyond Python's recursion limit")
                 continue
             try:
                 messages, tools, meta = normalize_conversation(obj)
@@ -275,6 +279,46 @@ def load_chat_jsonl(path: str | os.PathLike) -> tuple[list[ChatRow], LoadReport]
                 continue
             rows.append(ChatRow(messages, tools, lineno, meta))
     return rows, report
+
+
+def iter_text_lines(f: Any, report: LoadReport) -> Iterable[tuple[int, str]]:
+    """(line number, text) of every non-blank line of binary file `f` that decodes as UTF-8; the others go
+    into `report` (blank lines counted, undecodable lines as bad rows). A UTF-8 byte-order mark at the start
+    of the file (as Windows editors write it) is skipped, not a bad row."""
+    for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            report.rows_seen += 1
+            enc = "; the file looks Latin-1/cp1252 encoded, re-save it as UTF-8" if _looks_latin1(raw) else ""
+            report.add_bad(lineno, f"not UTF-8: byte {e.start} is 0x{raw[e.start]:02x}{enc}")
+            continue
+        if not line.strip():
+            report.blank_lines += 1
+            continue
+        report.rows_seen += 1
+        if "\x00" in line:
+            report.add_bad(lineno, f"NUL byte: at column {line.index(chr(0)) + 1} (binary or corrupted data)")
+            continue
+        yield lineno, line
+
+
+def _looks_latin1(raw: bytes) -> bool:
+    return any(0xa0 <= b <= 0xff for b in raw) and not raw.startswith(BOM)
+
+
+def json_error_reason(line: str, e: json.JSONDecodeError) -> str:
+    """The report reason of a line that is not JSON: a truncated line (ends mid-object: an interrupted
+    write or a cut file) says so; a BOM in the middle of a file (concatenated files) too."""
+    if line.startswith("\ufeff"):
+        return "not JSON: a UTF-8 byte-order mark inside the file (files concatenated?); remove it"
+    # A JSON-lines string cannot span lines, so an unterminated one means the line was cut.
+    cut = e.msg.startswith("Unterminated string") or e.pos >= len(line.rstrip())
+    if cut and line.lstrip().startswith(("{", "[")):
+        return f"truncated: the line ends inside the JSON value (at column {e.colno}); was the file cut off?"
+    return f"not JSON: {e.msg} at column {e.colno}"
 
 
 def read_chat_jsonl(path: str | os.PathLike,

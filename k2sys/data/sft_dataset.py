@@ -13,6 +13,7 @@ The cursor carries the data fingerprint; resuming on different data or settings 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,6 +22,8 @@ import torch
 
 from .jsonl import DEFAULT_MAX_BAD_FRACTION, ChatRow, LoadReport, load_chat_jsonl
 from .packing import collate_rows, take_packed
+
+log = logging.getLogger("k2sys.data")
 
 __all__ = ["TokenizeFn", "chat_tokenize_fn", "Sample", "Cursor", "SFTDataConfig", "SFTData", "heldout_score",
            "build_sft_data", "load_sft_data"]
@@ -214,6 +217,8 @@ def build_sft_data(rows: list[ChatRow], report: LoadReport, config: SFTDataConfi
         s = Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8), row.line, row.key)
         samples.append((heldout_score(row.key, config.split_seed), s))
     report.check(config.max_bad_fraction)
+    if report.n_bad:  # kept going, but never silently: the count per reason and the first lines
+        log.warning("SFT data: %s", report.summary())
     train = [s for score, s in samples if score >= config.heldout_fraction]
     heldout = [s for score, s in samples if score < config.heldout_fraction]
     if config.heldout_fraction > 0 and not heldout and len(samples) >= 2:

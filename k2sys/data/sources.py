@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .jsonl import (DEFAULT_MAX_BAD_FRACTION, BadDataError, ChatRow, LoadReport, RowError,
-                    normalize_conversation)
+from .jsonl import (DEFAULT_MAX_BAD_FRACTION, BadDataError, ChatRow, LoadReport, RowError, iter_text_lines,
+                    json_error_reason, normalize_conversation)
 
 __all__ = ["PromptRecord", "SourceReport", "load_prompts", "load_chat_rows", "read_records", "source_format",
            "JSONL_SUFFIXES", "PARQUET_SUFFIXES", "ARROW_SUFFIXES"]
@@ -108,7 +108,7 @@ def source_format(path: str | os.PathLike) -> str:
     if p.is_dir():
         if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             return "datasets"
-        raise ValueError(f"{p} is a directory but not a `datasets` save_to_disk directory (no state.json or "
+        raise BadDataError(f"{p} is a directory but not a `datasets` save_to_disk directory (no state.json or "
                          f"dataset_dict.json in it); expected {_FORMS}")
     suffix = p.suffix.lower()
     if suffix in JSONL_SUFFIXES:
@@ -117,7 +117,7 @@ def source_format(path: str | os.PathLike) -> str:
         return "parquet"
     if suffix in ARROW_SUFFIXES:
         return "arrow"
-    raise ValueError(f"{p}: unsupported data file suffix {p.suffix!r}; expected {_FORMS}")
+    raise BadDataError(f"{p}: unsupported data file suffix {p.suffix!r}; expected {_FORMS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,27 +138,20 @@ def _read_jsonl(path: Path) -> _Rows:
     rows: list[tuple[int, dict]] = []
     counts: dict[str, int] = {}
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.rows_seen += 1
-                report.add_bad(lineno, f"not UTF-8: byte {e.start}")
-                continue
-            if not line.strip():
-                report.blank_lines += 1
-                continue
-            report.rows_seen += 1
+        for lineno, line in iter_text_lines(f, report):
             if lineno == 1 and line.lstrip().startswith("["):
-                raise ValueError(f"{path}: starts with '[': this looks like one JSON array, but JSON data is read "
-                                 f"as JSON lines (one object per line); convert it, e.g. "
-                                 f"`python -c \"import json,sys; [print(json.dumps(o)) for o in "
-                                 f"json.load(sys.stdin)]\" "
-                                 f"< {path.name} > {path.stem}.jsonl`")
+                raise BadDataError(f"{path}: starts with '[': this looks like one JSON array, but JSON data is read "
+                                   f"as JSON lines (one object per line); convert it, e.g. "
+                                   f"`python -c \"import json,sys; [print(json.dumps(o)) for o in "
+                                   f"json.load(sys.stdin)]\" "
+                                   f"< {path.name} > {path.stem}.jsonl`")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                report.add_bad(lineno, f"not JSON: {e.msg} at column {e.colno}")
+                report.add_bad(lineno, json_error_reason(line, e))
+                continue
+            except RecursionError:
+                report.add_bad(lineno, "too deeply nested: the JSON nests beyond Python's recursion limit")
                 continue
             if not isinstance(obj, dict):
                 report.add_bad(lineno, f"not an object: the line is a JSON {type(obj).__name__}, expected {{...}}")
@@ -182,7 +175,7 @@ def _arrow_batches(path: Path):
     try:
         reader = pa.ipc.open_file(source)
     except pa.ArrowInvalid as e:
-        raise ValueError(f"{path}: not an Arrow IPC file (neither stream nor file format): {e}") from None
+        raise BadDataError(f"{path}: not an Arrow IPC file (neither stream nor file format): {e}") from None
     return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
 
 
@@ -193,31 +186,31 @@ def _dataset_dir_files(path: Path, split: str | None) -> tuple[list[Path], str]:
         try:
             splits = json.loads(dict_file.read_text())["splits"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{dict_file}: not a `datasets` dataset_dict.json ({e!r}); "
+            raise BadDataError(f"{dict_file}: not a `datasets` dataset_dict.json ({e!r}); "
                              f"expected {{\"splits\": [...]}}") from None
         if split is None:
-            raise ValueError(f"{path} is a `datasets` DatasetDict with splits {', '.join(map(repr, splits))}; "
+            raise BadDataError(f"{path} is a `datasets` DatasetDict with splits {', '.join(map(repr, splits))}; "
                              f"choose one with split= (e.g. split={splits[0]!r})")
         if split not in splits:
-            raise ValueError(f"{path}: no split {split!r}; the DatasetDict has splits {', '.join(map(repr, splits))}")
+            raise BadDataError(f"{path}: no split {split!r}; the DatasetDict has splits {', '.join(map(repr, splits))}")
         files, _ = _dataset_dir_files(path / split, None)
         return files, f"{path}[{split}]"
     if split is not None:
-        raise ValueError(f"split={split!r} given, but {path} is a single `datasets` Dataset (no dataset_dict.json), "
+        raise BadDataError(f"split={split!r} given, but {path} is a single `datasets` Dataset (no dataset_dict.json), "
                          f"which has no splits; leave split unset")
     state = path / "state.json"
     if state.is_file():
         try:
             names = [d["filename"] for d in json.loads(state.read_text())["_data_files"]]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{state}: cannot read the shard list '_data_files' ({e!r}); is this a "
+            raise BadDataError(f"{state}: cannot read the shard list '_data_files' ({e!r}); is this a "
                              f"`datasets` save_to_disk directory?") from None
         files = [path / n for n in names]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{path}: state.json lists Arrow shards that are missing: {', '.join(missing)}")
         return files, str(path)
-    raise ValueError(f"{path} is not a `datasets` save_to_disk directory (no state.json or dataset_dict.json)")
+    raise BadDataError(f"{path} is not a `datasets` save_to_disk directory (no state.json or dataset_dict.json)")
 
 
 def _read_tabular(path: Path, fmt: str, split: str | None) -> _Rows:
@@ -227,7 +220,7 @@ def _read_tabular(path: Path, fmt: str, split: str | None) -> _Rows:
         files, source = _dataset_dir_files(path, split)
     else:
         if split is not None:
-            raise ValueError(f"split={split!r} given, but {path} is a single {fmt} file, which has no splits; "
+            raise BadDataError(f"split={split!r} given, but {path} is a single {fmt} file, which has no splits; "
                              f"leave split unset")
         files, source = [path], str(path)
     report = SourceReport(source=source, format=fmt, unit="row")
@@ -241,18 +234,23 @@ def _read_tabular(path: Path, fmt: str, split: str | None) -> _Rows:
             try:
                 pf = pq.ParquetFile(str(f))
             except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(f"{f}: not a readable Parquet file: {e}") from None
+                raise BadDataError(f"{f}: not a readable Parquet file: {e}") from None
             file_schema, batches = pf.schema_arrow, pf.iter_batches(batch_size=_BATCH_ROWS)
         else:
             file_schema, batches = _arrow_batches(f)
         if schema is None:
             schema = file_schema
         elif file_schema.names != schema.names:
-            raise ValueError(f"{f}: columns {file_schema.names} differ from the first shard's {schema.names}")
-        for batch in batches:
-            for obj in batch.to_pylist():
-                n += 1
-                rows.append((n, obj))
+            raise BadDataError(f"{f}: columns {file_schema.names} differ from the first shard's {schema.names}")
+        try:
+            for batch in batches:
+                for obj in batch.to_pylist():
+                    n += 1
+                    rows.append((n, obj))
+        except (pa.ArrowException, OSError) as e:
+            # A cut-off file reads until its last complete batch; losing the rest silently is data loss.
+            raise BadDataError(f"{f}: cannot read past row {n} ({e}); the file is truncated or corrupt. "
+                               f"Re-export it") from None
     report.rows_seen = n
     return _Rows(report, rows, list(schema.names) if schema is not None else [], schema=schema)
 
@@ -262,7 +260,7 @@ def _read(path: str | os.PathLike, split: str | None) -> _Rows:
     fmt = source_format(p)
     if fmt == "jsonl":
         if split is not None:
-            raise ValueError(f"split={split!r} given, but {p} is a JSON-lines file, which has no splits; "
+            raise BadDataError(f"split={split!r} given, but {p} is a JSON-lines file, which has no splits; "
                              f"leave split unset")
         return _read_jsonl(p)
     return _read_tabular(p, fmt, split)

@@ -20,12 +20,35 @@ import time
 from pathlib import Path
 
 
+class KernelsCLIError(ValueError):
+    """A `k2sys kernels` argument cannot be used; the message names it and the fix."""
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse an unusable --json before minutes of compiling, not after."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise KernelsCLIError(f"--json {path}: is a directory; give a file path, e.g. {p / 'report.json'}")
+    parent = p.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise KernelsCLIError(f"--json {path}: {parent} is a file, so the report cannot be written there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KernelsCLIError(f"--json {path}: {parent} is not writable; choose another path")
+
+
 def _write_json(path: str, obj: dict) -> None:
     from k2sys.models.hf_io import write_json_atomic
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(p, obj)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(p, obj)
+    except OSError as e:
+        raise KernelsCLIError(f"--json {path}: cannot write the report ({e.strerror or e})") from None
 
 
 def _print_compile(report: dict) -> None:
@@ -113,9 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "jobs", 0) < 0:
+        parser.error(f"--jobs: must be >= 0 (0 = every usable CPU), got {args.jobs}")
     t0 = time.perf_counter()
-    rc = args.fn(args, argv)
+    try:
+        _check_json_path(args.json)
+        rc = args.fn(args, argv)
+    except KernelsCLIError as e:
+        print(f"k2sys kernels {args.action}: error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "quiet", False):
         print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return rc

@@ -27,8 +27,13 @@ spec's otherwise; the meta file records which.
   per-rank    the old `hf-to-megatron` output (DST/mp_rank_TT[_EEE]/model_optim_rng.pt), read for
               backwards compatibility
 
-  k2sys convert hf-to-megatron HF_DIR OUT --tp 2 --ep 2 [--spec auto|local|te]
-  k2sys convert megatron-to-hf MEGATRON_DIR HF_OUT [--format native|bf16|fp8-block128]
+Outputs never clobber: an existing non-empty DST is refused unless `--overwrite` (and even then only
+when DST is a checkpoint of the kind being written, never an arbitrary directory or a file); DST may
+not be SRC, lie inside SRC or contain SRC. The new checkpoint is written to a temp dir beside DST and
+renamed over it only when complete.
+
+  k2sys convert hf-to-megatron HF_DIR OUT --tp 2 --ep 2 [--spec auto|local|te] [--overwrite]
+  k2sys convert megatron-to-hf MEGATRON_DIR HF_OUT [--format native|bf16|fp8-block128] [--overwrite]
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from typing import Any, Mapping
 import torch
 
 from k2sys.models.config import ConfigError, K2Config
-from k2sys.models.hf_io import load_config, replace_dir_atomic, write_json_atomic
+from k2sys.models.hf_io import replace_dir_atomic, write_json_atomic
 from k2sys.trainer.naming import RULES, megatron_to_hf
 
 META = "k2sys_megatron.json"
@@ -84,21 +89,22 @@ def resolve_spec(spec: str) -> bool:
 
 
 def hf_dir_to_megatron(src: str | os.PathLike, dst: str | os.PathLike, tp: int = 1, ep: int = 1,
-                       spec: str = "auto") -> Path:
+                       spec: str = "auto", overwrite: bool = False) -> Path:
     """Write HF checkpoint `src` as a megatron dist checkpoint at `dst`, written by a (tp, ep) layout.
 
     Under torchrun with WORLD_SIZE == tp*ep every rank calls this (each writes its own shards); otherwise
-    tp*ep local processes are spawned for the write (or, for tp*ep == 1, this process writes)."""
-    from k2sys.trainer.spec import check_supported
-
+    tp*ep local processes are spawned for the write (or, for tp*ep == 1, this process writes).
+    An existing non-empty `dst` is refused unless `overwrite` (see check_output_dir)."""
     src, dst = Path(src), Path(dst)
     for name, v in (("--tp", tp), ("--ep", ep)):
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConvertError(f"{name}: must be a positive int, got {v!r}")
-    cfg = load_config(src)  # a missing / unreadable config.json is an error naming the file, before any spawn
+    check_output_dir(src, dst, overwrite, kind="megatron")
+    cfg = _hf_source_config(src)  # config.json and every shard header, before any rank is spawned
+    from k2sys.trainer.spec import check_supported  # imports megatron: after the cheap checks
+
     check_supported(cfg, tp, ep)
     use_te = resolve_spec(spec)
-    _check_dst(src, dst)
     try:
         import psutil  # noqa: F401
     except ImportError as e:  # without it megatron's writer processes die and the save hangs
@@ -126,17 +132,93 @@ def hf_dir_to_megatron(src: str | os.PathLike, dst: str | os.PathLike, tp: int =
     return _write_spawned(dst, job, world)
 
 
-def _check_dst(src: Path, dst: Path) -> None:
-    if dst.resolve() == src.resolve():
-        raise ConvertError(f"{dst}: the output directory is the input checkpoint; choose another path")
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / META).exists())):
-        raise ConvertError(f"{dst}: exists and is not a k2sys Megatron checkpoint; refusing to replace it. "
-                           "Remove it or choose another output path")
+def _is_megatron_dir(p: Path) -> bool:
+    return (p / META).is_file()
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and (
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+
+
+def _within(a: Path, b: Path) -> bool:
+    """a == b or a lies inside b (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_output_dir(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool, kind: str) -> None:
+    """Refuse an output that would clobber data: DST is SRC, inside SRC or contains SRC; DST is an existing
+    file; DST is a non-empty directory and `overwrite` is off; or DST is a non-empty directory that is not a
+    `kind` checkpoint ("megatron" or "hf"), which --overwrite does not replace either (a mistyped path must
+    not delete a home directory). Also checks that DST's parent can be written."""
+    src_p, dst_p = Path(src), Path(dst)
+    if not src_p.exists():
+        raise ConvertError(f"{src_p}: the source checkpoint does not exist")
+    if not src_p.is_dir():
+        raise ConvertError(f"{src_p}: the source must be a checkpoint directory, not a file")
+    s, d = src_p.resolve(), dst_p.resolve()
+    if d == s:
+        raise ConvertError(f"{dst_p}: the output directory is the input checkpoint; choose another path "
+                           "(converting in place would destroy the source weights)")
+    if _within(d, s):
+        raise ConvertError(f"{dst_p}: the output lies inside the input checkpoint {src_p}; choose a path outside it")
+    if _within(s, d):
+        raise ConvertError(f"{dst_p}: the output contains the input checkpoint {src_p}; replacing it would delete "
+                           "the source. Choose another path")
+    label = {"megatron": "k2sys Megatron checkpoint", "hf": "HF checkpoint directory"}[kind]
+    article = "an" if kind == "hf" else "a"
+    if dst_p.exists() or dst_p.is_symlink():
+        if not dst_p.is_dir() or dst_p.is_symlink():
+            raise ConvertError(f"{dst_p}: exists and is not a directory; refusing to replace it. Remove it or "
+                               "choose another output path")
+        entries = sorted(x.name for x in dst_p.iterdir())
+        if entries:
+            is_kind = _is_megatron_dir(dst_p) if kind == "megatron" else _is_hf_dir(dst_p)
+            if not is_kind:
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise ConvertError(f"{dst_p}: exists and is not {article} {label} ({len(entries)} entries: {shown}); "
+                                   "refusing to replace it, even with --overwrite. Remove it or choose another "
+                                   "output path")
+            if not overwrite:
+                raise ConvertError(f"{dst_p}: exists and is not empty ({article} {label}); pass --overwrite to "
+                                   "replace it (the new checkpoint is written beside it and swapped in when "
+                                   "complete), or choose another output path")
+    parent = d.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConvertError(f"{dst_p}: {parent} is a file, so the output directory cannot be created there")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".k2sys-write-probe-"))
+    except OSError as e:
+        raise ConvertError(f"{dst_p}: cannot write in {parent} ({e.strerror}); choose a writable output path") from None
+
+
+def _hf_source_config(src: Path) -> K2Config:
+    """The config of HF checkpoint `src`, after checking config.json and every safetensors header against
+    the file sizes (no tensor is read): a truncated or corrupt source is an error naming the file here,
+    not a traceback in a writer rank."""
+    from k2sys.models.checkpoint import HFCheckpoint
+
+    try:
+        ckpt = HFCheckpoint(src)
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{src}: a JSON file (config.json or model.safetensors.index.json) is not valid JSON "
+                           f"({e}); the checkpoint is truncated or corrupt") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConvertError(f"{src}: cannot read the checkpoint: {e}") from None
+    try:
+        return ckpt.config
+    finally:
+        ckpt.close()
 
 
 def _make_tmp(dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    except OSError as e:
+        raise ConvertError(f"{dst}: cannot create the output beside it ({e}); choose a writable output path") from None
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint unreadable to the rest of a cluster group
     return tmp
 
@@ -181,8 +263,12 @@ def _write_spawned(dst: Path, job: dict[str, Any], world: int) -> Path:
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        # The rank's last line is its error; its traceback goes to the log only (--debug shows it too).
+        import logging
+
+        logging.getLogger("k2sys.convert").debug("writer rank %s failed:\n%s", e.error_index, e)
         raise ConvertError(f"hf-to-megatron: writer rank {e.error_index} of {world} failed, nothing was written to "
-                           f"{dst}: {lines[-1] if lines else type(e).__name__}\n{e}") from None
+                           f"{dst}: {lines[-1] if lines else type(e).__name__}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -248,7 +334,13 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not meta.exists():
         raise FileNotFoundError(f"{path}: no {META}; not a k2sys Megatron checkpoint (write one with "
                                 "`k2sys convert hf-to-megatron` or MegatronBackend.save)")
-    return json.loads(meta.read_text())
+    try:
+        out = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{meta}: not valid JSON ({e}); the checkpoint is truncated or corrupt") from None
+    if not isinstance(out, dict) or not isinstance(out.get("config"), dict):
+        raise ConvertError(f"{meta}: expected an object with 'format' and 'config'; the checkpoint is corrupt")
+    return out
 
 
 def load_per_rank(path: str | os.PathLike) -> tuple[K2Config, int, int, dict[tuple[int, int], dict[str, torch.Tensor]]]:
@@ -359,21 +451,35 @@ def write_hf(state: Mapping[str, torch.Tensor], cfg: K2Config, dst: str | os.Pat
     return write_hf_dir(dict(state), cfg, dst, format=format, extras_from=extras_from)
 
 
-def megatron_dir_to_hf(src: str | os.PathLike, dst: str | os.PathLike, format: str = "native") -> Path:
+def megatron_dir_to_hf(src: str | os.PathLike, dst: str | os.PathLike, format: str = "native",
+                       overwrite: bool = False) -> Path:
     """Convert a Megatron checkpoint directory (model-dist, dist or old per-rank) to an HF directory.
 
-    Under a multi-rank world every rank reads; rank 0 writes."""
+    Under a multi-rank world every rank reads; rank 0 writes. An existing non-empty `dst` is refused
+    unless `overwrite` (see check_output_dir); the HF directory is written beside it and renamed."""
     src = Path(src)
+    check_output_dir(src, dst, overwrite, kind="hf")
     meta = read_meta(src)
     fmt = meta.get("format")
-    if fmt == FORMAT_PER_RANK:
-        cfg, tp, ep, shards = load_per_rank(src)
-        state = megatron_to_hf(shards, cfg, tp, ep)
-    elif fmt in (FORMAT_MODEL_DIST, FORMAT_DIST):
-        cfg, state = read_dist_model(src)
-    else:
+    if fmt not in (FORMAT_PER_RANK, FORMAT_MODEL_DIST, FORMAT_DIST):
         raise ConvertError(f"{src}: unknown checkpoint format {fmt!r} in {META}; expected one of "
                            f"{[FORMAT_MODEL_DIST, FORMAT_DIST, FORMAT_PER_RANK]}")
+    from k2sys.models.checkpoint import CheckpointError
+
+    try:
+        if fmt == FORMAT_PER_RANK:
+            cfg, tp, ep, shards = load_per_rank(src)
+            state = megatron_to_hf(shards, cfg, tp, ep)
+        else:
+            cfg, state = read_dist_model(src)
+    except (ConvertError, ConfigError, CheckpointError, FileNotFoundError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - damaged files fail in torch/megatron readers with anything,
+        # torch.distributed.checkpoint's CheckpointException (a BaseException) included
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConvertError(f"{src}: cannot read the {fmt} checkpoint ({type(e).__name__}: {first}); a file in it "
+                           "is truncated or corrupt. Rewrite the checkpoint (rerun with --debug for the "
+                           "traceback)") from e
     import torch.distributed as dist
 
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -402,19 +508,23 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--spec", choices=SPECS, default="auto",
                    help="parameter names: te (Transformer Engine spec), local, or auto (te where "
                         "transformer_engine imports with CUDA)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an existing Megatron checkpoint at DST (written beside it, swapped in when complete)")
     b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (model-dist, dist or per-rank) -> HF dir")
     b.add_argument("src")
     b.add_argument("dst")
     b.add_argument("--format", choices=EXPORT_FORMATS, default="native",
                    help="HF weights: native (as stored), bf16, or fp8-block128 (the release format)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing HF checkpoint at DST (written beside it, swapped in when complete)")
     args = p.parse_args(argv)
     from k2sys.models.checkpoint import CheckpointError
 
     try:
         if args.cmd == "hf-to-megatron":
-            out = hf_dir_to_megatron(args.src, args.dst, args.tp, args.ep, args.spec)
+            out = hf_dir_to_megatron(args.src, args.dst, args.tp, args.ep, args.spec, overwrite=args.overwrite)
         else:
-            out = megatron_dir_to_hf(args.src, args.dst, args.format)
+            out = megatron_dir_to_hf(args.src, args.dst, args.format, overwrite=args.overwrite)
     except (ConvertError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"k2sys convert: error: {e}", file=sys.stderr)
         return 2
