@@ -1,8 +1,12 @@
 """The SFT -> RL recipe driver: data -> SFT -> eval -> RL (colocated, partial rollouts) -> eval -> report.
 
-Every stage is resumable: state.json (atomic) records what is done; SFT and RL checkpoints,
-the data cursor and the partial-rollout buffer are committed together, so `kill -9` and a rerun
-of the same command continue from the last completed step without losing an iteration.
+Every stage is resumable: state.json (atomic) records what is done; an SFT or RL checkpoint and
+its counters (SFT step + data cursor; RL iteration + trainer step + partial-rollout buffer) are
+committed together by one pointer file (state.CommittedCheckpoints: <stage>_ckpt/step_N/ and
+latest.json), so `kill -9` at any instant and a rerun of the same command continue from the last
+committed step, without losing or repeating an iteration. A resumed run drops the metrics records of
+uncommitted work, reaps what the dead coordinator left running (engine_handle.claim_run) and adds a
+segment to state.json: report.json's total_s is the sum over all segments.
 
 One RL iteration (the paper's loop, section 5; the phases are k2sys.coordinator.state):
 
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ import torch
 from k2sys.ckpt import UpdateConfig
 from k2sys.config import ConfigError, render, to_dict
 from k2sys.coordinator import state as sm
-from k2sys.coordinator.engine_handle import EngineHandle
+from k2sys.coordinator.engine_handle import EngineHandle, RunClaim, claim_run
 from k2sys.coordinator.metrics import MetricsLog
 from k2sys.coordinator.rl_batch import build_rl_batch, k2_ptx_loss_fn, set_old_logprobs
 from k2sys.coordinator.rollout import new_group, run_rollout
@@ -56,11 +62,18 @@ class RecipeRunner:
         # Under torchrun every rank runs the SFT stage (the trainer is collective); rank 0 alone
         # writes run files. RL runs with one trainer rank: the coordinator is that rank.
         self.rank, self.world = _init_ranks()
+        self.claim: RunClaim | None = None
+        self.sft_ckpts = sm.CommittedCheckpoints(self.dir / "sft_ckpt")
+        self.rl_ckpts = sm.CommittedCheckpoints(self.dir / "rl_ckpt")
+        self.state_path = self.dir / "state.json"
+        pruned: list[str] = []
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "logs").mkdir(exist_ok=True)
+            self.claim = claim_run(self.dir)  # one coordinator per run dir; reaps a dead one's processes
+            # checkpoints written but never committed (kill -9 between save and commit, or mid-write) go
+            pruned = self.sft_ckpts.prune() + self.rl_ckpts.prune()
         _barrier()
-        self.state_path = self.dir / "state.json"
         self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         saved = self.dir / "config.json"
         if saved.exists() and self.state and _comparable(json.loads(saved.read_text())) != _comparable(to_dict(cfg)):
@@ -69,6 +82,10 @@ class RecipeRunner:
         if self.rank == 0:
             saved.write_text(render(cfg) + "\n")
         self.metrics = MetricsLog(self.dir) if self.rank == 0 else NullMetrics()
+        self._segment: dict | None = None
+        self._heartbeat: _Heartbeat | None = None
+        if self.rank == 0:
+            self._begin_segment(pruned)
         self.families = {f: get_family(f, **cfg.tasks.params.get(f, {})) for f in cfg.tasks.families}
         if cfg.data.rl_prompts:  # the user's prompts, scored by the user's reward (k2sys.tasks.user)
             from k2sys.rewards.registry import make_reward
@@ -84,7 +101,75 @@ class RecipeRunner:
     def save_state(self, **updates: Any) -> None:
         self.state.update(updates)
         if self.rank == 0:
+            if self._segment is not None:
+                self._segment["end"] = time.time()
             write_json_atomic(self.state_path, self.state)
+
+    def _begin_segment(self, pruned: list[str]) -> None:
+        """Rank 0, at start: close the segment of a coordinator that died (its end: the last sign of
+        life it left), drop the metrics of uncommitted work, open this process's segment."""
+        segs = self.state.setdefault("segments", [])
+        resumed = bool(segs) or self.state_path.exists()
+        if segs and segs[-1].get("outcome") == "running":
+            last = segs[-1]
+            signs = [last.get("end", last["start"])] + [
+                p.stat().st_mtime for p in (self.dir / _Heartbeat.NAME, self.metrics.path) if p.exists()]
+            last["end"] = max(t for t in signs if t >= last["start"])
+            last["outcome"] = "killed"
+        sft = self.sft_ckpts.read()
+        rl = self.rl_ckpts.read()
+        # the pointers are the truth; state.json may lag by one commit (a kill between the two writes)
+        if rl is not None:
+            self.state.update(rl_iter=rl["step"], rl_trainer_step=rl.get("trainer_step"))
+        if sft is not None and not self.state.get("sft_done"):
+            self.state.update(sft_step=sft["step"], sft_cursor=sft["cursor"])
+        dropped = self.metrics.keep_only(self._committed_record(sft, rl)) if resumed else 0
+        self._segment = {"start": _process_start_time(), "end": time.time(), "pid": os.getpid(), "outcome": "running"}
+        segs.append(self._segment)
+        self.save_state()
+        self._heartbeat = _Heartbeat(self.dir)
+        if resumed:
+            reaped = self.claim.reaped if self.claim else []
+            self.metrics.log("resume", len(segs) - 1, rl_iter=self.state.get("rl_iter", 0),
+                             sft_step=self.state.get("sft_step", 0), dropped_records=dropped,
+                             pruned_checkpoints=len(pruned), reaped_processes=len(reaped))
+            log.info("resuming run %s (segment %d): RL iteration %d, SFT step %d; dropped %d uncommitted metrics "
+                     "records, %d uncommitted checkpoint dirs, reaped %d leftover processes", self.dir, len(segs),
+                     self.state.get("rl_iter", 0), self.state.get("sft_step", 0), dropped, len(pruned), len(reaped))
+
+    def _committed_record(self, sft: dict | None, rl: dict | None):
+        """keep(record) for metrics.jsonl: False for records of work the checkpoints do not hold (it is redone)."""
+        rl_it = rl["step"] if rl else 0
+        sft_done, sft_step = bool(self.state.get("sft_done")), (sft["step"] if sft else 0)
+        evals = set(self.state.get("eval", {}))
+        data_done, filtered = bool(self.state.get("data_done")), (self.dir / "data" / "rl_prompts.json").exists()
+
+        def keep(r: dict) -> bool:
+            kind, step = r.get("kind"), r.get("step", 0)
+            if kind in ("rl", "switch"):
+                return step <= rl_it
+            if kind == "sft":
+                return sft_done or (step <= sft_step and "eval_loss" not in r)
+            if kind == "eval":
+                return all(k.split("/", 1)[0] in evals for k in r if k.endswith("/accuracy"))
+            if kind == "data":
+                return data_done
+            if kind == "filter":
+                return filtered
+            return True
+        return keep
+
+    def _end_segment(self, outcome: str) -> None:
+        if self._segment is None:
+            return
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        self._segment["outcome"] = outcome
+        segs = self.state["segments"]
+        self.save_state(total_s=sum(sg["end"] - sg["start"] for sg in segs))
+        self._segment = None
+        if self.claim is not None:
+            self.claim.release()
 
     def tasks(self, split: str) -> dict[str, list[Task]]:
         path = self.dir / "data" / f"{split}.json"
@@ -218,13 +303,19 @@ class RecipeRunner:
         _barrier()
         s = self.cfg.sft
         data = load_sft_data(SFTDataConfig(path=str(self.dir / "data" / "sft.jsonl"), seq_len=s.seq_len,
-                                           rows_per_batch=s.rows_per_batch, pack=True), tokenizer=self.tok)
-        ckpt = self.dir / "sft_ckpt"
+                                           rows_per_batch=s.rows_per_batch, pack=True,
+                                           max_bad_fraction=self.cfg.data.max_bad_fraction), tokenizer=self.tok)
+        ckpts = self.sft_ckpts
         tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr), moe_kernels=self.cfg.trainer.moe_kernels,
                              dtype=self._train_dtype())
         par = self._parallel()
-        if ckpt.exists() and "sft_cursor" in self.state:
-            trainer = MegatronBackend.from_checkpoint(ckpt, par, train=tcfg)
+        committed = ckpts.read()  # the one resume point: checkpoint, step and data cursor together
+        if committed is not None:
+            trainer = MegatronBackend.from_checkpoint(ckpts.root / committed["checkpoint"], par, train=tcfg)
+            cursor = Cursor.from_dict(committed["cursor"])
+            step = committed["step"]
+        elif (ckpts.root / "k2sys_megatron.json").exists() and "sft_cursor" in self.state:  # a run from before
+            trainer = MegatronBackend.from_checkpoint(ckpts.root, par, train=tcfg)    # the pointer file
             cursor = Cursor.from_dict(self.state["sft_cursor"])
             step = self.state["sft_step"]
         else:
@@ -238,15 +329,18 @@ class RecipeRunner:
             step += 1
             ntok = float(batch["loss_mask"].sum())
             self.metrics.log("sft", step, loss=res.loss, grad_norm=res.grad_norm, tokens_per_s=ntok / res.seconds)
+            sm.fault_point("sft_step")  # TEST HOOK (K2SYS_FAULT)
             if step % s.checkpoint_every == 0 or step == s.steps:
-                trainer.save(ckpt)
+                trainer.save(ckpts.dir_for(step))
+                if self.rank == 0:
+                    ckpts.commit(step, cursor=nxt.to_dict(), trainer_step=trainer.step)
                 self.save_state(sft_step=step, sft_cursor=nxt.to_dict())
             if step % 10 == 0:
                 log.info("sft step %d/%d loss %.4f (%.1f s)", step, s.steps, res.loss, time.perf_counter() - t0)
         eval_loss = _eval_loss(trainer, data)
         self.metrics.log("sft", step, eval_loss=eval_loss)
         trainer.save_hf(out, extras_from=self.tok_dir)  # tokenizer files travel with the checkpoint the engine serves
-        self.save_state(sft_done=True, sft_eval_loss=eval_loss)
+        self.save_state(sft_done=True, sft_eval_loss=eval_loss, sft_trainer_step=trainer.step)
         _barrier()
         return out
 
@@ -257,10 +351,14 @@ class RecipeRunner:
 
     def run_sft(self) -> Path:
         """data -> SFT -> HF export, on every rank of a torchrun job (`k2sys sft`)."""
+        outcome = "failed"
         try:
             self.stage_data()
-            return self.stage_sft()
+            out = self.stage_sft()
+            outcome = "completed"
+            return out
         finally:
+            self._end_segment(outcome)
             self.metrics.close()
 
     def run_eval(self, tag: str) -> dict:
@@ -273,9 +371,9 @@ class RecipeRunner:
             specs = self.cfg.tasks.env_specs(kind, "heldout", self.cfg.seed)
             rep[kind] = self._engine_call(lambda: evaluate_episodes(
                 self.engine.client, self.tok, specs, self.cfg.agent, seed=self.cfg.eval.seed))
-        self.save_state(eval={**self.state.get("eval", {}), tag: rep})
-        for f, r in rep.items():
+        for f, r in rep.items():  # logged before the commit: a resume drops the records of an uncommitted eval
             self.metrics.log("eval", self.state.get("rl_iter", 0), **{f"{tag}/{f}/accuracy": r["accuracy"]})
+        self.save_state(eval={**self.state.get("eval", {}), tag: rep})
         log.info("eval %s: %s", tag, {f: round(r["accuracy"], 3) for f, r in rep.items()})
         return rep
 
@@ -332,6 +430,7 @@ class RecipeRunner:
                 mem["device_free_bytes"]} if mem else {}
 
     def _push(self, version: str) -> sm.StepResult:
+        sm.fault_point("weight_update")  # TEST HOOK (K2SYS_FAULT): engine weights resumed, new ones not pushed
         rep = self.tg.call("push", version)
         return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={
             "copy_ratio": rep["copy_ratio"], "bytes_copied": rep["bytes_copied"], "buckets": rep["buckets"],
@@ -360,12 +459,19 @@ class RecipeRunner:
         from k2sys.trainer.optim import OptimConfig
 
         r = self.cfg.rl
-        it = broadcast_value(self.state.get("rl_iter", 0), self.rank, self.world)
-        ckpt = self.dir / "rl_ckpt"
+        ckpts = self.rl_ckpts
+        resume: tuple[int, str | None] = (0, None)
+        if self.rank == 0:
+            committed = ckpts.read()  # the one resume point: iteration, trainer checkpoint and buffer together
+            if committed is not None:
+                resume = (committed["step"], str(ckpts.root / committed["checkpoint"]))
+            elif (ckpts.root / "k2sys_megatron.json").exists() and self.state.get("rl_iter", 0) > 0:
+                resume = (self.state["rl_iter"], str(ckpts.root))  # a run from before the pointer file
+        it, resume_dir = broadcast_value(resume, self.rank, self.world)
         tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr), moe_kernels=self.cfg.trainer.moe_kernels,
                              dtype=self._train_dtype())
-        if it > 0 and ckpt.exists():
-            self.trainer = MegatronBackend.from_checkpoint(ckpt, self._parallel(), train=tcfg)
+        if resume_dir is not None:
+            self.trainer = MegatronBackend.from_checkpoint(resume_dir, self._parallel(), train=tcfg)
         else:
             self.trainer = MegatronBackend.from_hf(self.sft_hf, self._parallel(), train=tcfg)
         # every rank pushes its shards through the one push path; rank 0 owns the engine's sink
@@ -375,9 +481,12 @@ class RecipeRunner:
         if self.rank != 0:
             self.tg.follow()  # mirror rank 0's trainer calls until it says stop
             return
-        buffer = RolloutBuffer.load(self.dir / "rollout_buffer.json", max_age=self.cfg.rollout.max_age) \
-            if (self.dir / "rollout_buffer.json").exists() else RolloutBuffer(self.dir / "rollout_buffer.json",
-                                                                               max_age=self.cfg.rollout.max_age)
+        buf_file = None  # the partial rollouts committed with the checkpoint (legacy runs: beside state.json)
+        if resume_dir is not None:
+            buf_file = self.dir / "rollout_buffer.json" if Path(resume_dir) == ckpts.root \
+                else Path(resume_dir) / "rollout_buffer.json"
+        buffer = RolloutBuffer.load(buf_file, max_age=self.cfg.rollout.max_age) if buf_file and buf_file.exists() \
+            else RolloutBuffer(None, max_age=self.cfg.rollout.max_age)
         if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
             self.tg.call("push", str(it))
         self._offload()
@@ -412,13 +521,13 @@ class RecipeRunner:
                                      budget, self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause),
                                      seed=it, agent=self.cfg.agent)
                     break
-                except ENGINE_ERRORS:
+                except ENGINE_ERRORS as e:
                     if self.engine.alive():
                         raise
                     # the engine died mid-rollout: a fresh one (restarted from the trainer's host copy
                     # by _ensure_engine) redoes this iteration's rollout; the trainer never restarts
-                    log.warning("engine died during rollout of iteration %d (attempt %d); restarting it", it + 1,
-                                attempt + 1)
+                    log.error("engine died during rollout of iteration %d (attempt %d): %s%s; restarting it", it + 1,
+                              attempt + 1, e, "".join(f" ({n})" for n in getattr(e, "__notes__", ())))
                     machine.reset(sm.Phase.READY)
             else:
                 raise RuntimeError(f"rollout of iteration {it + 1} failed {self.cfg.engine.restarts + 1} times")
@@ -445,7 +554,10 @@ class RecipeRunner:
                 return sm.StepResult()
 
             machine.do("train", train)
-            self.tg.call("save", ckpt)  # resume point: trainer, then buffer + state below
+            # the resume point of iteration it + 1 is written into its own directory now and becomes the
+            # resume point only when the pointer names it, below, after the buffer and the metrics
+            self.tg.call("save", ckpts.dir_for(it + 1))
+            sm.fault_point("rl_saved")  # TEST HOOK (K2SYS_FAULT)
             machine.do("offload_trainer", self._offload)
             machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
             # every trainer rank sends its shards from its host copy (export while offloaded reads DRAM);
@@ -454,8 +566,8 @@ class RecipeRunner:
             machine.do("resume_kv", self._resume_kv)
             it += 1
             buffer.put(ro.unfinished)
+            buffer.path = ckpts.dir_for(it) / "rollout_buffer.json"
             buffer.commit(it)
-            self.save_state(rl_iter=it)
             recs = machine.drain_records()
             for rec in recs:
                 a = rec["action"]
@@ -464,7 +576,11 @@ class RecipeRunner:
                                                   f"{a}_engine_mem": rec["engine_device_bytes"] or 0,
                                                   f"{a}_trainer_mem": rec["trainer_device_bytes"] or 0}, **extra)
             self.metrics.log("rl", it, **ro.stats, **train_stats, **sm.summarize(recs), **self._reward_stats(),
-                             buffer_size=len(buffer), iter_s=time.perf_counter() - t_iter, **buffer.last_stats.as_dict())
+                             buffer_size=len(buffer), iter_s=time.perf_counter() - t_iter,
+                             trainer_step=self.trainer.step, **buffer.last_stats.as_dict())
+            sm.fault_point("rl_commit")  # TEST HOOK (K2SYS_FAULT): saved, pushed, logged, not committed
+            ckpts.commit(it, trainer_step=self.trainer.step, buffer="rollout_buffer.json", buffered=len(buffer))
+            self.save_state(rl_iter=it, rl_trainer_step=self.trainer.step)
             log.info("rl iter %d/%d reward %.3f loss %.4f paused %d (%.1f s)", it, r.iterations,
                      ro.stats.get("reward_mean", sum(s.reward for s in ro.samples) / max(len(ro.samples), 1)),
                      train_stats.get("loss", float("nan")), ro.stats["paused_requests"], time.perf_counter() - t_iter)
@@ -553,11 +669,18 @@ class RecipeRunner:
         return {}
 
     def run(self) -> dict:
-        from k2sys.coordinator.report import write_report
-
         if self.rank != 0:
             return self._follow()
-        t0 = time.perf_counter()
+        try:
+            report = self._run()
+        except BaseException:
+            self._end_segment("failed")
+            raise
+        return report
+
+    def _run(self) -> dict:
+        from k2sys.coordinator.report import write_report
+
         self.stage_data()
         sft_hf = self.sft_hf = self.stage_sft()
         import k2sys.models as models
@@ -568,7 +691,7 @@ class RecipeRunner:
         if self.cfg.tasks.env_kinds() and self.cfg.agent.max_episode_tokens > mcfg.max_position_embeddings:
             raise ConfigError(f"agent.max_episode_tokens={self.cfg.agent.max_episode_tokens} exceeds the model's "
                               f"max_position_embeddings={mcfg.max_position_embeddings}; lower it")
-        self.engine = EngineHandle(self.cfg.engine, self.dir)
+        self.engine = EngineHandle(self.cfg.engine, self.dir, claim=self.claim)
         try:
             self.engine.start(sft_hf, mcfg, self._model_dtype)
             self.run_eval("sft")
@@ -585,8 +708,41 @@ class RecipeRunner:
                 self.tg.call("save_hf", self.dir / "final_hf", "native", self.tok_dir)
                 self.save_state(final_exported=True)
             self.tg.stop()
-        self.save_state(total_s=self.state.get("total_s", 0.0) + time.perf_counter() - t0)
+        self._end_segment("completed")
         return write_report(self.dir, self.cfg, self.state)
+
+
+class _Heartbeat:
+    """Touches <run>/heartbeat every second: after a kill -9 its mtime says when this segment ended."""
+
+    NAME = "heartbeat"
+
+    def __init__(self, run_dir: Path, period_s: float = 1.0):
+        self.path, self.period_s = run_dir / self.NAME, period_s
+        self._stop = threading.Event()
+        self.path.touch()
+        self._thread = threading.Thread(target=self._beat, name="k2sys-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _process_start_time() -> float:
+    """When this process started (wall clock): its segment includes the imports before main()."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or /proc unreadable
+        return time.time()
 
 
 def _comparable(cfg: dict) -> dict:

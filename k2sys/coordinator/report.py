@@ -54,6 +54,19 @@ def plot(run_dir: Path, recs: list[dict], families: list[str], evals: dict) -> P
     return out
 
 
+def run_time(state: dict) -> dict:
+    """Time over every process that worked on the run (state["segments"], one per start; a segment cut by
+    kill -9 ends at its last heartbeat): total_s is their sum, wall_s first start to last end."""
+    segs = state.get("segments") or []
+    if not segs:  # a run directory from before segments were recorded
+        return {"total_s": state.get("total_s"), "segments": 1, "resumes": 0}
+    secs = [max(sg["end"] - sg["start"], 0.0) for sg in segs]
+    return {"total_s": sum(secs), "wall_s": max(sg["end"] for sg in segs) - min(sg["start"] for sg in segs),
+            "segments": len(segs), "resumes": len(segs) - 1, "segment_s": [round(x, 3) for x in secs],
+            "segment_outcomes": [sg.get("outcome", "?") for sg in segs],
+            "interrupted": sum(1 for sg in segs if sg.get("outcome") in ("killed", "failed"))}
+
+
 def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
     recs = read_metrics(run_dir)
     families = list(cfg.tasks.families) + (cfg.tasks.env_kinds() if hasattr(cfg.tasks, "env_kinds") else [])
@@ -76,7 +89,7 @@ def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
         "mean_switch_s": switch,
         "resumed_samples": sum(r.get("resumed_samples", 0) for r in rl_recs),
         "paused_requests": sum(r.get("paused_requests", 0) for r in rl_recs),
-        "total_s": state.get("total_s"),
+        **run_time(state),
     }
     write_json_atomic(run_dir / "report.json", report)
     png = plot(run_dir, recs, families, evals)
@@ -105,6 +118,9 @@ def write_report(run_dir: Path, cfg: Any, state: dict) -> dict:
               f"train->rollout {switch['train_to_rollout_s']:.3f} s.",
               f"Partial rollouts: {report['paused_requests']} requests paused, {report['resumed_samples']} "
               f"trained samples resumed across policy versions.", ""]
+    if report.get("total_s") is not None:
+        lines += [f"Run time {report['total_s']:.1f} s over {report['segments']} process(es)"
+                  f" ({report.get('interrupted', 0)} interrupted and resumed).", ""]
     if png:
         lines.append("![reward, accuracy, switch times](plot.png)")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")

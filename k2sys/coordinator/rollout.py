@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from k2sys.config import ConfigError
 from k2sys.coordinator.rl_batch import Sample
+from k2sys.coordinator.state import fault_point
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
 from k2sys.envs.agent_loop import AgentConfig, advance_episode, is_episode
 from k2sys.rl.budget import BudgetController
@@ -73,23 +74,42 @@ async def _run_with_budget(engine: Any, jobs: list[Callable[[Callable[[], bool]]
                            max_seconds: float, on_pause: Callable[[], None]) -> tuple[list, bool]:
     """Run every job (a coroutine factory taking a `stopping()` flag) until `finish_fraction` of them
     finished or `max_seconds` passed, then pause(abort) the engine: in-flight generations come
-    back with their tokens so far and multi-turn episodes stop before their next turn."""
+    back with their tokens so far and multi-turn episodes stop before their next turn.
+
+    The first job that fails ends the rollout: the others are cancelled and awaited, and every
+    exception is retrieved (a dead engine fails all requests at once: the caller gets one error,
+    whose note counts the failed requests, not one "Task exception was never retrieved" traceback each)."""
     loop = asyncio.get_running_loop()
     state = {"paused": False}
     tasks = [asyncio.create_task(job(lambda: state["paused"])) for job in jobs]
     need = math.ceil(finish_fraction * len(tasks))
     deadline = loop.time() + max_seconds
     pending, n_done = set(tasks), 0
-    while pending:
-        timeout = 1.0 if state["paused"] else max(0.0, deadline - loop.time())
-        done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        n_done += len(done)
-        if not state["paused"] and pending and (n_done >= need or loop.time() >= deadline):
-            state["paused"] = True
-            await loop.run_in_executor(None, on_pause)
-        elif state["paused"] and pending and not done:
-            # a turn request that reached the engine after the pause waits there: abort it too
-            await loop.run_in_executor(None, engine.abort, None)
+    try:
+        while pending:
+            timeout = 1.0 if state["paused"] else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            n_done += len(done)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
+            if done and not state.get("hooked"):
+                state["hooked"] = True
+                fault_point("rollout")  # TEST HOOK (K2SYS_FAULT), once per rollout: first requests done
+            if not state["paused"] and pending and (n_done >= need or loop.time() >= deadline):
+                state["paused"] = True
+                await loop.run_in_executor(None, on_pause)
+            elif state["paused"] and pending and not done:
+                # a turn request that reached the engine after the pause waits there: abort it too
+                await loop.run_in_executor(None, engine.abort, None)
+    except BaseException as exc:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # wait for them; retrieves every exception
+        failed = sum(1 for t in tasks if not t.cancelled() and t.exception() is not None)
+        if isinstance(exc, Exception):
+            exc.add_note(f"rollout: {failed} of {len(tasks)} requests failed, the rest were cancelled")
+        raise
     return [t.result() for t in tasks], state["paused"]
 
 

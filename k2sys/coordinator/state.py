@@ -11,14 +11,31 @@ Only one side holds the device at a time: the engine in READY..PAUSED and WEIGHT
 the trainer in TRAINING..TRAINED, nobody in RELEASED and OFFLOADED. Any other order raises
 IllegalTransition *before* the action runs. Every transition is timed, and the caller reports
 bytes moved and the device memory each side holds afterwards; the records go to metrics.jsonl.
+
+Also here: what makes a run resumable after `kill -9` at any instant.
+
+  CommittedCheckpoints  checkpoints in <root>/step_<n>/ and ONE pointer file, <root>/latest.json, that
+                        names the committed one together with its counters (RL iteration, trainer step,
+                        data cursor, partial-rollout buffer file). The pointer is replaced atomically,
+                        last: a checkpoint without a pointer (a kill between save and commit, or during
+                        the write) is never loaded, and prune() removes it on the next start.
+  fault_point           TEST HOOK for fault drills: K2SYS_FAULT=name:n SIGKILLs the process the n-th
+                        time it passes the named point (tests/test_faults.py). Unset: a no-op.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import os
+import re
+import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 
 class Phase(str, enum.Enum):
@@ -145,3 +162,117 @@ def summarize(records: list[dict]) -> dict:
         "bytes_moved": sum(r["bytes_moved"] for r in records),
         **{f"{a}_s": s for a, s in secs.items()},
     }
+
+
+# ---- resume points -------------------------------------------------------------------------------
+POINTER = "latest.json"
+POINTER_FORMAT = "k2sys-commit-v1"
+_STEP_DIR = re.compile(r"^\.?step_(\d+)(\..*)?$")  # step_N, and .step_N.tmp / .step_N.old of a cut save
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durable(path: Path, obj: Any) -> None:
+    """Write obj to path through a temp file, fsync, rename and fsync the directory: after a crash the
+    file is either the old one or the new one, and the rename itself is on disk."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class CommittedCheckpoints:
+    """Checkpoints of one training stage, committed as one unit with their counters.
+
+        store.dir_for(n)            where the checkpoint of step n is written (trainer.save(dir), extras beside)
+        store.commit(n, **fields)   atomically point latest.json at step_n (+ fields), then drop older dirs
+        store.read()                the committed pointer ({"step", "checkpoint", **fields}) or None
+        store.path()                the committed checkpoint directory or None
+        store.prune()               remove every step dir / temp dir the pointer does not name
+
+    Resume reads only the pointer: the checkpoint and the counters it records always agree.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.pointer = self.root / POINTER
+
+    def dir_for(self, step: int) -> Path:
+        return self.root / f"step_{int(step):06d}"
+
+    def read(self) -> dict | None:
+        try:
+            rec = json.loads(self.pointer.read_text())
+        except FileNotFoundError:
+            return None
+        if rec.get("format") != POINTER_FORMAT:
+            raise ValueError(f"{self.pointer}: not a k2sys commit pointer (format {rec.get('format')!r})")
+        if not (self.root / rec["checkpoint"]).is_dir():
+            raise FileNotFoundError(f"{self.pointer} names {rec['checkpoint']}, which is missing: the run directory "
+                                    "was changed by hand; delete the run or restore the checkpoint")
+        return rec
+
+    def path(self) -> Path | None:
+        rec = self.read()
+        return None if rec is None else self.root / rec["checkpoint"]
+
+    def commit(self, step: int, **fields: Any) -> dict:
+        ckpt = self.dir_for(step)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"commit step {step}: {ckpt} was not written")
+        _fsync_dir(self.root)  # the checkpoint's own rename is durable before the pointer names it
+        rec = {"format": POINTER_FORMAT, "step": int(step), "checkpoint": ckpt.name, "time": time.time(), **fields}
+        write_json_durable(self.pointer, rec)
+        self.prune()
+        return rec
+
+    def prune(self) -> list[str]:
+        """Delete what no pointer names: older committed steps, and newer ones that were written but never
+        committed (a kill between save and commit) or cut mid-write. Returns the names removed."""
+        if not self.root.is_dir():
+            return []
+        rec = self.read()
+        keep = rec["checkpoint"] if rec else None
+        removed = []
+        for p in sorted(self.root.iterdir()):
+            if p.name == keep or not (_STEP_DIR.match(p.name) or p.name.startswith(f".{POINTER}.")):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed
+
+
+# ---- fault injection (TEST HOOK) ----------------------------------------------------------------
+FAULT_ENV = "K2SYS_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """TEST HOOK, for fault drills only: with K2SYS_FAULT="name:n[,other:m]" in the environment the
+    process SIGKILLs itself (exactly like `kill -9`) the n-th time it reaches the point `name`.
+    Without the variable this does nothing. Points: sft_step, rollout, rl_saved, weight_update, ckpt_write."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, _, count = item.strip().partition(":")
+        if point != name:
+            continue
+        _fault_hits[name] = _fault_hits.get(name, 0) + 1
+        if _fault_hits[name] == int(count or 1):
+            sys.stderr.write(f"{FAULT_ENV} test hook: SIGKILL at fault point {name!r} (hit {_fault_hits[name]})\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -25,9 +25,13 @@ is sum(loss_sum) / sum(denom). `sft_loss` is token-mean cross entropy on loss_ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +62,49 @@ from k2sys.trainer.spec import build_gpt_model, te_available, transformer_config
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 META = "k2sys_megatron.json"
 FORMAT_DIST = "k2sys-megatron-dist-v1"
+
+
+# ---- megatron's checkpoint writer, without helper processes that outlive us ----------------------------
+_FORK_GUARD: dict[str, Any] = {"on": False, "parent": 0, "prctl": None}
+
+
+def _die_with_parent_after_fork() -> None:
+    """In a child forked while _writer_processes_die_with_us is active: SIGKILL it when its parent dies."""
+    prctl = _FORK_GUARD["prctl"]
+    if not _FORK_GUARD["on"] or prctl is None:
+        return
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (resolved in the parent: no dlopen in a forked child)
+    if os.getppid() != _FORK_GUARD["parent"]:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_die_with_parent_after_fork)
+
+
+@contextlib.contextmanager
+def _writer_processes_die_with_us():
+    """A synchronous dist_checkpointing.save without processes that survive a kill -9 of this one.
+
+    megatron's torch_dist writer (FileSystemWriterAsync) collects results through a queue that it creates
+    on first use as `spawn` context's Manager().Queue(): a ~280 MB Manager server process plus a
+    resource_tracker, kept for the life of the process and never reaped when it is SIGKILLed. A save
+    that runs in this process (ours always do: no async_save) puts and gets that queue in this process,
+    so a plain queue.Queue serves. The writer's per-save `fork` workers get PR_SET_PDEATHSIG (only
+    forks made in this block: long-lived children of other threads are not touched)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+    if _FORK_GUARD["prctl"] is None and sys.platform.startswith("linux"):
+        import ctypes
+
+        _FORK_GUARD["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
+    _FORK_GUARD.update(on=True, parent=os.getpid())
+    try:
+        yield
+    finally:
+        _FORK_GUARD["on"] = False
 
 
 def sft_loss(logprobs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,7 +525,11 @@ class MegatronBackend:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        dist_checkpointing.save(self._sharded(optimizer=True), str(tmp))
+        with _writer_processes_die_with_us():
+            dist_checkpointing.save(self._sharded(optimizer=True), str(tmp))
+        from k2sys.coordinator.state import fault_point
+
+        fault_point("ckpt_write")  # TEST HOOK (K2SYS_FAULT): shards written, meta and rename not yet
         dist.barrier()
         if dist.get_rank() == 0:
             train = asdict(self.train)
