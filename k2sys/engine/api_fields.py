@@ -20,13 +20,19 @@ Field lists read from sglang 0.5.23 (`srt/managers/io_struct.py` GenerateReqInpu
 
 from __future__ import annotations
 
+import asyncio
+import codecs
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from k2sys.engine.config import RequestError
 
-__all__ = ["CHAT", "COMPLETIONS", "FieldSpec", "GENERATE", "HONOURED", "NO_EFFECT", "OFF_ONLY", "SAMPLING",
-           "check_fields", "markdown_tables", "read_json"]
+__all__ = ["CHAT", "COMPLETIONS", "ApiError", "FieldSpec", "GENERATE", "HONOURED", "JsonLimits", "NO_EFFECT",
+           "OFF_ONLY", "SAMPLING", "check_fields", "check_sampling_types", "check_token_ids", "dumps",
+           "markdown_tables", "parse_json_body", "read_json", "want_bool", "want_int", "want_str", "want_strings"]
 
 HONOURED, NO_EFFECT, OFF_ONLY = "honoured", "no effect", "off only"
 
@@ -243,22 +249,293 @@ CHAT: dict[str, FieldSpec] = {
 }
 
 
-async def read_json(request: Any, allow_empty: bool = True) -> dict:
-    """The JSON object body of an HTTP request (a 400 on malformed JSON or a non-object)."""
-    import json
+# ---- request bodies: size, encoding, depth and number limits --------------------------------------
+class ApiError(RequestError):
+    """A request refused with a specific HTTP status (413 too large, 429 overloaded, 503 not now);
+    the message names the field or limit and the fix. Plain RequestErrors are 400s."""
 
-    raw = await request.body()
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, dict(headers or {})
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """What a request body may be before any of it is looked at (`k2sys serve` flags)."""
+    max_body_bytes: int = 64 << 20
+    """--max-body-bytes: every route but /update_weights_from_tensor."""
+    max_weight_body_bytes: int = 4 << 30
+    """--max-weight-body-bytes: /update_weights_from_tensor (base64 tensors; send big updates in buckets)."""
+    max_depth: int = 64
+    """--max-json-depth: nesting of objects and arrays (the body itself is level 1)."""
+    max_number_chars: int = 40
+    """Characters of one JSON number (int64 needs 20; 5,000-digit numbers are refused, not parsed)."""
+    thread_bytes: int = 1 << 20
+    """Bodies larger than this are decoded and parsed on a worker thread that yields the GIL, so
+    the event loop (and /health) keeps answering while they are read."""
+
+
+DEFAULT_LIMITS = JsonLimits()
+_DIGIT_RUNS = bytes.maketrans(b"0123456789", b"0" * 10)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _NumberTooLarge(ValueError):
+    pass
+
+
+def _decode_utf8(raw: bytes, in_pieces: bool) -> str:
+    if not in_pieces:
+        return raw.decode("utf-8")
+    dec, parts, step = codecs.getincrementaldecoder("utf-8")(), [], 1 << 20
+    for i in range(0, len(raw), step):  # pieces: the GIL is released between them
+        try:
+            parts.append(dec.decode(raw[i:i + step], final=i + step >= len(raw)))
+        except UnicodeDecodeError as e:
+            raise UnicodeDecodeError(e.encoding, raw, i + e.start, i + e.end, e.reason) from None
+    return "".join(parts)
+
+
+def parse_json_body(raw: bytes, limits: JsonLimits = DEFAULT_LIMITS, *, allow_empty: bool = True,
+                    in_thread: bool = False) -> dict:
+    """A request body -> its JSON object, or a RequestError (400) naming what is wrong and the fix:
+    not UTF-8, malformed, not an object, nested deeper than limits.max_depth, a number longer than
+    limits.max_number_chars or out of the float range, NaN/Infinity, or a string holding a lone
+    UTF-16 surrogate (which no tokenizer or JSON encoder can take). in_thread: parse with Python
+    number hooks, so a thread parsing a big body lets the event loop run between numbers."""
     if not raw.strip():
         if allow_empty:
             return {}
         raise RequestError("body: empty; send a JSON object")
     try:
-        body = json.loads(raw)
+        text = _decode_utf8(raw, in_thread)
+    except UnicodeDecodeError as e:
+        raise RequestError(f"body: not valid UTF-8 (bytes {raw[e.start:e.start + 4]!r} at offset {e.start}); "
+                           "encode the JSON body as UTF-8") from None
+    max_chars = limits.max_number_chars
+
+    def number(s: str, kind: type) -> Any:
+        if len(s) > max_chars:
+            raise _NumberTooLarge(f"body: the number {s[:24]}... has {len(s)} characters (limit {max_chars}); "
+                                  "send numbers in the int64 / float64 range")
+        v = kind(s)
+        if kind is float and not math.isfinite(v):
+            raise _NumberTooLarge(f"body: the number {s} is out of the float64 range; send a finite number")
+        return v
+
+    def constant(s: str) -> Any:
+        raise _NumberTooLarge(f"body: {s} is not JSON; send a finite number")
+
+    hooks: dict[str, Any] = {"parse_float": lambda s: number(s, float), "parse_constant": constant}
+    if in_thread or (b"0" * (max_chars + 1)) in raw.translate(_DIGIT_RUNS):
+        hooks["parse_int"] = lambda s: number(s, int)
+    try:
+        body = json.loads(text, **hooks)
+    except _NumberTooLarge as e:
+        raise RequestError(str(e)) from None
+    except RecursionError:
+        raise RequestError(f"body: JSON nested deeper than {limits.max_depth} levels; flatten the request") from None
     except json.JSONDecodeError as e:
         raise RequestError(f"body: malformed JSON ({e}); send a JSON object") from None
+    except ValueError as e:
+        raise RequestError(f"body: {e}") from None
     if not isinstance(body, dict):
         raise RequestError(f"body: expected a JSON object, got {type(body).__name__}")
+    _check_tree(body, limits.max_depth, strings=_SURROGATE_ESCAPE.search(raw) is not None)
     return body
+
+
+def _check_tree(body: dict, max_depth: int, strings: bool) -> None:
+    """Nesting depth of every value; with `strings`, that no string (or key) holds a lone surrogate."""
+    containers = (dict, list)
+
+    def text_ok(s: str, where: str) -> None:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"{where}: holds a lone UTF-16 surrogate (U+{ord(s[e.start]):04X} at character "
+                               f"{e.start}); send valid Unicode (surrogates only in pairs)") from None
+
+    stack: list[tuple[Any, int, str]] = [(body, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if type(node) is str:
+            text_ok(node, path or "body")
+            continue
+        if depth > max_depth:
+            raise RequestError(f"{path or 'body'}: JSON nested deeper than {max_depth} levels; flatten the request")
+        if type(node) is dict:
+            for k, v in node.items():
+                where = f"{path}.{k}" if path else str(k)
+                if strings:
+                    text_ok(k, f"{path or 'body'} key")
+                if type(v) in containers or (strings and type(v) is str):
+                    stack.append((v, depth + 1, where))
+        else:
+            kinds = set(map(type, node))  # C speed on long token lists
+            if dict in kinds or list in kinds or (strings and str in kinds):
+                for i, v in enumerate(node):
+                    if type(v) in containers or (strings and type(v) is str):
+                        stack.append((v, depth + 1, f"{path}[{i}]"))
+
+
+def limits_of(request: Any) -> JsonLimits:
+    app = request.scope.get("app") if hasattr(request, "scope") else None
+    return getattr(getattr(app, "state", None), "json_limits", None) or DEFAULT_LIMITS
+
+
+async def read_body(request: Any, max_bytes: int) -> bytes:
+    """The raw body, refused with a 413 as soon as it is known to exceed max_bytes (Content-Length,
+    or the bytes received so far): a huge body is never held in memory."""
+    def too_large(n: int | str) -> ApiError:
+        return ApiError(413, f"body: {n} bytes is over this server's limit of {max_bytes} bytes "
+                             "(k2sys serve --max-body-bytes / --max-weight-body-bytes); send a smaller request, "
+                             "e.g. split the batch")
+
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(f"Content-Length: {declared!r} is not a byte count")
+        if int(declared) > max_bytes:
+            raise too_large(int(declared))
+    cached = getattr(request, "_body", None)
+    if cached is not None:
+        if len(cached) > max_bytes:
+            raise too_large(len(cached))
+        return cached
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(f"more than {size}")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    request._body = raw  # Starlette's cache: request.body() still works afterwards
+    return raw
+
+
+async def read_json(request: Any, allow_empty: bool = True, *, weights: bool = False) -> dict:
+    """The JSON object body of an HTTP request under the app's JsonLimits (parse_json_body): a 413
+    over the size limit, a 400 naming the problem otherwise. Big bodies are parsed off the event loop."""
+    limits = limits_of(request)
+    raw = await read_body(request, limits.max_weight_body_bytes if weights else limits.max_body_bytes)
+    if len(raw) > limits.thread_bytes:
+        return await asyncio.to_thread(parse_json_body, raw, limits, allow_empty=allow_empty, in_thread=True)
+    return parse_json_body(raw, limits, allow_empty=allow_empty)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes of a response: ASCII-safe and never invalid JSON (a non-finite float, e.g. the
+    log-prob of a masked token, is written as -9999.0 / 9999.0 as vLLM does; NaN as null)."""
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if obj != obj else (9999.0 if obj > 0 else -9999.0)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ---- field values ----------------------------------------------------------------------------------
+def want_bool(body: Mapping[str, Any], name: str, default: bool = False, where: str = "") -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise RequestError(f"{where}{name}: must be true or false, got {_show(v)}")
+    return v
+
+
+def want_int(body: Mapping[str, Any], name: str, lo: int, hi: int | None = None, default: Any = None,
+             where: str = "") -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise RequestError(f"{where}{name}: must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {_show(v)}")
+    return v
+
+
+def want_str(body: Mapping[str, Any], name: str, where: str = "") -> str | None:
+    v = body.get(name)
+    if v is not None and not isinstance(v, str):
+        raise RequestError(f"{where}{name}: must be a string, got {_show(v)}")
+    return v
+
+
+def want_strings(v: Any, name: str) -> list[str] | None:
+    """A string or a list of strings (stop, stop_regex) -> the list; None stays None."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise RequestError(f"{name}: must be a string or a list of strings, got {_show(v)}")
+    return v
+
+
+def is_token_list(v: Any) -> bool:
+    """A non-empty list of JSON ints (not bools): checked at C speed for long prompts."""
+    return isinstance(v, list) and bool(v) and set(map(type, v)) == {int}
+
+
+def check_token_ids(ids: list, name: str, vocab: int, max_len: int | None = None) -> None:
+    """A list of token ids: ints in [0, vocab), at most max_len of them (length first: cheap)."""
+    if not isinstance(ids, list):
+        raise RequestError(f"{name}: must be a list of token ids, got {_show(ids)}")
+    if max_len is not None and len(ids) > max_len:
+        raise RequestError(f"{name}: {len(ids)} tokens is more than {max_len}; shorten it")
+    if ids and not set(map(type, ids)) <= {int}:
+        bad = next(t for t in ids if type(t) is not int)
+        raise RequestError(f"{name}: token ids must be ints, got {_show(bad)}")
+    if ids and (min(ids) < 0 or max(ids) >= vocab):
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise RequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# SGLang sampling_params: the JSON types each field may have (null = the default); checked before
+# config.SamplingParams sees the values, so a wrong type is a 400 naming the field, never a crash.
+_NUM, _INT, _STR, _BOOL, _LIST, _DICT = (int, float), int, str, bool, list, dict
+SAMPLING_TYPES: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (_INT,), "temperature": _NUM, "top_p": _NUM, "top_k": (_INT,), "min_p": _NUM,
+    "frequency_penalty": _NUM, "presence_penalty": _NUM, "repetition_penalty": _NUM, "min_new_tokens": (_INT,),
+    "n": (_INT,), "stop": (_STR, _LIST), "stop_token_ids": (_LIST,), "stop_regex": (_STR, _LIST),
+    "ignore_eos": (_BOOL,), "skip_special_tokens": (_BOOL,), "spaces_between_special_tokens": (_BOOL,),
+    "no_stop_trim": (_BOOL,), "sampling_seed": (_INT,), "seed": (_INT,), "logit_bias": (_DICT,),
+    "json_schema": (_STR,), "regex": (_STR,), "ebnf": (_STR,), "stream_interval": (_INT,),
+}
+
+
+def check_sampling_types(d: Any, where: str = "sampling_params") -> None:
+    if d is None:
+        return
+    if not isinstance(d, dict):
+        raise RequestError(f"{where}: must be an object, got {_show(d)}")
+    for key, v in d.items():
+        kinds = SAMPLING_TYPES.get(key)
+        if v is None or kinds is None:
+            continue  # null = default; unknown / off-only fields are named by SamplingParams.from_dict
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if not ok:
+            names = "/".join({int: "int", float: "number", str: "string", bool: "bool", list: "list",
+                              dict: "object"}[k] for k in kinds)
+            raise RequestError(f"{where}.{key}: must be {names}, got {_show(v)}")
+    if isinstance(d.get("stop"), list) and not all(isinstance(s, str) for s in d["stop"]):
+        raise RequestError(f"{where}.stop: must be a string or a list of strings, got {_show(d['stop'])}")
+    if isinstance(d.get("stop_regex"), list) and not all(isinstance(s, str) for s in d["stop_regex"]):
+        raise RequestError(f"{where}.stop_regex: must be a string or a list of strings, got {_show(d['stop_regex'])}")
 
 
 def _same(value: Any, off: Any) -> bool:
@@ -277,10 +554,10 @@ def check_fields(kind: str, body: Mapping[str, Any], table: Mapping[str, FieldSp
     for key, value in body.items():
         spec = table.get(key)
         if spec is None:
-            raise RequestError(f"{kind}.{key}: unknown field (docs/engine_api.md lists the fields of {kind})")
+            raise RequestError(f"{kind}.{str(key)[:80]}: unknown field (docs/engine_api.md lists the fields of {kind})")
         if spec.status == OFF_ONLY and not _is_off(value, spec, per_item):
             offs = " or ".join("null" if o is None else repr(o) for o in spec.off)
-            raise RequestError(f"{kind}.{key}={value!r} is not supported by the native engine ({spec.note}); "
+            raise RequestError(f"{kind}.{key}={_show(value)} is not supported by the native engine ({spec.note}); "
                                f"omit it or send {offs}")
 
 

@@ -40,6 +40,14 @@ __all__ = ["NativeEngine", "RequestHandle"]
 log = logging.getLogger(__name__)
 _PAUSED_KEYS = ("rid", "input_ids", "output_ids", "output_logprobs", "sampling_params", "return_logprob",
                 "weight_version")
+_LONG_TEXT = 1 << 16
+"""Characters from which encode() tokenizes with the GIL released."""
+MAX_TOP_K = 1 << 30
+"""Largest top_k (SGLang's own value for "the whole vocabulary")."""
+MAX_N = 1 << 16
+"""Most samples of one prompt (a request forks into n sequences at the end of its prefill)."""
+MAX_LOGIT_BIAS = 1e20
+"""|logit_bias| bound: larger biases overflow float32 logits (inf, NaN) once divided by the temperature."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXACT_WIDENINGS = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 """Arriving dtype -> engine dtype conversions an update may do: every value is kept exactly (the
@@ -108,6 +116,8 @@ class _Session:
     version: str | None = None
     copied: int = 0
     """Bytes the engine copied itself (update_weights, quantization, publishing staged tensors)."""
+    touched: float = field(default_factory=time.monotonic)
+    """When a call last used the session (weight_update_timeout_s counts from here)."""
 
 
 def _resolve(fut: "asyncio.Future") -> None:
@@ -137,6 +147,10 @@ class NativeEngine:
         """Copy figures of the last applied weight update (bytes_copied by the engine, tensors
         written in place / staged); in stats() and the server's /get_server_info."""
         self._session_lock = threading.Lock()
+        self.weight_update_timeout_s: float | None = None
+        """An open weight update session no call has used for this long is discarded (its sender is
+        gone), so it cannot block later updates; None = never (`k2sys serve` sets it)."""
+        self._expired: str | None = None
         self._paused: str | None = None
         self._commands: list[tuple[Callable[[], Any], Future]] = []
         self._cv = threading.Condition()
@@ -246,7 +260,22 @@ class NativeEngine:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("text: this model has no tokenizer.json; send input_ids instead")
+        if len(text) >= _LONG_TEXT and hasattr(self.tokenizer, "encode_batch"):
+            # the same ids; Hugging Face tokenizers' encode_batch releases the GIL (encode holds it), so a
+            # long prompt tokenized on a worker thread does not stall the server's event loop
+            return list(self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def max_token_bytes(self) -> int:
+        """Bytes of the longest vocabulary token: a text of B bytes has at least B / this many tokens."""
+        n = self.__dict__.get("_max_token_bytes")
+        if n is None:
+            try:
+                longest = max((len(self.token_bytes(t)) for t in range(self.model_config.vocab_size)), default=1)
+            except Exception:  # noqa: BLE001 - token bytes unknown for this tokenizer: a safe bound
+                longest = 1024
+            n = self.__dict__["_max_token_bytes"] = max(longest, 32)  # added/special tokens may be longer still
+        return n
 
     def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if self.tokenizer is None:
@@ -372,6 +401,7 @@ class NativeEngine:
         if len(ids) > self.cache.num_blocks * self.cache.block_size:
             raise RequestError(f"input_ids: prompt of {len(ids)} tokens exceeds the KV cache "
                                f"({self.config.max_total_tokens} tokens)")
+        self._check_ranges(params, logprobs, len(ids))
         if params.stop and self.tokenizer is None:
             raise RequestError("sampling_params.stop: stop strings need a tokenizer; use stop_token_ids")
         if params.stop_regex and self.tokenizer is None:
@@ -399,6 +429,32 @@ class NativeEngine:
         handle = RequestHandle(request=req, engine=self, on_update=on_update)
         req.listener = handle._listen
         return handle
+
+    def _check_ranges(self, params: SamplingParams, logprobs: LogprobOptions, prompt_len: int) -> None:
+        """Values SamplingParams accepts but the engine cannot serve: refused here, before the request
+        joins a batch, because a value that breaks a step would abort every request in it."""
+        vocab, kv = self.model_config.vocab_size, self.cache.num_blocks * self.cache.block_size
+        if params.top_k > MAX_TOP_K:
+            raise RequestError(f"sampling_params.top_k: {params.top_k} is too large; use -1 (off) or at most "
+                               f"{MAX_TOP_K} (values above the vocabulary size {vocab} keep every token)")
+        if not 1e-3 <= params.repetition_penalty <= 2.0:
+            raise RequestError(f"sampling_params.repetition_penalty: must be in [0.001, 2] (1 = off, as SGLang "
+                               f"bounds it), got {params.repetition_penalty}")
+        big = [t for t, b in (params.logit_bias or {}).items() if abs(b) > MAX_LOGIT_BIAS]
+        if big:
+            raise RequestError(f"sampling_params.logit_bias: the bias of token {big[0]} is beyond +-{MAX_LOGIT_BIAS:g}; "
+                               "use a smaller magnitude (e.g. -100 bans a token)")
+        if params.n > MAX_N:
+            raise RequestError(f"sampling_params.n: {params.n} samples of one prompt is more than {MAX_N}; lower n "
+                               "(or send the prompt again)")
+        if logprobs.top_logprobs_num > vocab:
+            raise RequestError(f"top_logprobs_num: {logprobs.top_logprobs_num} is more than the vocabulary size "
+                               f"({vocab}); lower it")
+        grow = min(params.max_new_tokens, max(self.max_model_len - prompt_len, 0))
+        if prompt_len + grow > kv:
+            raise RequestError(f"sampling_params.max_new_tokens: a prompt of {prompt_len} tokens + {grow} new tokens "
+                               f"needs {prompt_len + grow} tokens of KV cache but it holds {kv}; lower max_new_tokens "
+                               f"to at most {max(kv - prompt_len, 0)} (or raise max_total_tokens)")
 
     def _output(self, seq: Seq) -> dict:
         """SGLang /generate item for one sample (cumulative so far)."""
@@ -487,6 +543,20 @@ class NativeEngine:
             self.scheduler.abort(target)
         self._call(run)
 
+    def abort_nowait(self, rids: Sequence[str], message: str = "client disconnected") -> None:
+        """Abort these exact rids on the scheduler thread without waiting for it: safe from code that
+        cannot block or await (an HTTP handler being cancelled because its client went away)."""
+        rids = list(rids)
+        if not rids:
+            return
+
+        def run() -> None:
+            for rid in rids:
+                self.scheduler.abort(rid, message)
+        with self._cv:
+            self._commands.append((run, Future()))
+            self._cv.notify()
+
     def pause(self, mode: str = "abort") -> list[PausedRequest]:
         """Stop scheduling (requests submitted meanwhile queue until continue_generation).
 
@@ -537,9 +607,15 @@ class NativeEngine:
                 "return_logprob": seq.request.return_logprob, "weight_version": self._weight_version,
                 "finish_reason": seq.finish_reason}
 
-    def continue_generation(self) -> None:
+    def continue_generation(self, abort_if_released: bool = False) -> None:
+        """Resume scheduling. Requests wait while memory is released (until resume_memory); with
+        abort_if_released (the HTTP server's choice: its callers must get an answer) they finish
+        with "abort" naming why instead."""
         def run() -> None:
             self._paused = None
+            if abort_if_released and self._released and self.scheduler.has_work():
+                self.scheduler.abort(None, f"memory is released ({', '.join(sorted(self._released))}) and generation "
+                                           "was continued without resume_memory_occupation")
         self._call(run)
 
     @property
@@ -551,6 +627,8 @@ class NativeEngine:
         """Free KV cache and/or weight storage for real (tags: kv_cache, weights; cuda_graph is a no-op)."""
         tags = validate_tags(tags)
 
+        with self._session_lock:
+            self._expire_session()
         if "weights" in tags and self._session is not None:  # a session may be writing into them
             raise EngineError("release_memory: a weight update session is open; end or abort it first")
 
@@ -617,20 +695,38 @@ class NativeEngine:
     def begin_weight_update(self, weight_version: str | None = None) -> None:
         """Open a session; `weight_version` names the version it sets (else the counter's next)."""
         with self._session_lock:
+            self._expire_session()
             if self._session is not None:
-                raise EngineError("begin_weight_update: a session is already open; call end_weight_update() first")
+                idle = time.monotonic() - self._session.touched
+                limit = (f"; it is discarded after {self.weight_update_timeout_s:g} s without a call"
+                         if self.weight_update_timeout_s is not None else "")
+                raise EngineError(f"begin_weight_update: a session is already open (last used {idle:.0f} s ago"
+                                  f"{limit}); call end_weight_update() or abort_weight_update() first")
             if "weights" in self._released:
                 raise EngineError("begin_weight_update: weights are released; resume_memory(['weights']) first")
             self._session = _Session(direct=set(self._stale),
                                      version=None if weight_version is None else str(weight_version))
+            self._expired = None
+
+    def _expire_session(self) -> None:
+        """Discard the open session if it has been idle past weight_update_timeout_s (lock held)."""
+        s, limit = self._session, self.weight_update_timeout_s
+        if s is not None and limit is not None and time.monotonic() - s.touched > limit:
+            log.warning("weight update session idle for more than %g s: discarded (weights unchanged)", limit)
+            self._session = None
+            self._expired = (f"the last session was discarded after {limit:g} s without a call; begin a new one "
+                             "and send the whole update again")
 
     def _open_session(self, what: str) -> "_Session":
+        self._expire_session()
         s = self._session
         if s is None:
             raise EngineError(f"{what}: no weight update session; call begin_weight_update() first "
-                              "(SGLang >= 0.5.23 refuses updates outside a session too)")
+                              "(SGLang >= 0.5.23 refuses updates outside a session too)"
+                              + (f" ({self._expired})" if self._expired else ""))
         if s.error is not None:
             raise EngineError(f"{what}: this session already failed ({s.error}); end it and start a new one")
+        s.touched = time.monotonic()
         return s
 
     def _dest(self, s: "_Session", name: str) -> torch.Tensor:
@@ -654,6 +750,18 @@ class NativeEngine:
         """Raise RequestError unless an update can bring `name` as `dtype`/`shape` (checked once per
         plan by the checkpoint engine's NativeEngineSink, before any byte moves)."""
         self._check_spec(name, dtype, tuple(shape), quantized=self._quantizes(name, dtype))
+
+    def check_update(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Raise (RequestError / EngineError) unless update_weights(named) would be accepted now: an open
+        session and every name, dtype and shape known. Nothing is written (a caller that must abort
+        requests before an update checks first, so a refused update aborts nothing)."""
+        with self._session_lock:
+            self._open_session("update_weights")
+        for name, t in named:
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise RequestError(f"weights: expected (name, tensor) pairs, got ({type(name).__name__}, "
+                                   f"{type(t).__name__})")
+            self.check_weight(name, t.dtype, t.shape)
 
     def weight_target(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         """Writable engine memory for `name` arriving as `dtype`/`shape` in the open session (the
@@ -825,9 +933,11 @@ class NativeEngine:
     def end_weight_update(self) -> str:
         """Apply the whole session at once (or nothing, if any part failed); returns the new version."""
         with self._session_lock:
+            self._expire_session()
             s, self._session = self._session, None
         if s is None:
-            raise EngineError("end_weight_update: no open session; call begin_weight_update() first")
+            raise EngineError("end_weight_update: no open session; call begin_weight_update() first"
+                              + (f" ({self._expired})" if self._expired else ""))
         if s.error is None and s.pending:
             s.error = (f"{len(s.pending)} tensors were handed out by weight_target but never reported ready "
                        f"(e.g. {sorted(s.pending)[:3]})")

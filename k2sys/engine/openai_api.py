@@ -17,6 +17,7 @@ that names it (k2sys.engine.api_fields). What the routes add on top of the engin
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -24,38 +25,75 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from k2sys.engine.api_fields import CHAT, COMPLETIONS, check_fields, read_json
-from k2sys.engine.config import LogprobOptions, RequestError, SamplingParams
+from k2sys.engine.api_fields import (CHAT, COMPLETIONS, ApiError, check_fields, check_sampling_types, check_token_ids,
+                                     dumps, read_json, want_strings)
+from k2sys.engine.api_fields import want_bool as _bool
+from k2sys.engine.api_fields import want_int as _int
+from k2sys.engine.config import EngineError, LogprobOptions, RequestError, SamplingParams
 
-__all__ = ["OpenAIRoutes", "normalize_messages"]
+__all__ = ["JSON", "OpenAIRoutes", "check_tools", "normalize_messages", "render_prompt"]
 
 MAX_TOP_LOGPROBS = 20
 
 
-def _int(body: dict, name: str, lo: int, hi: int | None = None, default: Any = None) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        raise RequestError(f"{name}: must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {v!r}")
-    return v
+class JSON(Response):
+    """JSON that is always valid and ASCII (a lone surrogate or a -inf log-prob never turns into a 500)."""
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise RequestError(f"{name}: must be true or false, got {v!r}")
-    return v
+def check_tools(tools: Any) -> list | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RequestError("tools: must be a list of {'type': 'function', 'function': {...}} objects")
+    return tools
+
+
+def _text_bytes(obj: Any) -> int:
+    """Characters of all strings in a (depth-limited) JSON value."""
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_text_bytes(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_text_bytes(v) for v in obj)
+    return 0
+
+
+async def render_prompt(engine: Any, messages: list[dict], tools: list | None, **kw: Any) -> list[int]:
+    """Prompt ids of a chat, rendered and tokenized on a worker thread (a conversation certainly longer
+    than the context is refused first); whatever the chat format makes of the messages, a failure is
+    a 400 about them."""
+    def run() -> list[int]:
+        size = _text_bytes(messages) + _text_bytes(tools)
+        if size >= engine.max_model_len and size > engine.max_model_len * engine.max_token_bytes():
+            raise RequestError(f"messages: {size} characters cannot fit max_model_len={engine.max_model_len} "
+                               "tokens; shorten the conversation")
+        try:
+            return engine.render_chat(messages, tools, **kw)
+        except (RequestError, EngineError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the messages are the only input
+            raise RequestError(f"messages: the chat format cannot render them ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from None
+    ids = await asyncio.to_thread(run)
+    if len(ids) >= engine.max_model_len:
+        raise RequestError(f"messages: the prompt is {len(ids)} tokens, which does not fit max_model_len="
+                           f"{engine.max_model_len}; shorten the conversation")
+    return ids
 
 
 def sampling_from_openai(body: dict, max_new_tokens: int, *, extra_stop_ids: list[int] = (),
                          skip_special_tokens: bool | None = None) -> SamplingParams:
     """SamplingParams from the sampling fields OpenAI and SGLang's OpenAI routes share."""
     sp: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    for name in ("stop", "stop_regex"):
+        want_strings(body.get(name), name)
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("n", "n"), ("stop", "stop"),
                          ("sampling_seed", "seed"), ("top_k", "top_k"), ("min_p", "min_p"),
                          ("ignore_eos", "ignore_eos"), ("min_new_tokens", "min_tokens"),
@@ -74,8 +112,8 @@ def sampling_from_openai(body: dict, max_new_tokens: int, *, extra_stop_ids: lis
             raise RequestError(f"logit_bias: values must be numbers in [-100, 100], got {bad}")
         sp["logit_bias"] = bias
     stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list):
-        raise RequestError("stop_token_ids: must be a list of token ids")
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise RequestError(f"stop_token_ids: must be a list of token ids, got {str(stop_ids)[:60]}")
     sp["stop_token_ids"] = list(stop_ids) + list(extra_stop_ids)
     if skip_special_tokens is not None:
         sp["skip_special_tokens"] = skip_special_tokens
@@ -87,13 +125,19 @@ def sampling_from_openai(body: dict, max_new_tokens: int, *, extra_stop_ids: lis
             raise RequestError(f"response_format: give it or {clash[0]}, not both")
         sp[kind] = source
     try:
+        check_sampling_types(sp)
         return SamplingParams.from_dict(sp)
     except RequestError as e:  # name the OpenAI field, not ours
-        msg = str(e).removeprefix("sampling_params.")
-        for ours, theirs in (("sampling_seed", "seed"), ("min_new_tokens", "min_tokens"),
-                             ("max_new_tokens", "max_tokens")):
-            msg = msg.replace(ours, theirs)
-        raise RequestError(msg) from None
+        raise RequestError(openai_names(str(e))) from None
+
+
+def openai_names(msg: str) -> str:
+    """An engine message about sampling_params, in OpenAI's field names."""
+    msg = msg.removeprefix("sampling_params.")
+    for ours, theirs in (("sampling_seed", "seed"), ("min_new_tokens", "min_tokens"),
+                         ("max_new_tokens", "max_tokens")):
+        msg = msg.replace(ours, theirs)
+    return msg
 
 
 def _response_format(rf: Any) -> tuple[str, str] | None:
@@ -295,7 +339,7 @@ def _matched(out: dict) -> Any:
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 def stable_delta(sent: str, text: str, final: bool) -> str:
@@ -315,6 +359,14 @@ class OpenAIRoutes:
     def __init__(self, engine: Any, streams: Any):
         self.engine, self.streams = engine, streams
         self.model_name = engine.config.served_model_name
+
+    async def _submit(self, items: list[dict], request: Request, field: str) -> Any:
+        try:
+            return await self.streams.submit(items, request, field)
+        except ApiError as e:
+            raise ApiError(e.status, openai_names(str(e)), e.headers) from None
+        except RequestError as e:  # the engine's checks name sampling_params fields: use OpenAI's names
+            raise RequestError(openai_names(str(e))) from None
 
     def register(self, app: FastAPI) -> None:
         app.get("/v1/models")(self.models)
@@ -346,13 +398,32 @@ class OpenAIRoutes:
         body = await read_json(request, allow_empty=False)
         check_fields("completions", body, COMPLETIONS)
         prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and type(prompt[0]) is int):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
             prompts = prompt
         else:
             raise RequestError("prompt: a string, a list of strings, token ids, or a list of token id lists")
+        vocab, ctx = self.engine.model_config.vocab_size, self.engine.max_model_len
+
+        def check_prompts() -> None:
+            for i, p in enumerate(prompts):
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                if isinstance(p, list):
+                    if not p:
+                        raise RequestError(f"{where}: an empty token list; give at least one token")
+                    if len(p) >= ctx:
+                        raise RequestError(f"{where}: prompt of {len(p)} tokens does not fit max_model_len={ctx}; "
+                                           "shorten it")
+                    check_token_ids(p, where, vocab)
+        if len(getattr(request, "_body", b"")) > (1 << 20):  # long token lists: checked off the event loop
+            await asyncio.to_thread(check_prompts)
+        else:
+            check_prompts()
         echo = _bool(body, "echo")
+        stream = _bool(body, "stream")
+        include_usage = _stream_usage(body)
+        return_ids = _bool(body, "return_token_ids")
         k = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         max_tokens = _int(body, "max_tokens", 0, default=16)
         if max_tokens == 0 and not echo:
@@ -368,15 +439,21 @@ class OpenAIRoutes:
             rids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
         else:
             raise RequestError(f"rid: a string or a list with one per prompt ({len(prompts)})")
+        if not all(r is None or isinstance(r, str) for r in rids):
+            raise RequestError(f"rid: a string or a list of strings with one per prompt ({len(prompts)})")
         salt = _salt(body)
         items = [{("text" if isinstance(p, str) else "input_ids"): p, "params": params, "logprobs": opts,
                   "rid": rids[i], "cache_salt": salt} for i, p in enumerate(prompts)]
-        handles, q, total = await self.streams.submit(items)
-        echo_text = [(p if isinstance(p, str) else self.engine.detokenize(h.request.input_ids, True)) if echo else ""
-                     for p, h in zip(prompts, handles)]
+        call = await self._submit(items, request, "prompt")
+        handles = call.handles
+        try:
+            echo_text = [(p if isinstance(p, str) else self.engine.detokenize(h.request.input_ids, True)) if echo
+                         else "" for p, h in zip(prompts, handles)]
+        except BaseException:
+            call.close()
+            raise
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name}
-        return_ids = _bool(body, "return_token_ids")
 
         def logprobs(out: dict, start: int = 0, with_prompt: bool = False) -> dict | None:
             if not want_lp:
@@ -401,19 +478,17 @@ class OpenAIRoutes:
                 extra["prompt_token_ids"] = list(handles[idx].request.input_ids)
             return extra
 
-        if not _bool(body, "stream"):
-            outs = await self.streams.results(handles, q, total)
+        if not stream:
+            outs = await call.results()
             choices = [{"index": i, "text": echo_text[i // params.n] + o["text"], "logprobs": logprobs(o, 0, echo),
                         "finish_reason": _finish(o), **choice_extra(o, i // params.n)} for i, o in enumerate(outs)]
-            return JSONResponse({**head, "choices": choices, "usage": _usage(handles, outs)})
-
-        include_usage = _stream_usage(body)
+            return JSON({**head, "choices": choices, "usage": _usage(handles, outs)})
 
         async def chunks() -> AsyncIterator[bytes]:
             sent_text: dict[int, str] = {}
             sent_tok: dict[int, int] = {}
             finals = []
-            async for idx, sample, out, fin in self.streams.events(handles, q, total):
+            async for idx, sample, out, fin in call.events():
                 i = idx * params.n + sample
                 first = i not in sent_text
                 delta = stable_delta(sent_text.get(i, ""), out["text"], fin)
@@ -431,7 +506,7 @@ class OpenAIRoutes:
             if include_usage:
                 yield sse({**head, "choices": [], "usage": _usage(handles, finals)})
             yield b"data: [DONE]\n\n"
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        return call.sse(chunks())
 
     # -- /v1/chat/completions ----------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -439,18 +514,22 @@ class OpenAIRoutes:
         check_fields("chat.completions", body, CHAT)
         fmt = self.engine.chat_format()
         messages, id_map, calls = normalize_messages(body.get("messages"), fmt)
-        tools = body.get("tools")
+        tools = check_tools(body.get("tools"))
         choice = body.get("tool_choice", "auto")
         if choice == "none":
             tools = None
         parallel = _bool(body, "parallel_tool_calls", True)
+        stream = _bool(body, "stream")
+        include_usage = _stream_usage(body)
+        want_prompt_ids, want_ids = _bool(body, "return_prompt_token_ids"), _bool(body, "return_token_ids")
         plan = ToolChoice(choice, tools, fmt, calls, parallel)
-        prompt_ids = self.engine.render_chat(messages, tools, suffix=plan.prefix)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-            raise RequestError(f"max_completion_tokens/max_tokens: must be a positive int, got {max_tokens!r}")
-        if max_tokens is None:  # OpenAI: up to the context length
-            max_tokens = max(1, self.engine.max_model_len - len(prompt_ids))
+            raise RequestError(f"max_completion_tokens/max_tokens: must be a positive int, got {str(max_tokens)[:40]}")
+        prompt_ids = await render_prompt(self.engine, messages, tools, suffix=plan.prefix)
+        if max_tokens is None:  # OpenAI: up to the context length (and what the KV cache can hold)
+            kv = self.engine.cache.num_blocks * self.engine.cache.block_size
+            max_tokens = max(1, min(self.engine.max_model_len, kv) - len(prompt_ids))
         sampling_body = {k: v for k, v in body.items() if k != "skip_special_tokens"}
         if plan.grammar() is not None:
             clash = [g for g in ("response_format", "regex", "ebnf") if body.get(g) is not None]
@@ -465,11 +544,14 @@ class OpenAIRoutes:
         if k and not want_lp:
             raise RequestError("top_logprobs: needs logprobs=true")
         opts = LogprobOptions(return_logprob=want_lp, top_logprobs_num=k or 0)
-        handles, q, total = await self.streams.submit([{"input_ids": prompt_ids, "params": params, "logprobs": opts,
-                                                        "rid": body.get("rid"), "cache_salt": _salt(body)}])
+        rid = body.get("rid")
+        if rid is not None and not isinstance(rid, str):
+            raise RequestError(f"rid: must be a string, got {str(rid)[:40]!r}")
+        call = await self._submit([{"input_ids": prompt_ids, "params": params, "logprobs": opts,
+                                    "rid": rid, "cache_salt": _salt(body)}], request, "messages")
+        handles, total = call.handles, call.total
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name}
-        want_prompt_ids, want_ids = _bool(body, "return_prompt_token_ids"), _bool(body, "return_token_ids")
 
         def lp_block(out: dict, start: int = 0) -> dict | None:
             if not want_lp:
@@ -507,18 +589,17 @@ class OpenAIRoutes:
                 e["token_ids"] = o["output_ids"]
             return e
 
-        if not _bool(body, "stream"):
-            outs = await self.streams.results(handles, q, total)
+        if not stream:
+            outs = await call.results()
             choices = []
             for i, o in enumerate(outs):
                 msg, calls_made = message(o["text"])
                 reason = "tool_calls" if calls_made else _finish(o)
                 choices.append({"index": i, "message": msg, "logprobs": lp_block(o), "finish_reason": reason,
                                 **extra(o)})
-            return JSONResponse({**head, "choices": choices, "usage": _usage(handles, outs)})
+            return JSON({**head, "choices": choices, "usage": _usage(handles, outs)})
 
         head = {**head, "object": "chat.completion.chunk"}
-        include_usage = _stream_usage(body)
 
         async def chunks() -> AsyncIterator[bytes]:
             sent: dict[int, str] = {}
@@ -527,7 +608,7 @@ class OpenAIRoutes:
             for i in range(total):
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
-            async for _, sample, out, fin in self.streams.events(handles, q, total):
+            async for _, sample, out, fin in call.events():
                 msg, calls_made = message(out["text"])
                 delta = stable_delta(sent.get(sample, ""), msg.get("content") or "", fin)
                 sent[sample] = sent.get(sample, "") + delta
@@ -547,7 +628,7 @@ class OpenAIRoutes:
             if include_usage:
                 yield sse({**head, "choices": [], "usage": _usage(handles, finals)})
             yield b"data: [DONE]\n\n"
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        return call.sse(chunks())
 
 
 def _salt(body: dict) -> str | None:

@@ -68,10 +68,10 @@ def validate_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     """Memory tags in canonical order; None means all of them (SGLang's default)."""
     if tags is None:
         return MEMORY_TAGS
-    if isinstance(tags, str):
-        raise _fail("tags", f"got the string {tags!r}", "pass a list such as ['kv_cache']")
+    if isinstance(tags, (str, bytes, Mapping)) or not isinstance(tags, Iterable):
+        raise _fail("tags", f"got {type(tags).__name__} {str(tags)[:40]!r}", "pass a list such as ['kv_cache']")
     got = list(tags)
-    bad = [t for t in got if t not in MEMORY_TAGS]
+    bad = [t for t in got if not isinstance(t, str) or t not in MEMORY_TAGS]
     if bad:
         raise _fail("tags", f"unknown tag(s) {bad}", f"use a subset of {list(MEMORY_TAGS)}")
     if not got:
@@ -411,10 +411,99 @@ class UpdateWeightsFromTensorPayload:
                                                          "disable_draft_model", "torch_empty_cache"))
         if "serialized_named_tensors" not in d:
             raise _fail("serialized_named_tensors", "missing", "send the serialized tensors")
-        return cls(serialized_named_tensors=d["serialized_named_tensors"], load_format=d.get("load_format"),
-                   flush_cache=bool(d.get("flush_cache", True)),
-                   abort_all_requests=bool(d.get("abort_all_requests", False)),
-                   weight_version=d.get("weight_version"))
+        tensors = d["serialized_named_tensors"]
+        if not isinstance(tensors, list):
+            raise _fail("serialized_named_tensors", f"got {type(tensors).__name__}",
+                        "send a list with one base64 string per TP rank")
+        if d.get("load_format") is not None and not isinstance(d.get("load_format"), str):
+            raise _fail("load_format", f"got {type(d['load_format']).__name__}", f"use one of {list(LOAD_FORMATS)}")
+        flags = {}
+        for name, default in (("flush_cache", True), ("abort_all_requests", False), ("disable_draft_model", None),
+                              ("torch_empty_cache", None)):
+            v = d.get(name)
+            if v is not None and not isinstance(v, bool):
+                raise _fail(name, f"{str(v)[:40]!r} is not a bool", "send true or false")
+            flags[name] = default if v is None else v
+        return cls(serialized_named_tensors=tensors, load_format=d.get("load_format"),
+                   flush_cache=flags["flush_cache"], abort_all_requests=flags["abort_all_requests"],
+                   weight_version=weight_version_of(d.get("weight_version")))
+
+
+def weight_version_of(v: Any) -> str | None:
+    """A weight_version field: a string (an int is taken as its decimal string) or null."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    raise _fail("weight_version", f"{str(v)[:40]!r} ({type(v).__name__}) is not a version", "send a string or null")
+
+
+_ENTRY_DTYPES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8",
+                 "int16", "int32", "int64", "bool")
+_MAX_DIMS = 8
+
+
+def check_bucket_entries(entries: Any, buffer_bytes: int | None = None, field_name: str = "entries") -> None:
+    """Bucket metadata from a client ({name, dtype, shape, offset} per tensor), checked before any of
+    it is used: names unique non-empty strings, a known dtype, a shape of at most 8 dims of ints >= 0,
+    an int offset aligned for the dtype, and (given buffer_bytes) every tensor inside the buffer."""
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise _fail(field_name, "must be a non-empty list of {name, dtype, shape, offset}",
+                    "build it with FlattenedBucket / ShmSegment.write")
+    seen: set[str] = set()
+    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1,
+             "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1}
+    for i, e in enumerate(entries):
+        where = f"{field_name}[{i}]"
+        if not isinstance(e, Mapping):
+            raise _fail(where, f"got {type(e).__name__}", "each entry is {name, dtype, shape, offset}")
+        extra = sorted(str(k)[:40] for k in set(e) - {"name", "dtype", "shape", "offset"})
+        if extra:
+            raise _fail(where, f"unknown field(s) {extra}", "each entry is {name, dtype, shape, offset}")
+        name, dtype, shape, offset = e.get("name"), e.get("dtype"), e.get("shape"), e.get("offset")
+        if not isinstance(name, str) or not name or len(name) > 512:
+            raise _fail(f"{where}.name", f"{str(name)[:40]!r} is not a tensor name", "send the HF parameter name")
+        if name in seen:
+            raise _fail(f"{where}.name", f"{name!r} appears twice", "send each tensor once per bucket")
+        seen.add(name)
+        if dtype not in _ENTRY_DTYPES:
+            raise _fail(f"{where}.dtype", f"{str(dtype)[:40]!r} is not supported", f"use one of {list(_ENTRY_DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in shape)):
+            raise _fail(f"{where}.shape", f"{str(shape)[:40]!r} is not a shape",
+                        f"send a list of at most {_MAX_DIMS} ints >= 0")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset % sizes[dtype]:
+            raise _fail(f"{where}.offset", f"{str(offset)[:40]!r} is not a byte offset aligned for {dtype}",
+                        f"send an int >= 0, a multiple of {sizes[dtype]}")
+        nbytes = math.prod(shape) * sizes[dtype]
+        if buffer_bytes is not None and offset + nbytes > buffer_bytes:
+            raise _fail(f"{where}", f"bytes [{offset}, {offset + nbytes}) of {name!r} are outside the "
+                        f"{buffer_bytes}-byte buffer", "send the buffer's real size and offsets")
+
+
+_IPC_FIELDS = {"size": "ints", "stride": "ints", "offset": int, "dtype": str, "device": int, "handle": str,
+               "storage_size_bytes": int, "storage_offset_bytes": int, "ref_counter_handle": str,
+               "ref_counter_offset": int, "event_handle": (str, type(None)), "event_sync_required": bool}
+
+
+def check_cuda_ipc(h: Any) -> None:
+    """The JSON fields of a CUDA IPC handle (k2sys.engine.shm.cuda_ipc_handle), types only."""
+    if not isinstance(h, Mapping):
+        raise _fail("cuda_ipc", f"got {type(h).__name__}", "send the object k2sys.engine.shm.cuda_ipc_handle makes")
+    for name, kind in _IPC_FIELDS.items():
+        v = h.get(name)
+        if kind == "ints":
+            ok = isinstance(v, list) and len(v) <= _MAX_DIMS and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 48 for x in v)
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48
+        else:
+            ok = isinstance(v, kind)
+        if not ok:
+            raise _fail(f"cuda_ipc.{name}", f"{str(v)[:40]!r} is missing or of the wrong type",
+                        "build the handle with k2sys.engine.shm.cuda_ipc_handle")
+    if h["dtype"] not in _ENTRY_DTYPES:
+        raise _fail("cuda_ipc.dtype", f"{h['dtype'][:40]!r} is not supported", f"use one of {list(_ENTRY_DTYPES)}")
 
 
 def pause_payload(mode: str) -> dict[str, Any]:

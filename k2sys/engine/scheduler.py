@@ -31,6 +31,7 @@ Not thread-safe: the engine calls it from its scheduler thread only.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import re
 import time
@@ -46,6 +47,8 @@ from k2sys.engine.model_runner import AttnGroup, ModelRunner, PromptLogprobSpec,
 from k2sys.engine.sampling import RowContext, sample
 
 __all__ = ["Request", "Scheduler", "Sequence"]
+
+log = logging.getLogger(__name__)
 
 _ids = itertools.count()
 
@@ -212,11 +215,31 @@ class Scheduler:
             self.running.remove(seq)
         req = seq.request
         if self.detokenize is not None:
-            seq.text = self._final_text(seq)
-        if req.listener is not None:
-            req.listener(seq, True)
+            try:
+                seq.text = self._final_text(seq)
+            except Exception as e:  # noqa: BLE001 - one request's text must not stop the others
+                log.exception("request %s: final text failed", req.rid)
+                seq.text = ""
+                seq.finish_reason = {"type": "abort", "message": f"decoding the output failed: {type(e).__name__}: {e}"}
+        self._notify(seq, True)
         if req.finished:
             self.requests.pop(req.rid, None)
+
+    @staticmethod
+    def _notify(seq: Sequence, finished: bool) -> None:
+        """Call the request's listener; a listener that raises (its caller is gone) affects no other request."""
+        if seq.request.listener is None:
+            return
+        try:
+            seq.request.listener(seq, finished)
+        except Exception:  # noqa: BLE001
+            log.exception("request %s: listener failed", seq.request.rid)
+
+    def _fail(self, seq: Sequence, what: str, e: BaseException) -> None:
+        """End one sequence whose own processing raised: its request aborts with the reason, the rest run on."""
+        log.exception("request %s: %s failed", seq.request.rid, what)
+        if not seq.finished:
+            self._finish(seq, {"type": "abort", "message": f"{what} failed: {type(e).__name__}: {e}"})
 
     def _finish_empty(self, seq: Sequence) -> None:
         """End a max_new_tokens=0 request: all n samples finish with no output (after its prefill,
@@ -276,6 +299,7 @@ class Scheduler:
             if seq not in self.running:  # retracted below to make room
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
+            placed = True
             while True:
                 try:
                     self._ensure_blocks(seq, seq.num_computed + n)
@@ -283,9 +307,18 @@ class Scheduler:
                 except OutOfBlocks:
                     victim = max((s for s in self.running if s is not seq and all(s is not p for p, _ in plan)),
                                  key=lambda s: s.order, default=None)
-                    if victim is None:
-                        raise
-                    self._retract(victim)
+                    if victim is not None:
+                        self._retract(victim)
+                        continue
+                    placed = False
+                    if plan:  # the planned sequences hold the cache: this one waits for them
+                        self._retract(seq)
+                    else:  # alone and still out of blocks: it can never fit
+                        self._finish(seq, {"type": "abort", "message": "the sequence outgrew the KV cache; raise "
+                                           "EngineConfig.max_total_tokens or lower max_new_tokens"})
+                    break
+            if not placed:
+                continue
             plan.append((seq, n))
             budget -= n
         # admissions
@@ -446,51 +479,87 @@ class Scheduler:
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         contexts: list[RowContext | None] = [None] * len(seqs)
-        ended = []
+        ended, failed = [], []
         for i, s in enumerate(seqs):
             p = s.request.params
-            banned = self._banned(s) if p.min_new_tokens else []
-            allowed = s.grammar.allowed_mask() if s.grammar is not None else None
+            try:
+                banned = self._banned(s) if p.min_new_tokens else []
+                allowed = s.grammar.allowed_mask() if s.grammar is not None else None
+            except Exception as e:  # noqa: BLE001 - this request's grammar only
+                self._fail(s, "structured output", e)
+                failed.append(i)
+                continue
             if allowed is not None and not bool(allowed.any()):
                 ended.append(i)  # the grammar is complete and nothing may follow (no stop token to emit)
                 continue
             if p.needs_history or banned or allowed is not None:
                 contexts[i] = RowContext(prompt=s.request.input_ids if p.repetition_penalty != 1.0 else (),
                                          output=s.output_ids, banned=banned, allowed=allowed)
-        if ended:
+        if ended or failed:
             for i in ended:
                 s = seqs[i]
                 self._finish(s, {"type": "stop", "matched": None} if s.grammar.is_completed() else
                              {"type": "abort", "message": "structured output: the grammar allows no next token"})
-            keep = [i for i in range(len(seqs)) if i not in set(ended)]
+            gone = set(ended) | set(failed)
+            keep = [i for i in range(len(seqs)) if i not in gone]
             if not keep:
                 return
             seqs, contexts = [seqs[i] for i in keep], [contexts[i] for i in keep]
             logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
-        params = [s.request.params for s in seqs]
         want_dist = any(s.request.logprobs.top_logprobs_num or s.request.logprobs.token_ids_logprob is not None
                         for s in seqs if s.request.return_logprob)
-        out = sample(logits, params, [s.request.seed for s in seqs], [s.sample_idx for s in seqs],
-                     [len(s.output_ids) for s in seqs], contexts=contexts, return_logprobs_all=want_dist)
-        tokens, lps = out[0], out[1]
-        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, lps)):
-            if seq.grammar is not None and not seq.grammar.accept(tok):
-                self._finish(seq, {"type": "abort", "message": f"structured output: the grammar refused token {tok} "
-                                                               f"after {len(seq.output_ids)} tokens"})
-                continue
-            if want_dist and seq.request.return_logprob:
-                self._record_alternatives(seq, out[2][i])
-            seq.tokens.append(tok)
-            seq.output_ids.append(tok)
-            seq.output_logprobs.append(lp)
-            self.generated_tokens += 1
-            reason = self._check_stop(seq, tok)
-            if reason is not None:
-                self._finish(seq, reason)
-            elif seq.request.listener is not None:
-                every = seq.request.params.stream_interval
-                if every is None or len(seq.output_ids) % every == 0:
-                    seq.request.listener(seq, False)
+        drawn = self._sample_rows(seqs, logits, contexts, want_dist)
+        for seq, (tok, lp, dist) in zip(seqs, drawn):
+            if tok is None:
+                continue  # its sampling failed: _sample_rows ended it
+            try:
+                self._advance(seq, tok, lp, dist)
+            except Exception as e:  # noqa: BLE001 - grammar, stop checks: this request only
+                self._fail(seq, "processing the sampled token", e)
+
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor, contexts: list, want_dist: bool) -> list[tuple]:
+        """(token, logprob, distribution or None) per row: one batched draw; should it raise, each row
+        alone, so a row that cannot be sampled ends only its own request."""
+        def draw(rows: list[int]) -> list[tuple]:
+            sub = [seqs[i] for i in rows]
+            lg = logits if len(rows) == len(seqs) else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))
+            out = sample(lg, [s.request.params for s in sub], [s.request.seed for s in sub],
+                         [s.sample_idx for s in sub], [len(s.output_ids) for s in sub],
+                         contexts=[contexts[i] for i in rows], return_logprobs_all=want_dist)
+            return [(out[0][j], out[1][j], out[2][j] if want_dist else None) for j in range(len(rows))]
+
+        try:
+            return draw(list(range(len(seqs))))
+        except Exception:  # noqa: BLE001
+            log.exception("batched sampling failed; sampling row by row")
+        results: list[tuple] = []
+        for i, seq in enumerate(seqs):
+            try:
+                results.extend(draw([i]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, "sampling", e)
+                results.append((None, None, None))
+        return results
+
+    def _advance(self, seq: Sequence, tok: int, lp: float, dist: torch.Tensor | None) -> None:
+        if seq.grammar is not None and not seq.grammar.accept(tok):
+            self._finish(seq, {"type": "abort", "message": f"structured output: the grammar refused token {tok} "
+                                                           f"after {len(seq.output_ids)} tokens"})
+            return
+        if dist is not None and seq.request.return_logprob:
+            self._record_alternatives(seq, dist)
+        seq.tokens.append(tok)
+        seq.output_ids.append(tok)
+        seq.output_logprobs.append(lp)
+        self.generated_tokens += 1
+        reason = self._check_stop(seq, tok)
+        if reason is not None:
+            self._finish(seq, reason)
+        elif seq.request.listener is not None:
+            every = seq.request.params.stream_interval
+            if every is None or len(seq.output_ids) % every == 0:
+                self._notify(seq, False)
 
     @staticmethod
     def _record_alternatives(seq: Sequence, dist: torch.Tensor) -> None:

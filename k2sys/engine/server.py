@@ -10,6 +10,16 @@ SGLang and OpenAI define is honoured or refused with a 400 naming it (k2sys.engi
 docs/engine_api.md); malformed JSON, unknown fields and bad values get a 400 with a message and
 the server keeps serving others. SIGTERM aborts in-flight requests (their callers get
 finish_reason "abort"), drains the HTTP connections and stops the engine thread.
+
+Hostile input (ServerOptions, docs/engine_api.md "Limits"): everything is checked before any work
+starts and nothing a client sends is a 500. Bodies have a size limit (413), a JSON depth and number
+size limit, must be UTF-8 without lone surrogates; every field has its type and range checked,
+token ids against the vocabulary, lengths against the context and the KV cache (400 naming the
+field). Big bodies are parsed, and text tokenized, on worker threads that release the GIL, so the
+event loop keeps answering (/health). Admission bounds the sequences and prompt tokens in flight
+(429 when full). A call whose client disconnects has its requests aborted (`Call.close`), streamed
+or not. An open weight update session without a call for weight_update_timeout_s is discarded; an
+update is checked before `abort_all_requests` aborts anything. Optional API key (Bearer).
 """
 
 from __future__ import annotations
@@ -17,32 +27,76 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import signal
 import threading
-from typing import Any, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
-from k2sys.engine.api_fields import GENERATE, read_json
+from k2sys.engine.api_fields import (GENERATE, ApiError, JsonLimits, check_sampling_types, check_token_ids, read_json,
+                                     want_bool, want_int, want_str)
 from k2sys.engine.api_fields import check_fields as check_api_fields
 from k2sys.engine.wire import tensors_from_update
 from k2sys.engine.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
 from k2sys.engine.engine import NativeEngine
-from k2sys.engine.openai_api import OpenAIRoutes, sse
-from k2sys.engine.protocol import ProtocolError, UpdateWeightsFromTensorPayload
+from k2sys.engine.openai_api import JSON, OpenAIRoutes, sse
+from k2sys.engine.protocol import (PAUSE_MODES, ProtocolError, UpdateWeightsFromTensorPayload, check_bucket_entries,
+                                   check_cuda_ipc, weight_version_of)
 from k2sys.engine.shm import ShmReader, ShmUpdatePayload, server_transports
 
-__all__ = ["build_app", "main", "parse_generate"]
+__all__ = ["ServerOptions", "build_app", "main", "parse_generate"]
 
 log = logging.getLogger(__name__)
 
-def error(status: int, message: str) -> JSONResponse:
+OPEN_PATHS = ("/health", "/health_generate")
+"""Routes that answer without the API key (liveness probes)."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Limits and access of `k2sys serve` (its flags; docs/engine_api.md "Limits")."""
+    max_body_bytes: int = 64 << 20
+    """Largest request body (413 above); /update_weights_from_tensor has its own limit."""
+    max_weight_body_bytes: int = 4 << 30
+    """Largest /update_weights_from_tensor body (base64 tensors: send big updates in buckets or via shm)."""
+    max_json_depth: int = 64
+    """Deepest nesting of JSON objects/arrays in a body (400 deeper)."""
+    max_queued_requests: int | None = None
+    """Sequences (prompts x n) in flight over HTTP, running or waiting; more is a 429. None: 32 x
+    max_running_requests; 0: no limit."""
+    max_queued_tokens: int | None = None
+    """Prompt tokens held by in-flight requests (host memory of the queue); more is a 429. None: 64 x
+    max_total_tokens; 0: no limit."""
+    weight_update_timeout_s: float | None = 600.0
+    """An open weight update session without a call for this long is discarded (None: never)."""
+    api_key: str | None = None
+    """If set, every route but /health and /health_generate needs `Authorization: Bearer <key>`."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_weight_body_bytes", "max_json_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServerOptions.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queued_requests", "max_queued_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"ServerOptions.{name}: must be >= 0 (0 = no limit) or None, got {v}")
+        if self.weight_update_timeout_s is not None and self.weight_update_timeout_s <= 0:
+            raise ValueError("ServerOptions.weight_update_timeout_s: must be > 0 or None")
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSON:
     """SGLang/OpenAI error body: both clients read error.message or message."""
-    return JSONResponse({"object": "error", "message": message, "type": "BadRequest" if status < 500 else "Error",
-                         "param": None, "code": status, "error": {"message": message, "code": status}},
-                        status_code=status)
+    kind = {401: "Unauthorized", 413: "PayloadTooLarge", 429: "TooManyRequests", 503: "Unavailable"}.get(
+        status, "BadRequest" if status < 500 else "Error")
+    return JSON({"object": "error", "message": message, "type": kind, "param": None, "code": status,
+                 "error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                headers=dict(headers or {}))
 
 
 def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tuple] | None = None) -> None:
@@ -51,17 +105,19 @@ def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tup
         if key in known:
             continue
         if key in defaults:
-            if value not in defaults[key]:
-                raise RequestError(f"{kind}.{key}={value!r} is not supported by the native engine; omit it")
+            if not any(value == d and type(value) is type(d) for d in defaults[key]):
+                raise RequestError(f"{kind}.{key}={str(value)[:60]!r} is not supported by the native engine; omit it")
             continue
-        raise RequestError(f"{kind}: unknown field {key!r}; known fields are {sorted(known | set(defaults))}")
+        raise RequestError(f"{kind}: unknown field {str(key)[:80]!r}; known fields are {sorted(known | set(defaults))}")
 
 
-def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
+def parse_generate(body: dict, engine: NativeEngine | None = None) -> tuple[list[dict], bool, bool]:
     """A /generate body -> (one submit kwargs dict per prompt, batched, stream).
 
     Fields follow SGLang's GenerateReqInput (k2sys.engine.api_fields.GENERATE): per-prompt fields
-    take one value for all prompts or a list with one per prompt."""
+    take one value for all prompts or a list with one per prompt. Every field's type is checked
+    here; given the engine, token ids are checked against its vocabulary and context length
+    (lengths first, so a huge prompt is refused before its tokens are looked at)."""
     check_api_fields("generate", body, GENERATE, per_item=True)
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
@@ -77,9 +133,17 @@ def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
             raise RequestError("input_ids: must be a non-empty list of token ids (or a list of such lists)")
         batched = isinstance(ids[0], list)
         prompts = ids if batched else [ids]
-        for p in prompts:
-            if not isinstance(p, list) or not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                raise RequestError("input_ids: each prompt must be a non-empty list of ints")
+        for i, p in enumerate(prompts):
+            where = f"input_ids[{i}]" if batched else "input_ids"
+            if not isinstance(p, list) or not p:
+                raise RequestError(f"{where}: each prompt must be a non-empty list of ints")
+            if engine is not None and len(p) >= engine.max_model_len:
+                raise RequestError(f"{where}: prompt of {len(p)} tokens does not fit max_model_len="
+                                   f"{engine.max_model_len}; shorten it")
+            if not set(map(type, p)) == {int}:
+                raise RequestError(f"{where}: each prompt must be a non-empty list of ints")
+            if engine is not None:
+                check_token_ids(p, where, engine.model_config.vocab_size)
         key = "input_ids"
     if batched and not prompts:
         raise RequestError(f"{key}: empty batch; send at least one prompt")
@@ -102,21 +166,25 @@ def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
         rid_list = [f"{rids}-{i}" for i in range(k)]
     else:
         rid_list = per_prompt("rid", None)
+    for r in rid_list:
+        if r is not None and not isinstance(r, str):
+            raise RequestError(f"rid: must be a string (a batch: one string, used as a prefix, or one per prompt), "
+                               f"got {str(r)[:60]!r}")
     sps = per_prompt("sampling_params", None)
-    stream = False if body.get("stream") is None else body["stream"]
-    if not isinstance(stream, bool):
-        raise RequestError(f"stream: must be true or false, got {stream!r}")
-    text_in_lp = False if body.get("return_text_in_logprobs") is None else body["return_text_in_logprobs"]
+    for i, sp in enumerate(sps):
+        check_sampling_types(sp, "sampling_params" if len(sps) == 1 else f"sampling_params[{i}]")
+    stream = want_bool(body, "stream")
+    text_in_lp = want_bool(body, "return_text_in_logprobs")
     lps, starts, tops = per_prompt("return_logprob", False), per_prompt("logprob_start_len", -1), \
         per_prompt("top_logprobs_num", 0)
     token_ids = per_prompt("token_ids_logprob", None, nested=True)
     keys, salts = per_prompt("extra_key", None), per_prompt("cache_salt", None)
     items = []
     for i in range(k):
-        if not isinstance(sps[i], (dict, type(None))):
-            raise RequestError("sampling_params: must be an object (or a list of objects, one per prompt)")
         if lps[i] is not None and not isinstance(lps[i], bool):
-            raise RequestError(f"return_logprob: must be true or false, got {lps[i]!r}")
+            raise RequestError(f"return_logprob: must be true or false, got {str(lps[i])[:60]}")
+        if token_ids[i] is not None and engine is not None:
+            check_token_ids(token_ids[i], "token_ids_logprob", engine.model_config.vocab_size)
         opts = LogprobOptions(return_logprob=bool(lps[i]), logprob_start_len=-1 if starts[i] is None else starts[i],
                               top_logprobs_num=0 if tops[i] is None else tops[i], token_ids_logprob=token_ids[i],
                               return_text_in_logprobs=text_in_lp)
@@ -129,61 +197,237 @@ def parse_generate(body: dict) -> tuple[list[dict], bool, bool]:
     return items, batched, stream
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected while its requests ran (they were aborted)."""
+
+
+_GONE = object()
+
+
+class Admission:
+    """Bounds what HTTP clients can have in flight: sequences (prompts x n) and prompt tokens (the
+    queue's host memory). A call that does not fit now is a 429 (retry later); one that could never
+    fit is a 400 naming the field. Reservations end as each request finishes (or is aborted)."""
+
+    def __init__(self, max_seqs: int, max_tokens: int):
+        self.max_seqs, self.max_tokens = max_seqs, max_tokens
+        self.seqs = self.tokens = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, seqs: int, tokens: int, field: str) -> None:
+        if self.max_seqs and seqs > self.max_seqs:
+            raise RequestError(f"{field}: this call asks for {seqs} sequences (prompts x n) but the server holds at "
+                               f"most {self.max_seqs} in flight; send fewer prompts or a smaller n (or raise "
+                               "k2sys serve --max-queued-requests)")
+        if self.max_tokens and tokens > self.max_tokens:
+            raise RequestError(f"{field}: this call's prompts hold {tokens} tokens but the server queues at most "
+                               f"{self.max_tokens}; send fewer or shorter prompts (or raise --max-queued-tokens)")
+        with self._lock:
+            if (self.max_seqs and self.seqs + seqs > self.max_seqs) or \
+                    (self.max_tokens and self.tokens + tokens > self.max_tokens):
+                raise ApiError(429, f"server busy: {self.seqs} sequences and {self.tokens} prompt tokens are in "
+                                    f"flight (limits {self.max_seqs or 'none'} / {self.max_tokens or 'none'}); "
+                                    "retry later", headers={"Retry-After": "1"})
+            self.seqs += seqs
+            self.tokens += tokens
+
+    def release(self, seqs: int, tokens: int) -> None:
+        with self._lock:
+            self.seqs -= seqs
+            self.tokens -= tokens
+
+    def stats(self) -> dict[str, int]:
+        return {"queued_sequences": self.seqs, "queued_prompt_tokens": self.tokens,
+                "max_queued_requests": self.max_seqs, "max_queued_tokens": self.max_tokens}
+
+
+class Call:
+    """The requests one HTTP call submitted, and the queue their updates arrive on. When the call
+    ends in any way (finished, client disconnected, handler cancelled) `close` aborts what is still
+    running, without blocking or awaiting, so an abandoned call costs no more compute."""
+
+    def __init__(self, engine: NativeEngine, handles: list, q: asyncio.Queue, total: int):
+        self.engine, self.handles, self.q, self.total = engine, handles, q, total
+        self.watcher: asyncio.Task | None = None
+
+    def watch(self, request: Request) -> None:
+        """Put _GONE on the queue when the client disconnects (the body is already read)."""
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                while True:
+                    msg = await request.receive()
+                    if msg.get("type") == "http.disconnect":
+                        self.q.put_nowait(_GONE)
+                        return
+        self.watcher = asyncio.get_running_loop().create_task(run())
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+        rids = [h.request.rid for h in self.handles if not h.done.is_set()]
+        if rids:
+            self.engine.abort_nowait(rids, "client disconnected")
+
+    def sse(self, chunks: AsyncIterator[bytes]) -> StreamingResponse:
+        """A streamed response of `chunks` that closes the call however the stream ends (also when it
+        is cancelled before the first event arrived)."""
+        async def guarded() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                self.close()
+        return StreamingResponse(guarded(), media_type="text/event-stream")
+
+    async def results(self, with_index: bool = False) -> list:
+        """Final outputs ordered (prompt, sample); with_index: ((prompt, sample), output) pairs."""
+        done: dict[tuple[int, int], dict] = {}
+        try:
+            while len(done) < self.total:
+                item = await self.q.get()
+                if item is _GONE:
+                    raise ClientGone()
+                idx, sample, out, finished = item
+                if finished:
+                    done[(idx, sample)] = out
+        finally:
+            self.close()
+        return [(key, done[key]) if with_index else done[key] for key in sorted(done)]
+
+    async def events(self) -> AsyncIterator[tuple[int, int, dict, bool]]:
+        finished = 0
+        try:
+            while finished < self.total:
+                item = await self.q.get()
+                if item is _GONE:
+                    return
+                idx, sample, out, fin = item
+                finished += fin
+                yield idx, sample, out, fin
+        finally:
+            self.close()  # client went away (or the stream was cancelled): stop spending compute on it
+
+
 class Streams:
-    """Bridges engine listener callbacks (scheduler thread) into one asyncio queue per HTTP call."""
+    """Bridges engine listener callbacks (scheduler thread) into one asyncio queue per HTTP call,
+    after tokenizing text prompts off the event loop and admitting the call (Admission)."""
 
-    def __init__(self, engine: NativeEngine):
+    def __init__(self, engine: NativeEngine, admission: Admission | None = None):
         self.engine = engine
+        self.admission = admission or Admission(0, 0)
 
-    async def submit(self, items: list[dict], transform: Callable[[dict], dict] | None = None):
+    def _tokenize(self, items: list[dict]) -> list[dict]:
+        """Text prompts -> input_ids (on a worker thread): a text certainly longer than the context
+        (more characters than max_model_len x the longest token's bytes) is refused untokenized."""
+        eng, out = self.engine, []
+        for i, kw in enumerate(items):
+            text = kw.get("text")
+            if text is None:
+                out.append(kw)
+                continue
+            where = "text" if len(items) == 1 else f"text[{i}]"
+            if len(text) >= eng.max_model_len and len(text) > eng.max_model_len * eng.max_token_bytes():
+                raise RequestError(f"{where}: {len(text)} characters cannot fit max_model_len={eng.max_model_len} "
+                                   "tokens; shorten the prompt")
+            ids = eng.encode(text)
+            if len(ids) >= eng.max_model_len:
+                raise RequestError(f"{where}: the prompt is {len(ids)} tokens, which does not fit max_model_len="
+                                   f"{eng.max_model_len}; shorten it")
+            out.append({**{k: v for k, v in kw.items() if k != "text"}, "input_ids": ids})
+        return out
+
+    def _submit(self, items: list[dict], field: str) -> list:
+        items = self._tokenize(items)
+        parts = [(kw["params"].n, len(kw["input_ids"])) for kw in items]
+        seqs, tokens = sum(n for n, _ in parts), sum(t for _, t in parts)
+        most = max(n for n, _ in parts)
+        too_many = self.admission.max_seqs and most > 1 and seqs > self.admission.max_seqs
+        self.admission.reserve(seqs, tokens, "n" if too_many else field)
+        try:
+            handles = self.engine.submit_many(items)
+        except BaseException:
+            self.admission.release(seqs, tokens)
+            raise
+        for h, (n, t) in zip(handles, parts):
+            h.add_done_callback(lambda n=n, t=t: self.admission.release(n, t))
+        return handles
+
+    async def submit(self, items: list[dict], request: Request | None = None, field: str = "input_ids") -> Call:
+        released = self.engine.released
+        if released and self.engine.paused is None:  # it would wait for a resume that may never come
+            raise ApiError(503, f"memory is released ({', '.join(sorted(released))}) and generation is not paused: "
+                                "requests cannot run until /resume_memory_occupation brings it back")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         subs = []
         for idx, kw in enumerate(items):
             def on_update(sample: int, out: dict, finished: bool, idx: int = idx) -> None:
-                loop.call_soon_threadsafe(q.put_nowait, (idx, sample, out, finished))
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+                    loop.call_soon_threadsafe(q.put_nowait, (idx, sample, out, finished))
             subs.append({**kw, "on_update": on_update})
-        handles = await asyncio.to_thread(self.engine.submit_many, subs)
-        total = sum(h.request.params.n for h in handles)
-        return handles, q, total
-
-    async def results(self, handles: list, q: asyncio.Queue, total: int, with_index: bool = False) -> list:
-        """Final outputs ordered (prompt, sample); with_index: ((prompt, sample), output) pairs."""
-        done: dict[tuple[int, int], dict] = {}
-        while len(done) < total:
-            idx, sample, out, finished = await q.get()
-            if finished:
-                done[(idx, sample)] = out
-        return [(key, done[key]) if with_index else done[key] for key in sorted(done)]
-
-    async def events(self, handles: list, q: asyncio.Queue, total: int) -> AsyncIterator[tuple[int, int, dict, bool]]:
-        finished = 0
         try:
-            while finished < total:
-                idx, sample, out, fin = await q.get()
-                finished += fin
-                yield idx, sample, out, fin
-        finally:
-            if finished < total:  # client went away: stop spending compute on it
-                for h in handles:
-                    if not h.done.is_set():
-                        await asyncio.to_thread(self.engine.abort, h.request.rid)
+            handles = await asyncio.to_thread(self._submit, subs, field)
+        except EngineError as e:  # the engine cannot take requests now (shutting down, memory released)
+            raise ApiError(503, str(e)) from None
+        call = Call(self.engine, handles, q, sum(h.request.params.n for h in handles))
+        if request is not None:
+            call.watch(request)
+        return call
 
 
-def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
+class ApiKeyGuard:
+    """ASGI middleware: `Authorization: Bearer <key>` on every route but OPEN_PATHS (401 otherwise)."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope.get("path") not in OPEN_PATHS:
+            got = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                msg = ("Authorization: missing or wrong API key; send the header 'Authorization: Bearer <key>' "
+                       "with the key `k2sys serve --api-key` was given")
+                await error(401, msg, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: NativeEngine, model_path: str | None = None, options: ServerOptions | None = None) -> FastAPI:
+    opts = options or ServerOptions()
     app = FastAPI(title="k2sys native engine", openapi_url=None)
-    streams = Streams(engine)
     app.state.engine = engine
+    app.state.options = opts
+    app.state.json_limits = JsonLimits(max_body_bytes=opts.max_body_bytes,
+                                       max_weight_body_bytes=opts.max_weight_body_bytes, max_depth=opts.max_json_depth)
+    cfg = engine.config
+    admission = app.state.admission = Admission(
+        cfg.max_running_requests * 32 if opts.max_queued_requests is None else opts.max_queued_requests,
+        cfg.max_total_tokens * 64 if opts.max_queued_tokens is None else opts.max_queued_tokens)
+    streams = Streams(engine, admission)
+    engine.weight_update_timeout_s = opts.weight_update_timeout_s
     shm_reader = app.state.shm_reader = ShmReader()
+    if opts.api_key:
+        app.add_middleware(ApiKeyGuard, key=opts.api_key)
 
     @app.exception_handler(RequestError)
     @app.exception_handler(ProtocolError)
-    async def _bad_request(_: Request, exc: Exception) -> JSONResponse:
-        return error(400, str(exc))
+    async def _bad_request(_: Request, exc: Exception) -> Response:
+        return error(getattr(exc, "status", 400), str(exc), getattr(exc, "headers", None))
 
     @app.exception_handler(EngineError)
-    async def _engine_state(_: Request, exc: Exception) -> JSONResponse:
+    async def _engine_state(_: Request, exc: Exception) -> Response:
         return error(400, str(exc))
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)  # left while still sending its body
+    async def _gone(_: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client is gone
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
 
     @app.api_route("/health", methods=["GET", "POST"])
     @app.api_route("/health_generate", methods=["GET", "POST"])
@@ -208,16 +452,18 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
 
     @app.get("/server_info")
     @app.get("/get_server_info")
-    async def server_info() -> dict:
+    async def server_info() -> Response:
         stats = engine.stats()
-        return {"engine": "k2sys-native", "version": _version(), **stats, **_model_info(),
-                "max_total_num_tokens": engine.config.max_total_tokens, "max_model_len": engine.max_model_len,
-                "context_length": engine.max_model_len, "max_running_requests": engine.config.max_running_requests,
-                "chunked_prefill_size": engine.config.max_num_batched_tokens, "page_size": engine.config.block_size,
-                "disable_radix_cache": not engine.config.enable_prefix_caching, "dtype": str(engine.runner.dtype),
-                "device": engine.config.device, "memory_bytes": engine.memory_bytes(),
-                "quantization": engine.config.quantization, "weight_transports": server_transports(),
-                "internal_states": [{"running": stats["running"], "waiting": stats["waiting"]}]}
+        return JSON({"engine": "k2sys-native", "version": _version(), **stats, **_model_info(),
+                     "max_total_num_tokens": engine.config.max_total_tokens, "max_model_len": engine.max_model_len,
+                     "context_length": engine.max_model_len, "max_running_requests": engine.config.max_running_requests,
+                     "chunked_prefill_size": engine.config.max_num_batched_tokens, "page_size": engine.config.block_size,
+                     "disable_radix_cache": not engine.config.enable_prefix_caching, "dtype": str(engine.runner.dtype),
+                     "device": engine.config.device, "memory_bytes": engine.memory_bytes(),
+                     "quantization": engine.config.quantization, "weight_transports": server_transports(),
+                     "admission": admission.stats(), "max_body_bytes": opts.max_body_bytes,
+                     "weight_update_timeout_s": opts.weight_update_timeout_s,
+                     "internal_states": [{"running": stats["running"], "waiting": stats["waiting"]}]})
 
     @app.get("/get_weight_version")
     async def weight_version() -> dict:
@@ -226,33 +472,40 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
         body = await read_json(request, allow_empty=False)
-        items, batched, stream = parse_generate(body)
-        want_prompt = False if body.get("return_prompt_token_ids") is None else body["return_prompt_token_ids"]
-        if not isinstance(want_prompt, bool):
-            raise RequestError(f"return_prompt_token_ids: must be true or false, got {want_prompt!r}")
-        handles, q, total = await streams.submit(items)
-        multi = batched or total > 1
+        if len(getattr(request, "_body", b"")) > app.state.json_limits.thread_bytes:  # long prompts: check off the loop
+            items, batched, stream = await asyncio.to_thread(parse_generate, body, engine)
+        else:
+            items, batched, stream = parse_generate(body, engine)
+        want_prompt = want_bool(body, "return_prompt_token_ids")
+        call = await streams.submit(items, request, "text" if "text" in items[0] else "input_ids")
+        handles = call.handles
+        multi = batched or call.total > 1
 
         def finish(idx: int, out: dict) -> dict:
             return {**out, "prompt_token_ids": list(handles[idx].request.input_ids)} if want_prompt else out
 
         if not stream:
-            done = await streams.results(handles, q, total, with_index=True)
+            done = await call.results(with_index=True)
             outs = [finish(idx, out) for (idx, _), out in done]
-            return JSONResponse(outs if multi else outs[0])
+            return JSON(outs if multi else outs[0])
 
         async def body_chunks() -> AsyncIterator[bytes]:
-            async for idx, sample, out, _ in streams.events(handles, q, total):
+            async for idx, sample, out, _ in call.events():
                 out = finish(idx, out)
                 if multi:
                     out = {**out, "index": idx * items[idx]["params"].n + sample}
                 yield sse(out)
             yield b"data: [DONE]\n\n"
-        return StreamingResponse(body_chunks(), media_type="text/event-stream")
+        return call.sse(body_chunks())
+
+    def _text_ok(text: str, where: str) -> None:
+        if len(text) >= engine.max_model_len and len(text) > engine.max_model_len * engine.max_token_bytes():
+            raise RequestError(f"{where}: {len(text)} characters cannot fit max_model_len={engine.max_model_len} "
+                               "tokens; shorten it")
 
     @app.post("/tokenize")
     @app.post("/v1/tokenize")
-    async def tokenize(request: Request) -> JSONResponse:
+    async def tokenize(request: Request) -> Response:
         """SGLang's /tokenize: {prompt: str | [str]} or {messages, tools}; -> {tokens, count, max_model_len}."""
         body = await read_json(request, allow_empty=False)
         check_fields("tokenize", body, {"model", "prompt", "messages", "tools", "add_special_tokens",
@@ -263,45 +516,47 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
         if (prompt is None) == (messages is None):
             raise RequestError("tokenize: give exactly one of prompt or messages")
         special = body.get("add_special_tokens")
+        if special is not None and not isinstance(special, bool):
+            raise RequestError(f"add_special_tokens: must be true or false, got {str(special)[:60]}")
         if messages is not None:
-            from k2sys.engine.openai_api import normalize_messages
+            from k2sys.engine.openai_api import check_tools, normalize_messages, render_prompt
 
             gen = body.get("add_generation_prompt")
+            want_bool(body, "add_generation_prompt")
             msgs, _, _ = normalize_messages(messages, engine.chat_format())
-            tokens = engine.render_chat(msgs, body.get("tools"), add_generation_prompt=True if gen is None else bool(gen),
-                                        add_special_tokens=bool(special) if gen is not None else False)
-            return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+            tools = check_tools(body.get("tools"))
+            tokens = await render_prompt(engine, msgs, tools, add_generation_prompt=True if gen is None else gen,
+                                         add_special_tokens=bool(special) if gen is not None else False)
+            return JSON({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
         special = True if special is None else special
-        if not isinstance(special, bool):
-            raise RequestError(f"add_special_tokens: must be true or false, got {special!r}")
-        if isinstance(prompt, str):
-            tokens = engine.encode(prompt, add_special_tokens=special)
-            return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
-        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+        batched = isinstance(prompt, list)
+        if not isinstance(prompt, str) and not (batched and all(isinstance(p, str) for p in prompt)):
             raise RequestError("prompt: a string or a list of strings")
-        tokens = [engine.encode(p, add_special_tokens=special) for p in prompt]
-        return JSONResponse({"tokens": tokens, "count": [len(t) for t in tokens], "max_model_len": engine.max_model_len})
+
+        def encode_all() -> list[list[int]]:  # on a worker thread: long texts are checked, then tokenized
+            texts = prompt if batched else [prompt]
+            for i, p in enumerate(texts):
+                _text_ok(p, f"prompt[{i}]" if batched else "prompt")
+            return [engine.encode(p, add_special_tokens=special) for p in texts]
+        tokens = await asyncio.to_thread(encode_all)
+        if not batched:
+            return JSON({"tokens": tokens[0], "count": len(tokens[0]), "max_model_len": engine.max_model_len})
+        return JSON({"tokens": tokens, "count": [len(t) for t in tokens], "max_model_len": engine.max_model_len})
 
     @app.post("/detokenize")
     @app.post("/v1/detokenize")
-    async def detokenize(request: Request) -> JSONResponse:
+    async def detokenize(request: Request) -> Response:
         """SGLang's /detokenize: {tokens: [int] | [[int]], skip_special_tokens} -> {text}."""
         body = await read_json(request, allow_empty=False)
         check_fields("detokenize", body, {"model", "tokens", "skip_special_tokens"})
-        tokens, skip = body.get("tokens"), body.get("skip_special_tokens", True)
-        if not isinstance(skip, bool):
-            raise RequestError(f"skip_special_tokens: must be true or false, got {skip!r}")
+        tokens, skip = body.get("tokens"), want_bool(body, "skip_special_tokens", True)
         vocab = engine.model_config.vocab_size
-
-        def one(ids: Any) -> str:
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                                                    for t in ids):
-                raise RequestError(f"tokens: token ids must be ints in [0, {vocab})")
-            return engine.detokenize(ids, skip)
-
-        if isinstance(tokens, list) and tokens and isinstance(tokens[0], list):
-            return JSONResponse({"text": [one(t) for t in tokens]})
-        return JSONResponse({"text": one(tokens)})
+        batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
+        for i, ids in enumerate(tokens if batched else [tokens]):
+            check_token_ids(ids, f"tokens[{i}]" if batched else "tokens", vocab)
+        if batched:
+            return JSON({"text": await asyncio.to_thread(lambda: [engine.detokenize(t, skip) for t in tokens])})
+        return JSON({"text": await asyncio.to_thread(engine.detokenize, tokens, skip)})
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
@@ -311,95 +566,123 @@ def build_app(engine: NativeEngine, model_path: str | None = None) -> FastAPI:
             return Response(content=f"Cache not flushed: {e}\n", status_code=400)
         return Response(content="Cache flushed.\n", status_code=200)
 
-    async def _memory(request: Request, fn: Callable) -> JSONResponse:
+    async def _memory(request: Request, fn: Callable) -> Response:
         body = await read_json(request)
         check_fields("memory", body, {"tags"})
         await asyncio.to_thread(fn, body.get("tags"))
-        return JSONResponse({"success": True, "message": f"{fn.__name__} done", **engine.memory_bytes()})
+        return JSON({"success": True, "message": f"{fn.__name__} done", **engine.memory_bytes()})
 
     @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
-    async def release(request: Request) -> JSONResponse:
+    async def release(request: Request) -> Response:
         return await _memory(request, engine.release_memory)
 
     @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
-    async def resume(request: Request) -> JSONResponse:
+    async def resume(request: Request) -> Response:
         return await _memory(request, engine.resume_memory)
 
     @app.post("/begin_weight_update")
-    async def begin(request: Request) -> JSONResponse:
+    async def begin(request: Request) -> Response:
         check_fields("begin_weight_update", await read_json(request), set(), {"selector": (None, "all")})
         await asyncio.to_thread(engine.begin_weight_update)
-        return JSONResponse({"success": True, "message": "weight update session open"})
+        return JSON({"success": True, "message": "weight update session open"})
+
+    def _decode(payload: UpdateWeightsFromTensorPayload) -> list:
+        try:
+            return tensors_from_update(payload)
+        except Exception as e:  # noqa: BLE001 - whatever the client's bytes do to the decoder, it is their error
+            raise RequestError(f"serialized_named_tensors: cannot decode ({type(e).__name__}: {str(e)[:300]}); "
+                               "serialize with serialize_named_tensors() or FlattenedBucket.serialize()") from None
 
     @app.post("/update_weights_from_tensor")
-    async def update_tensor(request: Request) -> JSONResponse:
-        payload = UpdateWeightsFromTensorPayload.from_sglang(await read_json(request, allow_empty=False))
-        try:
-            named = tensors_from_update(payload)
-        except (ProtocolError, ValueError, KeyError) as e:
-            raise RequestError(f"serialized_named_tensors: cannot decode ({e})") from None
+    async def update_tensor(request: Request) -> Response:
+        payload = UpdateWeightsFromTensorPayload.from_sglang(await read_json(request, allow_empty=False, weights=True))
+        named = await asyncio.to_thread(_decode, payload)
+        # everything is checked before requests are aborted: a refused update aborts nothing
+        await asyncio.to_thread(engine.check_update, named)
         if payload.abort_all_requests:
             await asyncio.to_thread(engine.abort, None)
         await asyncio.to_thread(engine.update_weights, named, weight_version=payload.weight_version)
-        return JSONResponse({"success": True, "message": f"staged {len(named)} tensors"})
+        return JSON({"success": True, "message": f"staged {len(named)} tensors"})
 
     @app.post("/update_weights_from_shm")
-    async def update_shm(request: Request) -> JSONResponse:
-        payload = ShmUpdatePayload.from_json(await read_json(request, allow_empty=False))
-        n = await asyncio.to_thread(shm_reader.apply, payload, engine.update_weights)
-        return JSONResponse({"success": True, "message": f"staged {n} tensors from {payload.transport}"})
+    async def update_shm(request: Request) -> Response:
+        body = await read_json(request, allow_empty=False)
+        unknown = sorted(str(k)[:40] for k in set(body) - set(ShmUpdatePayload.FIELDS))
+        if unknown:
+            raise RequestError(f"update_weights_from_shm: unknown fields {unknown}; known: {list(ShmUpdatePayload.FIELDS)}")
+        transport = body.get("transport", "shm")
+        if not isinstance(transport, str):
+            raise RequestError(f"transport: must be a string, got {str(transport)[:40]!r}")
+        size = want_int(body, "shm_size", 1, None, 0) if transport == "shm" else body.get("shm_size", 0)
+        want_str(body, "shm_name")
+        want_bool(body, "release", True)
+        if transport == "cuda_ipc" or body.get("cuda_ipc") is not None:
+            check_cuda_ipc(body.get("cuda_ipc"))
+        check_bucket_entries(body.get("entries"), size if transport == "shm" else None)
+        body = {**body, "weight_version": weight_version_of(body.get("weight_version"))}
+        payload = ShmUpdatePayload.from_json(body)
+        try:
+            n = await asyncio.to_thread(shm_reader.apply, payload, engine.update_weights)
+        except (RequestError, ProtocolError, EngineError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the client's segment or IPC handle could not be read
+            log.warning("update_weights_from_shm: reading the bucket failed", exc_info=e)
+            raise RequestError(f"update_weights_from_shm: the bucket could not be read from {payload.transport} "
+                               f"({type(e).__name__}: {str(e)[:200]}); check the segment / handle and entries") from None
+        return JSON({"success": True, "message": f"staged {n} tensors from {payload.transport}"})
 
     @app.post("/end_weight_update")
-    async def end(request: Request) -> JSONResponse:
+    async def end(request: Request) -> Response:
         check_fields("end_weight_update", await read_json(request), set())
         version = await asyncio.to_thread(engine.end_weight_update)
-        return JSONResponse({"success": True, "message": f"weights updated to version {version}",
-                             "weight_version": version})
+        return JSON({"success": True, "message": f"weights updated to version {version}", "weight_version": version})
 
     @app.post("/abort_weight_update")
-    async def abort_update(request: Request) -> JSONResponse:
+    async def abort_update(request: Request) -> Response:
         check_fields("abort_weight_update", await read_json(request), set())
         await asyncio.to_thread(engine.abort_weight_update)
-        return JSONResponse({"success": True, "message": "weight update session discarded",
-                             "weight_version": engine.weight_version})
+        return JSON({"success": True, "message": "weight update session discarded",
+                     "weight_version": engine.weight_version})
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
-    async def get_weights(request: Request) -> JSONResponse:
+    async def get_weights(request: Request) -> Response:
         body = await read_json(request, allow_empty=False)
         check_fields("get_weights_by_name", body, {"name", "truncate_size"})
         if not isinstance(body.get("name"), str):
             raise RequestError("name: required, an HF parameter name")
-        size = body.get("truncate_size", 100)
-        if not isinstance(size, int) or size < 1:
-            raise RequestError(f"truncate_size: must be an int >= 1, got {size!r}")
-        return JSONResponse(await asyncio.to_thread(engine.get_weights_by_name, body["name"], size))
+        size = want_int(body, "truncate_size", 1, None, 100)
+        return JSON(await asyncio.to_thread(engine.get_weights_by_name, body["name"], size))
 
     @app.post("/pause_generation")
-    async def pause(request: Request) -> JSONResponse:
+    async def pause(request: Request) -> Response:
         body = await read_json(request)
         check_fields("pause_generation", body, {"mode"})
         mode = body.get("mode", "abort")
+        if not isinstance(mode, str) or mode not in PAUSE_MODES:
+            raise RequestError(f"mode: {str(mode)[:40]!r} is unknown; use one of {list(PAUSE_MODES)}")
         detail = await asyncio.to_thread(engine.pause_detail, mode)
         keep = ("rid", "input_ids", "output_ids", "output_logprobs", "sampling_params", "return_logprob",
                 "weight_version")
         paused = [{k: d[k] for k in keep} for d in detail] if mode == "abort" else []
-        return JSONResponse({"message": "Generation paused successfully.", "status": "ok", "mode": mode,
-                             "paused_requests": paused, "requests": detail})
+        return JSON({"message": "Generation paused successfully.", "status": "ok", "mode": mode,
+                     "paused_requests": paused, "requests": detail})
 
     @app.post("/continue_generation")
-    async def cont(request: Request) -> JSONResponse:
+    async def cont(request: Request) -> Response:
         await read_json(request)
-        await asyncio.to_thread(engine.continue_generation)
-        return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
+        # HTTP callers get an answer: what was queued while paused and still cannot run is aborted
+        await asyncio.to_thread(engine.continue_generation, True)
+        return JSON({"message": "Generation continued successfully.", "status": "ok"})
 
     @app.post("/abort_request")
     async def abort(request: Request) -> Response:
         body = await read_json(request)
         check_fields("abort_request", body, {"rid", "abort_all", "finished_reason", "abort_message"})
-        rid = body.get("rid") or None
-        if not body.get("abort_all") and rid is None:
+        rid = want_str(body, "rid") or None
+        abort_all = want_bool(body, "abort_all")
+        if not abort_all and rid is None:
             raise RequestError("abort_request: give rid, or abort_all=true")
-        await asyncio.to_thread(engine.abort, None if body.get("abort_all") else rid)
+        await asyncio.to_thread(engine.abort, None if abort_all else rid)
         return Response(status_code=200)
 
     OpenAIRoutes(engine, streams).register(app)
@@ -447,6 +730,25 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantization", default=EngineConfig.quantization, choices=["none", "fp8"],
                     help="weights served: none (the compute dtype) or fp8 (e4m3 with 128x128 block scales, the "
                          "Kimi-K2/DeepSeek-V3 release format; a bf16 checkpoint or trainer update is quantized)")
+    d = ServerOptions()
+    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                    help="largest request body in bytes (413 above; default 64 MiB)")
+    ap.add_argument("--max-weight-body-bytes", type=int, default=d.max_weight_body_bytes,
+                    help="largest /update_weights_from_tensor body in bytes (default 4 GiB)")
+    ap.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                    help="deepest JSON nesting accepted in a body (default 64)")
+    ap.add_argument("--max-queued-requests", type=int, default=None,
+                    help="sequences (prompts x n) in flight over HTTP before new calls get 429 "
+                         "(default 32 x --max-running-requests; 0 = no limit)")
+    ap.add_argument("--max-queued-tokens", type=int, default=None,
+                    help="prompt tokens held by in-flight requests before new calls get 429 "
+                         "(default 64 x --max-total-tokens; 0 = no limit)")
+    ap.add_argument("--weight-update-timeout", type=float, default=d.weight_update_timeout_s,
+                    help="seconds an open weight update session may go without a call before it is discarded "
+                         "(default 600; 0 = never)")
+    ap.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health and /health_generate "
+                         "(default: the K2SYS_API_KEY environment variable, else no key)")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -461,8 +763,16 @@ def main(argv: list[str] | None = None) -> int:
                        max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
                        served_model_name=args.served_model_name, moe_kernels=args.moe_kernels,
                        enable_prefix_caching=not args.disable_radix_cache, quantization=args.quantization)
+    try:
+        options = ServerOptions(max_body_bytes=args.max_body_bytes, max_weight_body_bytes=args.max_weight_body_bytes,
+                                max_json_depth=args.max_json_depth, max_queued_requests=args.max_queued_requests,
+                                max_queued_tokens=args.max_queued_tokens,
+                                weight_update_timeout_s=args.weight_update_timeout or None,
+                                api_key=args.api_key or os.environ.get("K2SYS_API_KEY") or None)
+    except ValueError as e:
+        _parser().error(str(e))
     engine = NativeEngine.from_pretrained(args.model, cfg)
-    app = build_app(engine, args.model)
+    app = build_app(engine, args.model, options)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
