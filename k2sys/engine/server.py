@@ -30,6 +30,7 @@ import contextlib
 import hmac
 import logging
 import os
+import sys
 import signal
 import threading
 from dataclasses import dataclass
@@ -709,19 +710,40 @@ def _tool_parser(engine: NativeEngine) -> str | None:
 
 
 # ---- the `serve` command -------------------------------------------------------------------------
+def _int_in(lo: int, hi: int | None = None):
+    """argparse type: an int in [lo, hi], refused by argparse (one usage line) before the model loads."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: use {lo}..{hi if hi is not None else 'inf'}")
+        return v
+    return parse
+
+
+def _model_dir(text: str) -> str:
+    p = os.path.expanduser(text)
+    if not os.path.isdir(p) or not os.path.isfile(os.path.join(p, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a checkpoint directory (a directory with config.json)")
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="k2sys serve", description="Serve a K2 checkpoint with the native engine "
                                  "(SGLang-compatible HTTP + OpenAI /v1).")
-    ap.add_argument("--model", "--model-path", dest="model", required=True, help="HF checkpoint directory")
+    ap.add_argument("--model", "--model-path", dest="model", required=True, type=_model_dir,
+                    help="HF checkpoint directory")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--port", type=_int_in(0, 65535), default=30000)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-total-tokens", type=int, default=EngineConfig.max_total_tokens)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
-    ap.add_argument("--max-running-requests", type=int, default=EngineConfig.max_running_requests)
-    ap.add_argument("--block-size", type=int, default=EngineConfig.block_size)
-    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-total-tokens", type=_int_in(1), default=EngineConfig.max_total_tokens)
+    ap.add_argument("--max-num-batched-tokens", type=_int_in(1), default=EngineConfig.max_num_batched_tokens)
+    ap.add_argument("--max-running-requests", type=_int_in(1), default=EngineConfig.max_running_requests)
+    ap.add_argument("--block-size", type=_int_in(1), default=EngineConfig.block_size)
+    ap.add_argument("--max-model-len", type=_int_in(1), default=None)
     ap.add_argument("--served-model-name", default=EngineConfig.served_model_name)
     ap.add_argument("--disable-radix-cache", action="store_true",
                     help="turn off prefix caching (SGLang's flag name; the native engine caches whole KV blocks)")
@@ -749,7 +771,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on every route but /health and /health_generate "
                          "(default: the K2SYS_API_KEY environment variable, else no key)")
-    ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--log-level", default="warning", type=str.lower,
+                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     return ap
 
 
@@ -757,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level="DEBUG" if args.log_level == "trace" else args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = EngineConfig(dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                        max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
@@ -803,6 +826,10 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     finally:
         engine.shutdown()
+    if not server.started:  # e.g. the port is taken: uvicorn logged why
+        print(f"k2sys serve: error: the server did not start on {args.host}:{args.port} (see the log above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
