@@ -6,7 +6,9 @@ run under TRITON_INTERPRET=1.
 """
 
 import os
+import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -19,3 +21,19 @@ def pytest_collection_modifyitems(session, config, items):
     short ones fill the gaps, instead of one long file starting last and running alone."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_leaks_across_files():
+    """Under xdist one worker process runs many files in turn: a file that leaves torch.distributed
+    (or megatron's parallel state) initialised would make the next file's init_process_group fail."""
+    yield
+    import torch.distributed as dist
+
+    if "megatron.core" in sys.modules:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
