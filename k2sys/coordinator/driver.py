@@ -43,6 +43,7 @@ from k2sys.envs.agent_loop import new_episode_group
 from k2sys.eval import evaluate, evaluate_episodes
 from k2sys.models import build_model, preset, save_hf
 from k2sys.models.hf_io import write_json_atomic
+from k2sys.rewards import gym as reward_gym
 from k2sys.rl import (BudgetConfig, BudgetController, DifficultyFilter, RolloutBuffer, StalePolicyConfig,
                       TemperatureSchedule, logprob_mismatch)
 from k2sys.tasks import Task, get_family
@@ -487,6 +488,8 @@ class RecipeRunner:
                 else Path(resume_dir) / "rollout_buffer.json"
         buffer = RolloutBuffer.load(buf_file, max_age=self.cfg.rollout.max_age) if buf_file and buf_file.exists() \
             else RolloutBuffer(None, max_age=self.cfg.rollout.max_age)
+        # reward state across iterations (safety attack set, critic), as of the committed iteration
+        reward_gym.bind_reward_state(self.families, self.dir / "rewards", it)
         if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
             self.tg.call("push", str(it))
         self._offload()
@@ -506,6 +509,8 @@ class RecipeRunner:
             groups = _regroup(buffer.take())  # paused groups resume first, on the new weights
             for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
                 groups.append(new_group(task, it * 100_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
+            for j, task in enumerate(reward_gym.iteration_tasks(self.families, it, self.cfg.seed)):  # evolved attacks
+                groups.append(new_group(task, it * 100_000 + 90_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
             for ki, (kind, specs) in enumerate(env_specs.items()):
                 for j, spec in enumerate(rng.sample(specs, min(r.episode_groups_per_iter, len(specs)))):
                     gid = it * 100_000 + 50_000 + 1000 * ki + j
@@ -536,8 +541,13 @@ class RecipeRunner:
             train_stats: dict = {}
 
             def train() -> sm.StepResult:
-                batch, bstats = build_rl_batch(ro.samples, pad, version, stale, rng.sample(ptx_pool, r.ptx_rows)
-                                               if r.ptx_coef > 0 else None, r.ptx_coef)
+                hook_stats, hook_rows = self._rollout_hooks(it, groups, ro.samples, pad, stops)
+                ptx = rng.sample(ptx_pool, r.ptx_rows) + hook_rows if r.ptx_coef > 0 else None
+                if hook_rows and ptx is None:
+                    log.warning("rl.ptx_coef=0: %d critic training rows of this iteration are not trained on",
+                                len(hook_rows))
+                batch, bstats = build_rl_batch(ro.samples, pad, version, stale, ptx, r.ptx_coef)
+                train_stats.update(hook_stats)
                 trainer_lp = self.tg.call("logprobs", batch)
                 n_rl = bstats["samples"]
                 mm = logprob_mismatch(batch["behaviour_lp"][:n_rl], trainer_lp[:n_rl], batch["loss_mask"][:n_rl]) \
@@ -587,13 +597,27 @@ class RecipeRunner:
         machine.do("continue", self.engine.client.continue_generation)  # engine serves the final eval
 
     def _reward_stats(self) -> dict:
-        """Cumulative reward calls and failures (per reason) of the user's reward (0 failures: all scored)."""
+        """Cumulative reward calls and failures (per reason) of the user's reward (0 failures: all scored), and
+        the failure counters of judged task families (reward_failures/<family>[/<reason>])."""
+        out = reward_gym.reward_stats(self.families)
         fam = self.families.get("user")
         if fam is None:
-            return {}
+            return out
         st = fam.reward.stats()
-        return {"reward_items": st["items"], "reward_failed": st["failed"],
+        return {**out, "reward_items": st["items"], "reward_failed": st["failed"],
                 **{f"reward_failed/{k}": v for k, v in st["failures"].items()}}
+
+    def _rollout_hooks(self, it: int, groups: list, samples: list, pad: int, stops: list[int]) -> tuple[dict, list]:
+        """Reward families' after-rollout hooks (k2sys.rewards.gym), in the train phase: the trainer is onloaded
+        and holds the weights the engine sampled with, so the policy can judge (critic=policy); returns the
+        hooks' metrics and extra training rows (critic refresh)."""
+        if not reward_gym.has_hooks(self.families):
+            return {}, []
+        ctx = reward_gym.HookContext(
+            logprobs=lambda rows: reward_gym.sequence_logprobs(lambda b: self.tg.call("logprobs", b), rows, pad),
+            tokenize=lambda messages: tokenize_chat(self.tok, messages))
+        records = reward_gym.rollout_records(groups, samples, self.tok, stops)
+        return reward_gym.run_rollout_hooks(self.families, it, records, samples, ctx), ctx.train_rows
 
     def _pause(self) -> None:
         self.engine.client.pause("abort")

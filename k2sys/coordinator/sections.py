@@ -12,6 +12,11 @@ from k2sys.config import ConfigError, check_fraction, check_int, check_name, che
 @dataclass(kw_only=True)
 class TasksSection:
     families: list[str] = field(default_factory=lambda: ["list_ops", "arithmetic"])
+    """Single-turn task families (k2sys.tasks): list_ops, arithmetic, countdown; instruction (IFEval-style
+    constraints, hack-check, AutoIF), faithfulness (grounded answers), safety (attacks to refuse, evolving
+    attack set), open_ended (rubric critic reward, pairwise; mixed with verifiable families in one batch).
+    Each needs a token budget in rl.budgets; judges/critics are set in params (e.g. {"open_ended":
+    {"critic": "policy", "refresh_every": 2}})."""
     params: dict = field(default_factory=lambda: {"list_ops": {"length": 3}, "arithmetic": {"digits": 1, "ops": "+"}})
     """Difficulty parameters per family (JSON object), passed to k2sys.tasks.get_family."""
     n_train: int = 1200
