@@ -3,10 +3,12 @@
 Figures (higher = better), measured on the same tensors with the same thread count, repeats
 interleaved so both sides see the same machine load:
   quantize        C++ thread pool (one quantize_fp8_blocks call for the whole bucket) GB/s of input;
-                  ratio = torch reference time / C++ time (the vectorized torch definition, per tensor)
-  vs_copy         C++ GB/s / a plain copy of the same input bytes into a touched buffer (the bound a
-                  streaming kernel cannot beat; quantizing reads the input twice, block by block)
+                  ratio = torch reference time / C++ time (the vectorized torch definition, per tensor; peer)
+  vs_copy         C++ GB/s vs a plain copy of the same input bytes (the same input tensors into touched
+                  buffers of their size), N contiguous chunks on N threads at 1 thread and at the C++
+                  thread count (the bound a streaming kernel cannot beat; benchmarks/common.py)
   triton (CUDA)   the Triton kernel on the GPU, ratio = torch reference on the GPU / Triton
+All rows come from interleaved rounds (>= 5) with median ratio and spread.
 
 The bucket defaults to Kimi-K2 expert shapes ([2048, 7168] gate/up, [7168, 2048] down) in bf16.
 
@@ -17,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info, print_results, result, write_json  # noqa: E402
+from common import (MIN_REPS, CopyBound, add_common_args, copy_bound_rows, env_info, interleaved,  # noqa: E402
+                    paired_row, print_results, thread_counts, write_results)
 
 from k2sys import ext  # noqa: E402
 from k2sys.quant import quantize_fp8_block_reference, quantize_fp8_blocks  # noqa: E402
@@ -36,19 +37,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def bucket(n: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [(torch.randn(*SHAPES[i % len(SHAPES)], generator=g) * 0.02).to(dtype).to(device) for i in range(n)]
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def bitwise_equal(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
@@ -65,38 +53,25 @@ def run(args) -> list[dict]:
     nbytes = sum(w.numel() * w.element_size() for w in ws)
     ref = lambda: [quantize_fp8_block_reference(w) for w in ws]  # noqa: E731
     cpp = lambda: quantize_fp8_blocks(ws, threads=threads, backend="cpp")  # noqa: E731
-    dst = [torch.empty_like(w) for w in ws]
-    copy = lambda: [d.copy_(w) for d, w in zip(dst, ws)]  # noqa: E731
     same = bitwise_equal(cpp(), ref())  # also warms both paths
-    copy()
-    t_ref, t_cpp, t_copy, ratios = [], [], [], []
-    for _ in range(args.repeats):
-        t_ref.append(timed(ref, "cpu"))
-        t_cpp.append(timed(cpp, "cpu"))
-        t_copy.append(timed(copy, "cpu"))
-        ratios.append(t_ref[-1] / t_cpp[-1])
-    m_ref, m_cpp, m_copy = (statistics.median(t) for t in (t_ref, t_cpp, t_copy))
-    gbs = nbytes / m_cpp / 1e9
-    out.append(result(f"quantize_cpp_{args.dtype}", gbs, "GB/s", nbytes / m_ref / 1e9,
-                      ratio=statistics.median(ratios), baseline_is="torch reference (same tensors, same threads)",
-                      threads=threads, tensors=len(ws), bytes=nbytes, bitwise_equal=same,
-                      seconds_cpp=t_cpp, seconds_torch=t_ref))
-    out.append(result(f"quantize_cpp_vs_copy_{args.dtype}", gbs, "GB/s", nbytes / m_copy / 1e9,
-                      baseline_is="torch copy_ of the same bytes into a touched buffer", seconds_copy=t_copy))
+    dst = [torch.empty_like(w).fill_(0) for w in ws]
+    with CopyBound(dst, ws, threads=thread_counts(threads),
+                   where="the same input tensors into touched buffers of their sizes") as cb:
+        tm = interleaved({"cpp": cpp, "torch": ref, **cb.fns()}, args.repeats)
+    out.append(paired_row(f"quantize_cpp_{args.dtype}", tm["cpp"], tm["torch"], kind="peer", work=nbytes, unit="GB/s",
+                          scale=1e9, threads=threads, system_threads=threads, bitwise_equal=same, tensors=len(ws),
+                          bound=f"torch reference (same tensors, {threads} intra-op threads)"))
+    out += copy_bound_rows(f"quantize_cpp_{args.dtype}", tm["cpp"], cb, tm, system_threads=threads,
+                           what="system: one quantize_fp8_blocks call (C++ pool), reads the input twice")
     if torch.cuda.is_available() and not args.skip_cuda:
         wg = [w.to("cuda") for w in ws]
         ref_g = lambda: [quantize_fp8_block_reference(w) for w in wg]  # noqa: E731
         tri = lambda: quantize_fp8_blocks(wg, backend="triton")  # noqa: E731
         same_g = bitwise_equal(tri(), ref_g())
-        t_rg, t_tri, r_g = [], [], []
-        for _ in range(args.repeats):
-            t_rg.append(timed(ref_g, "cuda"))
-            t_tri.append(timed(tri, "cuda"))
-            r_g.append(t_rg[-1] / t_tri[-1])
-        out.append(result(f"quantize_triton_{args.dtype}", nbytes / statistics.median(t_tri) / 1e9, "GB/s",
-                          nbytes / statistics.median(t_rg) / 1e9, ratio=statistics.median(r_g),
-                          baseline_is="torch reference on the GPU", bitwise_equal=same_g,
-                          seconds_triton=t_tri, seconds_torch=t_rg))
+        tg = interleaved({"triton": tri, "torch": ref_g}, args.repeats, sync=torch.cuda.synchronize)
+        out.append(paired_row(f"quantize_triton_{args.dtype}", tg["triton"], tg["torch"], kind="peer", work=nbytes,
+                              unit="GB/s", scale=1e9, threads=1, system_threads=1, bitwise_equal=same_g,
+                              bound="torch reference on the GPU (same tensors)"))
     return out
 
 
@@ -106,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensors", type=int, default=6, help="tensors in the bucket (Kimi-K2 expert shapes)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=0, help="threads for both sides (0: all CPUs)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=MIN_REPS, help=f"interleaved rounds (>= {MIN_REPS})")
+    add_common_args(ap)
     ap.add_argument("--skip-cuda", action="store_true")
     args = ap.parse_args(argv)
     if not ext.HAS_CPP:
@@ -114,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = run(args)
     print_results(rows, "FP8 block-128 quantization of a bucket")
-    if args.json:
-        write_json(args.json, {"results": rows, "env": env_info(tensors=args.tensors, dtype=args.dtype,
-                                                                  repeats=args.repeats)})
+    write_results(args.json, rows, env_info(tensors=args.tensors, dtype=args.dtype, repeats=args.repeats,
+                                            note=args.note))
     return 0
 
 

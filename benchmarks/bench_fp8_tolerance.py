@@ -44,8 +44,10 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--len", type=int, default=64)
+    from common import add_common_args, env_info, print_results, result, write_results
+
+    add_common_args(p)
     args = p.parse_args()
-    from common import env_info, print_results, result, write_json
 
     from k2sys.models import build_model, k2_small, load_hf
     from k2sys.quant.fp8 import dequantize_fp8_block, quantize_fp8_block
@@ -69,12 +71,16 @@ def main() -> None:
     f, b = stats["fp8"], stats["bf16"]
     what = args.model or "k2-small (random weights)"
     results = [result(f"FP8 weights: mean KL per token ({what})", f["kl"], "nats", b["kl"], ratio=b["kl"] / max(f["kl"], 1e-30),
-                      baseline_is="bf16 weights, same prompts", fp8_max_abs_logit=f["max_abs"],
+                      kind="peer", bound="bf16 round trip of the same weights, same prompts, same fp32 model",
+                      threads=torch.get_num_threads(), system_threads=torch.get_num_threads(), reps=1,
+                      deterministic=True, fp8_max_abs_logit=f["max_abs"],
                       bf16_max_abs_logit=b["max_abs"], fp8_top1_agree=f["top1"], bf16_top1_agree=b["top1"],
                       fp8_rel_logit=f["rel"], bf16_rel_logit=b["rel"])]
     print_results(results, "FP8 block-128 weights vs the fp32 model (bf16 as the peer)")
     print({k: {kk: round(vv, 6) for kk, vv in v.items()} for k, v in stats.items()})
-    write_json(args.json, {"results": results, "env": env_info(model=what, prompts=args.prompts, len=args.len)})
+    write_results(args.json, results, env_info(model=what, prompts=args.prompts, len=args.len, note=args.note,
+                                               reps_note="deterministic: the same weights and prompts give the same "
+                                                         "KL, so one run is the measurement"))
 
 
 if __name__ == "__main__":

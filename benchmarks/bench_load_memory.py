@@ -6,12 +6,14 @@ RSS before the model is built, the peak RSS while loading (VmHWM reset just befo
 the rank's share (its parameters and buffers). The peer, measured in the same run on the same
 checkpoint and ranks, is the read-everything path (the full HF state dict in RAM, then sliced).
 
-  value    = loading footprint = peak RSS during load - RSS before the model
+  value    = loading footprint = peak RSS during load - RSS before the model (median over runs)
   baseline = 1.3 x share (the bound the issue sets, before a fixed overhead)
-  ratio    = baseline / value (>= 1: within 1.3x of the share)
-Rows also carry the full-read peer's footprint and `vs_full_read` = its footprint / ours.
+  ratio    = baseline / value (>= 1: within 1.3x of the share; target 1.0)
+A second row per rank compares with the full-read peer (ratio = its footprint / ours). Sliced and
+full runs alternate (--repeats pairs, >= 5; benchmarks/common.py); ratios are medians of the
+per-pair ratios with their spread. Each run is its own 2-rank torchrun job (1 thread per rank).
 
-  python benchmarks/bench_load_memory.py --json OUT [--preset k2-small] [--format fp8-block128|native]
+  python benchmarks/bench_load_memory.py --json OUT [--preset k2-small] [--format fp8-block128|native] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ def main() -> None:
     p.add_argument("--preset", default="k2-small")
     p.add_argument("--format", default="fp8-block128", choices=["native", "bf16", "fp8-block128"])
     p.add_argument("--worker", nargs=3, metavar=("CKPT", "OUT", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=5, help="sliced/full pairs (>= 5)")
+    p.add_argument("--note", default=None, help="free text recorded in env['note']")
     args = p.parse_args()
     if args.worker:
         return worker(*args.worker)
 
-    from common import env_info, print_results, result, write_json
+    from common import env_info, print_results, result, summarize, write_results
 
     from k2sys.models import build_model, preset, save_hf
 
@@ -74,32 +78,42 @@ def main() -> None:
         save_hf(model, ckpt, format=args.format, max_shard_bytes=64 << 20)
         disk = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         del model
-        rows = {}
-        for mode in ("sliced", "full", "sliced", "full"):  # interleaved repeats; the min of each is kept
-            out = Path(tmp) / "stats"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   str(Path(__file__).resolve()), "--json", "-", "--worker", str(ckpt), str(out), mode]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            for r in range(2):
-                s = json.loads(Path(f"{out}.{mode}.{r}").read_text())
-                foot = s["rss_peak_load"] - s["rss_before_model"]
-                key = (mode, r)
-                if key not in rows or foot < rows[key]["footprint"]:
-                    rows[key] = {**s, "footprint": foot}
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for i in range(args.repeats):  # interleaved pairs, the order alternating
+            for mode in (("sliced", "full") if i % 2 == 0 else ("full", "sliced")):
+                out = Path(tmp) / "stats"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(Path(__file__).resolve()), "--json", "-", "--worker", str(ckpt), str(out), mode]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+                for r in range(2):
+                    s = json.loads(Path(f"{out}.{mode}.{r}").read_text())
+                    runs.setdefault((mode, r), []).append({**s, "footprint": s["rss_peak_load"] - s["rss_before_model"]})
     results = []
+    MiB = 2**20
     for r in range(2):
-        ours, full = rows[("sliced", r)], rows[("full", r)]
-        share = ours["share_bytes"]
-        results.append(result(f"load footprint tp2 rank{r} ({args.preset}, {args.format})", ours["footprint"] / 2**20,
-                              "MiB", 1.3 * share / 2**20, target=1.0, ratio=1.3 * share / ours["footprint"],
-                              baseline_is="1.3 x the rank's share (params + buffers)", share_mib=share / 2**20,
-                              full_read_footprint_mib=full["footprint"] / 2**20,
-                              vs_full_read=full["footprint"] / ours["footprint"],
-                              overhead_mib=(ours["footprint"] - share) / 2**20))
+        ours, full = runs[("sliced", r)], runs[("full", r)]
+        share = ours[0]["share_bytes"]
+        foot = [o["footprint"] for o in ours]
+        ffoot = [f["footprint"] for f in full]
+        sp = summarize([1.3 * share / f for f in foot])
+        fs = summarize(foot)
+        common = dict(kind="bound", threads=1, system_threads=1, reps=len(foot), ranks=2, share_mib=share / MiB,
+                      footprint_mib=summarize([f / MiB for f in foot]))
+        results.append(result(f"load footprint tp2 rank{r} ({args.preset}, {args.format})", fs["median"] / MiB, "MiB",
+                              1.3 * share / MiB, target=1.0, ratio=sp["median"],
+                              bound="1.3 x the rank's share (params + buffers), the issue's bound",
+                              spread={k: sp[k] for k in ("min", "q1", "q3", "max")},
+                              overhead_mib=(fs["median"] - share) / MiB, **common))
+        pr = summarize([f / o for f, o in zip(ffoot, foot)])
+        results.append(result(f"load footprint tp2 rank{r} ({args.preset}, {args.format}) vs full read",
+                              fs["median"] / MiB, "MiB", summarize(ffoot)["median"] / MiB, ratio=pr["median"],
+                              bound="the read-everything peer (full HF state dict, then sliced), same checkpoint and "
+                                    "ranks, runs alternating", spread={k: pr[k] for k in ("min", "q1", "q3", "max")},
+                              **{**common, "kind": "peer"}))
     print_results(results, f"checkpoint load, peak host memory per rank ({disk / 2**20:.0f} MiB on disk)")
-    write_json(args.json, {"results": results, "env": env_info(preset=args.preset, format=args.format,
-                                                                checkpoint_bytes=disk)})
+    write_results(args.json, results, env_info(preset=args.preset, format=args.format, checkpoint_bytes=disk,
+                                               repeats=args.repeats, note=args.note))
 
 
 if __name__ == "__main__":

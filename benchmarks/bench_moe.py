@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info, print_results, result, write_json  # noqa: E402
+from common import (MIN_REPS, Timings, add_common_args, env_info, interleaved, paired_row,  # noqa: E402
+                    print_results, write_results)
 
 FLOPS_PER_PAIR = 6  # x @ w13^T (2 * H * 2I) + act @ w2^T (2 * I * H) = 6 * H * I per pair
 K2_SHAPES = {"ep8": dict(E=48, I=2048), "tp8": dict(E=384, I=256)}
@@ -36,23 +35,23 @@ TARGET_TOKENS = 4096
 
 
 def time_fn(fn, device: str, iters: int, warmup: int) -> float:
-    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds per call of one function (the tuner's ranking of configs; figures use `rounds`)."""
+    return rounds({"fn": fn}, device, iters, warmup).median("fn")
+
+
+def rounds(fns: dict, device: str, reps: int, warmup: int, inner: int = 1) -> Timings:
+    """Interleaved rounds (benchmarks/common.py) of seconds per call; on CUDA each timing covers
+    `inner` back-to-back calls and one synchronize, so launch and sync overhead are amortized."""
+    sync = torch.cuda.synchronize if device == "cuda" else None
+
+    def many(fn):
+        def run():
+            for _ in range(inner):
+                fn()
+        return run
+    tm = interleaved({k: many(f) for k, f in fns.items()}, reps, warmup=warmup, sync=sync)
+    tm.times = {k: [t / inner for t in v] for k, v in tm.times.items()}
+    return tm
 
 
 def make_problem(T, H, I, E, top_k, dtype, device, seed=0):
@@ -76,8 +75,17 @@ def dense_peer(P, H, I, dtype, device):
     return lambda: torch.matmul(a, b)
 
 
-def row(name, value, unit, baseline, target=None, **extra):
-    return result(name, value, unit, baseline, target, **extra)
+def peer_row(name, tm: Timings, system: str, peer: str, work: float, unit: str, scale: float, bound: str,
+             target=None, **extra):
+    """system vs peer from the same interleaved rounds (ratio = median of per-round peer/system)."""
+    threads = torch.get_num_threads()
+    return paired_row(name, tm[system], tm[peer], bound=bound, threads=threads, system_threads=threads, kind="peer",
+                      target=target, work=work, unit=unit, scale=scale, digits=6,
+                      time_ms=round(tm.median(system) * 1e3, 4), peer_ms=round(tm.median(peer) * 1e3, 4), **extra)
+
+
+DENSE = "a dense [P, H] x [H, 3I] matmul of the same FLOPs (no routing), same dtype and device"
+REF = "the torch per-expert reference (k2sys.kernels fused_moe_torch), same inputs"
 
 
 def bench_gpu(args) -> list[dict]:
@@ -92,20 +100,20 @@ def bench_gpu(args) -> list[dict]:
             x = x_all[:T]
             _, _, _, w, ids = make_problem(T, 16, 16, E, k, dtype, "cuda", seed=T)
             flops = FLOPS_PER_PAIR * T * k * H * I
-            t_tri = time_fn(lambda: fused_moe(x, w13, w2, w, ids), "cuda", args.iters, args.warmup)
-            t_ref = time_fn(lambda: fused_moe_torch(x, w13, w2, w, ids), "cuda", max(3, args.iters // 4), 1)
-            t_dense = time_fn(dense_peer(T * k, H, I, dtype, "cuda"), "cuda", args.iters, args.warmup)
             tgt = T == TARGET_TOKENS
             base = f"moe_{shape}_E{E}_I{I}_T{T}"
-            results.append(row(f"{base}_tflops_vs_dense_bf16", flops / t_tri / 1e12, "TFLOP/s", flops / t_dense / 1e12,
-                               0.35 if tgt else None, time_ms=t_tri * 1e3, dense_ms=t_dense * 1e3))  # fmt: skip
-            results.append(row(f"{base}_speedup_vs_torch_ref", T / t_tri, "tok/s", T / t_ref,
-                               5.0 if tgt else None, time_ms=t_tri * 1e3, ref_ms=t_ref * 1e3))  # fmt: skip
+            fns = {"triton": lambda: fused_moe(x, w13, w2, w, ids), "torch_ref": lambda: fused_moe_torch(x, w13, w2, w, ids),
+                   "dense": dense_peer(T * k, H, I, dtype, "cuda")}
             if q is not None:
-                t8 = time_fn(lambda: fused_moe(x, q[0], q[2], w, ids, w13_scale=q[1], w2_scale=q[3]), "cuda",
-                             args.iters, args.warmup)  # fmt: skip
-                results.append(row(f"{base}_fp8_speedup_vs_bf16_triton", T / t8, "tok/s", T / t_tri, None,
-                                   time_ms=t8 * 1e3))  # fmt: skip
+                fns["fp8"] = lambda: fused_moe(x, q[0], q[2], w, ids, w13_scale=q[1], w2_scale=q[3])
+            tm = rounds(fns, "cuda", args.repeats, args.warmup, inner=args.inner)
+            results.append(peer_row(f"{base}_tflops_vs_dense_bf16", tm, "triton", "dense", flops, "TFLOP/s", 1e12,
+                                    DENSE, 0.35 if tgt else None))
+            results.append(peer_row(f"{base}_speedup_vs_torch_ref", tm, "triton", "torch_ref", T, "tok/s", 1.0,
+                                    REF, 5.0 if tgt else None))
+            if q is not None:
+                results.append(peer_row(f"{base}_fp8_speedup_vs_bf16_triton", tm, "fp8", "triton", T, "tok/s", 1.0,
+                                        "the bf16 Triton fused MoE, same inputs"))
         del w13, w2, x_all, q
         torch.cuda.empty_cache()
     if args.train_tokens:
@@ -113,10 +121,11 @@ def bench_gpu(args) -> list[dict]:
     for T in (256, TARGET_TOKENS):
         logits = torch.randn(T, 384, device="cuda")
         bias = torch.randn(384, device="cuda") * 0.1
-        t_k = time_fn(lambda: k2_router_topk(logits, bias, 8, 1, 1, 2.827), "cuda", args.iters, args.warmup)
-        t_r = time_fn(lambda: k2_router_topk_torch(logits, bias, 8, 1, 1, 2.827), "cuda", args.iters, args.warmup)
-        results.append(row(f"router_E384_top8_T{T}_speedup_vs_torch_ref", T / t_k, "tok/s", T / t_r, None,
-                           time_ms=t_k * 1e3))  # fmt: skip
+        tm = rounds({"triton": lambda: k2_router_topk(logits, bias, 8, 1, 1, 2.827),
+                     "torch_ref": lambda: k2_router_topk_torch(logits, bias, 8, 1, 1, 2.827)}, "cuda", args.repeats,
+                    args.warmup, inner=args.inner)
+        results.append(peer_row(f"router_E384_top8_T{T}_speedup_vs_torch_ref", tm, "triton", "torch_ref", T, "tok/s",
+                                1.0, "the torch router reference (k2_router_topk_torch), same logits"))
     return results
 
 
@@ -147,14 +156,19 @@ def bench_train_gpu(args) -> list[dict]:
                 fn(x, p, c, w13, w2).backward(dout)
 
             flops = 3 * FLOPS_PER_PAIR * P * H * I  # forward + 2x backward
-            t_tri = time_fn(lambda: step(grouped_experts, counts), "cuda", args.iters, args.warmup)
-            t_ref = time_fn(lambda: step(grouped_experts_torch, counts_cpu), "cuda", max(3, args.iters // 4), 1)
-            t_dense = time_fn(dense_peer(P, H, I, dtype, "cuda"), "cuda", args.iters, args.warmup) * 3
+            dense = dense_peer(P, H, I, dtype, "cuda")
+
+            def dense3():
+                for _ in range(3):  # forward + 2x backward worth of the same matmul
+                    dense()
+            tm = rounds({"triton": lambda: step(grouped_experts, counts),
+                         "sequential": lambda: step(grouped_experts_torch, counts_cpu), "dense": dense3}, "cuda",
+                        args.repeats, args.warmup, inner=1)
             base = f"train_fwd_bwd_{shape}_E{E}_I{I}_T{T}"
-            results.append(row(f"{base}_speedup_vs_sequential_mlp", T / t_tri, "tok/s", T / t_ref, None,
-                               time_ms=t_tri * 1e3, ref_ms=t_ref * 1e3))  # fmt: skip
-            results.append(row(f"{base}_tflops_vs_dense_bf16", flops / t_tri / 1e12, "TFLOP/s",
-                               flops / t_dense / 1e12, None, time_ms=t_tri * 1e3))  # fmt: skip
+            results.append(peer_row(f"{base}_speedup_vs_sequential_mlp", tm, "triton", "sequential", T, "tok/s", 1.0,
+                                    "the per-expert torch loop (megatron SequentialMLP), fwd + bwd, same rows"))
+            results.append(peer_row(f"{base}_tflops_vs_dense_bf16", tm, "triton", "dense", flops, "TFLOP/s", 1e12,
+                                    "3 dense matmuls of the forward's FLOPs (fwd + 2x bwd), bf16"))
         del w13, w2, b13, b2
         torch.cuda.empty_cache()
     return results
@@ -167,11 +181,11 @@ def bench_cpu(args) -> list[dict]:
     for T in CPU_TOKENS:
         x, w13, w2, w, ids = make_problem(T, s["H"], s["I"], s["E"], s["top_k"], torch.float32, "cpu", seed=T)
         flops = FLOPS_PER_PAIR * T * s["top_k"] * s["H"] * s["I"]
-        t_ref = time_fn(lambda: fused_moe_torch(x, w13, w2, w, ids), "cpu", args.iters, args.warmup)
-        t_dense = time_fn(dense_peer(T * s["top_k"], s["H"], s["I"], torch.float32, "cpu"), "cpu", args.iters, args.warmup)
+        tm = rounds({"torch_ref": lambda: fused_moe_torch(x, w13, w2, w, ids),
+                     "dense": dense_peer(T * s["top_k"], s["H"], s["I"], torch.float32, "cpu")}, "cpu", args.repeats,
+                    args.warmup, inner=args.inner)
         name = f"cpu_torch_ref_E{s['E']}_H{s['H']}_I{s['I']}_top{s['top_k']}_T{T}_tflops_vs_dense_fp32"
-        results.append(row(name, flops / t_ref / 1e12, "TFLOP/s", flops / t_dense / 1e12, None,
-                           time_ms=t_ref * 1e3, dense_ms=t_dense * 1e3))  # fmt: skip
+        results.append(peer_row(name, tm, "torch_ref", "dense", flops, "TFLOP/s", 1e12, DENSE.replace("same dtype", "fp32")))
     return results
 
 
@@ -195,8 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8", action="store_true", help="also time fp8 block-scaled weights (GPU)")
     ap.add_argument("--train-tokens", type=int, nargs="*", default=[1024, 4096],
                     help="token counts for the trainer rows (fwd+bwd on grouped rows, GPU); none to skip")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", "--iters", type=int, default=20, help=f"interleaved rounds (>= {MIN_REPS})")
+    ap.add_argument("--inner", type=int, default=1, help="calls per timing (amortizes launch/sync overhead)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: as set)")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -204,11 +221,14 @@ def main(argv=None) -> int:
         ap.error("--device cuda: no CUDA device visible")
     if min(args.tokens) < 1:
         ap.error("--tokens must all be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = bench_gpu(args) if device == "cuda" else bench_cpu(args)
     env = moe_env(device)
+    env.update(repeats=args.repeats, inner=args.inner, note=args.note)
     print_results(results, f"# MoE benchmark on {env.get('gpu', 'CPU (reference path only)')}")
+    write_results(args.json, results, env)
     if args.json:
-        write_json(args.json, {"results": results, "env": env})
         print(f"wrote {args.json}")
     return 0
 

@@ -5,12 +5,19 @@ For each model (k2-tiny, optionally k2-small) and batch (1, 32, 128 prompts x 32
 per second of both and reports native / transformers (higher = better). Targets (issue 4):
 >= 2x at 32 and 128 prompts, >= 1x at 1 prompt.
 
+Rule (benchmarks/common.py): the three runs of a case (engine with prefix cache on, engine with
+prefix cache off, transformers) are interleaved round by round, >= 5 rounds, and each ratio is the
+median of the per-round ratios with its spread. Warm-up uses other prompts than the timed runs,
+and the cache-on engine is flushed (untimed) before every timed run, so no timed run takes prompt
+tokens from a cache. n=8: the engine prefills each prompt once and forks 8 samples from it, while
+transformers (num_return_sequences=8) prefills 8 copies: part of the n=8 ratio is that design.
+
 Both sides run with the same intra-op thread count (--threads, default 1 = the engine's default
 cpu_threads): a peer comparison at equal resources. On a shared box an oversubscribed
 multi-threaded side collapses (OpenMP barriers wait on descheduled threads), so the load
 average before and after the run is recorded in "env" to judge the figures.
 
-    python benchmarks/bench_rollout.py --json OUT [--models k2-tiny,k2-small] [--repeats 2] [--threads 1]
+    python benchmarks/bench_rollout.py --json OUT [--models k2-tiny,k2-small] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +36,7 @@ from k2sys.engine.engine import NativeEngine
 from k2sys.models import build_model, preset, save_hf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info, result, write_json  # noqa: E402
+from common import MIN_REPS, add_common_args, env_info, interleaved, paired_row, print_results, write_results  # noqa: E402,E501
 
 PROMPT_LEN, NEW_TOKENS = 32, 128
 TARGETS = {1: 1.0, 32: 2.0, 128: 2.0}
@@ -45,57 +51,71 @@ def _hf_model(path: Path):
     return m
 
 
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_model(name: str, batches: list[int], n_samples: int, repeats: int, threads: int,
                 out: list[dict]) -> None:
     cfg = preset(name)
     torch.manual_seed(0)
     model = build_model(cfg, seed=0)
+    ecfg = dict(max_total_tokens=262144, max_num_batched_tokens=4096, cpu_threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_hf(model, Path(tmp) / name)
         hf = _hf_model(path)
-        engine = NativeEngine.from_pretrained(path, EngineConfig(max_total_tokens=262144, max_num_batched_tokens=4096,
-                                                                 cpu_threads=threads))
+        engines = {"cache": NativeEngine.from_pretrained(path, EngineConfig(**ecfg)),
+                   "nocache": NativeEngine.from_pretrained(path, EngineConfig(**ecfg, enable_prefix_caching=False))}
+    g = torch.Generator().manual_seed(0)
     try:
         cases = [(b, 1) for b in batches] + ([(128 // n_samples, n_samples)] if n_samples > 1 else [])
         for b, n in cases:
-            prompts = torch.randint(2, cfg.vocab_size, (b, PROMPT_LEN))
+            prompts = torch.randint(2, cfg.vocab_size, (b, PROMPT_LEN), generator=g)
+            warm_prompts = torch.randint(2, cfg.vocab_size, (b, PROMPT_LEN), generator=g)  # never timed
             greedy = n == 1
             params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0 if greedy else 1.0, n=n,
                                     ignore_eos=True, sampling_seed=1)
-            rows = prompts.tolist()
 
-            def native(new: int = NEW_TOKENS) -> None:
-                outs = engine.generate_sglang(rows, dataclasses.replace(params, max_new_tokens=new))
-                assert sum(len(o["output_ids"]) for o in outs) == b * n * new
+            def native(engine, ids: torch.Tensor, new: int = NEW_TOKENS):
+                rows = ids.tolist()
 
-            def reference(new: int = NEW_TOKENS) -> None:
-                with torch.inference_mode():
-                    g = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
-                                    min_new_tokens=new, do_sample=not greedy, num_return_sequences=n,
-                                    top_k=None, top_p=None, temperature=1.0 if not greedy else None)
-                assert g.shape == (b * n, PROMPT_LEN + new)
+                def run() -> None:
+                    outs = engine.generate_sglang(rows, dataclasses.replace(params, max_new_tokens=new))
+                    assert sum(len(o["output_ids"]) for o in outs) == b * n * new
+                return run
 
-            native(8)  # warm up both (first-call allocations, lazy init, oneDNN primitive caches)
-            reference(8)
-            t_nat, t_ref = _time(native, repeats), _time(reference, repeats)
+            def reference(ids: torch.Tensor, new: int = NEW_TOKENS):
+                def run() -> None:
+                    with torch.inference_mode():
+                        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=not greedy, num_return_sequences=n,
+                                          top_k=None, top_p=None, temperature=1.0 if not greedy else None)
+                    assert out.shape == (b * n, PROMPT_LEN + new)
+                return run
+
+            # warm-up on other prompts (first-call allocations, lazy init, oneDNN primitive caches)
+            for e in engines.values():
+                native(e, warm_prompts, 8)()
+            reference(warm_prompts, 8)()
+            tm = interleaved({"native_cache": native(engines["cache"], prompts),
+                              "native_nocache": native(engines["nocache"], prompts),
+                              "transformers": reference(prompts)}, repeats, warmup=0,
+                             before={"native_cache": engines["cache"].flush_cache})
             toks = b * n * NEW_TOKENS
-            nat, ref = toks / t_nat, toks / t_ref
             label = f"{name} {b} prompts" + (f" x n={n}" if n > 1 else "")
-            out.append(result(f"rollout tok/s native vs transformers: {label}", round(nat, 1), "new tok/s",
-                              round(ref, 1), TARGETS.get(b, 2.0), ratio=round(nat / ref, 3)))
-            print(f"{label:32s} native {nat:9.1f} tok/s  transformers {ref:9.1f} tok/s  "
-                  f"ratio {nat / ref:5.2f}x  (target {TARGETS.get(b, 2.0)}x)", flush=True)
+            note = ("the engine prefills each prompt once and forks n samples; transformers prefills n copies"
+                    if n > 1 else None)
+            for key, what in (("native_cache", "prefix cache on, flushed before each run"),
+                              ("native_nocache", "prefix cache off")):
+                row = paired_row(f"rollout tok/s native ({what.split(',')[0]}) vs transformers: {label}", tm[key],
+                                 tm["transformers"], kind="peer", work=toks, unit="new tok/s", scale=1.0, digits=1,
+                                 target=TARGETS.get(b, 2.0), threads=threads, system_threads=threads,
+                                 bound=f"transformers generate, same weights, prompts and threads ({what} on the "
+                                       "engine side; warm-up on other prompts)",
+                                 **({"note": note} if note else {}))
+                out.append(row)
+                print(f"{label:26s} native[{key:14s}] {row['value']:9.1f} tok/s  transformers {row['baseline']:9.1f} "
+                      f"tok/s  ratio {row['ratio']:5.2f}x [{row['spread']['min']:.2f}..{row['spread']['max']:.2f}] "
+                      f"(target {row['target']}x)", flush=True)
     finally:
-        engine.shutdown()
+        for e in engines.values():
+            e.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="k2-tiny", help="comma-separated presets (k2-tiny, k2-small)")
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt for the n-sample case (1 = skip)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is kept)")
+    ap.add_argument("--repeats", type=int, default=MIN_REPS, help=f"interleaved rounds per case (>= {MIN_REPS})")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of both sides (>= 1)")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
@@ -118,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     env = env_info(transformers=transformers.__version__, threads=args.threads, device="cpu",
-                   prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                   prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=args.repeats, note=args.note,
                    loadavg_1_5_15_before=[round(v, 2) for v in load_before],
                    loadavg_1_5_15_after=[round(v, 2) for v in os.getloadavg()])
-    write_json(args.json, {"results": results, "env": env})
+    print_results(results, "# rollout: native engine vs transformers generate")
+    write_results(args.json, results, env)
     return 0
 
 

@@ -1,17 +1,21 @@
 """Switch latency between training and rollout, per stage, against the copy bound.
 
-  python benchmarks/bench_switch.py --json OUT [--sizes 1,2,4] [--models k2-tiny,k2-small]
+  python benchmarks/bench_switch.py --json OUT [--sizes 1,2,4] [--models k2-tiny,k2-small] [--repeats 5]
 
 One colocated switch, as the coordinator runs it (k2sys.coordinator.state):
   rollout -> train:  engine.release(kv_cache, weights) -> trainer.onload
   train -> rollout:  trainer.offload -> engine.resume(weights) -> checkpoint-engine update -> engine.resume(kv_cache)
 Cases: k2-tiny / k2-small (Megatron backend with AdamW state + the native engine, in one process) and
 synthetic trainer states of 1-4 GiB (params + grads + Adam m, v; the engine holds the params).
-Copy bound = bytes moved by onload + offload + update at the bandwidth of a plain copy of the same
-bytes measured in this run (torch copy_ into a touched buffer on CPU; pinned H2D on GPU).
-Figure: copy-bound time / whole switch time (target >= 0.67, i.e. within 1.5x of the bound).
-On CPU the onload lands in pages the engine just freed, so a second, fault-aware bound prices the
-onload at a copy into fresh memory (measured here too); both ratios are reported.
+
+Copy bound (benchmarks/common.py): the bytes moved by onload + offload + update at the speed of a
+plain copy of the trainer's own state buffers (host copy -> live storage, which holds the same
+values, so the copy changes nothing), split into N contiguous chunks on N threads, the fastest of
+libc memcpy / torch copy_ per round. The system copies with all cores (k2sys C++ pool), so the
+all-cores bound carries the target (copy-bound time / switch time >= 0.67, i.e. within 1.5x); the
+1-thread row is a reference. Switch and bound run interleaved round by round (>= 5 rounds).
+Diagnostic (no ratio, no target): the onload priced as the system's copy into freshly allocated
+pages, which folds the design's own release-and-refault cost into the "bound".
 """
 
 from __future__ import annotations
@@ -27,46 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import Table, env_info, write_json  # noqa: E402
+from common import (MIN_REPS, CopyBound, add_common_args, diagnostic, env_info, interleaved,  # noqa: E402
+                    paired_row, print_results, summarize, thread_counts, write_results)
+from k2sys import ext  # noqa: E402
 
 TARGET = 0.67
-
-
-def plain_copy_gbps(nbytes: int, repeats: int = 3) -> float:
-    """Best-of-n bandwidth of one plain copy of `nbytes` into an already-touched buffer."""
-    n = max(nbytes, 1 << 20)
-    src = torch.ones(n, dtype=torch.uint8)
-    if torch.cuda.is_available():
-        src = src.pin_memory()
-        dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    else:
-        dst = torch.zeros(n, dtype=torch.uint8)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return n / best / 1e9
-
-
-def fresh_copy_gbps(nbytes: int) -> float:
-    """Bandwidth of one copy into freshly allocated (never touched) memory: what an onload into
-    storage the engine just gave back costs on CPU, where the page faults dominate (FACTS.md)."""
-    if torch.cuda.is_available():
-        return plain_copy_gbps(nbytes)
-    n = max(nbytes, 1 << 20)
-    src = torch.ones(n, dtype=torch.uint8)
-    best = float("inf")
-    for _ in range(2):
-        dst = torch.empty(n, dtype=torch.uint8)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-        del dst
-    return n / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -77,86 +46,179 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def model_case(preset: str) -> dict:
-    from k2sys.ckpt import update_weights
-    from k2sys.ckpt.engine_sinks import NativeEngineSink
-    from k2sys.ckpt.pipeline import TrainerShards
-    from k2sys.engine.engine import NativeEngine
-    from k2sys.models import build_model
-    from k2sys.models import preset as make
-    from k2sys.trainer.backend import MegatronBackend
+def _state_buffers(off) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(live storages as bytes, host buffers) of a StateOffloader while onloaded: the buffers the
+    system copies between. Read through its private fields; the benchmark only copies host -> live,
+    which holds the same bytes after an onload, so nothing changes."""
+    live = [torch.empty(0, dtype=torch.uint8).set_(s) for s in off._storages]
+    return live, list(off._host)
 
-    cfg = make(preset)
-    ref = build_model(cfg, seed=0)
-    trainer = MegatronBackend.from_model(ref)
-    g = torch.Generator().manual_seed(0)
-    tok = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
-    trainer.train_step({"tokens": tok[:, :-1], "labels": tok[:, 1:], "loss_mask": torch.ones(2, 16)})  # Adam state
-    engine = NativeEngine.from_model(ref)
-    trainer.offload()  # start of a rollout: the engine owns the device
-    st: dict[str, float] = {}
-    moved = {}
-    try:
-        st["release_engine"] = _timed(lambda: engine.release_memory(["kv_cache", "weights"]))
+
+class ModelCase:
+    """Megatron trainer (AdamW state) + native engine in this process."""
+
+    def __init__(self, preset: str):
+        from k2sys.engine.engine import NativeEngine
+        from k2sys.models import build_model
+        from k2sys.models import preset as make
+        from k2sys.trainer.backend import MegatronBackend
+
+        cfg = make(preset)
+        ref = build_model(cfg, seed=0)
+        self.trainer = MegatronBackend.from_model(ref)
+        g = torch.Generator().manual_seed(0)
+        tok = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
+        self.trainer.train_step({"tokens": tok[:, :-1], "labels": tok[:, 1:], "loss_mask": torch.ones(2, 16)})
+        self.engine = NativeEngine.from_model(ref)
+        self.trainer.offload()  # start of a rollout: the engine owns the device
+        self.stages: list[dict[str, float]] = []
+        self.moved: dict[str, int] = {}
+
+    @property
+    def offloader(self):
+        return self.trainer._offloader
+
+    def r2t(self) -> None:
+        st = {"release_engine": _timed(lambda: self.engine.release_memory(["kv_cache", "weights"]))}
         t0 = time.perf_counter()
-        moved["onload"] = trainer.onload()["bytes"]
+        self.moved["onload"] = self.trainer.onload()["bytes"]
         st["onload_trainer"] = time.perf_counter() - t0
+        self.stages.append(st)
+
+    def t2r(self) -> None:
+        from k2sys.ckpt import update_weights
+        from k2sys.ckpt.engine_sinks import NativeEngineSink
+        from k2sys.ckpt.pipeline import TrainerShards
+
+        st = self.stages[-1]
         t0 = time.perf_counter()
-        moved["offload"] = trainer.offload()["bytes"]
+        self.moved["offload"] = self.trainer.offload()["bytes"]
         st["offload_trainer"] = time.perf_counter() - t0
-        st["resume_weights"] = _timed(lambda: engine.resume_memory(["weights"]))
-        tensors, lay = trainer.export_shards()
-        rep = {}
+        st["resume_weights"] = _timed(lambda: self.engine.resume_memory(["weights"]))
+        tensors, lay = self.trainer.export_shards()
         # the native engine in this process: its released-and-resumed weights are written in place
-        st["update_weights"] = _timed(lambda: rep.update(r=update_weights(TrainerShards(layout=lay, tensors=tensors),
-                                                                           NativeEngineSink(engine))))
-        moved["update"] = sum(t.numel() * t.element_size() for t in tensors.values())
-        st["resume_kv"] = _timed(lambda: engine.resume_memory(["kv_cache"]))
-    finally:
-        engine.shutdown()
-    return {"stages": st, "moved": moved}
+        st["update_weights"] = _timed(lambda: update_weights(TrainerShards(layout=lay, tensors=tensors),
+                                                             NativeEngineSink(self.engine)))
+        self.moved["update"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        st["resume_kv"] = _timed(lambda: self.engine.resume_memory(["kv_cache"]))
+
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
-def synthetic_case(gib: float) -> dict:
+class SyntheticCase:
     """Trainer state of `gib` GiB (4 tensors per weight), engine weights = a quarter of it."""
-    from k2sys.ckpt import TensorSink, hf_layout, update_weights
-    from k2sys.ckpt.pipeline import TrainerShards
-    from k2sys.trainer.offload import StateOffloader
 
-    n_weights = 16
-    per = int(gib * (1 << 30) / 4 / n_weights / 4)  # fp32 elements per weight tensor
-    params = {f"w{i}": torch.randn(per) for i in range(n_weights)}
-    state = [*params.values()] + [torch.zeros(per) for _ in range(3 * n_weights)]  # grads, m, v
-    off = StateOffloader()
-    layout = hf_layout({k: (per,) for k in params}, torch.float32)
-    engine = TensorSink(layout, in_place=False)  # commit swaps staging and live: no second copy
-    engine.weights = {k: v.clone() for k, v in params.items()}
-    off.offload(state)
-    st: dict[str, float] = {}
-    moved = {}
+    def __init__(self, gib: float):
+        from k2sys.ckpt import TensorSink, hf_layout
+        from k2sys.trainer.offload import StateOffloader
 
-    def release():
-        for t in engine.weights.values():
-            t.untyped_storage().resize_(0)
+        n_weights = 16
+        self.per = int(gib * (1 << 30) / 4 / n_weights / 4)  # fp32 elements per weight tensor
+        self.params = {f"w{i}": torch.randn(self.per) for i in range(n_weights)}
+        self.state = [*self.params.values()] + [torch.zeros(self.per) for _ in range(3 * n_weights)]  # grads, m, v
+        self.offloader = StateOffloader()
+        self.layout = hf_layout({k: (self.per,) for k in self.params}, torch.float32)
+        self.engine = TensorSink(self.layout, in_place=False)  # commit swaps staging and live: no second copy
+        self.engine.weights = {k: v.clone() for k, v in self.params.items()}
+        self.offloader.offload(self.state)
+        self.stages: list[dict[str, float]] = []
+        self.moved: dict[str, int] = {}
 
-    def resume():
-        for t in engine.weights.values():
-            t.untyped_storage().resize_(per * 4)
+    def r2t(self) -> None:
+        def release():
+            for t in self.engine.weights.values():
+                t.untyped_storage().resize_(0)
 
-    st["release_engine"] = _timed(release)
-    t0 = time.perf_counter()
-    moved["onload"] = off.onload()["bytes"]
-    st["onload_trainer"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    moved["offload"] = off.offload(state)["bytes"]
-    st["offload_trainer"] = time.perf_counter() - t0
-    st["resume_weights"] = _timed(resume)
-    host = {k: off.host_view(v) for k, v in params.items()}
-    st["update_weights"] = _timed(lambda: update_weights(TrainerShards(layout=layout, tensors=host), engine))
-    moved["update"] = sum(v.numel() * 4 for v in params.values())
-    st["resume_kv"] = 0.0  # no KV cache in the synthetic case
-    assert all(torch.equal(engine.weights[k], host[k]) for k in list(params)[:2]), "update landed wrong bytes"
-    return {"stages": st, "moved": moved}
+        st = {"release_engine": _timed(release)}
+        t0 = time.perf_counter()
+        self.moved["onload"] = self.offloader.onload()["bytes"]
+        st["onload_trainer"] = time.perf_counter() - t0
+        self.stages.append(st)
+
+    def t2r(self) -> None:
+        from k2sys.ckpt import update_weights
+        from k2sys.ckpt.pipeline import TrainerShards
+
+        def resume():
+            for t in self.engine.weights.values():
+                t.untyped_storage().resize_(self.per * 4)
+
+        st = self.stages[-1]
+        t0 = time.perf_counter()
+        self.moved["offload"] = self.offloader.offload(self.state)["bytes"]
+        st["offload_trainer"] = time.perf_counter() - t0
+        st["resume_weights"] = _timed(resume)
+        host = {k: self.offloader.host_view(v) for k, v in self.params.items()}
+        st["update_weights"] = _timed(lambda: update_weights(TrainerShards(layout=self.layout, tensors=host),
+                                                             self.engine))
+        self.moved["update"] = sum(v.numel() * 4 for v in self.params.values())
+        st["resume_kv"] = 0.0  # no KV cache in the synthetic case
+        k = next(iter(self.params))
+        assert torch.equal(self.engine.weights[k], host[k]), "update landed wrong bytes"
+
+    def close(self) -> None:
+        pass
+
+
+def run_case(name: str, case, repeats: int) -> tuple[list[dict], list]:
+    system_threads = ext.summary()["cpp_threads"] or 1  # host_copy_ with threads=0: the whole pool
+    case.r2t()  # warm-up switch (allocations, plans); the bound is built on the onloaded buffers
+    live, host = _state_buffers(case.offloader)
+    fresh_s: list[float] = []
+
+    def fresh_onload():
+        """The system's own threaded copy into freshly allocated pages (what onload pays on CPU)."""
+        dst = [torch.empty(h.numel(), dtype=torch.uint8) for h in host]
+        t0 = time.perf_counter()
+        for d, h in zip(dst, host):
+            ext.host_copy_(d, h)
+        fresh_s.append(time.perf_counter() - t0)
+
+    with CopyBound(live, host, threads=thread_counts(system_threads),
+                   where="the trainer's host buffers onto its live storages, the buffers onload/offload copy "
+                         "between") as cb:
+        case.t2r()
+        case.stages.clear()
+        fns = {"r2t": case.r2t, **cb.fns(), "fresh": fresh_onload, "t2r": case.t2r}
+        tm = interleaved(fns, repeats, warmup=0, rotate=False)  # stateful: release/onload, bounds, offload/...
+    fresh_s = fresh_s[-repeats:]
+    moved = case.moved
+    total = moved["onload"] + moved["offload"] + moved["update"]
+    whole = [a + b for a, b in zip(tm["r2t"], tm["t2r"])]
+    r2t, t2r = tm["r2t"], tm["t2r"]
+    rows = []
+    for n in cb.threads:
+        kind = "bound" if n >= system_threads else "reference"
+        per_byte = [t / cb.nbytes for t in cb.seconds(tm, n)]
+        desc = (f"(onload + offload + update bytes = {total / 1e6:.0f} MB) at the speed of a " + cb.definition(n))
+        rows.append(paired_row(f"switch/{name}/bound_over_switch_x{n}", whole, [total * b for b in per_byte],
+                               bound=desc, threads=n, system_threads=system_threads, kind=kind,
+                               target=TARGET if kind == "bound" else None, bytes_moved=moved))
+        if kind == "bound":
+            rows.append(paired_row(f"switch/{name}/rollout_to_train_x{n}", r2t, [moved["onload"] * b for b in per_byte],
+                                   bound=f"onload bytes ({moved['onload'] / 1e6:.0f} MB) at the same copy speed",
+                                   threads=n, system_threads=system_threads, kind=kind))
+            rows.append(paired_row(f"switch/{name}/train_to_rollout_x{n}", t2r,
+                                   [(moved["offload"] + moved["update"]) * b for b in per_byte],
+                                   bound=f"offload + update bytes ({(moved['offload'] + moved['update']) / 1e6:.0f} MB) "
+                                         "at the same copy speed", threads=n, system_threads=system_threads, kind=kind))
+            fault = [f + (moved["offload"] + moved["update"]) * b for f, b in zip(fresh_s, per_byte)]
+            sp = summarize(fault)
+            rows.append(diagnostic(f"switch/{name}/fault_aware_copy_time", round(sp["median"], 4), "s",
+                                   "onload priced as the system's copy into freshly allocated pages + offload and update "
+                                   "at the copy bound: includes the design's own release-and-refault cost, so it is "
+                                   "not a bound", reps=len(fault), spread=sp,
+                                   switch_s=round(summarize(whole)["median"], 4)))
+    for k in case.stages[0]:
+        sp = summarize([st[k] for st in case.stages])
+        rows.append(diagnostic(f"switch/{name}/{k}", round(sp["median"], 5), "s", "stage time (median over rounds)",
+                               reps=sp["n"], spread=sp))
+    top = next(r for r in rows if r["name"] == f"switch/{name}/bound_over_switch_x{max(cb.threads)}")
+    table = [name, f"{summarize(r2t)['median']:.3f}", f"{summarize(t2r)['median']:.3f}", f"{top['baseline']:.3f}",
+             " ".join(f"x{r['threads']}:{r['ratio']:.2f}" for r in rows if "bound_over_switch" in r["name"]),
+             " ".join(f"{k}={summarize([st[k] for st in case.stages])['median']:.3f}" for k in case.stages[0])]
+    return rows, table
 
 
 def main(argv=None) -> int:
@@ -164,44 +226,31 @@ def main(argv=None) -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--sizes", default="1,2,4", help="synthetic trainer-state sizes in GiB")
     ap.add_argument("--models", default="k2-tiny,k2-small")
+    ap.add_argument("--repeats", type=int, default=MIN_REPS, help=f"interleaved rounds (>= {MIN_REPS})")
+    add_common_args(ap)
     args = ap.parse_args(argv)
-    cases = [(m, lambda m=m: model_case(m)) for m in args.models.split(",") if m]
-    cases += [(f"synthetic-{s}GiB", lambda s=s: synthetic_case(float(s))) for s in args.sizes.split(",") if s]
-    results, table = [], Table(["case", "rollout->train s", "train->rollout s", "copy bound s", "bound/switch",
-                                "fault-aware/switch", "copy GB/s touched|fresh", "stages (s)"])
-    for name, fn in cases:
-        r = fn()
-        st, moved = r["stages"], r["moved"]
-        total_bytes = moved["onload"] + moved["offload"] + moved["update"]
-        gbps = plain_copy_gbps(max(moved.values()))
-        fresh = fresh_copy_gbps(moved["onload"])
-        bound = total_bytes / (gbps * 1e9)
-        # fault-aware bound: onload lands in memory the engine just freed (fresh pages on CPU)
-        bound_fresh = moved["onload"] / (fresh * 1e9) + (moved["offload"] + moved["update"]) / (gbps * 1e9)
-        r2t = st["release_engine"] + st["onload_trainer"]
-        t2r = st["offload_trainer"] + st["resume_weights"] + st["update_weights"] + st["resume_kv"]
-        whole = r2t + t2r
-        ratio = bound / whole
-        results.append({"name": f"switch/{name}/bound_over_switch", "value": whole, "unit": "s", "baseline": bound,
-                        "ratio": ratio, "target": TARGET})
-        results.append({"name": f"switch/{name}/fault_aware_bound_over_switch", "value": whole, "unit": "s",
-                        "baseline": bound_fresh, "ratio": bound_fresh / whole, "target": TARGET})
-        results.append({"name": f"switch/{name}/rollout_to_train", "value": r2t, "unit": "s",
-                        "baseline": moved["onload"] / (gbps * 1e9), "ratio": moved["onload"] / (gbps * 1e9) / r2t})
-        results.append({"name": f"switch/{name}/train_to_rollout", "value": t2r, "unit": "s",
-                        "baseline": (moved["offload"] + moved["update"]) / (gbps * 1e9),
-                        "ratio": (moved["offload"] + moved["update"]) / (gbps * 1e9) / t2r})
-        for k, v in st.items():
-            results.append({"name": f"switch/{name}/{k}", "value": v, "unit": "s", "baseline": None, "ratio": None})
-        table.add([name, f"{r2t:.3f}", f"{t2r:.3f}", f"{bound:.3f}", f"{ratio:.2f}", f"{bound_fresh / whole:.2f}",
-                   f"{gbps:.1f}|{fresh:.1f}",
-                   " ".join(f"{k}={v:.3f}" for k, v in st.items())])
-    env = env_info()
+    cases = [(m, lambda m=m: ModelCase(m)) for m in args.models.split(",") if m]
+    cases += [(f"synthetic-{s}GiB", lambda s=s: SyntheticCase(float(s))) for s in args.sizes.split(",") if s]
+    load_before = os.getloadavg()
+    results, lines = [], []
+    for name, make in cases:
+        case = make()
+        try:
+            rows, line = run_case(name, case, args.repeats)
+        finally:
+            case.close()
+        results += rows
+        lines.append(line)
+    env = env_info(repeats=args.repeats, sizes_gib=args.sizes, models=args.models, note=args.note,
+                   load_avg_before=load_before, load_avg_after=os.getloadavg())
     env["anchors"] = {"kimi_k1.5_train_to_infer_s": "< 60", "kimi_k1.5_infer_to_train_s": "~10",
                       "kimi_k2_full_update_s": "< 30 (paper), ~20 (blog)"}
-    write_json(args.json, {"results": results, "env": env})
-    print(table.render())
-    print(f"target: copy-bound time / switch time >= {TARGET} (CPU); anchors: {env['anchors']}")
+    print_results(results, "# train <-> rollout switch vs the copy bound")
+    print("case  rollout->train s  train->rollout s  copy bound s (all cores)  bound/switch  stages")
+    for ln in lines:
+        print("  ".join(ln))
+    print(f"target: copy-bound time (all cores) / switch time >= {TARGET}; anchors: {env['anchors']}")
+    write_results(args.json, results, env)
     return 0
 
 

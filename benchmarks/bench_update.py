@@ -1,28 +1,26 @@
 """Parameter-update benchmark of the checkpoint engine (CPU figures here, GPU on a GPU node).
 
-Figures, each a ratio against a bound or a peer measured in the same run (higher = better):
-  onload      pipelined host->host onload GB/s (k2sys Onloader) / one plain memcpy of the same bytes
-  update      2-rank gloo update of a TP=2 trainer into a TP=1 engine: serial time / pipelined time
-  apply       reshard apply (batched strided copy of a real plan) GB/s / plain memcpy GB/s
-  shm         cross-process update of a `k2sys serve` subprocess (k2-small, fp32): GB/s of
-              HTTPEngine.update_weights through /dev/shm vs through base64 HTTP bodies, and vs one plain
-              memcpy of the same bytes (shm moves them twice: pack into the segment, server copy to
-              staging, so 0.5 is its bound)
-  copies      bytes copied per update / model bytes, the one push path update_weights(shards, sink)
-              from a Megatron trainer's offloaded host copy (k2-small): into the native engine in
-              this process (NativeEngineSink; target 1.0) and into `k2sys serve` through shared memory
-              (NativeServerSink; target <= 2.0), in the colocated cycle (engine weights released and
-              resumed, so written in place) and with the weights in use (staged, all-or-nothing)
-  projection  Kimi-K2 (1.04T params, real shapes) update time on 8/16/256 GPUs from the measured
-              efficiencies and stated bandwidths, next to checkpoint-engine's 16 s (256xH20) anchor
+Every ratio is against a bound or a peer measured in this run, interleaved round by round, with
+the bound's threads and rounds in the row (the rule: benchmarks/common.py, docs/benchmarks.md):
+  onload      k2sys Onloader (all cores) host->host GB/s vs a plain copy of the same buffers with
+              1 thread and with all cores (N contiguous chunks on N threads; target 0.85 at all cores)
+  apply       reshard apply (batched strided copy of a real TP2->TP1 plan, all cores) vs a plain copy of
+              the same bytes from the same bucket buffers into the same destination tensors
+  update      2-rank gloo update of a TP=2 trainer into a TP=1 engine, pipelined vs serial (peer,
+              target 1.25) and vs a gloo broadcast of the same bytes between the same ranks (bound)
+  shm         cross-process update of a `k2sys serve` subprocess: shm vs base64 HTTP bodies (peer), and
+              vs two plain copies of the same bytes (pack into the segment + server copy: the bound)
+  copies      bytes copied per update: value = bytes copied / model bytes, ratio = model bytes / bytes
+              copied (higher = better); targets (issue 12) 1.0 in-process colocated (one copy), 0.5
+              across processes colocated (<= 2 copies); the live (staged) paths have no target
+  projection  Kimi-K2 update on H20 and H200 at TP16: a priced cost table (k2_projection.py), no ratio
 
-    python benchmarks/bench_update.py --json OUT [--sizes 1,2,4] [--repeats 3] [--skip-update] [--skip-shm]
+    python benchmarks/bench_update.py --json OUT [--sizes 0.25,1] [--repeats 5] [--skip-update] [--skip-shm]
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -39,16 +37,14 @@ import torch.multiprocessing as mp
 from k2sys import ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info, print_results, result, write_json  # noqa: E402
-
-
-def _row(name, value, unit, baseline=None, ratio=None, target=None):
-    """A result row with the ratio measured here (per-trial medians), not value / baseline."""
-    return result(name, value, unit, baseline, target=target, ratio=ratio)
-from k2sys.ckpt import (TensorSink, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,
-                        hf_param_shapes, plan_reshard, update_weights)
-from k2sys.ckpt.apply import compile_buckets
-from k2sys.ckpt.bucket import interleave_owners
+import k2_projection  # noqa: E402
+from common import (MIN_REPS, CopyBound, add_common_args, all_cores, copy_bound_rows, diagnostic,  # noqa: E402
+                    env_info, interleaved, paired_row, print_results, projection_row, result, summarize,
+                    thread_counts, write_results)
+from k2sys.ckpt import (TensorSink, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,  # noqa: E402
+                        plan_reshard, update_weights)
+from k2sys.ckpt.apply import compile_buckets  # noqa: E402
+from k2sys.ckpt.bucket import interleave_owners  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -64,22 +60,10 @@ BENCH_MODEL = dict(hidden_size=1024, num_attention_heads=8, q_lora_rank=256, kv_
                    num_hidden_layers=8)
 
 
-def memmove(dst: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
-    ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
-
-
-def timed(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 # ------------------------------------------------------------------ onload
 def bench_onload(sizes_gib: list[float], repeats: int) -> list[dict]:
     out = []
+    threads = all_cores()
     biggest = int(max(sizes_gib) * GiB)
     pool = ext.StagingPool()
     src_buf = pool.acquire(biggest)  # the trainer's offloaded params live in pooled (pinned) memory
@@ -87,23 +71,18 @@ def bench_onload(sizes_gib: list[float], repeats: int) -> list[dict]:
     src_buf.tensor[1 << 20:].fill_(3)  # contents do not matter to a copy; the tail check below does
     dst = torch.empty(biggest, dtype=torch.uint8)
     dst.fill_(1)  # touch pages: the "device" copy is pre-allocated
-    ol = ext.Onloader("cpu", chunk_bytes=16 * MiB, ring=4)
+    ol = ext.Onloader("cpu", chunk_bytes=16 * MiB, ring=4, threads=threads)
     for gib in sizes_gib:
         n = int(gib * GiB)
         s, d = src_buf.tensor[:n], dst[:n]
-        # Interleaved (plain, pipelined, bounce) triples: the machine is shared, so each ratio
-        # compares runs that saw the same background load; medians over the triples.
-        trip = [(timed(lambda: memmove(d, s, n), 1), timed(lambda: ol.copy_(d, s, src_pinned=True), 1),
-                 timed(lambda: ol.copy_(d, s, src_pinned=False), 1)) for _ in range(repeats)]
+        with CopyBound(d, s, threads=thread_counts(threads)) as cb:
+            tm = interleaved({"pipelined": lambda: ol.copy_(d, s, src_pinned=True),
+                              "bounce": lambda: ol.copy_(d, s, src_pinned=False), **cb.fns()}, repeats)
         assert torch.equal(d[-4096:], s[-4096:])
-        plain = statistics.median(t[0] for t in trip)
-        piped = statistics.median(t[1] for t in trip)
-        staged = statistics.median(t[2] for t in trip)
-        gbs = lambda t: n / t / 1e9
-        out.append(_row(f"onload_pipelined_{gib:g}GiB", round(gbs(piped), 2), "GB/s", round(gbs(plain), 2),
-                          round(statistics.median(t[0] / t[1] for t in trip), 3), 0.85))
-        out.append(_row(f"onload_bounce_ring_{gib:g}GiB", round(gbs(staged), 2), "GB/s", round(gbs(plain), 2),
-                          round(statistics.median(t[0] / t[2] for t in trip), 3), None))
+        out += copy_bound_rows(f"onload_pipelined_{gib:g}GiB", tm["pipelined"], cb, tm, system_threads=threads,
+                               target=0.85, what="system: k2sys Onloader, direct (16 MiB chunks)")
+        out += copy_bound_rows(f"onload_bounce_ring_{gib:g}GiB", tm["bounce"], cb, tm, system_threads=threads,
+                               what="system: k2sys Onloader through its 4-slot bounce ring (two copies)")
     src_buf.release()
     return out
 
@@ -124,19 +103,37 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
     cfg = dict(bucket_bytes=bucket_mib * MiB, checksum=True)
     runners = {"pipelined": WeightUpdater(None, UpdateConfig(pipeline=True, **cfg)),
                "serial": WeightUpdater(None, UpdateConfig(pipeline=False, **cfg))}
-    reps = {k: [] for k in runners}
-    for k, upd in runners.items():  # warm: plans, staging buffers, receiver pages
-        upd.update(shards, recv)
-    for _ in range(repeats):
-        for k, upd in runners.items():
+    reports = {k: upd.update(shards, recv) for k, upd in runners.items()}  # warm: plans, staging, pages
+    # the transport bound: each rank broadcasts its share of the same bytes in one message
+    sent = reports["pipelined"].bytes_sent
+    flats = [torch.zeros(sent // 2 + r * (sent % 2), dtype=torch.uint8) for r in range(2)]
+
+    def broadcast():
+        for r in range(2):
+            dist.broadcast(flats[r], src=r)
+
+    names = ["pipelined", "serial", "broadcast"]
+    times = {k: [] for k in names}
+    for i in range(repeats):
+        for k in names[i % 3:] + names[:i % 3]:  # rotated, as common.interleaved does
             dist.barrier()
-            reps[k].append(upd.update(shards, recv))
+            t0 = time.perf_counter()
+            if k == "broadcast":
+                broadcast()
+            else:
+                reports[k] = runners[k].update(shards, recv)
+            times[k].append(time.perf_counter() - t0)
+    barrier = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        dist.barrier()
+        barrier.append(time.perf_counter() - t0)
     if rank == 0:
-        summary = {"pair_ratios": [q.wall_s / p.wall_s for p, q in zip(reps["pipelined"], reps["serial"])]}
-        for k, lst in reps.items():
-            med = sorted(lst, key=lambda r: r.wall_s)[len(lst) // 2]
-            summary[k] = {f: getattr(med, f) for f in ("wall_s", "stage_s", "broadcast_s", "apply_s", "checksum_s",
-                                                        "bytes_sent", "n_buckets", "mode")}
+        summary = {"times": times, "barrier_s": statistics.median(barrier)}
+        for k in ("pipelined", "serial"):
+            r = reports[k]
+            summary[k] = {f: getattr(r, f) for f in ("wall_s", "stage_s", "broadcast_s", "apply_s", "checksum_s",
+                                                     "bytes_sent", "n_buckets", "mode")}
         with open(out_path, "w") as f:
             json.dump(summary, f)
     dist.barrier()
@@ -153,17 +150,22 @@ def bench_update(repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
         mp.spawn(_update_worker, args=(port, repeats, bucket_mib, path), nprocs=2)
         with open(path) as f:
             s = json.load(f)
-    p, q = s["pipelined"], s["serial"]
-    gb = p["bytes_sent"] / 1e9
-    speedup = round(statistics.median(s.pop("pair_ratios")), 3)  # median over back-to-back pairs
-    out = [_row("update_2rank_gloo_speedup", speedup, "x (serial/pipelined)", None, speedup, 1.25),
-           _row("update_2rank_gloo_pipelined", round(gb / p["wall_s"], 3), "GB/s", round(gb / q["wall_s"], 3),
-                  round(q["wall_s"] / p["wall_s"], 3), None)]
+    t = s.pop("times")
+    nbytes = s["pipelined"]["bytes_sent"]
+    common = dict(threads=1, system_threads=1, work=nbytes, unit="GB/s", scale=1e9,
+                  ranks=2, bucket_mib=bucket_mib)
+    out = [paired_row("update_2rank_gloo_pipelined_vs_serial", t["pipelined"], t["serial"], kind="peer",
+                      bound="the serial update (pipeline=False): same 2 gloo ranks, shards, buckets, checksums",
+                      target=1.25, **common),
+           paired_row("update_2rank_gloo_pipelined_vs_broadcast", t["pipelined"], t["broadcast"],
+                      bound=f"gloo broadcast of the same {nbytes / 1e6:.0f} MB between the same 2 ranks (1 thread "
+                            "each), one message per rank: the transport alone", **common)]
     return out, s
 
 
 # ------------------------------------------------------------------ reshard apply
-def bench_apply(repeats: int) -> tuple[list[dict], float]:
+def bench_apply(repeats: int) -> list[dict]:
+    threads = all_cores()
     sources = {r: engine_tp_layout(BENCH_MODEL, 2, r) for r in range(2)}
     dst = engine_tp_layout(BENCH_MODEL, 1, 0)
     plan = plan_reshard(sources, dst)
@@ -180,83 +182,28 @@ def bench_apply(repeats: int) -> tuple[list[dict], float]:
 
     def apply_all():
         for r in rows:
-            ext.batched_strided_copy_(r)
+            ext.batched_strided_copy_(r, threads=threads)
 
-    flat_src = torch.cat([b for b in bufs])[:total].clone()
-    flat_dst = torch.zeros(total, dtype=torch.uint8)
-    apply_all()
-    pairs = [(timed(apply_all, 1), timed(lambda: memmove(flat_dst, flat_src, total), 1)) for _ in range(repeats)]
-    t_apply = statistics.median(p[0] for p in pairs)
-    t_plain = statistics.median(p[1] for p in pairs)
+    with CopyBound(list(outs.values()), bufs, threads=thread_counts(threads), nbytes=total) as cb:
+        tm = interleaved({"apply": apply_all, **cb.fns()}, repeats)
     n_rows = sum(r.shape[0] for r in rows)
-    ratio = statistics.median(p[1] / p[0] for p in pairs)
-    return [_row("reshard_apply_tp2_to_tp1", round(total / t_apply / 1e9, 2), "GB/s",
-                   round(total / t_plain / 1e9, 2), round(ratio, 3), None),
-            _row("reshard_apply_rows", n_rows, "strided rows", None, None, None)], ratio
+    return copy_bound_rows("reshard_apply_tp2_to_tp1", tm["apply"], cb, tm, system_threads=threads,
+                           what=f"system: batched strided copy of {n_rows} rows, {len(bufs)} buckets") + \
+        [diagnostic("reshard_apply_rows", n_rows, "strided rows", "rows of the TP2 -> TP1 apply table")]
 
 
 # ------------------------------------------------------------------ cross-process (shm vs http)
-def bench_shm(repeats: int, bucket_mib: int, model: str) -> list[dict]:
-    import httpx
-
-    from k2sys.engine.client import HTTPEngine
-    from k2sys.models import build_model, param_shapes, preset, save_hf
-
-    cfg = preset(model)
-    with tempfile.TemporaryDirectory() as d:
-        path = save_hf(build_model(cfg, seed=0), os.path.join(d, "model"))
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(1200):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            names = param_shapes(cfg)
-            named = [(n, t) for n, t in build_model(cfg, seed=1).state_dict().items() if n in names]
-            total = sum(t.numel() * t.element_size() for _, t in named)
-            flat_src = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in named])
-            flat_dst = torch.empty_like(flat_src).fill_(1)
-            with HTTPEngine(url, shm_bucket_bytes=bucket_mib * MiB) as c:
-                def update(transport: str) -> float:
-                    c.begin_weight_update()
-                    t0 = time.perf_counter()
-                    c.update_weights(named, transport=transport)
-                    dt = time.perf_counter() - t0
-                    c.end_weight_update()  # the engine's commit copy is the same for both transports
-                    return dt
-                update("shm"), update("http")  # warm: segment, server pages, allocator
-                trip = [(update("shm"), update("http"), timed(lambda: memmove(flat_dst, flat_src, total), 1))
-                        for _ in range(repeats)]
-                probe = named[-1]
-                got = c.get_weights_by_name(probe[0], truncate_size=64)
-                assert got == probe[1].float().reshape(-1)[:64].tolist(), "server weights differ after the update"
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    gbs = lambda t: round(total / t / 1e9, 3)  # noqa: E731
-    shm, http, plain = (statistics.median(t[i] for t in trip) for i in range(3))
-    return [_row(f"update_xproc_shm_vs_http_{model}", gbs(shm), "GB/s", gbs(http),
-                   round(statistics.median(t[1] / t[0] for t in trip), 2), None),
-            _row(f"update_xproc_shm_vs_memcpy_{model}", gbs(shm), "GB/s", gbs(plain),
-                   round(statistics.median(t[2] / t[0] for t in trip), 3), None)]
-
-
-# ------------------------------------------------------------------ bytes copied per update
-def _serve(path: str):
-    import httpx
-
+def _free_port() -> int:
     import socket
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+        return sk.getsockname()[1]
+
+
+def _serve(path: str):
+    import httpx
+
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -270,8 +217,47 @@ def _serve(path: str):
     raise RuntimeError("k2sys serve did not come up")
 
 
+def bench_shm(repeats: int, bucket_mib: int, model: str) -> tuple[list[dict], float]:
+    """Rows, and the median control round trip (GET /health) to the server, for the projection."""
+    from k2sys.engine.client import HTTPEngine
+    from k2sys.models import build_model, param_shapes, preset, save_hf
+
+    cfg = preset(model)
+    threads = all_cores()
+    with tempfile.TemporaryDirectory() as d:
+        proc, url = _serve(save_hf(build_model(cfg, seed=0), os.path.join(d, "model")))
+        try:
+            names = param_shapes(cfg)
+            named = [(n, t) for n, t in build_model(cfg, seed=1).state_dict().items() if n in names]
+            total = sum(t.numel() * t.element_size() for _, t in named)
+            scratch = [torch.empty_like(t).fill_(1) for _, t in named]
+            with HTTPEngine(url, shm_bucket_bytes=bucket_mib * MiB) as c:
+                session = {k: (lambda k=k: c.update_weights(named, transport=k)) for k in ("shm", "http")}
+                with CopyBound(scratch, [t for _, t in named], threads=thread_counts(threads),
+                               where="from the same source tensors into touched buffers of the same sizes") as cb:
+                    # begin/end (the engine's commit copy, the same for both transports) stay untimed
+                    tm = interleaved({**session, **cb.fns()}, repeats,
+                                     before={k: c.begin_weight_update for k in session},
+                                     after={k: c.end_weight_update for k in session})
+                rtt = interleaved({"health": lambda: c.health()}, 50, warmup=3)
+                probe = named[-1]
+                got = c.get_weights_by_name(probe[0], truncate_size=64)
+                assert got == probe[1].float().reshape(-1)[:64].tolist(), "server weights differ after the update"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    rows = [paired_row(f"update_xproc_shm_vs_http_{model}", tm["shm"], tm["http"], kind="peer", work=total,
+                       unit="GB/s", scale=1e9, threads=threads, system_threads=threads,
+                       bound="the same update through base64 HTTP bodies (same server, weights, buckets)")]
+    rows += copy_bound_rows(f"update_xproc_shm_{model}", tm["shm"], cb, tm, system_threads=threads, factor=2,
+                            what="the shm path copies every byte twice (pack into the segment, server copy out), so "
+                                 "the bound is two plain copies")
+    return rows, statistics.median(rtt["health"])
+
+
+# ------------------------------------------------------------------ bytes copied per update
 def bench_copies(model: str, repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
-    """Copy ratio and time of update_weights(shards, sink) for the native sinks (see module doc)."""
+    """Bytes copied per update of update_weights(shards, sink) for the native sinks (see module doc)."""
     from k2sys.ckpt.engine_sinks import NativeEngineSink, NativeServerSink
     from k2sys.engine.client import HTTPEngine
     from k2sys.engine.engine import NativeEngine
@@ -293,13 +279,21 @@ def bench_copies(model: str, repeats: int, bucket_mib: int) -> tuple[list[dict],
                 before()
             reps.append(update_weights(shards, sink, config=ucfg))
         reps = reps[1:]
-        r = sorted(reps, key=lambda x: x.wall_s)[len(reps) // 2]
-        gb = r.model_bytes / 1e9
-        detail[name] = {"wall_s": r.wall_s, "apply_s": r.apply_s, "commit_s": r.commit_s,
-                        "bytes_copied": r.bytes_copied, "model_bytes": r.model_bytes, "mode": r.mode}
-        out.append(_row(f"update_copies_{name}_{model}", round(r.copy_ratio, 3), "x model bytes", None,
-                        round(r.copy_ratio, 3), target))
-        out.append(_row(f"update_GBps_{name}_{model}", round(gb / r.wall_s, 3), "GB/s", None, None, None))
+        ratios = [r.copy_ratio for r in reps]
+        r = reps[0]
+        detail[name] = {"wall_s": summarize([x.wall_s for x in reps]), "apply_s": summarize([x.apply_s for x in reps]),
+                        "commit_s": summarize([x.commit_s for x in reps]), "bytes_copied": r.bytes_copied,
+                        "model_bytes": r.model_bytes, "mode": r.mode}
+        sp = summarize(ratios)
+        out.append(result(f"update_copies_{name}_{model}", round(sp["median"], 3), "x model bytes (copied/model)", 1.0,
+                          target=target, ratio=round(1 / sp["median"], 3), kind="count",
+                          bound="one copy of the model bytes (each byte written once into the engine's weights); "
+                                "ratio = model bytes / bytes copied", threads=all_cores(), system_threads=all_cores(),
+                          reps=len(reps), spread={"min": 1 / sp["max"], "max": 1 / sp["min"]},
+                          bytes_copied=r.bytes_copied, model_bytes=r.model_bytes))
+        out.append(diagnostic(f"update_wall_{name}_{model}", round(detail[name]["wall_s"]["median"], 4), "s",
+                              "wall time of update_weights (no bound: see the copy-bound rows of onload/apply)",
+                              reps=len(reps), spread=detail[name]["wall_s"]))
 
     with NativeEngine.from_model(build_model(cfg, seed=0)) as eng:
         sink = NativeEngineSink(eng)
@@ -319,7 +313,7 @@ def bench_copies(model: str, repeats: int, bucket_mib: int) -> tuple[list[dict],
                 def cycle():
                     c.release_memory(["kv_cache", "weights"])
                     c.resume_memory(["weights"])
-                measure(f"native_xproc_{sink.mode}_colocated", sink, cycle, 2.0)
+                measure(f"native_xproc_{sink.mode}_colocated", sink, cycle, 0.5)
                 c.resume_memory(["kv_cache"])
                 measure(f"native_xproc_{sink.mode}_live", sink, None, None)
                 sink.close()
@@ -329,52 +323,77 @@ def bench_copies(model: str, repeats: int, bucket_mib: int) -> tuple[list[dict],
     return out, detail
 
 
+def per_tensor_overhead(repeats: int) -> tuple[list[dict], float]:
+    """Engine-side cost per destination tensor of a colocated in-process update on k2-tiny (6 MB, so
+    the bytes hardly count): apply = (apply_s - a plain copy of the same bytes) / tensors, which any
+    engine fed by k2sys pays per tensor (target lookup, copy rows, ready); commit_s / tensors is the
+    CPU engine's own repack of its oneDNN weights (CPU fp32 only), reported but not projected."""
+    from k2sys.ckpt.engine_sinks import NativeEngineSink
+    from k2sys.engine.engine import NativeEngine
+    from k2sys.models import build_model, preset
+    from k2sys.trainer.backend import MegatronBackend
+
+    cfg = preset("k2-tiny")
+    trainer = MegatronBackend.from_model(build_model(cfg, seed=1))
+    trainer.offload()
+    tensors, layout = trainer.export_shards()
+    shards = TrainerShards(layout, tensors)
+    srcs = [t.contiguous() for t in tensors.values()]
+    scratch = [torch.empty_like(t) for t in srcs]
+    reports = []
+    with NativeEngine.from_model(build_model(cfg, seed=0)) as eng:
+        sink = NativeEngineSink(eng)
+
+        def cycle():
+            eng.release_memory(["kv_cache", "weights"])
+            eng.resume_memory(["weights"])
+        with CopyBound(scratch, srcs, threads=[all_cores()],
+                       where="from the trainer's host tensors into touched buffers of the same sizes") as cb:
+            tm = interleaved({"update": lambda: reports.append(update_weights(shards, sink)), **cb.fns()}, repeats,
+                             before={"update": cycle})
+        n = len(sink.layout.tensors)
+    reports = reports[1:]  # the warm-up round
+    copy_s = cb.seconds(tm, all_cores())
+    apply = summarize([(r.apply_s - c) / n for r, c in zip(reports, copy_s)])
+    commit = summarize([r.commit_s / n for r in reports])
+    us = lambda sp: {k: round(sp[k] * 1e6, 2) for k in ("min", "q1", "q3", "max")}  # noqa: E731
+    rows = [diagnostic("engine_apply_overhead_per_tensor_k2-tiny", round(apply["median"] * 1e6, 2), "us/tensor",
+                       f"(apply_s - plain copy of the same {cb.nbytes / 1e6:.1f} MB) / {n} destination tensors, "
+                       "colocated in-process update; feeds the Kimi-K2 projection", reps=apply["n"], spread=us(apply)),
+            diagnostic("engine_commit_per_tensor_k2-tiny", round(commit["median"] * 1e6, 2), "us/tensor",
+                       f"commit_s / {n} tensors: the CPU engine repacks its oneDNN fp32 weights (CPU only; a GPU "
+                       "engine does not pack), so not in the projection", reps=commit["n"], spread=us(commit))]
+    return rows, apply["median"]
+
+
 # ------------------------------------------------------------------ Kimi-K2 projection
-def k2_params() -> tuple[int, int]:
-    shapes = hf_param_shapes(KIMI_K2)
-    total = expert = 0
-    for n, s in shapes.items():
-        k = 1
-        for d in s:
-            k *= d
-        total += k
-        if ".mlp.experts." in n:
-            expert += k
-    return total, expert
-
-
-def projection(onload_eff: float, apply_eff: float, n_buckets_hint: int = 64) -> tuple[list[dict], list[str]]:
-    total, expert = k2_params()
-    # FP8 experts + bf16 rest, as in the released K2 checkpoint that the anchor broadcast.
-    nbytes = expert * 1 + (total - expert) * 2
-    bw = dict(h2d=50e9, nvlink=370e9, nic=48e9, nics_per_node=8, hbm=4.8e12)
-    lines = [f"Kimi-K2 from real shapes: {total / 1e12:.3f}T params ({expert / 1e12:.3f}T routed experts); "
-             f"{nbytes / 1e12:.3f} TB as FP8 experts + bf16 rest",
-             f"bandwidths: pinned H2D {bw['h2d'] / 1e9:.0f} GB/s/GPU x measured onload efficiency {onload_eff:.2f}; "
-             f"broadcast {bw['nvlink'] / 1e9:.0f} GB/s/GPU in a node (NVLink4), across nodes min(NVLink, "
-             f"{bw['nics_per_node']} NICs x {bw['nic'] / 1e9:.0f} GB/s) per node; apply = HBM copy "
-             f"{bw['hbm'] / 2e12:.1f} TB/s (read+write) x measured apply efficiency {apply_eff:.2f}",
-             "model: every GPU receives every byte (full broadcast, like checkpoint-engine); each GPU stages 1/N; "
-             "engine TP8 applies 1/8; 3-stage pipeline time = max(stage) + (sum - max)/buckets"]
-    out = []
-    for n in (8, 16, 256):
-        t_h2d = nbytes / n / (bw["h2d"] * min(onload_eff, 1.0))
-        link = bw["nvlink"] if n <= 8 else min(bw["nvlink"], bw["nics_per_node"] * bw["nic"])
-        t_b = nbytes / link
-        t_a = nbytes / 8 / (bw["hbm"] / 2 * min(apply_eff, 1.0))
-        stages = [t_h2d, t_b, t_a]
-        t = max(stages) + (sum(stages) - max(stages)) / n_buckets_hint
-        lines.append(f"  {n:>3} GPUs: H2D {t_h2d:6.2f} s  broadcast {t_b:6.2f} s  apply {t_a:5.2f} s  -> {t:5.2f} s "
-                     f"(serial {sum(stages):5.2f} s)")
-        out.append(_row(f"k2_projected_update_{n}gpu", round(t, 2), "s", 16.0, round(16.0 / t, 2), None))
-    return out, lines
+def projection(measured: dict) -> tuple[list[dict], list[str]]:
+    sizes = k2_projection.k2_sizes(KIMI_K2)
+    lines = [f"Kimi-K2 from real shapes: {sizes['params'] / 1e12:.3f}T params, {sizes['bf16_bytes'] / 1e12:.3f} TB "
+             f"bf16, {sizes['fp8_bytes'] / 1e12:.3f} TB FP8 block-128 (+ bf16 rest), {sizes['tensors']} HF tensors"]
+    rows = []
+    for hw in k2_projection.HARDWARE:
+        for n in (16, 256):
+            p = k2_projection.project(hw, n, sizes, measured)
+            lines += k2_projection.table(p)
+            comps = {k: round(v["s"], 4) for k, v in p["components"].items()}
+            srcs = sorted({s.strip() for v in p["components"].values() for s in v["source"].split(",")})
+            for key, what in (("pipelined_s", "transfers overlapped per bucket, everything else in series"),
+                              ("serial_s", "every component in series"),
+                              ("bandwidth_floor_s", "max(FP8 H2D, broadcast, reload) only: the old projection, "
+                                                    "omitting every other component")):
+                rows.append(projection_row(f"k2_update_{hw}_{n}gpu_tp16_{key[:-2]}", round(p[key], 2), "s", what,
+                                           components_s=comps, missing=p["missing"], notes=p["notes"],
+                                           sources=[k2_projection.SOURCES[s] for s in srcs if s in k2_projection.SOURCES],
+                                           anchor_cited=p["anchor"]))
+    return rows, lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True, help="write results here")
     ap.add_argument("--sizes", default="1,2,4", help="onload sizes in GiB, comma separated (e.g. 0.25,0.5)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=MIN_REPS, help=f"interleaved rounds (>= {MIN_REPS} for a bound)")
     ap.add_argument("--bucket-mib", type=int, default=4, help="bucket cap of the 2-rank update")
     ap.add_argument("--skip-update", action="store_true", help="skip the 2-rank gloo update")
     ap.add_argument("--skip-shm", action="store_true", help="skip the cross-process shm vs http update")
@@ -382,41 +401,42 @@ def main(argv=None) -> int:
     ap.add_argument("--copies-model", default="k2-small", help="model preset of the bytes-copied figures")
     ap.add_argument("--shm-model", default="k2-small", help="model preset served for the shm vs http figure")
     ap.add_argument("--shm-bucket-mib", type=int, default=64, help="shm bucket cap of the cross-process update")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     sizes = [float(x) for x in args.sizes.split(",") if x]
     if not sizes or min(sizes) <= 0:
         ap.error("--sizes needs positive GiB values, e.g. --sizes 0.5,1")
     ext.require_cpp()
+    load_before = os.getloadavg()
     results = bench_onload(sizes, args.repeats)
-    apply_res, apply_eff = bench_apply(args.repeats)
-    results += apply_res
-    stages = None
+    results += bench_apply(args.repeats)
+    stages, measured = None, {}
     if not args.skip_update:
         upd, stages = bench_update(args.repeats, args.bucket_mib)
+        measured["barrier_s"] = stages.pop("barrier_s")
         results += upd
     if not args.skip_shm:
-        results += bench_shm(args.repeats, args.shm_bucket_mib, args.shm_model)
+        rows, measured["control_rtt_s"] = bench_shm(args.repeats, args.shm_bucket_mib, args.shm_model)
+        results += rows
     copies = None
     if not args.skip_copies:
         rows, copies = bench_copies(args.copies_model, args.repeats, args.shm_bucket_mib)
         results += rows
-    # Efficiency vs a plain copy, capped at 1: the projection scales bandwidth bounds, never beyond them.
-    onload_eff = min(1.0, min(r["ratio"] for r in results if r["name"].startswith("onload_pipelined")))
-    apply_eff = min(1.0, apply_eff)
-    proj, lines = projection(onload_eff, apply_eff)
+    rows, measured["per_tensor_s"] = per_tensor_overhead(args.repeats)
+    results += rows
+    proj, lines = projection(measured)
     results += proj
-    env = env_info(crc32c_hw=ext.summary()["crc32c_hw"], update_stages=stages, projection=lines, copies=copies)
-    write_json(args.json, {"results": results, "env": env})
-    print_results(results, "# checkpoint engine: onload, update, apply, shm, projection")
+    env = env_info(crc32c_hw=ext.summary()["crc32c_hw"], update_stages=stages, projection=lines, copies=copies,
+                   projection_measured=measured, projection_sources=k2_projection.SOURCES, sizes_gib=sizes,
+                   repeats=args.repeats, note=args.note, load_avg_before=load_before, load_avg_after=os.getloadavg())
+    print_results(results, "# checkpoint engine: onload, apply, update, shm, copies, projection")
+    write_results(args.json, results, env)
     if stages:
-        for k, s in stages.items():
+        for k in ("pipelined", "serial"):
+            s = stages[k]
             print(f"update {k:9s}: wall {s['wall_s']:.3f} s = stage {s['stage_s']:.3f} + broadcast {s['broadcast_s']:.3f}"
                   f" + apply {s['apply_s']:.3f} (checksum {s['checksum_s']:.3f}) [{s['mode']}, {s['n_buckets']} buckets,"
                   f" {s['bytes_sent'] / 1e6:.0f} MB] (rank 0, stage sums overlap when pipelined)")
-    if copies:
-        for k, c in copies.items():
-            print(f"copies {k:34s}: {c['bytes_copied'] / c['model_bytes']:.3f}x of {c['model_bytes'] / 1e6:.0f} MB, "
-                  f"wall {c['wall_s']:.3f} s (apply {c['apply_s']:.3f}, commit {c['commit_s']:.3f}) [{c['mode']}]")
     print("\n".join(lines))
     return 0
 
