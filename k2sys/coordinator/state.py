@@ -182,12 +182,16 @@ def write_json_durable(path: Path, obj: Any) -> None:
     """Write obj to path through a temp file, fsync, rename and fsync the directory: after a crash the
     file is either the old one or the new one, and the rename itself is on disk."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: the old file stays, no temp file is left beside it
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,12 +65,26 @@ def replace_dir_atomic(tmp_dir: Path, dst: Path) -> None:
         os.replace(tmp_dir, dst)
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk, a quota) raised as the OSError they are:
+    safetensors reports them as SafetensorError("... (os error N)"), which callers cannot tell from a
+    format error."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None or isinstance(e, OSError):
+            raise
+        code = int(m.group(1))
+        raise OSError(code, f"writing {path}: {os.strerror(code)}") from e
+
+
 def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """One model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     total = sum(t.numel() * t.element_size() for t in state.values())
     if total <= max_shard_bytes:
-        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(state, out_dir / "model.safetensors")
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -84,7 +99,7 @@ def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        _save_file(shard, out_dir / fname)
         weight_map.update({k: fname for k in shard})
     write_json_atomic(out_dir / "model.safetensors.index.json",
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
