@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("convert", "hf-to-megatron SRC DST --tp N --ep M [--spec auto|local|te] [--overwrite] | "
                     "megatron-to-hf SRC DST [--format F] [--overwrite]"),
         ("kernels", "compile --arch 90 --json OUT | nvcc --arch 80 90 --json OUT: GPU-readiness checks on a CPU"),
+        ("synth", "tools|tasks|trajectories --endpoint URL ...: tool-use data synthesis (MCP + simulated tools)"),
         ("eval", "MODEL --suite ADAPTER[:LABEL]=PATH --out OUT | compare ...: benchmark suites (avg@n, pass@k, CIs)"),
     ):
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert", "kernels": "k2sys.kernels.cli",
-               "eval": "k2sys.eval.cli"}
+               "eval": "k2sys.eval.cli", "synth": "k2sys.data.synth.cli"}
 DEBUG_ENV = "K2SYS_DEBUG"
 
 

@@ -30,6 +30,9 @@ class TasksSection:
     tool_use_failure_rate: float = 0.1
     """Share of valid tool calls that fail transiently (the agent must retry)."""
     tool_use_max_turns: int = 8
+    tool_use_library: str = ""
+    """A `k2sys synth` library directory: tool-use episodes take their tasks and tools from it (real MCP
+    tools and simulated ones, judged by its rubric); empty = the built-in tool-use tasks."""
     code: int = 0
     """Coding problems (k2sys.envs "code"): reference programs for SFT, then RL episodes whose programs
     run in the bubblewrap sandbox, failures coming back as feedback turns; 0 = none."""
@@ -49,6 +52,9 @@ class TasksSection:
         check_int("tasks.tool_use_max_turns", self.tool_use_max_turns, 1)
         check_int("tasks.code_max_turns", self.code_max_turns, 1)
         check_number("tasks.tool_use_failure_rate", self.tool_use_failure_rate, ge=0, lt=1)
+        if self.tool_use_library and not os.path.isdir(self.tool_use_library):
+            raise ConfigError(f"tasks.tool_use_library: {self.tool_use_library!r} is not a directory; give the "
+                              "output directory of `k2sys synth tasks`, or leave it empty")
         for f in self.families:  # a family refuses bad difficulty params when built: build it now, not mid-run
             params = self.params.get(f, {})
             if not isinstance(params, dict):
@@ -77,7 +83,8 @@ class TasksSection:
         s = seed + 1_000_003 if held else seed
         if kind == "tool_use":
             n = (self.tool_use_heldout if held else self.tool_use) if self.tool_use else 0
-            return tool_use_specs(n, s, failure_rate=self.tool_use_failure_rate, max_turns=self.tool_use_max_turns)
+            return tool_use_specs(n, s, failure_rate=self.tool_use_failure_rate, max_turns=self.tool_use_max_turns,
+                                  library=self.tool_use_library or None, split="heldout" if held else "train")
         if kind == "code":
             n = (self.code_heldout if held else self.code) if self.code else 0
             return code_specs(n, s, max_turns=self.code_max_turns)

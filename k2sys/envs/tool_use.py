@@ -9,6 +9,8 @@ ToolUseEnv (kind "tool_use"): a synthesized tool-use task (k2sys.data.synth) pla
               ("pass"). Running out of turns truncates with the same judged reward.
     spec   {"kind": "tool_use", "seed": S, "index": K, "failure_rate": 0.1, "max_turns": 12,
             "reward": "score" | "pass"}: task K of generate_tasks(seed=S).
+    With a "library" key the task and its tools come from a `k2sys synth` library instead (real MCP
+    tools, simulated synthetic tools, rubric judge): see k2sys.envs.tool_library.
 
 TaskEnv (kind "task"): one k2sys.tasks family task as a one-turn episode, reward = the verifier
     on the answer (the same prompt tokens as k2sys.tasks.format.prompt_ids).
@@ -44,8 +46,16 @@ def synth_task(seed: int, index: int) -> SynthTask:
     return _tasks(seed, max(n, index + 1))[index]
 
 
-def tool_use_specs(n: int, seed: int, **options: Any) -> list[dict]:
-    """Specs of the first `n` tool-use tasks of `seed` (options: failure_rate, max_turns, reward)."""
+def tool_use_specs(n: int, seed: int, *, library: str | None = None, split: str = "train", **options: Any) -> list[dict]:
+    """Specs of the first `n` tool-use tasks of `seed` (options: failure_rate, max_turns, reward).
+
+    With `library` (a `k2sys synth` directory): `n` tasks of its `split` ("train" or "heldout", a
+    stable ~10% of task ids) in an order seeded by `seed`; options may add endpoint, model, judge,
+    threshold (k2sys.envs.tool_library)."""
+    if library:
+        from k2sys.envs.tool_library import library_specs
+
+        return library_specs(n, seed, library, split=split, **options)
     return [{"kind": "tool_use", "seed": seed, "index": k, **options} for k in range(n)]
 
 
@@ -122,7 +132,11 @@ class ToolUseEnv(Env):
 
 
 @register_env("tool_use")
-def _make_tool_use(spec: dict) -> ToolUseEnv:
+def _make_tool_use(spec: dict) -> Env:
+    if "library" in spec:
+        from k2sys.envs.tool_library import make_library_env
+
+        return make_library_env(spec)
     for key in ("seed", "index"):
         if not isinstance(spec.get(key), int) or spec[key] < 0:
             raise EnvError(f"tool_use spec: {key!r} must be an int >= 0, got {spec.get(key)!r}")
