@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+from k2sys.engine.launch import free_port  # noqa: E402
 from k2sys.engine.client import HTTPEngine
 from k2sys.engine.config import EngineConfig
 from k2sys.engine.engine import NativeEngine
@@ -25,14 +26,6 @@ from k2sys.models import build_model, k2_tiny, save_hf
 from k2sys.tokenizer import default_corpus, render_chat, train_tokenizer
 
 uvicorn = pytest.importorskip("uvicorn")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

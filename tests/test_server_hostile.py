@@ -28,6 +28,7 @@ import httpx
 import pytest
 import torch
 
+from k2sys.engine.launch import free_port  # noqa: E402
 from k2sys.engine.api_fields import CHAT, COMPLETIONS, GENERATE, SAMPLING
 from k2sys.engine.config import EngineConfig
 from k2sys.engine.engine import NativeEngine
@@ -42,14 +43,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 CTX = 96
 GREEDY = {"input_ids": [5, 6, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 6}}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,53 @@ class Env(abc.ABC):
 _REGISTRY: dict[str, Callable[[dict], Env]] = {}
 
 
+class ToolTurnEnv(Env):
+    """A multi-turn tool-use episode: each assistant turn either calls tools (their results come back
+    as tool messages) or answers, which moves the user to its next goal. Subclasses give how a tool
+    call runs (`_execute`), the user's next message (`_next_user`, None ends the episode) and the
+    scoring (`_end`); they keep `_messages`, `done`, `turns`, `max_turns`, `malformed`, `n_calls`, `goal`."""
+
+    def _execute(self, name: str, arguments: Any) -> str:
+        raise NotImplementedError
+
+    def _next_user(self, goal: int) -> str | None:
+        raise NotImplementedError
+
+    def _end(self, truncated: bool) -> StepResult:
+        raise NotImplementedError
+
+    def step(self, action: dict) -> StepResult:
+        if self._messages is None or self.done:
+            raise EnvError(f"{type(self).__name__}.step: call reset() first (the episode is over or not started)")
+        self.turns += 1
+        if action.get("malformed"):
+            self.malformed.append(str(action["malformed"]))
+            return self._end(truncated=False)
+        calls = list(action.get("tool_calls") or [])
+        content = action.get("content") or ""
+        if not calls and not content:
+            self.malformed.append("empty assistant turn")
+            return self._end(truncated=False)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        self._messages.append(msg)
+        obs: list[dict] = [{"role": "tool", "tool_call_id": c["id"],
+                            "content": self._execute(c["function"]["name"], c["function"]["arguments"])}
+                           for c in calls]
+        self.n_calls += len(calls)
+        if not calls:
+            self.goal += 1
+            nxt = self._next_user(self.goal)
+            if nxt is None:
+                return self._end(truncated=False)
+            obs.append({"role": "user", "content": nxt})
+        self._messages.extend(dict(m) for m in obs)
+        if self.turns >= self.max_turns:
+            return self._end(truncated=True)
+        return obs, 0.0, False, False, {}
+
+
 def register_env(kind: str) -> Callable[[Callable[[dict], Env]], Callable[[dict], Env]]:
     """Decorator: `factory(spec) -> Env` builds environments whose spec has {"kind": kind}."""
     def deco(factory: Callable[[dict], Env]) -> Callable[[dict], Env]:

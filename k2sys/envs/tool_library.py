@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from k2sys.envs.base import Env, EnvError, StepResult
+from k2sys.envs.base import EnvError, StepResult, ToolTurnEnv
 
 __all__ = ["LibraryToolUseEnv", "library_specs", "make_library_env", "rule_score", "LIBRARY_SPEC_KEYS"]
 
@@ -125,7 +125,7 @@ def rule_score(goals: list[str], rubric: dict, messages: list[dict], call_log: l
     return sum(ok for _, ok in checks) / len(checks), checks
 
 
-class LibraryToolUseEnv(Env):
+class LibraryToolUseEnv(ToolTurnEnv):
     def __init__(self, library: str, index: int, *, endpoint: str | None = None, model: str | None = None,
                  judge: str | None = None, threshold: float = 0.7, failure_rate: float = 0.1, max_turns: int = 12,
                  reward: str = "score"):
@@ -230,42 +230,16 @@ class LibraryToolUseEnv(Env):
         reward = float(score >= self.threshold) if self.reward_kind == "pass" else float(score)
         return [], reward, not truncated, truncated, info
 
-    def step(self, action: dict) -> StepResult:
-        if self._messages is None or self.done:
-            raise EnvError("LibraryToolUseEnv.step: call reset() first (the episode is over or not started)")
-        self.turns += 1
-        if action.get("malformed"):
-            self.malformed.append(str(action["malformed"]))
-            return self._end(truncated=False)
-        calls = list(action.get("tool_calls") or [])
-        content = action.get("content") or ""
-        if not calls and not content:
-            self.malformed.append("empty assistant turn")
-            return self._end(truncated=False)
-        msg: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            msg["tool_calls"] = calls
-        self._messages.append(msg)
-        obs: list[dict] = []
-        for c in calls:
-            fn = c["function"]
-            args = fn["arguments"]
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args)
-                except json.JSONDecodeError:
-                    pass
-            obs.append({"role": "tool", "tool_call_id": c["id"], "content": self._call(fn["name"], args)})
-        self.n_calls += len(calls)
-        if not calls:
-            self.goal += 1
-            if self.goal >= len(self.task.goals):
-                return self._end(truncated=False)
-            obs.append({"role": "user", "content": self.task.goals[self.goal]})
-        self._messages.extend(dict(m) for m in obs)
-        if self.turns >= self.max_turns:
-            return self._end(truncated=True)
-        return obs, 0.0, False, False, {}
+    def _execute(self, name: str, arguments: Any) -> str:
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # the tool (or its simulator) reports the bad arguments
+        return self._call(name, arguments)
+
+    def _next_user(self, goal: int) -> str | None:
+        return self.task.goals[goal] if goal < len(self.task.goals) else None
 
     @property
     def tools(self) -> list[dict]:  # type: ignore[override]

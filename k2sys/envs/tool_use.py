@@ -28,7 +28,7 @@ from k2sys.data.synth.rollout import Trajectory, UserAgent
 from k2sys.data.synth.tasks import Task as SynthTask
 from k2sys.data.synth.tasks import generate_tasks
 from k2sys.data.synth.tools import TOOL_LIBRARY, ToolSimulator
-from k2sys.envs.base import Env, EnvError, StepResult, register_env
+from k2sys.envs.base import Env, EnvError, StepResult, ToolTurnEnv, register_env
 
 __all__ = ["ToolUseEnv", "TaskEnv", "tool_use_specs", "synth_task"]
 
@@ -59,7 +59,7 @@ def tool_use_specs(n: int, seed: int, *, library: str | None = None, split: str 
     return [{"kind": "tool_use", "seed": seed, "index": k, **options} for k in range(n)]
 
 
-class ToolUseEnv(Env):
+class ToolUseEnv(ToolTurnEnv):
     def __init__(self, task: SynthTask, *, failure_rate: float = 0.1, max_turns: int = 12, reward: str = "score"):
         if reward not in _REWARDS:
             raise EnvError(f"tool_use spec: reward must be one of {_REWARDS}, got {reward!r}")
@@ -98,37 +98,11 @@ class ToolUseEnv(Env):
                 "goals_done": self.goal, "tool_calls": self.n_calls}
         return [], reward, not truncated, truncated, info
 
-    def step(self, action: dict) -> StepResult:
-        if self._messages is None or self.done:
-            raise EnvError("ToolUseEnv.step: call reset() first (the episode is over or not started)")
-        self.turns += 1
-        if action.get("malformed"):
-            self.malformed.append(str(action["malformed"]))
-            return self._end(truncated=False)
-        calls = list(action.get("tool_calls") or [])
-        content = action.get("content") or ""
-        if not calls and not content:
-            self.malformed.append("empty assistant turn")
-            return self._end(truncated=False)
-        msg: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            msg["tool_calls"] = calls
-        self._messages.append(msg)
-        obs: list[dict] = []
-        for c in calls:
-            fn = c["function"]
-            obs.append({"role": "tool", "tool_call_id": c["id"], "content": self.sim.call(fn["name"], fn["arguments"])})
-        self.n_calls += len(calls)
-        if not calls:
-            self.goal += 1
-            nxt = self.user.message(self.goal)
-            if nxt is None:
-                return self._end(truncated=False)
-            obs.append({"role": "user", "content": nxt})
-        self._messages.extend(dict(m) for m in obs)
-        if self.turns >= self.max_turns:
-            return self._end(truncated=True)
-        return obs, 0.0, False, False, {}
+    def _execute(self, name: str, arguments: Any) -> str:
+        return self.sim.call(name, arguments)
+
+    def _next_user(self, goal: int) -> str | None:
+        return self.user.message(goal)
 
 
 @register_env("tool_use")
