@@ -45,7 +45,7 @@ SOURCES = {
     "nic": "8 x ConnectX-7 400 Gb/s (50 GB/s raw, ~48 GB/s NDR data rate) per 8-GPU node (NVIDIA DGX H200 "
            "datasheet); the H20 nodes of the anchor are assumed to be built the same (not published).",
     "nvlink_bcast": "NCCL broadcast over NVLink4 (900 GB/s bidirectional, 450 GB/s per direction) reaches "
-                    "~370 GB/s bus bandwidth per GPU (nccl-tests class figure, project FACTS.md).",
+                    "~370 GB/s bus bandwidth per GPU (nccl-tests class figure, docs/FACTS.md).",
 }
 
 HARDWARE = {

@@ -71,7 +71,7 @@ stage mfu 120 $PY benchmarks/gpu_path.py mfu --preset k2-small --json "$OUT/mfu.
 if $PY -c "import sglang" >/dev/null 2>&1; then
   stage sglang 120 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_sglang_adapter.py
 else
-  skip sglang "sglang is not installed (the repository does not install it; see FACTS.md)"
+  skip sglang "sglang is not installed (the repository does not install it; see docs/FACTS.md)"
 fi
 if $PY -c "import transformer_engine" >/dev/null 2>&1; then
   stage te 120 $PY benchmarks/gpu_path.py mfu --preset k2-small --steps 3 --json "$OUT/mfu_te.json"

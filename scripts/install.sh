@@ -22,7 +22,7 @@ python -c "import k2sys, k2sys._C; from k2sys import ext; print('k2sys installed
 
 # SGLang's Python modules for the tests that decode our weight payloads with SGLang's own code
 # (tests/sglang_ref.py), on CPU machines only: sglang without its dependency set (which pins a CUDA
-# torch, FACTS.md), the pure-Python packages its modules import with this venv's torch pinned, and a
+# torch, docs/FACTS.md), the pure-Python packages its modules import with this venv's torch pinned, and a
 # torchvision for its imports kept out of site-packages (the matching wheel is a CUDA build; see
 # tests/sglang_ref.py). GPU nodes that serve with SGLang install it whole instead
 # (pip install sglang==0.5.23): a --no-deps copy there would make pip skip its dependencies.

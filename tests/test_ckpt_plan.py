@@ -54,7 +54,7 @@ def test_hf_shapes_match_transformers_model():
     with torch.device("meta"):
         model = transformers.DeepseekV3ForCausalLM(cfg)
     ours = hf_param_shapes(TINY)
-    # transformers fuses experts in memory (FACTS.md); compare everything else name by name.
+    # transformers fuses experts in memory (docs/FACTS.md); compare everything else name by name.
     theirs = {n: tuple(p.shape) for n, p in model.state_dict().items() if ".mlp.experts." not in n}
     assert {n: s for n, s in ours.items() if ".mlp.experts." not in n} == theirs
     assert ours["model.layers.1.mlp.experts.3.down_proj.weight"] == (32, 8)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -101,20 +102,56 @@ def _rl_records(run: Path) -> list[dict]:
 def test_two_trainer_ranks_tp2_under_torchrun(tmp_path):
     """The coordinator is rank 0 of a 2-rank torchrun job (TP=2); rank 1 mirrors its trainer calls.
     Every iteration's engine-vs-trainer log-prob probe shows the engine got exactly the TP=2
-    trainer's weights through the distributed checkpoint-engine update."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    trainer's weights through the distributed checkpoint-engine update.
+
+    Fault drill (issue 15): the first start kill -9s trainer rank 1 (not the coordinator) in the middle
+    of its second checkpoint write; torchrun stops rank 0, nothing of the job outlives it, and the same
+    command resumes to the uninterrupted run's final state (no iteration repeated or lost)."""
+    from k2sys.coordinator import state as sm
+
+    mark = uuid.uuid4().hex
+    env = {**{k: v for k, v in os.environ.items() if k != sm.FAULT_ENV}, "OMP_NUM_THREADS": "1",
+           "K2SYS_TEST_MARK": mark}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "k2sys.cli",
            "run", "tiny-k2", "--set", "name=tp2", "--set", f"output_root={tmp_path}", "--set", "trainer.tp=2",
            *[a.replace(f"rl.iterations={ITERS}", "rl.iterations=2") for a in ARGS]]
+    res = subprocess.run(cmd, env={**env, sm.FAULT_ENV: "ckpt_write:2@1"}, capture_output=True, text=True, timeout=900)
+    assert res.returncode != 0 and "SIGKILL at fault point 'ckpt_write'" in res.stderr, res.stderr[-3000:]
+    deadline = time.time() + 30
+    while _marked(mark) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _marked(mark) == [], "processes of the killed job outlived it"
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    recs = _rl_records(tmp_path / "tp2")
+    assert _marked(mark) == []
+    run = tmp_path / "tp2"
+    recs = _rl_records(run)
     assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
         assert r["probe_mismatch/tokens"] > 0
         assert r["probe_mismatch/max_abs"] < 1e-4, r  # fp32: same weights, same logits
-    report = json.loads((tmp_path / "tp2" / "report.json").read_text())
-    assert report["rl_iterations"] == 2
+    report = json.loads((run / "report.json").read_text())
+    assert report["rl_iterations"] == 2 and report["segments"] == 2
+    pointer = json.loads((run / "rl_ckpt" / "latest.json").read_text())
+    state = json.loads((run / "state.json").read_text())
+    assert pointer["step"] == state["rl_iter"] == 2
+    assert pointer["trainer_step"] == state["rl_trainer_step"] == [r["trainer_step"] for r in recs][-1]
+    assert [r["trainer_step"] for r in recs] == [recs[0]["trainer_step"] * k for k in (1, 2)]
+
+
+def _marked(mark: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries K2SYS_TEST_MARK=mark."""
+    needle, out = f"K2SYS_TEST_MARK={mark}".encode(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            alive = (d / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            if alive and needle in (d / "environ").read_bytes().split(b"\0"):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
 
 
 def test_agentic_recipe_end_to_end(tmp_path):

@@ -241,11 +241,13 @@ def test_sigterm_aborts_inflight_and_exits_cleanly(ckpt, tmp_path):
                 time.sleep(0.1)
             assert proc.poll() is None, proc.stdout.read().decode()
         last = {}
+        room = httpx.get(url + "/get_server_info", timeout=10).json()["max_model_len"] - 2  # the longest it may ask
 
         def stream():
             with httpx.stream("POST", url + "/generate", timeout=60,
                               json={"input_ids": [1, 2], "stream": True,
-                                    "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}) as r:
+                                    "sampling_params": {"max_new_tokens": room, "ignore_eos": True}}) as r:
+                assert r.status_code == 200
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         last["out"] = json.loads(line[6:])

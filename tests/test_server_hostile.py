@@ -409,6 +409,49 @@ def test_failed_sampling_row_aborts_only_its_request(server, monkeypatch):
     assert idle(engine, app.state.admission)
 
 
+def test_failed_forward_aborts_only_the_request_that_breaks_it(server, monkeypatch):
+    """A forward pass that raises for one request's tokens fails that request only: the batch is rerun
+    one sequence at a time and the others finish with the output they get alone."""
+    url, engine, app = server
+    good = {"input_ids": [9, 8, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 12}}
+    alone = post(url, "/generate", good).json()["output_ids"]
+    real = engine.runner.forward_with_prompt_logprobs
+
+    def forward(batch, cache):
+        if 66 in batch.input_ids.tolist():
+            raise RuntimeError("poisoned forward")
+        return real(batch, cache)
+    monkeypatch.setattr(engine.runner, "forward_with_prompt_logprobs", forward)
+    r = post(url, "/generate", {"input_ids": [[9, 8, 7], [66, 65, 64], [9, 8, 7]],
+                                "sampling_params": {"temperature": 0, "max_new_tokens": 12}})
+    assert r.status_code == 200, r.text
+    first, dead, last = r.json()
+    for ok in (first, last):
+        assert ok["output_ids"] == alone and ok["meta_info"]["finish_reason"]["type"] == "length"
+    assert dead["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "forward failed" in dead["meta_info"]["finish_reason"]["message"]
+    assert idle(engine, app.state.admission)
+    assert post(url, "/generate", good).json()["output_ids"] == alone
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_unless_defaulted(server):
+    """An explicit max_new_tokens that cannot fit the context is a 400 naming it (as SGLang and OpenAI
+    refuse it); SGLang's default (128, not given) stops at the context length instead."""
+    url, engine, app = server
+    prompt = list(range(1, 41))
+    r = post(url, "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": CTX - 40 + 1}})
+    assert r.status_code == 400 and "max_new_tokens" in r.json()["message"] and str(CTX - 40) in r.json()["message"]
+    r = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": CTX})
+    assert r.status_code == 400 and "max_tokens" in r.json()["message"]
+    r = post(url, "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": CTX - 40,
+                                                                          "temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200 and len(r.json()["output_ids"]) == CTX - 40, r.text
+    r = post(url, "/generate", {"input_ids": prompt, "sampling_params": {"temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["output_ids"]) == CTX - 40 and r.json()["meta_info"]["finish_reason"]["type"] == "length"
+    assert idle(engine, app.state.admission)
+
+
 def test_bad_requests_during_a_good_one_leave_it_unchanged(server, slow):
     url, engine, app = server
     good = {"input_ids": [4, 3, 2, 1], "sampling_params": {"temperature": 0, "max_new_tokens": 60}}

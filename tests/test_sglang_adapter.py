@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import sys
@@ -564,10 +563,6 @@ def test_launch_failures_report_log(tmp_path):
 
 # ------------------------------------------------------------------ real servers
 
-def _native_server_present() -> bool:
-    return importlib.util.find_spec("k2sys.engine.server") is not None
-
-
 def test_contract_native_engine_in_process():
     """The same protocol calls in-process: a colocated update with another checkpoint's HF state
     dict must make the engine generate exactly what an engine built from that checkpoint does."""
@@ -587,20 +582,11 @@ def test_contract_native_engine_in_process():
     assert got.output_logprobs == pytest.approx(want.output_logprobs, abs=1e-5)
 
 
-def _native_module() -> tuple[str, ...]:
-    """`k2sys serve` once the CLI lists it, else the server module run directly."""
-    cli = importlib.util.find_spec("k2sys.cli")
-    if cli is not None and '"serve"' in open(cli.origin).read():
-        return ("k2sys.cli", "serve")
-    return ("k2sys.engine.server",)
-
-
-@pytest.mark.skipif(not _native_server_present(), reason="k2sys.engine.server not written yet")
 def test_contract_against_k2sys_serve(tmp_path):
     from k2sys.models import build_model, k2_tiny, save_hf
 
     model_dir = save_hf(build_model(k2_tiny(vocab_size=512), seed=0), tmp_path / "tiny")
-    cfg = NativeLaunchConfig(model_path=str(model_dir), port=free_port(), module=_native_module())
+    cfg = NativeLaunchConfig(model_path=str(model_dir), port=free_port(), module=("k2sys.cli", "serve"))
     with launch_server(cfg, log_path=tmp_path / "serve.log", timeout=180) as srv, HTTPEngine(srv.base_url) as eng:
         assert eng.health()
         reqs = [GenerateRequest(rid=f"c{i}", input_ids=[1, 2, 3 + i], sampling=greedy(6), return_logprob=True)

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from k2sys.ckpt.types import Bucket, BucketEntry, TensorSpec
-from k2sys.engine.protocol import ProtocolError
+from k2sys.engine.errors import ProtocolError
 
 
 def align_up(n: int, align: int) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from k2sys.config import ConfigError
 from k2sys.coordinator.rl_batch import Sample
 from k2sys.coordinator.state import fault_point
-from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.engine.protocol import GenerateRequest, SamplingParams, fit_new_tokens
 from k2sys.envs.agent_loop import AgentConfig, advance_episode, is_episode
 from k2sys.rl.budget import BudgetController
 from k2sys.rl.rollout_buffer import PartialTrajectory
@@ -135,7 +135,8 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
     for i, m in enumerate(singles):
         _, task = family(m.meta)
         left = budget.max_new_tokens(task.family) - len(m.response_tokens)
-        sp = SamplingParams(temperature=temperature, top_p=cfg.top_p, max_new_tokens=max(left, 1),
+        sp = SamplingParams(temperature=temperature, top_p=cfg.top_p,
+                            max_new_tokens=fit_new_tokens(engine, len(m.context_tokens), left),
                             stop_token_ids=tuple(stop_ids), seed=seed * 100_003 + i)
         req = GenerateRequest(input_ids=tuple(m.context_tokens), sampling=sp, return_logprob=True)
         jobs.append(lambda stopping, req=req: engine.async_generate([req]))

@@ -266,14 +266,17 @@ _fault_hits: dict[str, int] = {}
 
 def fault_point(name: str) -> None:
     """TEST HOOK, for fault drills only: with K2SYS_FAULT="name:n[,other:m]" in the environment the
-    process SIGKILLs itself (exactly like `kill -9`) the n-th time it reaches the point `name`.
-    Without the variable this does nothing. Points: sft_step, rollout, rl_saved, weight_update, ckpt_write."""
+    process SIGKILLs itself (exactly like `kill -9`) the n-th time it reaches the point `name`;
+    "name:n@r" only in the torchrun rank r (env RANK), e.g. a trainer rank that is not the coordinator.
+    Without the variable this does nothing. Points: sft_step, eval, rollout, rl_saved, weight_update,
+    rl_commit, ckpt_write."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     for item in spec.split(","):
-        point, _, count = item.strip().partition(":")
-        if point != name:
+        item, _, rank = item.strip().partition("@")
+        point, _, count = item.partition(":")
+        if point != name or (rank and rank != os.environ.get("RANK", "0")):
             continue
         _fault_hits[name] = _fault_hits.get(name, 0) + 1
         if _fault_hits[name] == int(count or 1):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 
 from k2sys.ckpt import UpdateConfig, update_weights
@@ -72,7 +71,3 @@ def broadcast_value(value: Any, rank: int, world: int) -> Any:
     box = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def to_cpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in batch.items()}

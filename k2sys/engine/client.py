@@ -105,6 +105,7 @@ class HTTPEngine:
         self._pending_version: str | None = None
         self.weight_transport, self.shm_bucket_bytes = weight_transport, shm_bucket_bytes
         self._server_transports: list[str] | None = None
+        self._max_model_len: int | None = None
         self._shm = ShmWriter()
 
     # -- plumbing
@@ -459,6 +460,20 @@ class HTTPEngine:
         if not isinstance(info, dict):
             raise EngineHTTPError(self._url("server_info"), 200, f"expected a JSON object, got {str(info)[:200]}")
         return info
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The server's context length (prompt + new tokens), from /get_server_info: k2sys serve's
+        max_model_len or SGLang's context_length; None when the server does not say (SGLang derives it
+        from the model and may list null). Cached: it does not change while a server runs."""
+        if self._max_model_len is None:
+            try:
+                info = self.server_info()
+            except EngineHTTPError:
+                return None
+            got = info.get("max_model_len", info.get("context_length"))
+            self._max_model_len = got if isinstance(got, int) and not isinstance(got, bool) and got > 1 else None
+        return self._max_model_len
 
     def server_transports(self) -> list[str]:
         """Weight transports the server lists in /get_server_info (["http"] if it lists none)."""

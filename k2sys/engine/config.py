@@ -13,15 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from k2sys.engine.errors import EngineError, RequestError
+
 __all__ = ["EngineConfig", "EngineError", "LogprobOptions", "SamplingParams", "RequestError"]
-
-
-class EngineError(RuntimeError):
-    """The engine cannot do what was asked in its current state (e.g. weights released)."""
-
-
-class RequestError(ValueError):
-    """A request is malformed; the message names the field and the fix (HTTP 400)."""
 
 
 @dataclass(kw_only=True)

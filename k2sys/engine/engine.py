@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -308,7 +309,7 @@ class NativeEngine:
         """The tokenizer's chat format: the checkpoint's own template, or our K2 format (k2sys.tokenizer.formats)."""
         if self.tokenizer is None:
             raise RequestError("messages: this model has no tokenizer; use /generate with input_ids")
-        from k2sys.tokenizer.formats import chat_format_for
+        from k2sys.tokenizer import chat_format_for
 
         try:
             return chat_format_for(self.tokenizer)
@@ -381,7 +382,11 @@ class NativeEngine:
     def _make_handle(self, input_ids: Sequence[int] | None = None, params: SamplingParams | None = None, *,
                      text: str | None = None, rid: str | None = None, return_logprob: bool = False,
                      on_update: Callable[[int, dict, bool], None] | None = None,
-                     logprobs: LogprobOptions | None = None, cache_salt: str | None = None) -> RequestHandle:
+                     logprobs: LogprobOptions | None = None, cache_salt: str | None = None,
+                     fit_context: bool = True) -> RequestHandle:
+        """fit_context: max_new_tokens is lowered to what the context leaves (generation stops there,
+        finish_reason "length"), as for SGLang's default when a client gives none. The HTTP routes pass
+        False for a value the client gave: prompt + max_new_tokens beyond the context is then refused."""
         params = params or SamplingParams()
         if logprobs is None:
             logprobs = LogprobOptions(return_logprob=bool(return_logprob))
@@ -401,6 +406,9 @@ class NativeEngine:
         if len(ids) > self.cache.num_blocks * self.cache.block_size:
             raise RequestError(f"input_ids: prompt of {len(ids)} tokens exceeds the KV cache "
                                f"({self.config.max_total_tokens} tokens)")
+        room = self.max_model_len - len(ids)
+        if fit_context and params.max_new_tokens > room:
+            params = dataclasses.replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
         self._check_ranges(params, logprobs, len(ids))
         if params.stop and self.tokenizer is None:
             raise RequestError("sampling_params.stop: stop strings need a tokenizer; use stop_token_ids")
@@ -450,7 +458,11 @@ class NativeEngine:
         if logprobs.top_logprobs_num > vocab:
             raise RequestError(f"top_logprobs_num: {logprobs.top_logprobs_num} is more than the vocabulary size "
                                f"({vocab}); lower it")
-        grow = min(params.max_new_tokens, max(self.max_model_len - prompt_len, 0))
+        if prompt_len + params.max_new_tokens > self.max_model_len:  # SGLang and OpenAI refuse it too
+            raise RequestError(f"sampling_params.max_new_tokens: a prompt of {prompt_len} tokens + {params.max_new_tokens} "
+                               f"new tokens exceeds the context length max_model_len={self.max_model_len}; lower "
+                               f"max_new_tokens to at most {self.max_model_len - prompt_len} (or shorten the prompt)")
+        grow = params.max_new_tokens
         if prompt_len + grow > kv:
             raise RequestError(f"sampling_params.max_new_tokens: a prompt of {prompt_len} tokens + {grow} new tokens "
                                f"needs {prompt_len + grow} tokens of KV cache but it holds {kv}; lower max_new_tokens "

@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 
@@ -228,10 +227,3 @@ def launch_server(config: SGLangLaunchConfig | NativeLaunchConfig, *, log_path: 
     """Start the server described by `config` and return once /health answers 200."""
     server = ServerProcess(command=config.command(), base_url=config.base_url, log_path=Path(log_path), env=env)
     return server.start().wait_healthy(timeout=timeout)
-
-
-def command_for(argv: Sequence[str]) -> str:
-    """The command line as one shell-quoted string, for logs and sbatch scripts."""
-    import shlex
-
-    return " ".join(shlex.quote(a) for a in argv)

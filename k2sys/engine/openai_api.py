@@ -443,6 +443,7 @@ class OpenAIRoutes:
             raise RequestError(f"rid: a string or a list of strings with one per prompt ({len(prompts)})")
         salt = _salt(body)
         items = [{("text" if isinstance(p, str) else "input_ids"): p, "params": params, "logprobs": opts,
+                  "fit_context": body.get("max_tokens") is None,  # OpenAI's default 16 stops at the context
                   "rid": rids[i], "cache_salt": salt} for i, p in enumerate(prompts)]
         call = await self._submit(items, request, "prompt")
         handles = call.handles
@@ -547,7 +548,7 @@ class OpenAIRoutes:
         rid = body.get("rid")
         if rid is not None and not isinstance(rid, str):
             raise RequestError(f"rid: must be a string, got {str(rid)[:40]!r}")
-        call = await self._submit([{"input_ids": prompt_ids, "params": params, "logprobs": opts,
+        call = await self._submit([{"input_ids": prompt_ids, "params": params, "logprobs": opts, "fit_context": False,
                                     "rid": rid, "cache_salt": _salt(body)}], request, "messages")
         handles, total = call.handles, call.total
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

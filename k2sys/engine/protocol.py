@@ -28,7 +28,7 @@ users of sglang 0.5.23 (miles, NeMo-RL). Payloads used:
     /update_weights_from_distributed, /init_weights_update_group   SGLang-only (NCCL broadcast
                                 from the trainer): their payloads live in sglang_adapter.py
     /begin_weight_update, /end_weight_update   sessions from sglang PRs #28710/#28001 (June
-                                2026; required by 0.5.23 per FACTS.md): every update_weights_from_*
+                                2026; required by 0.5.23 per docs/FACTS.md): every update_weights_from_*
                                 must sit inside one. The io_struct copy we read predates them, so
                                 their fields were read from their users (BeginWeightUpdateReqInput
                                 has only defaulted fields): we send `{}`.
@@ -45,19 +45,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+from k2sys.engine.errors import ProtocolError
+
 if TYPE_CHECKING:  # only for annotations: client.py imports this module
     import torch
 
-    from k2sys.engine.wire import FlattenedBucket
+    from k2sys.ckpt.bucket import FlattenedBucket
 
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 FINISH_REASONS = ("stop", "length", "abort")
 PAUSE_MODES = ("abort", "retract", "in_place")
 LOAD_FORMATS = (None, "flattened_bucket")
-
-
-class ProtocolError(ValueError):
-    """A payload or argument at the engine edge is invalid; the message names the field."""
 
 
 def _fail(field_name: str, problem: str, fix: str) -> ProtocolError:
@@ -174,6 +172,16 @@ class SamplingParams:
 
 _SGLANG_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop", "stop_token_ids",
                            "n", "sampling_seed")
+
+
+def fit_new_tokens(engine: Any, context_len: int, want: int) -> int:
+    """max_new_tokens for a request whose context holds `context_len` tokens: `want`, lowered to what
+    the engine's context length leaves (engines refuse prompt + max_new_tokens beyond it, as SGLang
+    and OpenAI do); at least 1. Engines that do not say their context length get `want`."""
+    ctx = getattr(engine, "max_model_len", None)
+    if isinstance(ctx, int) and ctx > context_len:
+        want = min(want, ctx - context_len)
+    return max(want, 1)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -280,9 +280,6 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def inflight(self) -> list[dict]:
-        return [s.snapshot() for s in itertools.chain(self.running, self.waiting)]
-
     # ---- one step ----------------------------------------------------------------------------
     def _ensure_blocks(self, seq: Sequence, upto: int) -> None:
         need = self.cache.blocks_for(upto) - len(seq.blocks)
@@ -353,6 +350,26 @@ class Scheduler:
         plan = self._plan()
         if not plan:
             return 0
+        try:
+            return self._run(plan)
+        except Exception as e:  # noqa: BLE001 - find the request that breaks the batch; the rest run on
+            if len(plan) == 1:
+                self._fail(plan[0][0], "forward", e)
+                return 0
+            log.warning("batched forward of %d sequences failed (%s: %s); running them one by one",
+                        len(plan), type(e).__name__, e)
+        done = 0
+        for seq, n in plan:  # a retry recomputes the same positions: KV slots are overwritten, not appended
+            if seq.finished:
+                continue
+            try:
+                done += self._run([(seq, n)])
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, "forward", e)
+        return done
+
+    def _run(self, plan: list[tuple[Sequence, int]]) -> int:
+        """One forward over `plan` (sequence, tokens to compute) and the sampling that follows."""
         bs = self.cache.block_size
         dev = self.runner.device
         ids, pos, slots, logit_rows, samplers = [], [], [], [], []

@@ -47,7 +47,7 @@ from k2sys.engine.wire import tensors_from_update
 from k2sys.engine.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
 from k2sys.engine.engine import NativeEngine
 from k2sys.engine.openai_api import JSON, OpenAIRoutes, sse
-from k2sys.engine.protocol import (PAUSE_MODES, ProtocolError, UpdateWeightsFromTensorPayload, check_bucket_entries,
+from k2sys.engine.protocol import (PAUSE_MODES, UpdateWeightsFromTensorPayload, check_bucket_entries,
                                    check_cuda_ipc, weight_version_of)
 from k2sys.engine.shm import ShmReader, ShmUpdatePayload, server_transports
 
@@ -193,8 +193,11 @@ def parse_generate(body: dict, engine: NativeEngine | None = None) -> tuple[list
             if v is not None and not isinstance(v, str):
                 raise RequestError(f"{name}: must be a string (or one per prompt)")
         salt = None if not (keys[i] or salts[i]) else f"{keys[i] or ''}\x00{salts[i] or ''}"
+        # SGLang's default max_new_tokens (128) stops at the context length; a value the client gave is
+        # refused (400) if prompt + max_new_tokens exceeds it, as SGLang does
+        fit = sps[i] is None or sps[i].get("max_new_tokens") is None
         items.append({key: prompts[i], "params": SamplingParams.from_dict(sps[i]), "rid": rid_list[i],
-                      "logprobs": opts, "cache_salt": salt})
+                      "logprobs": opts, "cache_salt": salt, "fit_context": fit})
     return items, batched, stream
 
 
@@ -411,8 +414,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
     if opts.api_key:
         app.add_middleware(ApiKeyGuard, key=opts.api_key)
 
-    @app.exception_handler(RequestError)
-    @app.exception_handler(ProtocolError)
+    @app.exception_handler(RequestError)  # ProtocolError is the same type
     async def _bad_request(_: Request, exc: Exception) -> Response:
         return error(getattr(exc, "status", 400), str(exc), getattr(exc, "headers", None))
 
@@ -624,7 +626,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
         payload = ShmUpdatePayload.from_json(body)
         try:
             n = await asyncio.to_thread(shm_reader.apply, payload, engine.update_weights)
-        except (RequestError, ProtocolError, EngineError):
+        except (RequestError, EngineError):
             raise
         except Exception as e:  # noqa: BLE001 - the client's segment or IPC handle could not be read
             log.warning("update_weights_from_shm: reading the bucket failed", exc_info=e)

@@ -1,4 +1,4 @@
-"""The InferenceEngine protocol on a real SGLang (>= 0.5.23): over HTTP, or in-process.
+"""The InferenceEngine protocol on a real SGLang server (>= 0.5.23), over HTTP.
 
 `SGLangEngine` is `HTTPEngine` with SGLang's weight encoding. SGLang reads
 `serialized_named_tensors[tp_rank]` with `MultiprocessingSerializer.deserialize` (base64, then
@@ -17,10 +17,9 @@ load_format "flattened_bucket" rebuilds the tensors with its FlattenedTensorBuck
                        for every TP rank.
 
 The checkpoint engine's SGLang sinks (k2sys.ckpt.engine_sinks) build these payloads from the
-buckets the pipeline fills. Version notes (sglang 0.5.23, FACTS.md): update_weights_from_* must
-sit between /begin_weight_update and /end_weight_update, else success=False; pause/continue exist
-only as HTTP routes (the in-process wrapper reaches the tokenizer manager directly);
-release/resume need --enable-memory-saver and an idle engine; /model_info reports the
+buckets the pipeline fills. Version notes (sglang 0.5.23, read in its source): update_weights_from_*
+must sit between /begin_weight_update and /end_weight_update, else success=False; pause/continue exist
+only as HTTP routes; release/resume need --enable-memory-saver and an idle engine; /model_info reports the
 weight_version the last update set.
 """
 
@@ -28,21 +27,19 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import inspect
 import io
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 
 from k2sys.engine.client import EngineHTTPError, FlattenedBucket, HTTPEngine
-from k2sys.engine.protocol import (LOAD_FORMATS, GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
-                                   colocated_update, validate_tags)
+from k2sys.engine.protocol import LOAD_FORMATS, PausedRequest, ProtocolError, colocated_update
 
 MIN_SGLANG_VERSION = "0.5.23"
 _INSTALL_HINT = ("install sglang>=0.5.23 on a CUDA machine (pip install 'sglang>=0.5.23'); never on CPU "
-                 "machines, its wheel pins a CUDA torch (FACTS.md)")
+                 "machines, its wheel pins a CUDA torch (docs/FACTS.md)")
 
 
 def sglang_available() -> bool:
@@ -227,13 +224,6 @@ class SGLangEngine(HTTPEngine):
         self._pending_version = None
         self._post("end", {})
 
-    def init_weights_update_group(self, payload: InitWeightsUpdateGroupPayload) -> None:
-        self._post("init_group", payload.to_sglang())
-
-    def update_weights_from_distributed(self, payload: UpdateWeightsFromDistributedPayload) -> None:
-        """The engine side of a broadcast from the trainer (call inside a begin/end session)."""
-        self._post("update_dist", payload.to_sglang())
-
     def colocated_update(self, weights: Iterable[Any] | Callable[[], Iterable[Any]], *,
                          train_step: Callable[[], Any] | None = None, pause_mode: str = "abort",
                          weight_version: str | None = None) -> tuple[list[PausedRequest], str | None]:
@@ -242,128 +232,9 @@ class SGLangEngine(HTTPEngine):
         return colocated_update(self, weights, train_step=train_step, pause_mode=pause_mode,
                                 weight_version=weight_version)
 
+    def init_weights_update_group(self, payload: InitWeightsUpdateGroupPayload) -> None:
+        self._post("init_group", payload.to_sglang())
 
-class SGLangInProcess:
-    """`sglang.Engine` in this process (GPU only) behind the InferenceEngine protocol."""
-
-    def __init__(self, model_path: str, *, tp_size: int = 1, mem_fraction_static: float | None = None,
-                 enable_memory_saver: bool = True, **engine_kwargs: Any):
-        try:
-            import sglang
-        except Exception as exc:
-            raise ImportError(f"SGLangInProcess needs sglang: {_INSTALL_HINT}") from exc
-        if not torch.cuda.is_available():
-            raise RuntimeError("SGLangInProcess needs a CUDA device; on CPU use the native engine (k2sys serve)")
-        kw = dict(model_path=model_path, tp_size=tp_size, enable_memory_saver=enable_memory_saver, **engine_kwargs)
-        if mem_fraction_static is not None:
-            kw["mem_fraction_static"] = mem_fraction_static
-        self.engine = sglang.Engine(**kw)
-        self.tp_size = tp_size
-        self._weight_version: str | None = None
-        self._pending_version: str | None = None
-
-    # -- generation
-    @staticmethod
-    def _batches(requests: Sequence[GenerateRequest]) -> list[tuple[str, list[GenerateRequest]]]:
-        """Consecutive runs of id-prompts and text-prompts (sglang takes one kind per call)."""
-        runs: list[tuple[str, list[GenerateRequest]]] = []
-        for r in requests:
-            kind = "input_ids" if r.input_ids is not None else "prompt"
-            if runs and runs[-1][0] == kind:
-                runs[-1][1].append(r)
-            else:
-                runs.append((kind, [r]))
-        return runs
-
-    @staticmethod
-    def _kwargs(kind: str, reqs: list[GenerateRequest]) -> dict[str, Any]:
-        prompts = [list(r.input_ids) if kind == "input_ids" else r.text for r in reqs]
-        return {kind: prompts, "sampling_params": [r.sampling.to_sglang() for r in reqs],
-                "return_logprob": [r.return_logprob for r in reqs], "rid": [r.rid for r in reqs]}
-
-    @staticmethod
-    def _to_outputs(result: Any) -> list[GenerateOutput]:
-        items = result if isinstance(result, list) else [result]
-        return [GenerateOutput.from_sglang(it) for it in items]
-
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        out: list[GenerateOutput] = []
-        for kind, reqs in self._batches(requests):
-            out += self._to_outputs(self.engine.generate(**self._kwargs(kind, reqs)))
-        return out
-
-    async def async_generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        out: list[GenerateOutput] = []
-        for kind, reqs in self._batches(requests):
-            out += self._to_outputs(await self.engine.async_generate(**self._kwargs(kind, reqs)))
-        return out
-
-    # -- partial rollout: sglang.Engine has no pause/continue methods, its tokenizer manager does
-    def _run(self, coro: Any) -> Any:
-        return self.engine.loop.run_until_complete(coro)
-
-    def abort(self, rid: str | None = None) -> None:
-        self.engine.tokenizer_manager.abort_request(rid=rid or "", abort_all=rid is None)
-
-    def pause(self, mode: str = "abort") -> list[PausedRequest]:
-        from sglang.srt.managers.io_struct import PauseGenerationReqInput
-
-        self._run(self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=mode)))
-        return []  # aborted requests come back to their generate() callers with finish_reason "abort"
-
-    def continue_generation(self) -> None:
-        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
-
-        self._run(self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput()))
-
-    # -- memory and weights
-    def release_memory(self, tags: Iterable[str] | None = None) -> None:
-        self.engine.release_memory_occupation(tags=list(validate_tags(tags)))
-
-    def resume_memory(self, tags: Iterable[str] | None = None) -> None:
-        self.engine.resume_memory_occupation(tags=list(validate_tags(tags)))
-
-    def flush_cache(self) -> None:
-        self.engine.flush_cache()
-
-    def begin_weight_update(self) -> None:
-        if not hasattr(self.engine, "begin_weight_update"):
-            raise RuntimeError(f"this sglang has no weight-update sessions; {_INSTALL_HINT}")
-        self.engine.begin_weight_update()
-        v = self._weight_version
-        self._pending_version = str(int(v) + 1) if v is not None and v.isdigit() else "1"
-
-    def update_weights(self, weights: Iterable[Any], *, weight_version: str | None = None) -> None:
-        items = list(weights)
-        update = self.engine.update_weights_from_tensor
-        extra: dict[str, Any] = {}
-        if "weight_version" in inspect.signature(update).parameters:  # not in every sglang release
-            extra["weight_version"] = weight_version or self._pending_version
-        if items and all(isinstance(b, FlattenedBucket) for b in items):
-            for b in items:
-                update(named_tensors=sglang_bucket_object(b), load_format="flattened_bucket", flush_cache=False,
-                       **extra)
-        elif items and all(isinstance(p, tuple) and len(p) == 2 for p in items):
-            update(named_tensors=items, flush_cache=False, **extra)
-        else:
-            raise ProtocolError("weights: pass either (name, tensor) pairs or FlattenedBuckets, not a mix")
-
-    def end_weight_update(self) -> str | None:
-        self.engine.end_weight_update()
-        if self._pending_version is not None:
-            self._weight_version, self._pending_version = self._pending_version, None
-        return self._weight_version
-
-    @property
-    def weight_version(self) -> str | None:
-        return self._weight_version
-
-    def health(self) -> bool:
-        return self.engine is not None
-
-    def colocated_update(self, weights: Iterable[Any] | Callable[[], Iterable[Any]], **kw: Any
-                         ) -> tuple[list[PausedRequest], str | None]:
-        return colocated_update(self, weights, **kw)
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
+    def update_weights_from_distributed(self, payload: UpdateWeightsFromDistributedPayload) -> None:
+        """The engine side of a broadcast from the trainer (call inside a begin/end session)."""
+        self._post("update_dist", payload.to_sglang())

@@ -198,7 +198,7 @@ class ShmPool:
     """Segments for out-buckets (k2sys.ckpt.engine_sinks.NativeServerSink): a bucket is written
     straight into a segment and the server copies it from there, so the bytes move twice in all.
     Segments are reused across buckets and updates (fresh pages cost a quarter of the copy bound,
-    FACTS.md); at most as many exist as buckets were in flight at once."""
+    docs/FACTS.md); at most as many exist as buckets were in flight at once."""
 
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = max(int(min_bytes), ALIGN)

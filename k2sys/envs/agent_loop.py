@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from k2sys.config import ConfigError
-from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.engine.protocol import GenerateRequest, SamplingParams, fit_new_tokens
 from k2sys.envs.base import Env, make_env, replay
 from k2sys.rl.rollout_buffer import PartialTrajectory
 from k2sys.tokenizer import parse_assistant, render_chat, render_continuation
@@ -99,7 +99,7 @@ async def advance_episode(engine: Any, tokenizer: Any, traj: PartialTrajectory, 
             break
         seed = None if sampling.seed is None else sampling.seed * 1009 + turn_no
         sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            max_new_tokens=room, stop_token_ids=tuple(stop_ids), seed=seed)
+                            max_new_tokens=fit_new_tokens(engine, len(traj.context_tokens), room), stop_token_ids=tuple(stop_ids), seed=seed)
         out = (await engine.async_generate([GenerateRequest(input_ids=tuple(traj.context_tokens), sampling=sp,
                                                             return_logprob=True)]))[0]
         ids = list(out.output_ids)

@@ -175,7 +175,7 @@ class EngineChatGenerator:
     """Chat over an InferenceEngine (token level) and a tokenizer whose chat format renders and parses."""
 
     def __init__(self, engine: Any, tokenizer: Any):
-        from k2sys.tokenizer.formats import chat_format_for
+        from k2sys.tokenizer import chat_format_for
 
         self.engine, self.tokenizer = engine, tokenizer
         self.fmt = chat_format_for(tokenizer)

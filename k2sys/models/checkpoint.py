@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from k2sys.models.config import ConfigError, K2Config
+from k2sys.models.config import ConfigError, FP8Block, K2Config
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_MAX = 448.0
@@ -50,52 +50,15 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be read exactly; the message names the file/tensor/field and the fix."""
 
 
-# ---- quantization config --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FP8Block:
-    """The release FP8 scheme: e4m3 weights, one fp32 scale per (block[0] x block[1]) tile."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    block: tuple[int, int] = (128, 128)
 
-    @classmethod
-    def from_config(cls, qc: Mapping[str, Any] | None) -> "FP8Block | None":
-        """Parse config.json's quantization_config; anything not representable exactly is an error."""
-        if qc is None:
-            return None
-        if not isinstance(qc, Mapping):
-            raise ConfigError(f"config.json quantization_config: expected an object, got {type(qc).__name__}")
-        method = qc.get("quant_method")
-        if method != "fp8":
-            raise ConfigError(f"config.json quantization_config.quant_method: {method!r} is not supported; k2sys "
-                              "reads 'fp8' (block-scaled e4m3, as DeepSeek-V3 / Kimi-K2 are released) and "
-                              "unquantized checkpoints. Dequantize it with its own tooling first.")
-        fmt = qc.get("fmt", "e4m3")
-        if fmt != "e4m3":
-            raise ConfigError(f"config.json quantization_config.fmt: {fmt!r} is not supported (only 'e4m3')")
-        bs = qc.get("weight_block_size")
-        if (not isinstance(bs, (list, tuple)) or len(bs) != 2
-                or not all(isinstance(b, int) and b > 0 for b in bs)):
-            raise ConfigError(f"config.json quantization_config.weight_block_size: expected two positive ints "
-                              f"(e.g. [128, 128]), got {bs!r}; per-tensor or per-channel FP8 is not supported")
-        act = qc.get("activation_scheme", "dynamic")
-        if act != "dynamic":
-            raise ConfigError(f"config.json quantization_config.activation_scheme: {act!r} is not supported "
-                              "(only 'dynamic': no activation scales are stored)")
-        known = {"quant_method", "fmt", "weight_block_size", "activation_scheme"}
-        for key in ("ignored_layers", "modules_to_not_convert"):
-            known.add(key)  # which modules stay unquantized is read from the tensors themselves
-        unknown = sorted(set(qc) - known)
-        if unknown:
-            raise ConfigError(f"config.json quantization_config: unknown keys {unknown}; k2sys cannot tell "
-                              "whether they change how weights are stored, so it refuses to guess")
-        return cls((int(bs[0]), int(bs[1])))
-
-    def to_config(self) -> dict[str, Any]:
-        return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                "weight_block_size": list(self.block)}
-
-    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        return (math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1]))
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
 
 
 def dequantize_box(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], offsets: tuple[int, int],
@@ -337,7 +300,6 @@ class HFCheckpoint(Mapping[str, torch.Tensor]):
         if dtype is not None:
             return dtype
         if self.is_fp8(name):
-            from k2sys.models.hf_io import resolve_dtype
 
             return resolve_dtype(self.config.torch_dtype)
         return self.tensors[name].dtype

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 _ROPE_TYPES = ("default", "yarn")
 _MODEL_TYPES = ("deepseek_v3", "kimi_k2")
@@ -148,8 +148,6 @@ class K2Config:
              f"must be one of float32, bfloat16, float16; got {self.torch_dtype!r}")
         need(self.model_type in _MODEL_TYPES, "model_type", f"must be one of {_MODEL_TYPES}, got {self.model_type!r}")
         if self.quantization_config is not None:
-            from k2sys.models.checkpoint import FP8Block
-
             FP8Block.from_config(self.quantization_config)  # raises naming the field
         rs = self.rope_scaling
         if rs is not None:
@@ -212,12 +210,6 @@ class K2Config:
         extra = {k: v for k, v in d.items() if k not in names and k not in ignored and not (k in _WRITTEN and _WRITTEN[k] == v)}
         return cls(**kwargs, extra=extra)
 
-    def num_params(self) -> int:
-        """Parameter count from shapes alone (no allocation)."""
-        from k2sys.models.reference import param_shapes
-
-        return sum(math.prod(s) for s in param_shapes(self).values())
-
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -262,3 +254,51 @@ def preset(name: str, **overrides: Any) -> K2Config:
         raise ConfigError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# ---- quantization config --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FP8Block:
+    """The release FP8 scheme: e4m3 weights, one fp32 scale per (block[0] x block[1]) tile."""
+
+    block: tuple[int, int] = (128, 128)
+
+    @classmethod
+    def from_config(cls, qc: Mapping[str, Any] | None) -> "FP8Block | None":
+        """Parse config.json's quantization_config; anything not representable exactly is an error."""
+        if qc is None:
+            return None
+        if not isinstance(qc, Mapping):
+            raise ConfigError(f"config.json quantization_config: expected an object, got {type(qc).__name__}")
+        method = qc.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(f"config.json quantization_config.quant_method: {method!r} is not supported; k2sys "
+                              "reads 'fp8' (block-scaled e4m3, as DeepSeek-V3 / Kimi-K2 are released) and "
+                              "unquantized checkpoints. Dequantize it with its own tooling first.")
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"config.json quantization_config.fmt: {fmt!r} is not supported (only 'e4m3')")
+        bs = qc.get("weight_block_size")
+        if (not isinstance(bs, (list, tuple)) or len(bs) != 2
+                or not all(isinstance(b, int) and b > 0 for b in bs)):
+            raise ConfigError(f"config.json quantization_config.weight_block_size: expected two positive ints "
+                              f"(e.g. [128, 128]), got {bs!r}; per-tensor or per-channel FP8 is not supported")
+        act = qc.get("activation_scheme", "dynamic")
+        if act != "dynamic":
+            raise ConfigError(f"config.json quantization_config.activation_scheme: {act!r} is not supported "
+                              "(only 'dynamic': no activation scales are stored)")
+        known = {"quant_method", "fmt", "weight_block_size", "activation_scheme"}
+        for key in ("ignored_layers", "modules_to_not_convert"):
+            known.add(key)  # which modules stay unquantized is read from the tensors themselves
+        unknown = sorted(set(qc) - known)
+        if unknown:
+            raise ConfigError(f"config.json quantization_config: unknown keys {unknown}; k2sys cannot tell "
+                              "whether they change how weights are stored, so it refuses to guess")
+        return cls((int(bs[0]), int(bs[1])))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": list(self.block)}
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1]))

@@ -17,21 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from k2sys.models.checkpoint import FP8Block, HFCheckpoint, resolve_dtype
 from k2sys.models.config import ConfigError, K2Config
 from k2sys.models.reference import K2ForCausalLM
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Kept in fp32 whatever the model dtype (as transformers does): routing is precision-sensitive.
 _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 DEFAULT_SHARD_BYTES = 2 << 30
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 def _umask() -> int:
@@ -109,8 +101,6 @@ def load_state_dict(path: str | os.PathLike, dtype: str | torch.dtype | None = N
     """Every model tensor of an HF checkpoint by HF name, FP8 block-scaled weights dequantized exactly
     (k2sys.models.checkpoint); MTP layers beyond num_hidden_layers are dropped, anything else the config
     does not account for is an error."""
-    from k2sys.models.checkpoint import HFCheckpoint
-
     ckpt = HFCheckpoint(path, resolve_dtype(dtype))
     try:
         return ckpt.state_dict()
@@ -200,7 +190,6 @@ def export_state(state: dict[str, torch.Tensor], format: str = "native") -> tupl
            if v.is_floating_point() else v for k, v in state.items()}
     if format == "bf16":
         return out, None
-    from k2sys.models.checkpoint import FP8Block
     from k2sys.quant.fp8 import is_fp8_weight_name, quantize_fp8_blocks
 
     names = [k for k in state if is_fp8_weight_name(k)]
@@ -265,7 +254,6 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu",
     block-scaled weights are dequantized exactly. Missing, unexpected or unplaceable tensors are an
     error that names them (MTP layers beyond num_hidden_layers are ignored, as transformers does).
     """
-    from k2sys.models.checkpoint import HFCheckpoint
 
     ckpt = HFCheckpoint(path)
     cfg = ckpt.config

@@ -12,6 +12,8 @@ C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -228,6 +230,11 @@ class K2ForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, self.rotary_emb, mask)
         return self.lm_head(self.model.norm(x))
+
+
+def num_params(cfg: K2Config) -> int:
+    """Parameter count from shapes alone (no allocation)."""
+    return sum(math.prod(s) for s in param_shapes(cfg).values())
 
 
 def param_shapes(cfg: K2Config) -> dict[str, tuple[int, ...]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from k2sys.tasks.base import Task, TaskFamily
-from k2sys.tokenizer.formats import chat_format_for
+from k2sys.tokenizer import chat_format_for
 
 
 def task_messages(task: Task, answer: str | None = None) -> list[dict]:

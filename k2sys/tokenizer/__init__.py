@@ -14,9 +14,9 @@ from .chat import (
     render_continuation,
     tokenize_chat,
 )
-from .formats import ChatFormat, K2ChatFormat, TemplateChatFormat, chat_format_for
+from .formats import ChatFormat, K2ChatFormat, TemplateChatFormat
 from .tiktoken_bpe import TiktokenTokenizer
-from .train import DEFAULT_VOCAB_SIZE, default_corpus, load_tokenizer, save_tokenizer, train_tokenizer
+from .train import DEFAULT_VOCAB_SIZE, chat_format_for, default_corpus, load_tokenizer, save_tokenizer, train_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE", "DEFAULT_VOCAB_SIZE", "SPECIAL_TOKENS", "STOP_TOKENS", "ChatFormat", "K2ChatFormat",

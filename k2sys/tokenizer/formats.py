@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import toolcalls
+import k2sys.tokenizer.toolcalls as toolcalls
 from .chat import (
     CHAT_TEMPLATE,
     STOP_TOKENS,
@@ -306,7 +306,7 @@ def _generation_eos_ids(tok_dir: Path) -> list[int]:
     return ids
 
 
-def _has_k2_tokens(tokenizer: Any) -> bool:
+def has_k2_tokens(tokenizer: Any) -> bool:
     backend = _backend(tokenizer)
     return hasattr(backend, "token_to_id") and all(backend.token_to_id(t) is not None for t in STOP_TOKENS)
 
@@ -320,8 +320,8 @@ def format_for_dir(tok_dir: str | os.PathLike, tokenizer: Any) -> ChatFormat | N
     tok_dir = Path(tok_dir)
     template = read_chat_template(tok_dir)
     if template is None:
-        return K2ChatFormat(tokenizer) if _has_k2_tokens(tokenizer) else None
-    if template == CHAT_TEMPLATE and _has_k2_tokens(tokenizer):
+        return K2ChatFormat(tokenizer) if has_k2_tokens(tokenizer) else None
+    if template == CHAT_TEMPLATE and has_k2_tokens(tokenizer):
         return K2ChatFormat(tokenizer)
     smap = getattr(tokenizer, "special_tokens_map", None)
     if not isinstance(smap, dict):
@@ -333,35 +333,3 @@ def format_for_dir(tok_dir: str | os.PathLike, tokenizer: Any) -> ChatFormat | N
                 smap.setdefault(attr, tok)
     return TemplateChatFormat(tokenizer, template, smap, extra_stop_ids=_generation_eos_ids(tok_dir),
                               source=f"chat template of {tok_dir}")
-
-
-def chat_format_for(obj: Any) -> ChatFormat:
-    """The chat format for a tokenizer directory, a tokenizer, or a ChatFormat (returned as is).
-
-    A directory: its tokenizer is loaded (load_tokenizer) and its format returned. A tokenizer: the
-    format `load_tokenizer` attached; else, for a transformers tokenizer, its `chat_template`; else
-    the K2 format if it has the K2 chat tokens. Anything else is an error.
-    """
-    if isinstance(obj, ChatFormat):
-        return obj
-    if isinstance(obj, (str, os.PathLike)):
-        from .train import load_tokenizer
-
-        fmt = load_tokenizer(obj).chat_format
-        if fmt is None:
-            raise ValueError(f"{obj}: no chat template (looked for chat_template.jinja, additional_chat_templates/ "
-                             f"and chat_template in {CONFIG_FILE}) and the tokenizer has no K2 chat tokens; add the "
-                             "model's chat template, or train a K2 tokenizer with train_tokenizer")
-        return fmt
-    fmt = getattr(obj, "chat_format", None)
-    if fmt is not None:
-        return fmt
-    template = getattr(obj, "chat_template", None)
-    if template and hasattr(obj, "backend_tokenizer"):  # a transformers fast tokenizer
-        if template == CHAT_TEMPLATE and _has_k2_tokens(obj):
-            return K2ChatFormat(obj)
-        return TemplateChatFormat(obj, template, dict(obj.special_tokens_map), source="tokenizer.chat_template")
-    if _has_k2_tokens(obj):
-        return K2ChatFormat(obj)
-    raise ValueError(f"{type(obj).__name__} has no chat format: no chat template and no K2 chat tokens; load the "
-                     "checkpoint's tokenizer with k2sys.tokenizer.load_tokenizer(dir) so its template is read")

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .chat import BOS, CHAT_TEMPLATE, CHAT_TOKENS, EOS, PAD, SPECIAL_TOKENS, render_chat
+from .formats import ChatFormat, K2ChatFormat, TemplateChatFormat, format_for_dir, has_k2_tokens
+from .templates import CONFIG_FILE
 
 DEFAULT_VOCAB_SIZE = 4096
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte alphabet + special tokens, before any merge
@@ -130,7 +132,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     `.chat_format` is the directory's chat template, else the K2 format when the tokenizer has the
     K2 chat tokens, else None (see k2sys.tokenizer.formats). No transformers needed.
     """
-    from .formats import format_for_dir
     from .tiktoken_bpe import TIKTOKEN_FILE, TiktokenTokenizer
 
     tok_dir = Path(path)
@@ -290,3 +291,33 @@ def default_corpus(n: int = 4000, seed: int = 0) -> list[str]:
     docs += _stdlib_sources()
     docs += [makers[i % len(makers)](rng) for i in range(n)]
     return docs
+
+
+def chat_format_for(obj: Any) -> ChatFormat:
+    """The chat format for a tokenizer directory, a tokenizer, or a ChatFormat (returned as is).
+
+    A directory: its tokenizer is loaded (load_tokenizer) and its format returned. A tokenizer: the
+    format `load_tokenizer` attached; else, for a transformers tokenizer, its `chat_template`; else
+    the K2 format if it has the K2 chat tokens. Anything else is an error.
+    """
+    if isinstance(obj, ChatFormat):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        fmt = load_tokenizer(obj).chat_format
+        if fmt is None:
+            raise ValueError(f"{obj}: no chat template (looked for chat_template.jinja, additional_chat_templates/ "
+                             f"and chat_template in {CONFIG_FILE}) and the tokenizer has no K2 chat tokens; add the "
+                             "model's chat template, or train a K2 tokenizer with train_tokenizer")
+        return fmt
+    fmt = getattr(obj, "chat_format", None)
+    if fmt is not None:
+        return fmt
+    template = getattr(obj, "chat_template", None)
+    if template and hasattr(obj, "backend_tokenizer"):  # a transformers fast tokenizer
+        if template == CHAT_TEMPLATE and has_k2_tokens(obj):
+            return K2ChatFormat(obj)
+        return TemplateChatFormat(obj, template, dict(obj.special_tokens_map), source="tokenizer.chat_template")
+    if has_k2_tokens(obj):
+        return K2ChatFormat(obj)
+    raise ValueError(f"{type(obj).__name__} has no chat format: no chat template and no K2 chat tokens; load the "
+                     "checkpoint's tokenizer with k2sys.tokenizer.load_tokenizer(dir) so its template is read")

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from k2sys.models.config import K2Config
 from k2sys.models.hf_io import write_json_atomic
 from k2sys.trainer.cpu_compat import ensure_cpu_shims
+from k2sys.trainer.formats import FORMAT_DIST, FORMAT_MODEL_DIST, META
 from k2sys.trainer.naming import load_hf_into, local_names, megatron_layout, megatron_to_hf
 from k2sys.trainer.offload import StateOffloader
 from k2sys.trainer.optim import OptimConfig, build_optimizer, set_lr
@@ -60,8 +61,6 @@ from megatron.core.tensor_parallel import (  # noqa: E402
 from k2sys.trainer.spec import build_gpt_model, te_available, transformer_config  # noqa: E402
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-META = "k2sys_megatron.json"
-FORMAT_DIST = "k2sys-megatron-dist-v1"
 
 
 # ---- megatron's checkpoint writer, without helper processes that outlive us ----------------------------
@@ -252,8 +251,6 @@ class MegatronBackend:
                         train: TrainerConfig | None = None) -> "MegatronBackend":
         """A backend resumed from `save(path)` (any TP/EP layout; dist_checkpointing reshards), or started from
         the weights of a `k2sys convert hf-to-megatron` checkpoint (fresh optimizer, step 0)."""
-        from k2sys.trainer.convert import FORMAT_MODEL_DIST
-
         meta = json.loads((Path(path) / META).read_text())
         if meta.get("format") == FORMAT_MODEL_DIST:
             backend = cls(K2Config.from_hf_dict(meta["config"]), parallel, train, use_te=meta.get("spec") == "te")

@@ -53,12 +53,9 @@ import torch
 
 from k2sys.models.config import ConfigError, K2Config
 from k2sys.models.hf_io import replace_dir_atomic, write_json_atomic
+from k2sys.trainer.formats import FORMAT_DIST, FORMAT_MODEL_DIST, FORMAT_PER_RANK, META
 from k2sys.trainer.naming import RULES, megatron_to_hf
 
-META = "k2sys_megatron.json"
-FORMAT_PER_RANK = "k2sys-megatron-per-rank-v1"
-FORMAT_DIST = "k2sys-megatron-dist-v1"  # MegatronBackend.save: model + optimizer
-FORMAT_MODEL_DIST = "k2sys-megatron-model-dist-v1"  # hf-to-megatron: model weights only
 SPECS = ("auto", "local", "te")
 # The `metadata` GPTModel.sharded_state_dict is built with (megatron's defaults, written out), stored as
 # the checkpoint's content metadata so a reader (Megatron-LM included) rebuilds the same sharding.

@@ -1,6 +1,6 @@
 """megatron-core 0.16.1 on a machine without CUDA: the few shims it needs, scoped to megatron.
 
-megatron-core assumes a CUDA device in a handful of places (FACTS.md). Rather than patching torch
+megatron-core assumes a CUDA device in a handful of places (docs/FACTS.md). Rather than patching torch
 for the whole process, every `megatron.core.*` module whose global `torch` is the torch module
 gets a *view* of torch (`MegatronTorchView`) instead: attribute reads fall through to torch
 unless a shim overrides that one name. Code outside megatron (ours, transformers, tests) sees

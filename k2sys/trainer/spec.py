@@ -138,7 +138,7 @@ def transformer_config(cfg: K2Config, tp: int = 1, ep: int = 1, dtype: str | Non
         hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=cfg.initializer_range,
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-        # MoE with TP > 1 needs sequence parallel in megatron (FACTS.md).
+        # MoE with TP > 1 needs sequence parallel in megatron (docs/FACTS.md).
         sequence_parallel=tp > 1,
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,

@@ -132,7 +132,7 @@ async def build_trajectories(out_dir: str | Path, roles: Roles, cfg: RolloutConf
     if render_text and tokenizer is None:
         raise ValueError("render_text needs the target model's tokenizer (--tokenizer DIR)")
     if tokenizer is not None:
-        from k2sys.tokenizer.formats import chat_format_for
+        from k2sys.tokenizer import chat_format_for
 
         fmt = chat_format_for(tokenizer)
     run = await run_trajectories(lib, agents, tasks, roles, out_dir, cfg, chat_format=fmt, render_text=render_text,
