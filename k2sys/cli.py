@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from k2sys import console
 from k2sys.config import ConfigError, apply_overrides, render
 
 
@@ -49,15 +50,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    import logging
-
     cfg = _load_recipe(args.recipe, args.set)  # a bad value fails here, before the trainer's imports
     if getattr(cfg, "pipeline", None) != "sft-rl":
         raise ConfigError(f"sft: recipe {args.recipe!r} has no SFT stage; use an SFT->RL recipe such as tiny-k2")
     from k2sys.coordinator.driver import RecipeRunner
 
-    # INFO: the data reports (rows kept, bad rows per reason and their first line numbers) are shown
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     out = RecipeRunner(cfg).run_sft()
     print(f"SFT checkpoint (HF format): {out}")
     return 0
@@ -68,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Errors print one line naming the field or file and the fix; --debug (anywhere "
                                        f"on the line) or {DEBUG_ENV}=1 shows the Python traceback instead.")
     p.add_argument("--debug", action="store_true", help=f"show tracebacks of errors (also {DEBUG_ENV}=1)")
+    p.add_argument("--verbose", action="store_true",
+                   help=f"show third-party INFO logs and warnings (megatron, httpx, ...; also {console.VERBOSE_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("env", help="versions, built extensions, usable backends")
@@ -186,16 +185,22 @@ def _preflight_serve(argv: list[str]) -> None:
             raise ConfigError(f"serve --model: {model} has no config.json; give an HF checkpoint directory")
 
 
-def _split_debug(argv: list[str]) -> tuple[bool, list[str]]:
+def _split_debug(argv: list[str]) -> tuple[bool, bool, list[str]]:
+    """--debug (tracebacks) and --verbose (third-party logs and warnings), accepted anywhere."""
     flag = "--debug" in argv
     env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
-    return flag or env, [a for a in argv if a != "--debug"]
+    verbose = console.verbose_requested(argv)
+    return flag or env, verbose, [a for a in argv if a not in ("--debug", "--verbose")]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug, argv = _split_debug(argv)
+    debug, verbose, argv = _split_debug(argv)
     command = argv[0] if argv and not argv[0].startswith("-") else None
+    if command not in PASSTHROUGH:  # those (k2sys serve) configure their own logging from their flags
+        console.setup(verbose)
+    elif verbose:
+        os.environ[console.VERBOSE_ENV] = "1"
     try:
         if command in PASSTHROUGH:  # these own their flags (incl. --help)
             import importlib

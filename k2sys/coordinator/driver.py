@@ -30,6 +30,7 @@ import torch
 
 from k2sys.ckpt import UpdateConfig
 from k2sys.config import ConfigError, render, to_dict
+from k2sys.console import Progress
 from k2sys.coordinator import state as sm
 from k2sys.coordinator.engine_handle import EngineHandle, RunClaim, claim_run
 from k2sys.coordinator.metrics import MetricsLog
@@ -322,7 +323,7 @@ class RecipeRunner:
         else:
             trainer = MegatronBackend.from_hf(init, par, train=tcfg)
             cursor, step = Cursor(), 0
-        t0 = time.perf_counter()
+        progress = Progress("SFT", s.steps, "step", start=step, logger=log) if self.rank == 0 else None
         for batch, nxt in data.train_batches(cursor):
             if step >= s.steps:
                 break
@@ -336,8 +337,10 @@ class RecipeRunner:
                 if self.rank == 0:
                     ckpts.commit(step, cursor=nxt.to_dict(), trainer_step=trainer.step)
                 self.save_state(sft_step=step, sft_cursor=nxt.to_dict())
-            if step % 10 == 0:
-                log.info("sft step %d/%d loss %.4f (%.1f s)", step, s.steps, res.loss, time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(step, loss=res.loss, grad_norm=res.grad_norm)
+        if progress is not None:
+            progress.close()
         eval_loss = _eval_loss(trainer, data)
         self.metrics.log("sft", step, eval_loss=eval_loss)
         trainer.save_hf(out, extras_from=self.tok_dir)  # tokenizer files travel with the checkpoint the engine serves
@@ -503,6 +506,7 @@ class RecipeRunner:
         loss_fn = k2_ptx_loss_fn(r.tau)
         rng = random.Random(self.cfg.seed * 7 + it)
         env_specs = {k: self.cfg.tasks.env_specs(k, "train", self.cfg.seed) for k in self.cfg.tasks.env_kinds()}
+        progress = Progress("RL", r.iterations, "iter", start=it, logger=log)
         while it < r.iterations:
             t_iter = time.perf_counter()
             version = it  # policy version = number of updates applied
@@ -591,9 +595,10 @@ class RecipeRunner:
             sm.fault_point("rl_commit")  # TEST HOOK (K2SYS_FAULT): saved, pushed, logged, not committed
             ckpts.commit(it, trainer_step=self.trainer.step, buffer="rollout_buffer.json", buffered=len(buffer))
             self.save_state(rl_iter=it, rl_trainer_step=self.trainer.step)
-            log.info("rl iter %d/%d reward %.3f loss %.4f paused %d (%.1f s)", it, r.iterations,
-                     ro.stats.get("reward_mean", sum(s.reward for s in ro.samples) / max(len(ro.samples), 1)),
-                     train_stats.get("loss", float("nan")), ro.stats["paused_requests"], time.perf_counter() - t_iter)
+            progress.update(it, reward=float(ro.stats.get("reward_mean", sum(s.reward for s in ro.samples)
+                                                          / max(len(ro.samples), 1))),
+                            loss=train_stats.get("loss"), paused=ro.stats["paused_requests"])
+        progress.close()
         machine.do("continue", self.engine.client.continue_generation)  # engine serves the final eval
 
     def _reward_stats(self) -> dict:

@@ -13,12 +13,10 @@ def run(cfg):
 
         return go(cfg)
     if cfg.pipeline == "sft-rl":
-        import logging
-
+        from k2sys import console
         from k2sys.coordinator.driver import RecipeRunner
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        console.setup(console.verbose_requested())  # a no-op after the CLI's own setup
         report = RecipeRunner(cfg).run()
         print(json.dumps(report, indent=2))
         return report
