@@ -156,6 +156,9 @@ class _Workers:
 
     def _loop(self, q: queue.SimpleQueue, ready: threading.Barrier) -> None:
         torch.set_num_threads(1)
+        # torch initialises a thread's OpenMP thread count lazily, at its first get, from the process
+        # default, which the caller restores once every worker is ready: read it now, while it is 1
+        torch.get_num_threads()
         ready.wait()
         while True:
             job = q.get()
