@@ -74,7 +74,7 @@ else
   skip sglang "sglang is not installed (the repository does not install it; see docs/FACTS.md)"
 fi
 if $PY -c "import transformer_engine" >/dev/null 2>&1; then
-  stage te 120 $PY benchmarks/gpu_path.py mfu --preset k2-small --steps 3 --json "$OUT/mfu_te.json"
+  stage te 120 $PY benchmarks/gpu_path.py mfu --preset k2-small --steps 5 --json "$OUT/mfu_te.json"
 else
   skip te "transformer_engine is not installed (the repository does not install it): trainer ran the local spec"
 fi
