@@ -4,10 +4,12 @@ import random
 
 import pytest
 import torch
+from test_rl_losses import reference_k2
 
 from k2sys.coordinator import state as sm
-from k2sys.coordinator.rl_batch import Sample, build_rl_batch, k2_ptx_loss_fn
-from k2sys.rl import StalePolicyConfig, k2_policy_loss
+from k2sys.coordinator.rl_batch import Sample, build_rl_batch
+from k2sys.rl.losses import K2PTXLoss
+from k2sys.rl import StalePolicyConfig
 
 
 def test_full_iteration_walks_every_phase_and_measures():
@@ -72,14 +74,14 @@ def test_loss_fn_equals_k2_formula_plus_ptx_under_any_split():
     B, T = batch["tokens"].shape
     lp = -torch.rand(B, T, dtype=torch.float64)
     tau = 0.2
-    fn = k2_ptx_loss_fn(tau)
+    fn = K2PTXLoss(tau)
     b64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    # independent reference: per-response sums, k2_policy_loss, ptx mean CE
+    # independent reference: per-response sums, the formula loop by loop (reference_k2), ptx mean CE
     n = len(samples)
     seq = torch.stack([(lp[i] * batch["loss_mask"][i]).sum() for i in range(n)])
     old = torch.stack([torch.tensor(sum(s.logprobs), dtype=torch.float64) for s in samples])
-    ref_rl = k2_policy_loss(seq, old, torch.tensor([s.reward for s in samples], dtype=torch.float64),
-                            torch.tensor([s.group_id for s in samples]), tau)
+    ref_rl = torch.tensor(reference_k2(seq.tolist(), old.tolist(), [s.reward for s in samples],
+                                       [s.group_id for s in samples], tau), dtype=torch.float64)
     ptx_mask = batch["loss_mask"][n:].double()
     ref_ptx = -(lp[n:] * ptx_mask).sum() / ptx_mask.sum()
     want = ref_rl + 0.3 * ref_ptx

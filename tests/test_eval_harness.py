@@ -10,7 +10,8 @@
   with paired bootstrap intervals, markdown + PNG.
 - End to end: run_suite against `FakeGenerator` (a unit-test fake whose correctness per (task, sample) is
   a known table) gives exactly the table's avg@n and pass@k; the CLI compare step writes the report;
-  evaluate() through `FakeEngine` (a unit-test fake InferenceEngine) keeps its report keys.
+  EngineChatGenerator over `FakeEngine` (a unit-test fake InferenceEngine). The recipe's held-out
+  evaluation through this harness: tests/test_eval_recipe.py.
 """
 
 import gzip
@@ -459,26 +460,26 @@ def tok(tmp_path_factory):
     return load_tokenizer(train_tokenizer(default_corpus(n=200), 600, tmp_path_factory.mktemp("tok")))
 
 
-def test_recipe_evaluate_keeps_its_report(tok):
-    from k2sys.eval import EvalConfig, evaluate
+def test_engine_chat_generator_parses_or_keeps_raw_text(tok):
     from k2sys.eval.generators import EngineChatGenerator
     from k2sys.tasks import get_family
 
-    fam = get_family("arithmetic")
-    tasks = fam.generate(4, seed=0, split="heldout")
-    correct = [0, 1, 3, 4]
-    rep = evaluate(FakeEngine(tok, tasks, correct), tok, {"arithmetic": (fam, tasks)},
-                   EvalConfig(n_tasks=4, k=4, temperature=0.8, max_new_tokens=8))["arithmetic"]
-    assert rep["accuracy"] == rep["avg@4"] == pytest.approx(8 / 16)
-    assert rep["pass@4"] == pytest.approx(3 / 4) and rep["pass@1"] == pytest.approx(8 / 16)
-    assert (rep["n"], rep["k"]) == (4, 4)
-    greedy = evaluate(FakeEngine(tok, tasks, correct), tok, {"arithmetic": (fam, tasks)},
-                      EvalConfig(n_tasks=4, k=4, temperature=0.0))["arithmetic"]
-    assert greedy["k"] == 1 and greedy["pass@1"] == pytest.approx(3 / 4)
-    # the chat generator over the same fake engine: messages in, parsed assistant text out
+    tasks = get_family("arithmetic").generate(4, seed=0, split="heldout")
+    # the chat generator over the fake engine: messages in, parsed assistant text out
     gen = EngineChatGenerator(FakeEngine(tok, tasks, [1] * 4), tok)
     comp = gen.chat([ChatRequest(messages=[{"role": "user", "content": tasks[2].prompt}], seed=1234)])[0]
-    assert comp.text == tasks[2].answer and comp.finish_reason == "stop"
+    assert comp.text == tasks[2].answer and comp.finish_reason == "stop" and "malformed" not in comp.message
+    # a stray tool-section token: the parser flags the turn malformed; raw_text keeps the decoded text as
+    # generated (what an RL verifier scores)
+    tool_tok = "<|tool_calls_section_begin|>"
+    assert tok.token_to_id(tool_tok) is not None
+    eng = FakeEngine(tok, tasks, [1] * 4)
+    eng.tasks = [type(t)(prompt=t.prompt, answer=t.answer + tool_tok, family=t.family) for t in tasks]
+    req = [ChatRequest(messages=[{"role": "user", "content": tasks[2].prompt}], seed=1234)]
+    parsed = EngineChatGenerator(eng, tok).chat(req)[0]
+    raw = EngineChatGenerator(eng, tok, raw_text=True).chat(req)[0]
+    assert "malformed" in parsed.message
+    assert raw.text == tasks[2].answer + tool_tok and "malformed" not in raw.message
 
 
 class FakeOpenAIServer:
@@ -591,16 +592,3 @@ class FakeTauEngine:
         ids = self.tok.encode(body).ids + [self.tok.token_to_id("<|im_end|>")]
         return [GenerateOutput(rid=req.rid, output_ids=tuple(ids), output_logprobs=tuple([0.0] * len(ids)),
                                finish_reason="stop")]
-
-
-def test_tau_env_through_token_level_agent_loop(tok):
-    from k2sys.envs.agent_loop import AgentConfig
-    from k2sys.eval import evaluate_episodes
-    from k2sys.eval.tau import tau_spec
-
-    rep = evaluate_episodes(FakeTauEngine(tok), tok, [tau_spec(TAU_ROW)],
-                            AgentConfig(max_turn_tokens=400, max_episode_tokens=8000))
-    assert rep["accuracy"] == 1.0 and rep["pass@1"] == 1.0 and rep["mean_turns"] == 4 and rep["truncated"] == 0
-    short = evaluate_episodes(FakeTauEngine(tok), tok, [tau_spec(TAU_ROW)],
-                              AgentConfig(max_turn_tokens=400, max_episode_tokens=250))
-    assert short["accuracy"] == 0.0 and short["truncated"] == 1.0

@@ -88,6 +88,7 @@ def _steps(run: Path, kind: str, key: str | None = None) -> list[int]:
 # (K2SYS_FAULT, what the kill interrupts) in order; each start resumes the previous one's run directory.
 DRILL = [
     ("sft_step:2", "SFT: step 2 trained, its checkpoint not written"),
+    ("eval:1", "held-out eval after SFT: results and metrics written, the eval not committed"),
     ("rl_commit:1", "RL iteration 1: checkpoint saved, weights pushed, metrics logged, pointer not committed"),
     ("weight_update:2", "RL iteration 2: engine weights released and resumed, the new ones not pushed"),
     ("ckpt_write:1", "RL iteration 2 again: checkpoint shards written, meta and rename not done"),
@@ -149,6 +150,9 @@ def test_kill9_at_each_recipe_point_then_resume(tmp_path):
     assert _steps(run, "rl") == list(range(1, ITERS + 1))
     assert [r["trainer_step"] for r in _records(run) if r["kind"] == "rl"] == [INNER * k for k in range(1, ITERS + 1)]
     assert _steps(run, "sft", "loss") == list(range(1, SFT_STEPS + 1))
+    for tag in ("sft", "rl"):  # each eval logged once, the one cut by the kill dropped on resume
+        assert sum(1 for r in _records(run) if r["kind"] == "eval" and f"{tag}/arithmetic/accuracy" in r) == 1
+    assert set(state["eval"]) == {"sft", "rl"}
     assert len(_steps(run, "sft", "eval_loss")) == 1
     assert sorted(p.name for p in (run / "rl_ckpt").iterdir()) == sorted([pointer["checkpoint"], "latest.json"])
     resumes = [r for r in _records(run) if r["kind"] == "resume"]

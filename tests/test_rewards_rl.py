@@ -394,7 +394,8 @@ def test_task_families_reach_the_rl_batch_through_the_driver_path(tok, tmp_path)
     # the driver's hook step, with a stand-in trainer whose log-probs depend on the tokens
     from types import SimpleNamespace
 
-    from k2sys.coordinator.driver import RecipeRunner
+    from k2sys.coordinator.rl_loop import reward_stats, rollout_hooks
+
     calls = []
 
     def trainer_call(name, batch):
@@ -402,7 +403,7 @@ def test_task_families_reach_the_rl_batch_through_the_driver_path(tok, tmp_path)
         return -(batch["tokens"] % 7).float() * 0.1
     runner = SimpleNamespace(families=families, tok=tok, tg=SimpleNamespace(call=trainer_call))
     before = {s.family: [x.reward for x in ro.samples if x.family == s.family] for s in ro.samples}
-    stats, rows = RecipeRunner._rollout_hooks(runner, 0, groups, ro.samples, 0, stops)
+    stats, rows = rollout_hooks(runner.families, runner.tok, runner.tg.call, 0, groups, ro.samples, 0, stops)
     assert calls and all(name == "logprobs" for name, _ in calls)
     assert stats["critic/policy_scored"] == K * 2 and stats["hooks/rewards_replaced"] > 0
     assert [x.reward for x in ro.samples if x.family == "instruction"] == before["instruction"]  # verifiable: kept
@@ -410,8 +411,11 @@ def test_task_families_reach_the_rl_batch_through_the_driver_path(tok, tmp_path)
     assert rows and len(rows) == stats["critic/train_rows"] and all(sum(m) > 0 for _, m in rows)
     assert stats["safety/attack_set"] >= len(AttackSet.from_seeds())
     assert (tmp_path / "rewards" / "safety_attacks.json").exists()
-    logged = RecipeRunner._reward_stats(runner)
+    logged = reward_stats(runner.families)
     assert logged["reward_failures/instruction"] == 0 and logged["reward_hacks/instruction"] == K * 2 // 2
-    batch, bstats = build_rl_batch(ro.samples, 0, 0, StalePolicyConfig(mode="none"), rows, 0.1)
-    assert bstats["samples"] == len(ro.samples) == K * len(tasks + extra) and bstats["ptx_rows"] == len(rows)
+    # the critic rows train under rl.critic_coef, whatever rl.ptx_coef is (here 0: no PTX rows at all)
+    batch, bstats = build_rl_batch(ro.samples, 0, 0, StalePolicyConfig(mode="none"), None, 0.0,
+                                   critic_rows=rows, critic_coef=cfg.rl.critic_coef)
+    assert bstats["samples"] == len(ro.samples) == K * len(tasks + extra) and bstats["critic_rows"] == len(rows)
+    assert bstats["ptx_rows"] == 0 and float(batch["ptx_w"].sum()) == pytest.approx(cfg.rl.critic_coef)
     assert bstats["groups"] == len(tasks + extra) and float(batch["advantage"].abs().sum()) > 0

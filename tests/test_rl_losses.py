@@ -1,13 +1,12 @@
-"""K2 policy loss, PTX loss and stale-token correction against formulas written out here."""
+"""The K2 + PTX loss the trainer runs, and stale-token correction, against formulas written out here."""
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from k2sys.rl.losses import (StalePolicyConfig, correct_stale_tokens, k2_policy_loss, logprob_mismatch,
-                             ptx_loss, sequence_logprobs, total_loss)
+from k2sys.coordinator.rl_batch import Sample, build_rl_batch
+from k2sys.rl.losses import K2PTXLoss, StalePolicyConfig, correct_stale_tokens, logprob_mismatch
 
 
 def reference_k2(lp, old, r, gid, tau, w=None):
@@ -26,131 +25,126 @@ def reference_k2(lp, old, r, gid, tau, w=None):
     return total / len(groups)
 
 
-def batch(seed=0, sizes=(3, 1, 5, 2)):
+def rl_inputs(seed=0, sizes=(3, 1, 5, 2), n_ptx=2, n_critic=1, lam=0.3, mu=0.2):
+    """Random scored samples of groups of unequal sizes (interleaved), PTX and critic rows, and the
+    trainer batch build_rl_batch makes of them."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.full((k,), gid) for gid, k in zip([7, -2, 40, 3], sizes)])
-    ids = ids[torch.randperm(len(ids), generator=g)]  # groups interleaved, not contiguous
-    n = len(ids)
-    lp = -torch.rand(n, generator=g, dtype=torch.float64) * 20
-    old = lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
-    r = (torch.rand(n, generator=g, dtype=torch.float64) > 0.5).double()
-    return lp, old, r, ids
+    gids = [gid for gid, k in zip([7, -2, 40, 3], sizes) for _ in range(k)]
+    gids = [gids[i] for i in torch.randperm(len(gids), generator=g).tolist()]
+
+    def ints(n):
+        return torch.randint(1, 50, (n,), generator=g).tolist()
+    samples = []
+    for gid in gids:
+        p, r = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        samples.append(Sample(group_id=gid, family="f", prompt_tokens=ints(p), response_tokens=ints(r),
+                              logprobs=(-torch.rand(r, generator=g) * 3).tolist(), versions=[4] * r,
+                              reward=float(torch.rand(1, generator=g) > 0.5)))
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            k = int(torch.randint(4, 9, (1,), generator=g))
+            out.append((ints(k), [0, 0] + [1] * (k - 2)))
+        return out
+    ptx, critic = rows(n_ptx), rows(n_critic)
+    batch, _ = build_rl_batch(samples, 0, 4, StalePolicyConfig(mode="none"), ptx or None, lam if ptx else 0.0,
+                              critic_rows=critic or None, critic_coef=mu if critic else 0.0)
+    return samples, ptx, critic, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def reference_total(samples, ptx, critic, lp_tok, tau, lam, mu):
+    """L_K2 (reference_k2 over each response's summed log-probs) + lam * PTX CE + mu * critic CE, from the
+    samples and rows themselves (positions recomputed here): response token j of a prompt of p tokens
+    is predicted at position p + j - 1; a row's target t + 1 at position t."""
+    seq = [sum(lp_tok[i][len(s_.prompt_tokens) + j - 1] for j in range(len(s_.response_tokens)))
+           for i, s_ in enumerate(samples)]
+    old = [sum(s_.logprobs) for s_ in samples]
+    k2 = reference_k2(seq, old, [s_.reward for s_ in samples], [s_.group_id for s_ in samples], tau)
+
+    def ce(rows, first):
+        terms = [-lp_tok[first + j][t] for j, (_, m) in enumerate(rows) for t in range(len(m) - 1) if m[t + 1]]
+        return sum(terms) / len(terms) if terms else 0.0
+    n = len(samples)
+    return k2 + lam * ce(ptx, n) + mu * ce(critic, n + len(ptx))
+
+
+def token_logprobs(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return -torch.rand(batch["tokens"].shape, generator=g, dtype=torch.float64) * 4
 
 
 @pytest.mark.parametrize("tau", [0.05, 1.0, 3.0])
-def test_k2_loss_matches_formula_unequal_groups(tau):
-    lp, old, r, ids = batch()
-    got = k2_policy_loss(lp, old, r, ids, tau)
-    want = reference_k2(lp.tolist(), old.tolist(), r.tolist(), ids.tolist(), tau)
-    assert got.dim() == 0
-    assert math.isclose(got.item(), want, rel_tol=1e-12)
+def test_the_trained_loss_is_the_k2_formula_plus_ptx_and_critic(tau):
+    """The loss MegatronBackend trains with, on a batch of unequal interleaved groups, equals the
+    paper's formula written out loop by loop (reference_k2) plus the two cross-entropies."""
+    samples, ptx, critic, batch = rl_inputs()
+    lp = token_logprobs(batch)
+    loss_sum, denom = K2PTXLoss(tau)(lp, batch)
+    want = reference_total(samples, ptx, critic, lp.tolist(), tau, 0.3, 0.2)
+    assert math.isclose((loss_sum / denom).item(), want, rel_tol=1e-6)  # the batch columns are float32
+    # no PTX or critic rows: L_K2 alone
+    samples, _, _, batch = rl_inputs(seed=3, n_ptx=0, n_critic=0)
+    lp = token_logprobs(batch, 2)
+    loss_sum, denom = K2PTXLoss(tau)(lp, batch)
+    assert math.isclose((loss_sum / denom).item(), reference_total(samples, [], [], lp.tolist(), tau, 0, 0),
+                        rel_tol=1e-6)
 
 
-def test_k2_loss_weights_and_float32():
-    lp, old, r, ids = batch(1)
-    w = torch.rand(len(lp), dtype=torch.float64)
-    want = reference_k2(lp.tolist(), old.tolist(), r.tolist(), ids.tolist(), 0.5, w.tolist())
-    assert math.isclose(k2_policy_loss(lp, old, r, ids, 0.5, weights=w).item(), want, rel_tol=1e-12)
-    got32 = k2_policy_loss(lp.float(), old.float(), r.float(), ids, 0.5, weights=w.float())
-    assert got32.dtype == torch.float32 and math.isclose(got32.item(), want, rel_tol=1e-4)
+def test_the_trained_loss_is_the_same_for_any_micro_batch_split():
+    """sum(loss_sum) / sum(denom) over any split of the rows (micro-batches, data-parallel ranks) is the
+    whole batch's loss: the trainer may cut the batch anywhere."""
+    _, _, _, batch = rl_inputs(seed=5)
+    lp = token_logprobs(batch, 6)
+    fn = K2PTXLoss(0.7)
+    whole = fn(lp, batch)
+    B = lp.shape[0]
+    for cuts in ([0, 1, B], [0, 4, 7, B], list(range(B + 1))):
+        parts = [fn(lp[a:b], {k: v[a:b] for k, v in batch.items()}) for a, b in zip(cuts, cuts[1:])]
+        got = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+        assert math.isclose(got.item(), (whole[0] / whole[1]).item(), rel_tol=1e-9)
 
 
-def test_k2_loss_on_policy_equals_mean_group_variance():
-    # lp == old: the loss is the mean over prompts of the (population) variance of rewards.
-    lp, _, r, ids = batch(2)
-    var = [r[ids == g].var(unbiased=False).item() for g in ids.unique()]
-    assert math.isclose(k2_policy_loss(lp, lp.clone(), r, ids, 0.7).item(), sum(var) / len(var), rel_tol=1e-12)
-
-
-def test_k2_loss_gradcheck_and_analytic_gradient():
-    lp, old, r, ids = batch(3)
-    lp.requires_grad_(True)
+def test_the_trained_loss_gradient():
+    """gradcheck, and the closed form: every policy token of response i gets -2 tau res_i / (G K_g)."""
+    samples, _, _, batch = rl_inputs(seed=7, n_ptx=0, n_critic=0)
+    lp = token_logprobs(batch, 8).requires_grad_(True)
     tau = 0.4
-    assert torch.autograd.gradcheck(lambda x: k2_policy_loss(x, old, r, ids, tau), (lp,))
-    w = torch.rand(len(lp), dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: k2_policy_loss(x, old, r, ids, tau, weights=w), (lp,))
-    # dL/dlp_i = -2 tau res_i / (G K_g)
-    k2_policy_loss(lp, old, r, ids, tau).backward()
-    G = len(ids.unique())
-    for i in range(len(lp)):
-        same = ids == ids[i]
-        res = r[i] - r[same].mean() - tau * (lp[i] - old[i])
-        assert math.isclose(lp.grad[i].item(), (-2 * tau * res / (G * same.sum())).item(), rel_tol=1e-10)
+    fn = K2PTXLoss(tau)
+    assert torch.autograd.gradcheck(lambda x: fn(x, batch)[0] / fn(x, batch)[1], (lp,))
+    loss_sum, denom = fn(lp, batch)
+    (loss_sum / denom).backward()
+    gids = [s.group_id for s in samples]
+    G = len(set(gids))
+    for i, s in enumerate(samples):
+        members = [j for j, g in enumerate(gids) if g == gids[i]]
+        mean_r = sum(samples[j].reward for j in members) / len(members)
+        p, r = len(s.prompt_tokens), len(s.response_tokens)
+        seq = float(lp.detach()[i, p - 1:p - 1 + r].sum())
+        res = s.reward - mean_r - tau * (seq - sum(s.logprobs))
+        want = -2 * tau * res / (G * len(members))
+        assert torch.allclose(lp.grad[i, p - 1:p - 1 + r], torch.full((r,), want, dtype=torch.float64), rtol=1e-6)
+        outside = torch.ones(lp.shape[1], dtype=torch.bool)
+        outside[p - 1:p - 1 + r] = False
+        assert float(lp.grad[i][outside].abs().sum()) == 0.0  # prompt and padding get nothing
 
 
-def test_old_logprobs_get_no_gradient():
-    lp, old, r, ids = batch(4)
-    old.requires_grad_(True)
-    lp.requires_grad_(True)
-    k2_policy_loss(lp, old, r, ids, 1.0).backward()
-    assert old.grad is None
+def test_on_policy_the_trained_loss_is_the_mean_group_variance():
+    # lp == old on every response: the K2 loss is the mean over prompts of the (population) reward variance
+    samples, _, _, batch = rl_inputs(seed=9, n_ptx=0, n_critic=0)
+    lp = batch["behaviour_lp"].double()  # the engine's own log-probs: pi_theta = pi_old
+    loss_sum, denom = K2PTXLoss(2.0)(lp, batch)
+    by: dict = {}
+    for s in samples:
+        by.setdefault(s.group_id, []).append(s.reward)
+    var = [torch.tensor(v).var(unbiased=False).item() for v in by.values()]
+    assert math.isclose((loss_sum / denom).item(), sum(var) / len(var), rel_tol=1e-6)
 
 
-def test_minimising_k2_loss_reaches_the_closed_form_optimum():
-    # Optimum: tau * (lp - old) = r - mean_g r for every response (loss 0).
-    lp, old, r, ids = batch(5)
-    x = lp.clone().requires_grad_(True)
-    opt = torch.optim.SGD([x], lr=5.0)
-    tau = 0.5
-    for _ in range(400):
-        opt.zero_grad()
-        k2_policy_loss(x, old, r, ids, tau).backward()
-        opt.step()
-    base = torch.stack([r[ids == g].mean() for g in ids])
-    assert torch.allclose(tau * (x.detach() - old), r - base, atol=1e-6)
-
-
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(old_logprobs=torch.zeros(4)), "old_logprobs"),
-    (dict(rewards=torch.zeros(5)), "rewards"),
-    (dict(group_ids=torch.zeros(4, dtype=torch.long)), "group_ids"),
-    (dict(group_ids=torch.zeros(3)), "group_ids"),
-    (dict(tau=0.0), "tau"),
-    (dict(tau=-1.0), "tau"),
-    (dict(logprobs=torch.zeros(3, 2)), "logprobs"),
-    (dict(weights=-torch.ones(3)), "weights"),
-    (dict(weights=torch.ones(2)), "weights"),
-])
-def test_k2_loss_rejects_bad_inputs_naming_the_argument(kwargs, needle):
-    args = dict(logprobs=torch.zeros(3), old_logprobs=torch.zeros(3), rewards=torch.zeros(3),
-                group_ids=torch.zeros(3, dtype=torch.long), tau=1.0)
-    args.update(kwargs)
-    with pytest.raises((ValueError, TypeError), match=needle):
-        k2_policy_loss(**args)
-
-
-def test_sequence_logprobs_masks_padding_even_if_nan():
-    tok = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, float("nan"), float("nan")]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert torch.equal(sequence_logprobs(tok, mask), torch.tensor([-3.0, -0.5]))
-    with pytest.raises(ValueError, match="mask"):
-        sequence_logprobs(tok, mask[:, :2])
-
-
-def test_ptx_loss_matches_cross_entropy_with_ignore_index():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 11, (2, 5), generator=g)
-    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
-    want = F.cross_entropy(logits.reshape(-1, 11), labels.masked_fill(mask == 0, -100).reshape(-1),
-                           ignore_index=-100)
-    got = ptx_loss(logits, labels, mask)
-    assert math.isclose(got.item(), want.item(), rel_tol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: ptx_loss(x, labels, mask), (logits,))
-    with pytest.raises(ValueError, match="mask"):
-        ptx_loss(logits, labels, torch.zeros_like(mask))
-    with pytest.raises(ValueError, match="labels"):
-        ptx_loss(logits, labels[:, :4], mask)
-
-
-def test_total_loss():
-    rl, ptx = torch.tensor(2.0), torch.tensor(3.0)
-    assert total_loss(rl, ptx, 0.1).item() == pytest.approx(2.3)
-    assert total_loss(rl, None, 0.0) is rl
-    with pytest.raises(ValueError, match="ptx_coef"):
-        total_loss(rl, ptx, -1.0)
-    with pytest.raises(ValueError, match="ptx"):
-        total_loss(rl, None, 0.5)
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), float("inf")])
+def test_the_trained_loss_refuses_a_bad_tau(tau):
+    with pytest.raises(ValueError, match="tau"):
+        K2PTXLoss(tau)
 
 
 def test_stale_mask_mode_drops_tokens_beyond_max_staleness():

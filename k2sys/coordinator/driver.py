@@ -8,11 +8,8 @@ committed step, without losing or repeating an iteration. A resumed run drops th
 uncommitted work, reaps what the dead coordinator left running (engine_handle.claim_run) and adds a
 segment to state.json: report.json's total_s is the sum over all segments.
 
-One RL iteration (the paper's loop, section 5; the phases are k2sys.coordinator.state):
-
-    continue -> rollout (engine owns the device) -> pause long tails -> release engine memory
-      -> onload trainer -> K2 + PTX loss steps -> offload trainer
-      -> resume engine weights -> checkpoint-engine update -> resume KV cache
+The stages are methods here (stage_data, stage_sft, run_eval, difficulty_filter, stage_rl); one RL
+iteration, the paper's loop (section 5), is k2sys.coordinator.rl_loop.RLLoop.iteration.
 """
 
 from __future__ import annotations
@@ -34,19 +31,16 @@ from k2sys.console import Progress
 from k2sys.coordinator import state as sm
 from k2sys.coordinator.engine_handle import EngineHandle, RunClaim, claim_run
 from k2sys.coordinator.metrics import MetricsLog
-from k2sys.coordinator.rl_batch import build_rl_batch, k2_ptx_loss_fn, set_old_logprobs
-from k2sys.coordinator.rollout import new_group, run_rollout
+from k2sys.coordinator.rl_loop import RLLoop
 from k2sys.coordinator.trainer_group import TrainerGroup, broadcast_value
 from k2sys.engine.client import EngineHTTPError
 from k2sys.engine.launch import LaunchError
 from k2sys.engine.protocol import GenerateRequest, SamplingParams
-from k2sys.envs.agent_loop import new_episode_group
-from k2sys.eval import evaluate, evaluate_episodes
+from k2sys.eval import evaluate_heldout, recipe_summary
 from k2sys.models import build_model, preset, save_hf
 from k2sys.models.hf_io import write_json_atomic
 from k2sys.rewards import gym as reward_gym
-from k2sys.rl import (BudgetConfig, BudgetController, DifficultyFilter, RolloutBuffer, StalePolicyConfig,
-                      TemperatureSchedule, logprob_mismatch)
+from k2sys.rl import DifficultyFilter, RolloutBuffer
 from k2sys.tasks import Task, get_family
 from k2sys.tasks.format import prompt_ids, score_many, sft_rows, stop_token_ids
 from k2sys.tokenizer import render_chat, tokenize_chat
@@ -280,18 +274,8 @@ class RecipeRunner:
             out["code"] = code_sft_rows(code_tasks(c.code, self.cfg.seed))
         return out
 
-    def _trainer_from(self, hf_dir: Path, optimizer: str, lr: float):
-        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
-        from k2sys.trainer.optim import OptimConfig
-
-        tcfg = TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr), moe_kernels=self.cfg.trainer.moe_kernels,
-                             dtype=self._train_dtype())
-        return MegatronBackend.from_hf(hf_dir, train=tcfg)
-
     def stage_sft(self) -> Path:
         from k2sys.data import Cursor, SFTDataConfig, load_sft_data
-        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
-        from k2sys.trainer.optim import OptimConfig
 
         out = self.dir / "sft_hf"
         if self.model_path is not None and (self.cfg.sft.steps == 0 or not self.cfg.data.sft):
@@ -308,21 +292,15 @@ class RecipeRunner:
                                            rows_per_batch=s.rows_per_batch, pack=True,
                                            max_bad_fraction=self.cfg.data.max_bad_fraction), tokenizer=self.tok)
         ckpts = self.sft_ckpts
-        tcfg = TrainerConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr), moe_kernels=self.cfg.trainer.moe_kernels,
-                             dtype=self._train_dtype())
-        par = self._parallel()
         committed = ckpts.read()  # the one resume point: checkpoint, step and data cursor together
         if committed is not None:
-            trainer = MegatronBackend.from_checkpoint(ckpts.root / committed["checkpoint"], par, train=tcfg)
-            cursor = Cursor.from_dict(committed["cursor"])
-            step = committed["step"]
+            resume_dir, cursor, step = ckpts.root / committed["checkpoint"], Cursor.from_dict(committed["cursor"]), \
+                committed["step"]
         elif (ckpts.root / "k2sys_megatron.json").exists() and "sft_cursor" in self.state:  # a run from before
-            trainer = MegatronBackend.from_checkpoint(ckpts.root, par, train=tcfg)    # the pointer file
-            cursor = Cursor.from_dict(self.state["sft_cursor"])
-            step = self.state["sft_step"]
+            resume_dir, cursor, step = ckpts.root, Cursor.from_dict(self.state["sft_cursor"]), self.state["sft_step"]
         else:
-            trainer = MegatronBackend.from_hf(init, par, train=tcfg)
-            cursor, step = Cursor(), 0
+            resume_dir, cursor, step = None, Cursor(), 0
+        trainer = self._trainer(s.optimizer, s.lr, checkpoint=resume_dir, hf=init)
         progress = Progress("SFT", s.steps, "step", start=step, logger=log) if self.rank == 0 else None
         for batch, nxt in data.train_batches(cursor):
             if step >= s.steps:
@@ -366,17 +344,24 @@ class RecipeRunner:
             self.metrics.close()
 
     def run_eval(self, tag: str) -> dict:
+        """Held-out families and env kinds through the eval harness (k2sys.eval.harness): results.json and
+        samples.jsonl in <run>/eval/<tag>/ (`k2sys eval compare` reads them), the per-family summary in
+        state.json and as eval/<tag>/<family>/<metric> records."""
         if tag in self.state.get("eval", {}):
             return self.state["eval"][tag]
         heldout = self.tasks("heldout")
         fams = {f: (self.families[f], heldout[f]) for f in self.families}
-        rep = self._engine_call(lambda: evaluate(self.engine.client, self.tok, fams, self.cfg.eval))
-        for kind in self.cfg.tasks.env_kinds():
-            specs = self.cfg.tasks.env_specs(kind, "heldout", self.cfg.seed)
-            rep[kind] = self._engine_call(lambda: evaluate_episodes(
-                self.engine.client, self.tok, specs, self.cfg.agent, seed=self.cfg.eval.seed))
+        envs = {kind: self.cfg.tasks.env_specs(kind, "heldout", self.cfg.seed) for kind in self.cfg.tasks.env_kinds()}
+        results = self.engine_call(lambda: evaluate_heldout(
+            self.engine.client, self.tok, fams, envs, self.cfg.eval, agent=self.cfg.agent, budgets=self.cfg.rl.budgets,
+            out_dir=self.dir / "eval" / tag, model=f"{self.cfg.name}/{tag}", log=log.info))
+        rep = recipe_summary(results)
+        k = results["sampling"]["n"]
+        shown = ["accuracy"] + ([f"avg@{k}", f"pass@{k}"] if k > 1 else []) + ["prompt_strict", "inst_strict"]
         for f, r in rep.items():  # logged before the commit: a resume drops the records of an uncommitted eval
-            self.metrics.log("eval", self.state.get("rl_iter", 0), **{f"{tag}/{f}/accuracy": r["accuracy"]})
+            self.metrics.log("eval", self.state.get("rl_iter", 0),
+                             **{f"{tag}/{f}/{m}": r[m] for m in shown if m in r})
+        sm.fault_point("eval")  # TEST HOOK (K2SYS_FAULT): results and metrics written, eval not committed
         self.save_state(eval={**self.state.get("eval", {}), tag: rep})
         log.info("eval %s: %s", tag, {f: round(r["accuracy"], 3) for f, r in rep.items()})
         return rep
@@ -401,7 +386,7 @@ class RecipeRunner:
                                 sampling=SamplingParams(temperature=r.t_start, max_new_tokens=r.budgets[t.family],
                                                         stop_token_ids=tuple(stops), n=n, seed=i))
                 for i, t in enumerate(pool)]
-        outs = self._engine_call(lambda: self.engine.client.generate(reqs))
+        outs = self.engine_call(lambda: self.engine.client.generate(reqs))
         rewards = score_many([(self.families[t.family], t, o.output_ids, o.finish_reason)
                               for i, t in enumerate(pool) for o in outs[i * n:(i + 1) * n]], self.tok, stops)
         correct = [sum(r >= 1.0 for r in rewards[i * n:(i + 1) * n]) for i in range(len(pool))]
@@ -414,54 +399,9 @@ class RecipeRunner:
         return kept
 
     # ---- RL ----------------------------------------------------------------------------------
-    def _memory_probe(self) -> tuple[int | None, int | None]:
-        """(engine, trainer) device bytes after each switch: the engine's own report; the trainer's
-        caching-allocator reservation on GPU (what empty_cache hands back), its live tensors on CPU."""
-        trainer_bytes = 0
-        if torch.cuda.is_available():
-            trainer_bytes = int(torch.cuda.memory_reserved())
-        elif self.trainer is not None and not self.trainer.offloaded:
-            trainer_bytes = sum(t.numel() * t.element_size() for t in self.trainer.local_state().values())
-        return self.engine.memory_bytes() if self.engine else None, trainer_bytes
-
-    @staticmethod
-    def _device_extra() -> dict:
-        """Device-wide free bytes (torch.cuda.mem_get_info: both processes' use shows) for a switch record."""
-        from k2sys.trainer.offload import device_memory
-
-        mem = device_memory()
-        return {"device_free": mem["device_free_bytes"], "device_used": mem["device_total_bytes"] -
-                mem["device_free_bytes"]} if mem else {}
-
-    def _push(self, version: str) -> sm.StepResult:
-        sm.fault_point("weight_update")  # TEST HOOK (K2SYS_FAULT): engine weights resumed, new ones not pushed
-        rep = self.tg.call("push", version)
-        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={
-            "copy_ratio": rep["copy_ratio"], "bytes_copied": rep["bytes_copied"], "buckets": rep["buckets"],
-            **self._device_extra()})
-
-    def _release_engine(self) -> sm.StepResult:
-        self.engine.client.release_memory(None)  # kv_cache, weights, cuda_graph
-        return sm.StepResult(extra=self._device_extra())
-
-    def _resume_kv(self) -> sm.StepResult:
-        self.engine.client.resume_memory(["kv_cache", "cuda_graph"])
-        self.engine.client.flush_cache()  # the pushes ran without flushing (SGLang flushes only when idle)
-        return sm.StepResult(extra=self._device_extra())
-
-    def _offload(self) -> sm.StepResult:
-        rep = self.tg.call("offload")
-        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={
-            "GBps": rep["GBps"], **{k: v for k, v in rep.items() if k.endswith("_bytes")}, **self._device_extra()})
-
-    def _onload(self) -> sm.StepResult:
-        rep = self.tg.call("onload")
-        return sm.StepResult(bytes_moved=int(rep["bytes"]), extra={"GBps": rep["GBps"], **self._device_extra()})
-
     def stage_rl(self, prompts: list[Task]) -> None:
-        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
-        from k2sys.trainer.optim import OptimConfig
-
+        """Every rank: the RL trainer (resumed from the committed iteration). Rank 0 runs the loop
+        (k2sys.coordinator.rl_loop); the other ranks mirror its trainer calls."""
         r = self.cfg.rl
         ckpts = self.rl_ckpts
         resume: tuple[int, str | None] = (0, None)
@@ -472,12 +412,7 @@ class RecipeRunner:
             elif (ckpts.root / "k2sys_megatron.json").exists() and self.state.get("rl_iter", 0) > 0:
                 resume = (self.state["rl_iter"], str(ckpts.root))  # a run from before the pointer file
         it, resume_dir = broadcast_value(resume, self.rank, self.world)
-        tcfg = TrainerConfig(optim=OptimConfig(name=r.optimizer, lr=r.lr), moe_kernels=self.cfg.trainer.moe_kernels,
-                             dtype=self._train_dtype())
-        if resume_dir is not None:
-            self.trainer = MegatronBackend.from_checkpoint(resume_dir, self._parallel(), train=tcfg)
-        else:
-            self.trainer = MegatronBackend.from_hf(self.sft_hf, self._parallel(), train=tcfg)
+        self.trainer = self._trainer(r.optimizer, r.lr, checkpoint=resume_dir, hf=self.sft_hf)
         # every rank pushes its shards through the one push path; rank 0 owns the engine's sink
         self.tg = TrainerGroup(self.trainer, self.rank, self.world,
                                sink=(lambda: self.engine.sink) if self.rank == 0 else None,
@@ -495,199 +430,55 @@ class RecipeRunner:
         reward_gym.bind_reward_state(self.families, self.dir / "rewards", it)
         if it > 0:  # the engine serves the SFT checkpoint: bring it to the resumed trainer's weights
             self.tg.call("push", str(it))
-        self._offload()
-        machine = sm.OwnershipMachine(sm.Phase.READY, memory_probe=self._memory_probe)
-        budget = BudgetController(BudgetConfig(budgets=dict(r.budgets), penalty=r.budget_penalty))
-        temps = TemperatureSchedule(t_start=r.t_start, t_end=r.t_end, total_steps=max(r.iterations - 1, 1), kind=r.t_schedule)
-        stale = StalePolicyConfig(mode=r.stale_mode, max_staleness=r.max_staleness)
-        stops = stop_token_ids(self.tok)
-        pad = self.tok.token_to_id("[PAD]") or 0
-        ptx_pool = self._ptx_pool()
-        loss_fn = k2_ptx_loss_fn(r.tau)
-        rng = random.Random(self.cfg.seed * 7 + it)
-        env_specs = {k: self.cfg.tasks.env_specs(k, "train", self.cfg.seed) for k in self.cfg.tasks.env_kinds()}
+        loop = RLLoop(self, prompts, it, buffer)
+        loop.offload()
         progress = Progress("RL", r.iterations, "iter", start=it, logger=log)
-        while it < r.iterations:
-            t_iter = time.perf_counter()
-            version = it  # policy version = number of updates applied
-            groups = _regroup(buffer.take())  # paused groups resume first, on the new weights
-            for j, task in enumerate(rng.sample(prompts, min(self.cfg.rollout.prompts_per_iter, len(prompts)))):
-                groups.append(new_group(task, it * 100_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
-            for j, task in enumerate(reward_gym.iteration_tasks(self.families, it, self.cfg.seed)):  # evolved attacks
-                groups.append(new_group(task, it * 100_000 + 90_000 + j, self.cfg.rollout.samples_per_prompt, self.tok))
-            for ki, (kind, specs) in enumerate(env_specs.items()):
-                for j, spec in enumerate(rng.sample(specs, min(r.episode_groups_per_iter, len(specs)))):
-                    gid = it * 100_000 + 50_000 + 1000 * ki + j
-                    groups.append(new_episode_group(spec, gid, self.cfg.rollout.samples_per_prompt, self.tok,
-                                                    seed=gid, family=kind))
-            temperature = temps(it)
-            for attempt in range(self.cfg.engine.restarts + 1):
-                try:
-                    self._ensure_engine()
-                    machine.do("continue", self.engine.client.continue_generation)
-                    probe = self._probe_prompts(prompts, rng)  # while the engine serves (before the pause)
-                    ro = run_rollout(self.engine.client, self.tok, self.families, groups, version, temperature,
-                                     budget, self.cfg.rollout, stops, pause=lambda: machine.do("pause", self._pause),
-                                     seed=it, agent=self.cfg.agent)
-                    break
-                except ENGINE_ERRORS as e:
-                    if self.engine.alive():
-                        raise
-                    # the engine died mid-rollout: a fresh one (restarted from the trainer's host copy
-                    # by _ensure_engine) redoes this iteration's rollout; the trainer never restarts
-                    log.error("engine died during rollout of iteration %d (attempt %d): %s%s; restarting it", it + 1,
-                              attempt + 1, e, "".join(f" ({n})" for n in getattr(e, "__notes__", ())))
-                    machine.reset(sm.Phase.READY)
-            else:
-                raise RuntimeError(f"rollout of iteration {it + 1} failed {self.cfg.engine.restarts + 1} times")
-            machine.do("release_engine", self._release_engine)
-            machine.do("onload_trainer", self._onload)
-            train_stats: dict = {}
-
-            def train() -> sm.StepResult:
-                hook_stats, hook_rows = self._rollout_hooks(it, groups, ro.samples, pad, stops)
-                ptx = rng.sample(ptx_pool, r.ptx_rows) + hook_rows if r.ptx_coef > 0 else None
-                if hook_rows and ptx is None:
-                    log.warning("rl.ptx_coef=0: %d critic training rows of this iteration are not trained on",
-                                len(hook_rows))
-                batch, bstats = build_rl_batch(ro.samples, pad, version, stale, ptx, r.ptx_coef)
-                train_stats.update(hook_stats)
-                trainer_lp = self.tg.call("logprobs", batch)
-                n_rl = bstats["samples"]
-                mm = logprob_mismatch(batch["behaviour_lp"][:n_rl], trainer_lp[:n_rl], batch["loss_mask"][:n_rl]) \
-                    if temperature == 1.0 else None
-                if r.old_logprobs == "trainer":
-                    set_old_logprobs(batch, trainer_lp)
-                if probe is not None:  # before the step: engine and trainer must hold the same weights
-                    train_stats.update(self._mismatch_probe(probe))
-                losses = [self.tg.call("train_step", batch, loss_fn) for _ in range(r.inner_steps)]
-                train_stats.update(bstats, loss=losses[-1].loss, loss_first=losses[0].loss,
-                                   grad_norm=losses[-1].grad_norm)
-                if mm is not None:
-                    train_stats.update({f"mismatch/{k}": v for k, v in mm.items()})
-                return sm.StepResult()
-
-            machine.do("train", train)
-            # the resume point of iteration it + 1 is written into its own directory now and becomes the
-            # resume point only when the pointer names it, below, after the buffer and the metrics
-            self.tg.call("save", ckpts.dir_for(it + 1))
-            sm.fault_point("rl_saved")  # TEST HOOK (K2SYS_FAULT)
-            machine.do("offload_trainer", self._offload)
-            machine.do("resume_weights", lambda: self.engine.client.resume_memory(["weights"]))
-            # every trainer rank sends its shards from its host copy (export while offloaded reads DRAM);
-            # the sink checks the engine serves the new version (it + 1) after the push
-            machine.do("update_weights", lambda: self._push(str(it + 1)))
-            machine.do("resume_kv", self._resume_kv)
-            it += 1
-            buffer.put(ro.unfinished)
-            buffer.path = ckpts.dir_for(it) / "rollout_buffer.json"
-            buffer.commit(it)
-            recs = machine.drain_records()
-            for rec in recs:
-                a = rec["action"]
-                extra = {f"{a}_{k}": v for k, v in rec["extra"].items() if isinstance(v, (int, float))}
-                self.metrics.log("switch", it, **{f"{a}_s": rec["seconds"], f"{a}_bytes": rec["bytes_moved"],
-                                                  f"{a}_engine_mem": rec["engine_device_bytes"] or 0,
-                                                  f"{a}_trainer_mem": rec["trainer_device_bytes"] or 0}, **extra)
-            self.metrics.log("rl", it, **ro.stats, **train_stats, **sm.summarize(recs), **self._reward_stats(),
-                             buffer_size=len(buffer), iter_s=time.perf_counter() - t_iter,
-                             trainer_step=self.trainer.step, **buffer.last_stats.as_dict())
-            sm.fault_point("rl_commit")  # TEST HOOK (K2SYS_FAULT): saved, pushed, logged, not committed
-            ckpts.commit(it, trainer_step=self.trainer.step, buffer="rollout_buffer.json", buffered=len(buffer))
-            self.save_state(rl_iter=it, rl_trainer_step=self.trainer.step)
-            progress.update(it, reward=float(ro.stats.get("reward_mean", sum(s.reward for s in ro.samples)
-                                                          / max(len(ro.samples), 1))),
-                            loss=train_stats.get("loss"), paused=ro.stats["paused_requests"])
+        for it in range(it, r.iterations):
+            rec = loop.iteration(it)
+            progress.update(it + 1, reward=float(rec["reward_mean"]), loss=rec.get("loss"),
+                            paused=rec["paused_requests"])
         progress.close()
-        machine.do("continue", self.engine.client.continue_generation)  # engine serves the final eval
+        loop.machine.do("continue", self.engine.client.continue_generation)  # engine serves the final eval
 
-    def _reward_stats(self) -> dict:
-        """Cumulative reward calls and failures (per reason) of the user's reward (0 failures: all scored), and
-        the failure counters of judged task families (reward_failures/<family>[/<reason>])."""
-        out = reward_gym.reward_stats(self.families)
-        fam = self.families.get("user")
-        if fam is None:
-            return out
-        st = fam.reward.stats()
-        return {**out, "reward_items": st["items"], "reward_failed": st["failed"],
-                **{f"reward_failed/{k}": v for k, v in st["failures"].items()}}
+    def _trainer(self, optimizer: str, lr: float, *, checkpoint: str | os.PathLike | None, hf: Path):
+        """A Megatron trainer resumed from `checkpoint` (MegatronBackend.save) or started from HF weights."""
+        from k2sys.trainer.backend import MegatronBackend, TrainerConfig
+        from k2sys.trainer.optim import OptimConfig
 
-    def _rollout_hooks(self, it: int, groups: list, samples: list, pad: int, stops: list[int]) -> tuple[dict, list]:
-        """Reward families' after-rollout hooks (k2sys.rewards.gym), in the train phase: the trainer is onloaded
-        and holds the weights the engine sampled with, so the policy can judge (critic=policy); returns the
-        hooks' metrics and extra training rows (critic refresh)."""
-        if not reward_gym.has_hooks(self.families):
-            return {}, []
-        ctx = reward_gym.HookContext(
-            logprobs=lambda rows: reward_gym.sequence_logprobs(lambda b: self.tg.call("logprobs", b), rows, pad),
-            tokenize=lambda messages: tokenize_chat(self.tok, messages))
-        records = reward_gym.rollout_records(groups, samples, self.tok, stops)
-        return reward_gym.run_rollout_hooks(self.families, it, records, samples, ctx), ctx.train_rows
+        tcfg = TrainerConfig(optim=OptimConfig(name=optimizer, lr=lr), moe_kernels=self.cfg.trainer.moe_kernels,
+                             dtype=self._train_dtype())
+        if checkpoint is not None:
+            return MegatronBackend.from_checkpoint(checkpoint, self._parallel(), train=tcfg)
+        return MegatronBackend.from_hf(hf, self._parallel(), train=tcfg)
 
-    def _pause(self) -> None:
-        self.engine.client.pause("abort")
-
-    def _engine_call(self, fn):
-        """fn() against the engine; if the engine died meanwhile, restart it (and reload the trainer's
-        weights once a trainer exists) and call again. Used outside the RL loop (evals, filter)."""
+    def engine_call(self, fn, *, what: str = "engine call", on_restart=None):
+        """fn() against the engine; if the engine died meanwhile, restart it (with the trainer's weights
+        once a trainer exists), run on_restart() and call again, up to engine.restarts times."""
         for attempt in range(self.cfg.engine.restarts + 1):
             try:
                 return fn()
-            except ENGINE_ERRORS:
+            except ENGINE_ERRORS as e:
                 if self.engine.alive():
                     raise
-                log.warning("engine died (attempt %d); restarting it", attempt + 1)
-                if self.trainer is None:  # before RL the served checkpoint is the current model
-                    self.engine.restart(self._model_config, self._model_dtype)
-                    self.metrics.log("fault", 0, engine_restarted=1)
-                else:
-                    self._ensure_engine()
-        raise RuntimeError(f"engine call failed {self.cfg.engine.restarts + 1} times")
+                log.error("engine died during %s (attempt %d): %s%s; restarting it", what, attempt + 1, e,
+                          "".join(f" ({n})" for n in getattr(e, "__notes__", ())))
+                self.ensure_engine()
+                if on_restart is not None:
+                    on_restart()
+        raise RuntimeError(f"{what} failed {self.cfg.engine.restarts + 1} times")
 
-    def _ensure_engine(self) -> None:
+    def ensure_engine(self) -> None:
+        """A dead engine restarted: before RL on the served checkpoint, during RL from the offloaded
+        trainer's host copy (which holds the current weights)."""
         if self.engine.alive():
             return
-        dtype = self.trainer.dtype
-        self.engine.restart(self.trainer.config, dtype)
-        # the offloaded trainer's host copy holds the current weights
+        if self.trainer is None:
+            self.engine.restart(self._model_config, self._model_dtype)
+            self.metrics.log("fault", 0, engine_restarted=1)
+            return
+        self.engine.restart(self.trainer.config, self.trainer.dtype)
         self.tg.call("push", str(self.state.get("rl_iter", 0)))
         self.metrics.log("fault", self.state.get("rl_iter", 0), engine_restarted=1)
-
-    def _ptx_pool(self) -> list[tuple[list[int], list[int]]]:
-        from k2sys.tokenizer import tokenize_chat
-
-        rows = []
-        for line in (self.dir / "data" / "sft.jsonl").read_text().splitlines()[:2000]:
-            row = json.loads(line)
-            ids, mask = tokenize_chat(self.tok, row["messages"], row.get("tools"))
-            rows.append((list(ids), list(mask)))
-        return rows
-
-    def _probe_prompts(self, prompts: list[Task], rng: random.Random):
-        """A few T=1 samples with engine log-probs: the train/inference mismatch check."""
-        n = self.cfg.rl.mismatch_probe
-        if n <= 0:
-            return None
-        stops = stop_token_ids(self.tok)
-        reqs = [GenerateRequest(input_ids=tuple(prompt_ids(self.tok, t)), return_logprob=True,
-                                sampling=SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=tuple(stops),
-                                                        seed=rng.randrange(1 << 30)))
-                for t in rng.sample(prompts, min(n, len(prompts)))]
-        return [(list(rq.input_ids), out) for rq, out in zip(reqs, self.engine.client.generate(reqs))]
-
-    def _mismatch_probe(self, probe) -> dict:
-        from k2sys.coordinator.rl_batch import Sample
-
-        samples = [Sample(group_id=i, family="probe", prompt_tokens=p, response_tokens=list(o.output_ids),
-                          logprobs=list(o.output_logprobs or []), versions=[0] * len(o.output_ids))
-                   for i, (p, o) in enumerate(probe) if o.output_ids]
-        if not samples:
-            return {}
-        pad = self.tok.token_to_id("[PAD]") or 0
-        batch, _ = build_rl_batch(samples, pad, 0, StalePolicyConfig(mode="none"))
-        lp = self.tg.call("logprobs", batch)
-        mm = logprob_mismatch(batch["behaviour_lp"], lp, batch["loss_mask"])
-        return {f"probe_mismatch/{k}": v for k, v in mm.items()}
 
     # ---- the whole recipe ----------------------------------------------------------------------
     def _follow(self) -> dict:
@@ -733,7 +524,7 @@ class RecipeRunner:
         if self.trainer is not None:
             if not self.state.get("final_exported"):
                 if self.trainer.offloaded:
-                    self._onload()
+                    self.tg.call("onload")
                 self.tg.call("save_hf", self.dir / "final_hf", "native", self.tok_dir)
                 self.save_state(final_exported=True)
             self.tg.stop()
@@ -819,13 +610,6 @@ def _generate_upto(fam, n: int, seed: int, split: str) -> list[Task]:
         if not m:
             raise
         return fam.generate(int(m.group(1)), seed=seed, split=split)
-
-
-def _regroup(trajs) -> list[list]:
-    groups: dict[int, list] = {}
-    for t in trajs:
-        groups.setdefault(t.group_id, []).append(t)
-    return list(groups.values())
 
 
 @torch.no_grad()

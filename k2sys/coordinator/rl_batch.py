@@ -1,20 +1,23 @@
-"""From scored rollouts to one trainer batch, and the K2 + PTX loss in the trainer's loss_fn form.
+"""From scored rollouts to one trainer batch: the columns k2sys.rl.losses.K2PTXLoss trains on.
 
 Rows: RL samples (prompt + response; a multi-turn response trains only on its policy tokens,
-`Sample.response_mask`) then PTX rows (curated SFT data). Columns follow the
+`Sample.response_mask`), then PTX rows (curated SFT data), then critic rows (the policy critic's
+verdict-labelled refresh prompts, k2sys.tasks.open_ended). Columns follow the
 trainer's batch format (k2sys.trainer.backend) plus loss inputs:
-  rl_coef   [B]     1 / (K_g * G) for RL rows (K_g samples in the row's group, G groups), 0 for PTX
+  rl_coef   [B]     1 / (K_g * G) for RL rows (K_g samples in the row's group, G groups), 0 for the others
   advantage [B]     r_i - mean_j r_j within the group
   old_lp    [B]     log pi_old(y_i|x) summed over the row's loss tokens
   is_weight [B]     importance weight for stale tokens (1 unless StalePolicyConfig.mode="importance")
-  ptx_w     [B, T]  lambda / (PTX loss tokens) on PTX loss tokens, 0 elsewhere
+  ptx_w     [B, T]  lambda / (PTX loss tokens) on PTX loss tokens, mu / (critic loss tokens) on critic
+                    loss tokens, 0 elsewhere (each cross-entropy is a mean over its own rows' tokens)
   row_share [B]     1 / B, so the summed denominator over any split of the rows is exactly 1
-so that  sum(loss_sum) / sum(denom) = L_K2 + lambda * L_PTX  for any micro-batch / DP split:
-  L_K2 = (1/G) sum_g (1/K_g) sum_i (adv_i - tau * (lp_i - old_i))^2   (k2sys.rl.losses.k2_policy_loss).
+so that  sum(loss_sum) / sum(denom) = L_K2 + lambda * L_PTX + mu * L_critic  for any micro-batch / DP split:
+  L_K2 = (1/G) sum_g (1/K_g) sum_i (adv_i - tau * (lp_i - old_i))^2   (k2sys.rl.losses.K2PTXLoss).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,14 +54,20 @@ def _pad_rows(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
 
 def build_rl_batch(samples: list[Sample], pad_id: int, policy_version: int, stale: StalePolicyConfig,
                    ptx_rows: list[tuple[list[int], list[int]]] | None = None, ptx_coef: float = 0.0,
+                   critic_rows: list[tuple[list[int], list[int]]] | None = None, critic_coef: float = 0.0,
                    ) -> tuple[dict[str, torch.Tensor], dict]:
-    """samples -> batch (see module doc). ptx_rows: (input_ids, loss_mask) pairs from tokenize_chat."""
+    """samples -> batch (see module doc). ptx_rows, critic_rows: (input_ids, loss_mask) pairs from
+    tokenize_chat; ptx_coef (lambda) and critic_coef (mu) weigh their cross-entropies."""
     if not samples:
         raise ValueError("build_rl_batch: no samples")
-    ptx_rows = ptx_rows or []
+    ptx_rows, critic_rows = ptx_rows or [], critic_rows or []
+    for what, coef in (("ptx_coef", ptx_coef), ("critic_coef", critic_coef)):
+        if not (math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"build_rl_batch: {what} must be finite and >= 0, got {coef}")
     if ptx_coef > 0 and not ptx_rows:
         raise ValueError("build_rl_batch: ptx_coef > 0 but no PTX rows were given")
-    seqs = [s.prompt_tokens + s.response_tokens for s in samples] + [ids for ids, _ in ptx_rows]
+    extra = ptx_rows + critic_rows
+    seqs = [s.prompt_tokens + s.response_tokens for s in samples] + [ids for ids, _ in extra]
     tokens = _pad_rows(seqs, pad_id)
     B, T = tokens.shape
     n_rl = len(samples)
@@ -80,13 +89,14 @@ def build_rl_batch(samples: list[Sample], pad_id: int, policy_version: int, stal
         versions[i, p - 1: p - 1 + r] = torch.tensor(s.versions, dtype=torch.long)
         behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.logprobs, dtype=torch.float32)
     ptx_w = torch.zeros(B, T)
-    for j, (ids, m) in enumerate(ptx_rows):
+    for j, (ids, m) in enumerate(extra):
         row = n_rl + j
         m_t = torch.tensor(m[1:], dtype=torch.float32)  # mask over targets: target t+1 predicted at t
         mask[row, : len(m_t)] = m_t
         ptx_w[row, : len(m_t)] = m_t
-    if ptx_rows:
-        ptx_w = ptx_w * (ptx_coef / max(float(ptx_w.sum()), 1.0))
+    n_ptx = len(ptx_rows)
+    for rows, coef in ((slice(n_rl, n_rl + n_ptx), ptx_coef), (slice(n_rl + n_ptx, B), critic_coef)):
+        ptx_w[rows] *= coef / max(float(ptx_w[rows].sum()), 1.0)
 
     corr = correct_stale_tokens(stale, versions[:n_rl], policy_version, mask[:n_rl])
     mask[:n_rl] = corr.mask.to(mask.dtype)
@@ -111,7 +121,8 @@ def build_rl_batch(samples: list[Sample], pad_id: int, policy_version: int, stal
         "row_share": torch.full((B,), 1.0 / B),
         "behaviour_lp": behaviour, "old_lp": (behaviour * mask).sum(-1),
     }
-    stats = {"groups": G, "samples": n_rl, "ptx_rows": len(ptx_rows), "stale_tokens": corr.num_stale_tokens,
+    stats = {"groups": G, "samples": n_rl, "ptx_rows": n_ptx, "critic_rows": len(critic_rows),
+             "stale_tokens": corr.num_stale_tokens,
              "masked_stale_tokens": corr.num_masked_tokens, "reward_mean": float(rewards.mean()),
              "response_tokens": int(mask[:n_rl].sum())}
     return batch, stats
@@ -120,26 +131,3 @@ def build_rl_batch(samples: list[Sample], pad_id: int, policy_version: int, stal
 def set_old_logprobs(batch: dict[str, torch.Tensor], token_logprobs: torch.Tensor) -> None:
     """Use a trainer recompute [B, T] of log pi_old instead of the engine's sampling log-probs."""
     batch["old_lp"] = (token_logprobs * batch["loss_mask"]).sum(-1)
-
-
-class K2PTXLoss:
-    """loss_fn(logprobs [b, T], local batch) -> (loss_sum, denom) for MegatronBackend.train_step.
-
-    A class (not a closure) so the coordinator can send it to the other trainer ranks."""
-
-    def __init__(self, tau: float):
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = tau
-
-    def __call__(self, lp: torch.Tensor, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        rl_rows = (b["rl_coef"] > 0).to(lp.dtype)
-        seq = (lp * b["loss_mask"] * rl_rows[:, None]).sum(-1)
-        resid = b["advantage"] - self.tau * (seq - b["old_lp"])
-        rl = (b["rl_coef"] * b["is_weight"] * resid.pow(2)).sum()
-        ptx = -(b["ptx_w"] * lp).sum()
-        return rl + ptx, b["row_share"].sum()
-
-
-def k2_ptx_loss_fn(tau: float) -> K2PTXLoss:
-    return K2PTXLoss(tau)

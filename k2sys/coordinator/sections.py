@@ -191,6 +191,11 @@ class RLSection:
     ptx_coef: float = 0.1
     """lambda: total = RL loss + lambda * CE on curated SFT rows."""
     ptx_rows: int = 16
+    critic_coef: float = 0.1
+    """Weight of the policy critic's refresh rows (open_ended with critic "policy" and refresh_every > 0:
+    verdict-labelled critic prompts of verifiable pairs): total += critic_coef * CE on their verdict tokens,
+    normalised over those rows alone, independent of ptx_coef; 0 = the critic is not trained (its scale
+    is still calibrated)."""
     old_logprobs: Literal["trainer", "engine"] = "trainer"
     """pi_old from a trainer recompute, or the engine's sampling log-probs (valid at temperature 1 only)."""
     stale_mode: Literal["none", "mask"] = "mask"
@@ -227,6 +232,7 @@ class RLSection:
         check_int("rl.inner_steps", self.inner_steps, 1)
         check_number("rl.ptx_coef", self.ptx_coef, ge=0)
         check_int("rl.ptx_rows", self.ptx_rows, 0)
+        check_number("rl.critic_coef", self.critic_coef, ge=0, hint="0 leaves the policy critic untrained")
         if self.ptx_coef > 0 and self.ptx_rows < 1:
             raise ConfigError("rl.ptx_rows: the PTX loss (rl.ptx_coef > 0) needs rl.ptx_rows >= 1; "
                               "or set rl.ptx_coef=0")

@@ -102,6 +102,9 @@ class Adapter(ABC):
     name: ClassVar[str]
     episodic: ClassVar[bool] = False
     """True: items are environment episodes (Adapter.spec), played turn by turn instead of scored as text."""
+    cut_scores_zero: ClassVar[bool] = False
+    """True: a response cut before its stop token (finish_reason length/error) scores 0 without being
+    scored, as RL rewards do (the recipe's task families); benchmarks score cut text as it is."""
 
     def load(self, path: str | Path, limit: int | None = None) -> list[EvalItem]:
         items = []

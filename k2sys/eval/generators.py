@@ -2,8 +2,9 @@
 
     OpenAIChatGenerator   POST {base}/v1/chat/completions (k2sys serve, SGLang, vLLM, any OpenAI-compatible
                           server); one request per sample with its own seed, `concurrency` in flight
-    EngineChatGenerator   an in-process InferenceEngine + tokenizer: the checkpoint's chat format renders the
-                          messages to tokens and parses the generated text back (tool calls included)
+    EngineChatGenerator   an InferenceEngine (in process, or its HTTP client) + tokenizer: the checkpoint's
+                          chat format renders the messages to tokens and parses the generated text back (tool
+                          calls included); plays episodes through the token-level agent loop (play_episodes)
     served_checkpoint     a checkpoint directory served with `k2sys serve` on a free port for the duration
 
 Messages are canonical k2sys chat messages (tool-call arguments as dicts); the OpenAI generator converts
@@ -172,13 +173,20 @@ class OpenAIChatGenerator:
 # ---------------------------------------------------------------- in-process engine
 
 class EngineChatGenerator:
-    """Chat over an InferenceEngine (token level) and a tokenizer whose chat format renders and parses."""
+    """Chat over an InferenceEngine (token level) and a tokenizer whose chat format renders and parses.
 
-    def __init__(self, engine: Any, tokenizer: Any):
+    raw_text: the completion's content is the decoded response as generated (special tokens kept, only the
+    stop token dropped), unparsed: what the recipe's RL verifiers score. Episodes are played by
+    `play_episodes` through the token-level agent loop RL uses (k2sys.envs.agent_loop), with `agent`'s
+    per-episode token cap (an AgentConfig; None = its defaults), not message by message."""
+
+    def __init__(self, engine: Any, tokenizer: Any, *, raw_text: bool = False, agent: Any = None):
+        from k2sys.envs.agent_loop import AgentConfig
         from k2sys.tokenizer import chat_format_for
 
         self.engine, self.tokenizer = engine, tokenizer
         self.fmt = chat_format_for(tokenizer)
+        self.raw_text, self.agent = raw_text, agent if agent is not None else AgentConfig()
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         from k2sys.engine.protocol import GenerateRequest, SamplingParams
@@ -194,12 +202,51 @@ class EngineChatGenerator:
             ids = list(o.output_ids)
             if ids and ids[-1] in stops:
                 ids = ids[:-1]
-            parsed = self.fmt.parse_assistant(self.tokenizer.decode(ids, skip_special_tokens=False))
-            msg = parsed.to_message()
-            if parsed.errors:
-                msg["malformed"] = "; ".join(parsed.errors)
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            if self.raw_text:
+                msg: dict = {"role": "assistant", "content": text}
+            else:
+                parsed = self.fmt.parse_assistant(text)
+                msg = parsed.to_message()
+                if parsed.errors:
+                    msg["malformed"] = "; ".join(parsed.errors)
             out.append(Completion(message=msg, finish_reason="stop" if o.finish_reason == "stop" else "length",
                                   usage={"prompt_tokens": o.prompt_tokens, "completion_tokens": len(o.output_ids)}))
+        return out
+
+    def play_episodes(self, specs: Sequence[dict], seeds: Sequence[int], *, temperature: float, top_p: float = 1.0,
+                      max_tokens: int = 1024) -> list[dict]:
+        """One episode per (spec, seed), all at once (the engine batches their turns), through the agent
+        loop: env reset with the seed, sampling seed `seed * 1009 + turn` (as run_chat_episode), at most
+        max_tokens per turn and the agent config's tokens per episode. Same records as run_chat_episode;
+        "messages" holds the model's turns."""
+        import asyncio
+        from dataclasses import replace
+
+        from k2sys.engine.protocol import SamplingParams
+        from k2sys.envs.agent_loop import advance_episode, new_episode_group
+
+        if len(specs) != len(seeds):
+            raise ValueError(f"play_episodes: {len(specs)} specs but {len(seeds)} seeds")
+        cfg = replace(self.agent, max_turn_tokens=max_tokens)
+        trajs = [new_episode_group(spec, i, 1, self.tokenizer, seed=seed)[0]
+                 for i, (spec, seed) in enumerate(zip(specs, seeds))]
+        stops = list(self.fmt.stop_token_ids)
+
+        async def play() -> None:
+            await asyncio.gather(*(
+                advance_episode(self.engine, self.tokenizer, t, version=0, cfg=cfg, stop_ids=stops,
+                                stopping=lambda: False,
+                                sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+                for t, seed in zip(trajs, seeds)))
+
+        asyncio.run(play())
+        out = []
+        for t in trajs:
+            m = t.meta
+            out.append({"reward": float(m["reward"]), "truncated": bool(m["truncated"]), "turns": len(m["actions"]),
+                        "messages": m["actions"], "finish_reason": "length" if m["truncated"] else "stop",
+                        "info": m["env_info"]})
         return out
 
 

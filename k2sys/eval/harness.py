@@ -1,22 +1,34 @@
-"""Held-out evaluation through the InferenceEngine protocol (native engine or SGLang).
+"""The recipe's held-out evaluation, through the benchmark harness (k2sys.eval.suite.run_families): the same
+outcome tables, avg@k / unbiased pass@k (k2sys.eval.passk) and results file as `k2sys eval`.
 
-For each family: k samples per held-out task at `temperature` (greedy when 0, then k is 1):
-  accuracy = avg@k (mean reward over all samples), pass@j for j in {1, k} = the unbiased estimator
-  (k2sys.eval.passk; with j = k it is the share of tasks solved by any of the k samples).
-The Kimi-K2 report uses avg@k for high-variance benchmarks; the recipe reports both.
-Multi-turn environments (`evaluate_episodes`): one greedy episode per held-out env spec through
-the same token-level agent loop RL uses; accuracy = mean env reward, pass@1 = share of episodes
-with full reward.
+    held-out tasks of each generated family (TaskFamilyAdapter,   k samples per task through the engine at
+    k2sys.eval.heldout)                                           the token level, the prompts RL sees,
+                                                                  scored by the family's own verifier; a
+                                                                  response cut before its stop token scores 0
+    held-out env specs of each kind: tool_use, code (EnvAdapter)  k episodes per spec through the agent loop
+                                                                  RL plays (EngineChatGenerator.play_episodes)
+    -> run_families -> results (schema k2sys.eval/1: <run>/eval/<tag>/results.json + samples.jsonl, so
+       `k2sys eval compare <run>/eval/sft <run>/eval/rl` compares them with confidence intervals)
+    -> recipe_summary: {family: {"accuracy" (= avg@k), "avg@k", "pass@1", "pass@k", "n", "k", "temperature",
+       family figures (instruction: prompt_strict, inst_strict; episodes: mean_turns, truncated)}}
+
+Greedy decoding (temperature 0) forces k = 1: accuracy is then the share of tasks solved (for the
+instruction family: IFEval's prompt-level strict accuracy over the generated constraints).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from k2sys.config import ConfigError
-from k2sys.eval.passk import count_correct, pass_at_k
-from k2sys.tasks.base import Task, TaskFamily
+
+if TYPE_CHECKING:
+    from k2sys.eval.suite import SamplingConfig
+    from k2sys.tasks.base import Task, TaskFamily
+
+__all__ = ["EvalConfig", "evaluate_heldout", "recipe_summary", "sampling_config"]
 
 
 @dataclass(kw_only=True)
@@ -27,6 +39,8 @@ class EvalConfig:
     """Samples per task (avg@k / pass@k); forced to 1 for greedy decoding."""
     temperature: float = 0.0
     max_new_tokens: int = 16
+    """Response cap; a family's rl.budgets entry raises it for that family (its answers must fit), and
+    episodes use agent.max_turn_tokens per turn."""
     seed: int = 1234
 
     def validate(self) -> None:
@@ -38,54 +52,56 @@ class EvalConfig:
             raise ConfigError(f"eval.temperature: must be >= 0, got {self.temperature}")
 
 
-def evaluate(engine: Any, tokenizer: Any, families: dict[str, tuple[TaskFamily, list[Task]]],
-             cfg: EvalConfig) -> dict[str, dict]:
-    """Held-out tasks of each family through an InferenceEngine: {family: {"accuracy", "avg@k", "pass@1",
-    "pass@k", "n", "k", "temperature"}}. Public benchmark files: k2sys.eval.suite.run_suite."""
-    from k2sys.engine.protocol import GenerateRequest, SamplingParams
-    from k2sys.tasks.format import prompt_ids, score_many, stop_token_ids
+def sampling_config(cfg: EvalConfig) -> "SamplingConfig":
+    """The harness's sampling settings of an EvalConfig: n = k (1 when greedy), pass@1 and pass@k."""
+    from k2sys.eval.suite import SamplingConfig
 
-    stops = stop_token_ids(tokenizer)
-    k = 1 if cfg.temperature == 0 else cfg.k
-    reqs, index = [], []
+    n = 1 if cfg.temperature == 0 else cfg.k
+    return SamplingConfig(n=n, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                          ks=tuple(sorted({1, n})))
+
+
+def evaluate_heldout(engine: Any, tokenizer: Any, families: Mapping[str, tuple["TaskFamily", list["Task"]]],
+                     envs: Mapping[str, list[dict]], cfg: EvalConfig, *, agent: Any = None,
+                     budgets: Mapping[str, int] | None = None, out_dir: str | Path | None = None, model: str = "",
+                     log: Callable[[str], None] = lambda s: None) -> dict:
+    """The held-out tasks (first cfg.n_tasks of each family) and env specs through `engine` (an
+    InferenceEngine or its HTTP client): the harness's results dict; see the module doc."""
+    # the harness (adapters, sympy) loads here, not with the recipe config that imports EvalConfig
+    from k2sys.eval.generators import EngineChatGenerator
+    from k2sys.eval.heldout import EnvAdapter, TaskFamilyAdapter
+    from k2sys.eval.suite import FamilyRun, run_families
+
+    cfg.validate()
+    sampling = sampling_config(cfg)
+    runs = []
     for name, (fam, tasks) in families.items():
-        for ti, task in enumerate(tasks[: cfg.n_tasks]):
-            for j in range(k):
-                sp = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                    stop_token_ids=tuple(stops), seed=cfg.seed + 7919 * ti + j)
-                reqs.append(GenerateRequest(input_ids=tuple(prompt_ids(tokenizer, task)), sampling=sp))
-                index.append((name, ti))
-    outs = engine.generate(reqs)
-    per: dict[str, dict[int, list[float]]] = {n: {} for n in families}
-    rewards = score_many([(families[name][0], families[name][1][ti], out.output_ids, out.finish_reason)
-                          for (name, ti), out in zip(index, outs)], tokenizer, stops)
-    for (name, ti), r in zip(index, rewards):
-        per[name].setdefault(ti, []).append(r)
-    report = {}
-    for name, by_task in per.items():
-        rewards = [r for rs in by_task.values() for r in rs]
-        acc = sum(rewards) / max(len(rewards), 1)
-        report[name] = {"accuracy": acc, f"avg@{k}": acc}
+        ad = TaskFamilyAdapter(fam)
+        cap = max(cfg.max_new_tokens, int((budgets or {}).get(name, 0)))
+        runs.append(FamilyRun(family=name, adapter=ad, items=ad.items(list(tasks)[: cfg.n_tasks]), path="heldout",
+                              max_tokens=cap))
+    for kind, specs in envs.items():
+        ad = EnvAdapter(kind)
+        runs.append(FamilyRun(family=kind, adapter=ad, items=ad.items(list(specs)), path="heldout",
+                              max_tokens=agent.max_turn_tokens if agent is not None else None))
+    gen = EngineChatGenerator(engine, tokenizer, raw_text=True, agent=agent)
+    return run_families(gen, runs, sampling, model=model, out_dir=out_dir, log=log)
+
+
+def recipe_summary(results: dict) -> dict[str, dict]:
+    """{family: {"accuracy", "avg@k", "pass@1", "pass@k", "n", "k", "temperature", family figures}} of a
+    results dict: the form the recipe keeps in state.json and logs as eval/<tag>/<family>/<metric>."""
+    k = results["sampling"]["n"]
+    out = {}
+    for name, fam in results["families"].items():
+        m = dict(fam["metrics"])
+        acc = m.pop(f"avg@{k}")
+        row = {"accuracy": acc, f"avg@{k}": acc}
         for j in sorted({1, k}):
-            report[name][f"pass@{j}"] = (sum(pass_at_k(len(rs), count_correct(rs), j) for rs in by_task.values())
-                                         / max(len(by_task), 1))
-        report[name].update(n=len(by_task), k=k, temperature=cfg.temperature)
-    return report
-
-
-def evaluate_episodes(engine: Any, tokenizer: Any, specs: list[dict], agent: Any, seed: int = 0,
-                      temperature: float = 0.0) -> dict:
-    """Greedy (by default) episodes of each env spec; see the module doc for the figures."""
-    import asyncio
-
-    from k2sys.envs.agent_loop import new_episode_group, run_episodes
-    from k2sys.tasks.format import stop_token_ids
-
-    trajs = [new_episode_group(spec, i, 1, tokenizer, seed=seed + i)[0] for i, spec in enumerate(specs)]
-    asyncio.run(run_episodes(engine, tokenizer, trajs, version=0, temperature=temperature, top_p=1.0, cfg=agent,
-                             stop_ids=stop_token_ids(tokenizer), seed=seed))
-    rewards = [float(t.meta["reward"]) for t in trajs]
-    n = max(len(trajs), 1)
-    return {"accuracy": sum(rewards) / n, "pass@1": sum(r >= 1.0 for r in rewards) / n, "n": len(trajs), "k": 1,
-            "temperature": temperature, "mean_turns": sum(len(t.meta["actions"]) for t in trajs) / n,
-            "truncated": sum(bool(t.meta["truncated"]) for t in trajs) / n}
+            row[f"pass@{j}"] = m.pop(f"pass@{j}")
+        if "turns" in m:  # episodes
+            row["mean_turns"] = m.pop("turns")
+        row.update(m)
+        row.update(n=fam["n_tasks"], k=k, temperature=results["sampling"]["temperature"])
+        out[name] = row
+    return out

@@ -24,8 +24,8 @@ guard (``length_guard``) discounts responses much longer than their group's medi
   A and B) is scored by the policy's log-probabilities of answering "A" and "B" (in both orders:
   margin = ((lp_A - lp_B | a, b) - (lp_A - lp_B | b, a)) / 2, position bias cancels);
   P = sigmoid(scale * margin). Its refresh is real training of the policy as a critic: the
-  verdict-labelled critic prompts of verifiable pairs join the trainer's batch (``training_rows``, on
-  the PTX path: cross-entropy on the correct verdict token, the pairwise ranking objective over the
+  verdict-labelled critic prompts of verifiable pairs join the trainer's batch (``training_rows``, weighed
+  by rl.critic_coef: cross-entropy on the correct verdict token, the pairwise ranking objective over the
   two verdicts plus a term keeping mass on them), and ``scale`` is re-fitted by the ranking loss.
 """
 

@@ -3,16 +3,14 @@ temperature decay, difficulty filter, and the partial-rollout buffer."""
 
 from k2sys.rl.budget import BudgetConfig, BudgetController, TruncationResult
 from k2sys.rl.filters import DifficultyFilter, FilterResult, pass_at_k
-from k2sys.rl.losses import (StaleCorrection, StalePolicyConfig, correct_stale_tokens, k2_policy_loss,
-                             logprob_mismatch, ptx_loss, sequence_logprobs, total_loss)
+from k2sys.rl.losses import K2PTXLoss, StaleCorrection, StalePolicyConfig, correct_stale_tokens, logprob_mismatch
 from k2sys.rl.rollout_buffer import PartialTrajectory, ResumeStats, RolloutBuffer
 from k2sys.rl.schedule import TemperatureSchedule
 
 __all__ = [
     "BudgetConfig", "BudgetController", "TruncationResult",
     "DifficultyFilter", "FilterResult", "pass_at_k",
-    "StaleCorrection", "StalePolicyConfig", "correct_stale_tokens", "k2_policy_loss",
-    "logprob_mismatch", "ptx_loss", "sequence_logprobs", "total_loss",
+    "K2PTXLoss", "StaleCorrection", "StalePolicyConfig", "correct_stale_tokens", "logprob_mismatch",
     "PartialTrajectory", "ResumeStats", "RolloutBuffer",
     "TemperatureSchedule",
 ]

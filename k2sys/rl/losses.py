@@ -1,5 +1,5 @@
-"""RL losses of Kimi K1.5/K2 (seed section 4.3): the K2 policy loss, the PTX loss, and
-the correction of tokens that partial rollouts carried over from older policy versions.
+"""RL losses of Kimi K1.5/K2 (seed section 4.3): the K2 policy loss + PTX loss the trainer runs,
+and the correction of tokens that partial rollouts carried over from older policy versions.
 
 The K2 loss comes from the KL-regularised objective: the optimal policy satisfies
 ``r - tau log Z = tau log(pi*/pi_old)``; replacing ``tau log Z`` by the empirical mean reward
@@ -7,10 +7,11 @@ of the K samples of a prompt gives, per prompt x with samples y_1..y_K,
 
     L_x = (1/K) sum_i ( r_i - mean_j r_j - tau * (log pi_theta(y_i|x) - log pi_old(y_i|x)) )^2
 
-and the loss is the mean of L_x over prompts. Log-probabilities are summed over the
-response tokens, so this module also turns per-token log-probs into per-response sums.
-
-Shapes: N responses, T response tokens (padded), V vocabulary.
+and the loss is the mean of L_x over prompts; log-probabilities are summed over the response
+tokens. PTX adds lambda x the cross-entropy of curated SFT rows (and mu x that of the critic's
+refresh rows). `K2PTXLoss` computes all of it from the columns k2sys.coordinator.rl_batch puts in
+the trainer batch, as a (loss_sum, denom) pair that sums exactly over any micro-batch split; the
+formula itself, written out loop by loop, is the reference in tests/test_rl_losses.py.
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
-    "k2_policy_loss",
-    "sequence_logprobs",
-    "ptx_loss",
-    "total_loss",
+    "K2PTXLoss",
     "StalePolicyConfig",
     "StaleCorrection",
     "correct_stale_tokens",
@@ -34,113 +31,27 @@ __all__ = [
 ]
 
 
-def _check_1d(name: str, t: torch.Tensor, n: int | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [N] (one value per response), got shape {tuple(t.shape)}")
-    if n is not None and t.shape[0] != n:
-        raise ValueError(f"{name} has {t.shape[0]} entries but logprobs has {n}; pass one value per response")
+class K2PTXLoss:
+    """loss_fn(token log-probs [b, T], local batch) -> (loss_sum, denom) for MegatronBackend.train_step.
 
+    Batch columns (k2sys.coordinator.rl_batch): rl_coef = 1/(G K_g) on RL rows, advantage = r_i - mean_g r,
+    old_lp = log pi_old summed over the row's loss tokens, is_weight (stale-token importance weights),
+    ptx_w = lambda (or mu) / (loss tokens of its rows) on PTX (critic) loss tokens, row_share = 1/B.
+    sum(loss_sum) / sum(denom) over any split of the rows is L_K2 + lambda L_PTX + mu L_critic.
+    A class (not a closure) so the coordinator can send it to the other trainer ranks."""
 
-def k2_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    tau: float,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """K1.5/K2 policy loss (a scalar), exactly the formula in the module docstring.
+    def __init__(self, tau: float):
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a finite number > 0 (the KL strength), got {tau!r}")
+        self.tau = float(tau)
 
-    logprobs:     [N] log pi_theta(y_i|x) summed over response tokens (carries the gradient)
-    old_logprobs: [N] log pi_old(y_i|x), same sums under the rollout policy (no gradient used)
-    rewards:      [N] scalar rewards
-    group_ids:    [N] integer id of the prompt each response answers; groups may differ in size
-    tau:          > 0, the KL-regularisation strength
-    weights:      optional [N] non-negative per-response weights (importance correction of
-                  stale partial-rollout prefixes); each squared residual is multiplied by its
-                  weight before the 1/K_g average. None equals all ones (the exact formula).
-    """
-    _check_1d("logprobs", logprobs, None)
-    n = logprobs.shape[0]
-    if n == 0:
-        raise ValueError("logprobs is empty; the K2 loss needs at least one response")
-    _check_1d("old_logprobs", old_logprobs, n)
-    _check_1d("rewards", rewards, n)
-    _check_1d("group_ids", group_ids, n)
-    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-        raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
-        raise ValueError(f"tau must be a positive number (the KL strength), got {tau!r}")
-    if weights is not None:
-        _check_1d("weights", weights, n)
-        if bool((weights < 0).any()):
-            raise ValueError("weights must be non-negative")
-
-    dtype = logprobs.dtype
-    rewards = rewards.to(dtype)
-    old_logprobs = old_logprobs.to(dtype).detach()
-    # Dense group index 0..G-1 so scatter works for any id values (sparse, negative).
-    _, gidx = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(gidx.max().item()) + 1
-    counts = torch.zeros(num_groups, dtype=dtype, device=logprobs.device).index_add_(
-        0, gidx, torch.ones_like(rewards))
-    reward_sum = torch.zeros_like(counts).index_add_(0, gidx, rewards)
-    baseline = (reward_sum / counts)[gidx]
-    residual = rewards - baseline - tau * (logprobs - old_logprobs)
-    sq = residual.pow(2)
-    if weights is not None:
-        sq = sq * weights.to(dtype).detach()
-    per_group = torch.zeros_like(counts).index_add_(0, gidx, sq) / counts
-    return per_group.mean()
-
-
-def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum per-token log-probs [N, T] over the response tokens where mask [N, T] is set -> [N]."""
-    if token_logprobs.dim() != 2:
-        raise ValueError(f"token_logprobs must be [N, T], got shape {tuple(token_logprobs.shape)}")
-    if mask.shape != token_logprobs.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal token_logprobs shape "
-                         f"{tuple(token_logprobs.shape)}")
-    # where() instead of a product: padded positions may hold -inf/NaN log-probs.
-    zero = torch.zeros((), dtype=token_logprobs.dtype, device=token_logprobs.device)
-    return torch.where(mask.bool(), token_logprobs, zero).sum(dim=1)
-
-
-def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on curated SFT data, mean over masked tokens.
-
-    logits [B, T, V] and labels [B, T] are already aligned: logits[:, t] predicts labels[:, t]
-    (the caller shifts by one, as it does for SFT). mask [B, T] selects the tokens that count
-    (the answer tokens of an SFT sample).
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must be logits.shape[:2] = "
-                         f"{tuple(logits.shape[:2])}")
-    if mask.shape != labels.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal labels shape {tuple(labels.shape)}")
-    m = mask.bool()
-    count = int(m.sum().item())
-    if count == 0:
-        raise ValueError("mask selects no tokens; the PTX batch needs at least one target token")
-    x = logits[m]
-    if x.dtype in (torch.float16, torch.bfloat16):  # softmax over the vocabulary in fp32
-        x = x.float()
-    return F.cross_entropy(x, labels[m].long(), reduction="mean")
-
-
-def total_loss(rl_loss: torch.Tensor, ptx: torch.Tensor | None, ptx_coef: float) -> torch.Tensor:
-    """total = RL loss + lambda * PTX loss (seed 4.3); ptx None means no PTX batch this step."""
-    if not ptx_coef >= 0:
-        raise ValueError(f"ptx_coef (lambda) must be >= 0, got {ptx_coef!r}")
-    if ptx is None:
-        if ptx_coef > 0:
-            raise ValueError("ptx is None but ptx_coef > 0; pass the PTX loss or set ptx_coef=0")
-        return rl_loss
-    return rl_loss + ptx_coef * ptx
+    def __call__(self, lp: torch.Tensor, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rl_rows = (b["rl_coef"] > 0).to(lp.dtype)
+        seq = (lp * b["loss_mask"] * rl_rows[:, None]).sum(-1)
+        resid = b["advantage"] - self.tau * (seq - b["old_lp"])
+        rl = (b["rl_coef"] * b["is_weight"] * resid.pow(2)).sum()
+        ptx = -(b["ptx_w"] * lp).sum()
+        return rl + ptx, b["row_share"].sum()
 
 
 @dataclass(kw_only=True)

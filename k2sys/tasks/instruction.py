@@ -305,17 +305,25 @@ class InstructionFollowing(TaskFamily):
         return self.verify_batch([task], [response])[0]
 
     def verify_batch(self, tasks: list[Task], responses: list[str]) -> list[float]:
+        return [r for r, _ in self.score_details(tasks, responses)]
+
+    def score_details(self, tasks: list[Task], responses: list[str]) -> list[tuple[float, dict[str, float]]]:
+        """(reward, figures) per response; figures (what evaluation reports, k2sys.eval.harness):
+        prompt_strict = every constraint followed, inst_strict = the share of its constraints followed.
+        A failed check (judge or sandbox down) scores 0 and is counted."""
         for t in tasks:
             self._check_task(t)
         programs = self.verifier.run_programs(tasks, responses)
-        out = []
+        out: list[tuple[float, dict[str, float]]] = []
         for t, r, prog in zip(tasks, responses, programs):
             res = self.failures.guard(self.verifier.check, t, r, prog, what="instruction sample")
             if res is None:
-                out.append(0.0)
+                out.append((0.0, {"prompt_strict": 0.0, "inst_strict": 0.0}))
                 continue
             self.hacks += int(res.hacked)
-            out.append(float(res.reward))
+            checks = list(res.checks.values())
+            out.append((float(res.reward), {"prompt_strict": float(all(checks)),
+                                            "inst_strict": sum(checks) / len(checks) if checks else 1.0}))
         return out
 
     def reward_stats(self) -> dict[str, int]:

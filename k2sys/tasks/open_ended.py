@@ -19,8 +19,9 @@ Closed loop (refresh_every > 0): every refresh_every iterations, the iteration's
 the verifiable families give (better, worse) pairs ordered by their verifiable rewards; the critic's
 agreement with those orderings is logged (critic/agreement, before the refresh), then the critic is
 refreshed with the pairwise ranking loss: the heuristic critic's item weights are re-fitted; the policy
-critic gets its verdict-labelled critic prompts added to the train step (ctx.train_rows; they ride the
-PTX term, so rl.ptx_coef must be > 0) and its scale calibrated; a remote LLM critic is only measured.
+critic gets its verdict-labelled critic prompts added to the train step (ctx.train_rows, a cross-entropy
+weighed by rl.critic_coef, separate from the PTX term) and its scale calibrated; a remote LLM critic is
+only measured.
 The critic state is kept per iteration in <run>/rewards/open_ended_critic.json and read back as of the
 last committed iteration on resume. Mixed batches: list "open_ended" next to verifiable families in
 tasks.families.
