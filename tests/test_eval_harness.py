@@ -32,7 +32,7 @@ from k2sys.eval.answers import (extract_gsm8k_answer, extract_math_answer, gsm8k
 from k2sys.eval.compare import (bootstrap_ci, compare_results, newcombe_interval, paired_bootstrap_delta,
                                 wilson_interval, write_report)
 from k2sys.eval.generators import ChatRequest, Completion
-from k2sys.eval.ifeval import check_instruction, check_row
+from k2sys.rewards.ifeval import check_instruction, check_row
 from k2sys.eval.suite import SamplingConfig, SuiteEntry, load_results, parse_suite_arg, run_suite
 from k2sys.rewards.sandbox import bwrap_available
 

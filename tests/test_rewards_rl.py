@@ -32,7 +32,7 @@ def test_instruction_family_references_pass_and_violations_fail():
     fam = get_family("instruction", max_constraints=3)
     tasks = fam.generate(80, seed=3)
     assert fam.verify_batch(tasks, [t.answer for t in tasks]) == [1.0] * 80
-    from k2sys.eval.ifeval import IFEVAL_CHECKS
+    from k2sys.rewards.ifeval import IFEVAL_CHECKS
     ids = {c["id"] for t in tasks for c in t.meta["constraints"]}
     assert len(ids) >= 12 and ids <= set(IFEVAL_CHECKS)  # the benchmark's own checks, composed per prompt
     assert all(c["instruction"] in t.prompt for t in tasks for c in t.meta["constraints"])

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Iterator
 
 from k2sys.eval.answers import extract_gsm8k_answer, extract_math_answer, gsm8k_reference, last_boxed, math_equal
 from k2sys.eval.answers import numbers_equal
-from k2sys.eval.ifeval import LANGUAGE_DETECTOR, check_row
+from k2sys.rewards.ifeval import LANGUAGE_DETECTOR, check_row
 
 __all__ = ["EvalItem", "Score", "Adapter", "ADAPTERS", "get_adapter", "read_records", "GSM8K", "MATH", "IFEval",
            "HumanEval", "MBPP", "Tau", "humaneval_program", "mbpp_program"]

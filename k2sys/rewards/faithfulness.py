@@ -37,8 +37,8 @@ _TOKEN = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+(?:[.,]\d+)*")
 
 
 def split_claims(text: str) -> list[str]:
-    """Sentences of a response (k2sys.eval.ifeval.split_sentences), list markers and lines kept apart."""
-    from k2sys.eval.ifeval import split_sentences
+    """Sentences of a response (k2sys.rewards.ifeval.split_sentences), list markers and lines kept apart."""
+    from k2sys.rewards.ifeval import split_sentences
 
     out = []
     for line in text.splitlines():

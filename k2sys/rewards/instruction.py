@@ -9,7 +9,7 @@ Kinds:
 * bullets, max_words, min_words, include, exclude, ends_with, lowercase, no_commas, paragraphs
   (CONSTRAINT_KINDS, checked here);
 * ifeval: ``{"kind": "ifeval", "id": "detectable_format:json_format", "kwargs": {...}}``, any of the
-  25 IFEval instruction ids, checked by k2sys.eval.ifeval (the benchmark's own definitions);
+  25 IFEval instruction ids, checked by k2sys.rewards.ifeval (the benchmark's own definitions);
 * program: ``{"kind": "program", "code": "def check(response): ..."}``, a checker program (AutoIF,
   below); it runs only inside the bubblewrap sandbox, never on the host; many checks go to one
   sandbox run (`run_checkers`);
@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from k2sys.rewards.ifeval import check_instruction
 from k2sys.rewards.judge_client import ChatFn, RewardCallFailed
 from k2sys.tasks.base import Task
 
@@ -65,8 +66,6 @@ def _need(c: dict[str, Any], key: str) -> Any:
 
 
 def _ifeval(r: str, c: dict[str, Any]) -> bool:
-    from k2sys.eval.ifeval import check_instruction  # imports this module: late
-
     return check_instruction(_need(c, "id"), r, c.get("kwargs"))
 
 

@@ -219,7 +219,7 @@ class InstructionFollowing(TaskFamily):
             constraints.append(_c("length_constraints:number_words", f"Answer with at least {n} words.",
                                   relation="at least", num_words=n))
         if "max_sentences" in kinds:
-            from k2sys.eval.ifeval import split_sentences
+            from k2sys.rewards.ifeval import split_sentences
 
             n = len(split_sentences(ref)) + rng.randint(1, 3)
             constraints.append(_c("length_constraints:number_sentences", f"Use fewer than {n} sentences.",

@@ -6,9 +6,10 @@
                without its first line, last line, or both; and those with '*' removed)
     -> prompt-level (all instructions of the row) and instruction-level accuracy, strict and loose
 
-Where k2sys.rewards.instruction already has the same check it is used (CONSTRAINT_KINDS: no_commas,
-lowercase). The rest differ in the benchmark's definitions (bullets count only '*'/'-' lines,
-paragraphs are split by '***', keyword search is a case-insensitive regex...), so they live here.
+Used by the IFEval adapter (k2sys.eval.adapters), the instruction reward's "ifeval" constraints
+(k2sys.rewards.instruction) and the instruction task family. Several checks differ from the reward's
+own constraint kinds by the benchmark's definitions (bullets count only '*'/'-' lines, paragraphs
+are split by '***', keyword search is a case-insensitive regex...), so they are kept apart here.
 
 `language:response_language` uses langdetect when it is installed; without it, a script + stopword
 heuristic decides (LANGUAGE_DETECTOR says which), which can disagree with langdetect on short or
@@ -23,7 +24,6 @@ import unicodedata
 from collections import Counter
 from typing import Any, Callable
 
-from k2sys.rewards.instruction import CONSTRAINT_KINDS
 
 __all__ = ["IFEVAL_CHECKS", "check_instruction", "check_row", "loose_variants", "detect_language",
            "LANGUAGE_DETECTOR", "split_sentences"]
@@ -245,8 +245,8 @@ IFEVAL_CHECKS: dict[str, _Check] = {
         sum(1 for w in re.findall(r"\w+", r) if w.isupper()), kw["capital_relation"], int(kw["capital_frequency"])),
     "change_case:english_capital": lambda r, kw: r.isupper() and _same_language(r, "en"),
     "change_case:english_lowercase": lambda r, kw: any(c.islower() for c in r)
-    and CONSTRAINT_KINDS["lowercase"](r, {}) and _same_language(r, "en"),
-    "punctuation:no_comma": lambda r, kw: CONSTRAINT_KINDS["no_commas"](r, {}),
+    and r == r.lower() and _same_language(r, "en"),
+    "punctuation:no_comma": lambda r, kw: "," not in r,
 }
 
 
