@@ -184,3 +184,45 @@ def test_run_eval_keeps_report_keys_and_compare_reads_its_results(tok, tmp_path)
     assert main(["compare", str(tmp_path / "eval" / "sft"), str(tmp_path / "eval" / "rl"), "--out", str(out),
                  "--no-png", "--resamples", "200"]) == 0
     assert "arithmetic" in out.read_text() and "avg@2" in out.read_text()
+
+
+def test_difficulty_filter_keeps_judged_families_unfiltered(tok, tmp_path):
+    """A critic-scored family has no solved sample (its rewards never reach 1): its prompts pass the
+    filter unfiltered instead of all being dropped as too hard; verifiable ones are filtered."""
+    from k2sys.config import apply_overrides
+    from k2sys.coordinator.driver import RecipeRunner
+    from k2sys.engine.protocol import GenerateOutput
+    from k2sys.recipes import get_recipe
+    from k2sys.tasks.base import Task
+    from k2sys.tasks.format import prompt_ids
+
+    cfg = apply_overrides(get_recipe("tiny-k2"), ["tasks.families=arithmetic", 'rl.budgets={"arithmetic": 12}',
+                                                  "rl.filter_prompts=10", "rl.filter_samples=4", "rl.filter_low=0.1",
+                                                  "rl.filter_high=0.9"])
+    fam = get_family("arithmetic")
+    tasks = fam.generate(6, seed=0, split="train")
+    judged_fam = SimpleNamespace(verifiable=False)
+    judged = [Task(prompt=f"write a poem about {w}", answer="", family="judged") for w in ("rain", "salt", "iron")]
+    right = [0, 4, 2, 1, 3, 0]  # correct samples of 4: too hard, too easy, kept x3, too hard
+    by_prompt = {tuple(prompt_ids(tok, t)): i for i, t in enumerate(tasks)}
+
+    class FilterEngine:  # unit-test fake: n samples per prompt, the first right[i] of them correct
+        def generate(self, reqs):
+            out = []
+            for r in reqs:
+                i = by_prompt[tuple(r.input_ids)]  # a judged prompt reaching the engine fails here
+                for j in range(r.sampling.n):
+                    text = tasks[i].answer if j < right[i] else "0 0"
+                    ids = tuple(tok.encode(text).ids) + (r.sampling.stop_token_ids[0],)
+                    out.append(GenerateOutput(rid=f"{r.rid}-{j}", output_ids=ids, finish_reason="stop"))
+            return out
+    cfg.rl.budgets["judged"] = 12
+    runner = SimpleNamespace(cfg=cfg, tok=tok, dir=tmp_path, families={"arithmetic": fam, "judged": judged_fam},
+                             engine=SimpleNamespace(client=FilterEngine()), metrics=_Metrics(),
+                             engine_call=lambda fn, **kw: fn(), tasks=lambda split: {"arithmetic": tasks,
+                                                                                      "judged": judged})
+    (tmp_path / "data").mkdir()
+    kept = RecipeRunner.difficulty_filter(runner)
+    assert sorted(t.prompt for t in kept) == sorted([tasks[i].prompt for i in (2, 3, 4)] + [t.prompt for t in judged])
+    kind, _, values = runner.metrics.records[-1]
+    assert kind == "filter" and values["filter/judged_unfiltered"] == 3 and values["filter/kept"] == 3

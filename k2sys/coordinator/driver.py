@@ -380,6 +380,12 @@ class RecipeRunner:
             return pool
         rng.shuffle(pool)
         pool = pool[: r.filter_prompts]
+        # a judged family (critic-scored) has no solved sample: its prompts pass unfiltered
+        judged = [t for t in pool if not self.families[t.family].verifiable]
+        pool = [t for t in pool if self.families[t.family].verifiable]
+        if not pool:
+            write_json_atomic(path, [t.to_dict() for t in judged])
+            return judged
         stops = stop_token_ids(self.tok)
         n = r.filter_samples
         reqs = [GenerateRequest(input_ids=tuple(prompt_ids(self.tok, t)),
@@ -391,9 +397,9 @@ class RecipeRunner:
                               for i, t in enumerate(pool) for o in outs[i * n:(i + 1) * n]], self.tok, stops)
         correct = [sum(r >= 1.0 for r in rewards[i * n:(i + 1) * n]) for i in range(len(pool))]
         res = flt([n] * len(pool), correct)
-        kept = [pool[i] for i in res.keep]
+        kept = [pool[i] for i in res.keep] + judged
         write_json_atomic(path, [t.to_dict() for t in kept])
-        self.metrics.log("filter", 0, **res.stats())
+        self.metrics.log("filter", 0, **res.stats(), **{"filter/judged_unfiltered": len(judged)})
         if not kept:
             raise RuntimeError("difficulty filter kept no prompt: widen rl.filter_low/filter_high")
         return kept

@@ -51,6 +51,9 @@ def split_of(family: str, prompt: str) -> str:
 
 class TaskFamily(ABC):
     name: ClassVar[str]
+    verifiable: ClassVar[bool] = True
+    """False where the reward is a judgement (a critic's score), not a check that a response passes:
+    such a family has no "solved" sample, so the difficulty filter keeps its prompts unfiltered."""
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
