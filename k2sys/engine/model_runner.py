@@ -19,6 +19,11 @@ rest (embeddings, lm_head, norms, router) stays in the compute dtype. A linear d
 weight when it runs and drops it after (`_Fp8Linear`), so resident memory stays FP8; on CUDA the
 routed experts go through the Triton fused MoE, which dequantizes 128x128 tiles in its GEMM loop.
 
+Routed experts elsewhere (`k2sys.engine.moe`): "grouped" (the default) runs a layer's experts as two
+grouped GEMMs over the stacked expert bases; "loop" is the per-expert loop over packed linears it
+replaced (the benchmark's peer, and the FP8 path off CUDA, which dequantizes one expert at a time).
+Only "loop" keeps oneDNN-packed copies of the experts, so "grouped" also halves their memory in fp32.
+
 Shape legend: T tokens in the step, B sequences, Q query tokens per sequence, L cached tokens,
 H heads, D hidden, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim,
 E routed experts, I expert width.
@@ -32,14 +37,17 @@ import torch
 import torch.nn.functional as F
 
 from k2sys.engine.kv_cache import PagedLatentCache
+from k2sys.engine.moe import grouped_moe, loop_moe
 from k2sys.models import K2Config, param_shapes, route
 from k2sys.models.rope import RotaryEmbedding
 from k2sys.quant.fp8 import (FP8_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_block, fp8_scale_shape,
                              is_fp8_weight_name, quantize_fp8_state, scale_inv_name)
 
-__all__ = ["AttnGroup", "ModelRunner", "PromptLogprobSpec", "PromptLogprobs", "StepBatch", "QUANTIZATIONS"]
+__all__ = ["AttnGroup", "MOE_IMPLS", "ModelRunner", "PromptLogprobSpec", "PromptLogprobs", "StepBatch",
+           "QUANTIZATIONS"]
 
 QUANTIZATIONS = ("none", "fp8")
+MOE_IMPLS = ("grouped", "loop")
 
 try:  # oneDNN's linear on a weight packed once ahead of time (the op inductor's CPU freezing uses)
     _onednn_linear = torch.ops.mkldnn._linear_pointwise
@@ -51,7 +59,7 @@ PACK_ROWS = 32
 """Rows oneDNN tunes a packed weight's layout for: about a decode step's tokens per GEMM. Any row
 count runs; 32 was fastest or near it from 8 to 1024 rows on k2-small shapes (measured)."""
 
-try:  # the Triton router + fused MoE (EngineConfig.moe_kernels); CPU keeps grouped_moe below
+try:  # the Triton router + fused MoE (EngineConfig.moe_kernels); CPU keeps k2sys.engine.moe
     from k2sys import kernels as _kernels
 except Exception:  # noqa: BLE001 - kernels package absent or triton broken: the torch path serves
     _kernels = None
@@ -119,8 +127,9 @@ class _Linear:
         self.w, self.bias, self.packed = w, bias, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # One row through a small weight: the plain GEMV is ~25% faster than the packed call.
-        if self.packed is not None and (x.shape[0] > 1 or self.w.shape[0] >= 4096):
+        # One row: the plain GEMV is faster than the packed call, by ~25% through a small weight and
+        # by 5-30% through the 16k-vocab lm_head (k2-small, 1 and 2 threads, interleaved, measured).
+        if self.packed is not None and x.shape[0] > 1:
             return _onednn_linear(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.w, self.bias)
 
@@ -198,9 +207,12 @@ def _fp8_block(cfg: K2Config) -> tuple[int, int]:
 class ModelRunner:
     def __init__(self, cfg: K2Config, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: str | torch.device = "cpu", max_positions: int | None = None, moe_kernels: str = "auto",
-                 quantization: str = "none"):
+                 quantization: str = "none", moe_impl: str = "grouped"):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"EngineConfig.quantization: use one of {QUANTIZATIONS}, got {quantization!r}")
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"ModelRunner moe_impl: use one of {MOE_IMPLS}, got {moe_impl!r}")
+        self.moe_impl = moe_impl
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.fp8 = quantization == "fp8"
         self.fp8_block = _fp8_block(cfg) if self.fp8 else None
@@ -212,6 +224,7 @@ class ModelRunner:
         self.params: dict[str, torch.Tensor] = {}
         self.linears: list[_Linear | _Fp8Linear] = []
         self._consumers: dict[str, _Linear | _Fp8Linear] = {}   # HF name -> the linear whose packed copy it feeds
+        self._expert_linears: set[int] = set()  # ids of the per-expert linears (packed only for moe_impl="loop")
         self.packed = _packing_works(self.device, dtype)
         self._build_storage()
         self.expected = {n: tuple(s) for n, s in param_shapes(cfg).items()}
@@ -369,6 +382,7 @@ class ModelRunner:
                                                 scale=None if L.s13 is None else L.s13[e], rows=[I, I]))
                 L.experts2.append(self._linear(L.w2[e], [qe + "down_proj.weight"],
                                                scale=None if L.s2 is None else L.s2[e]))
+            self._expert_linears.update(map(id, L.experts13 + L.experts2))
             L.shared = None
             if cfg.n_shared_experts:
                 L.shared = self._mlp(p + "mlp.shared_experts.", I * cfg.n_shared_experts)
@@ -404,7 +418,27 @@ class ModelRunner:
                 self.params[name].copy_(t)
         if self.packed:
             for lin in {id(c): c for n in named if (c := self._consumers.get(n)) is not None}.values():
-                lin.pack()
+                if self._keeps_packed(lin):
+                    lin.pack()
+
+    def _keeps_packed(self, lin: _Linear | _Fp8Linear) -> bool:
+        return self.moe_impl == "loop" or id(lin) not in self._expert_linears
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Switch the routed experts between "grouped" and "loop" (MOE_IMPLS), packing or freeing the
+        experts' oneDNN copies to match (while the weights are released, the next update packs)."""
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"ModelRunner moe_impl: use one of {MOE_IMPLS}, got {impl!r}")
+        self.moe_impl = impl
+        if not self.packed:
+            return
+        resident = all(b.untyped_storage().nbytes() or not b.numel() for b in self.bases)
+        for L in self.layers:
+            for lin in getattr(L, "experts13", []) + getattr(L, "experts2", []):
+                if resident and self._keeps_packed(lin):
+                    lin.pack()
+                else:
+                    lin.unpack()
 
     def release_weights(self) -> None:
         """Free every base's storage (views stay attached to the emptied storage) and the packed copies."""
@@ -427,8 +461,12 @@ class ModelRunner:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return w * xf.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.rope.apply(x, cos, sin)
+    def _rope_qk(self, q_rope: torch.Tensor, k_rope: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate the queries' rope parts [T, H, R] and the shared rope key [T, R] in one pass (the
+        key rides as head H; RoPE is elementwise, so this equals rotating each on its own)."""
+        r = self.rope.apply(torch.cat([q_rope, k_rope[:, None]], dim=1), cos, sin)
+        return r[:, :self.H], r[:, self.H]
 
     def forward(self, batch: StepBatch, cache: PagedLatentCache) -> torch.Tensor:
         """-> logits [S, vocab] (fp32) for batch.logit_rows."""
@@ -441,12 +479,14 @@ class ModelRunner:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.embed)
-        cos, sin = self.cos_table[batch.positions], self.sin_table[batch.positions]
+        # [T, 1, R/2]: broadcast over the query heads and the rope key (see _rope_qk)
+        cos, sin = self.cos_table[batch.positions][:, None], self.sin_table[batch.positions][:, None]
         # The causal + length mask is the same in every layer: build it once per step.
-        biases = [self._attn_bias(g, cache.block_size, x.dtype) for g in batch.groups]
+        groups = [(g, self._attn_bias(g, cache.block_size, x.dtype), self._in_order(batch, g, x.shape[0]))
+                  for g in batch.groups]
         for li, L in enumerate(self.layers):
             h = self._rms(x, L.in_norm, eps)
-            x = x + self._attention(li, L, h, cos, sin, batch, cache, biases)
+            x = x + self._attention(li, L, h, cos, sin, batch, cache, groups)
             h = self._rms(x, L.post_norm, eps)
             x = x + (self._moe(L, h) if L.moe else self._swiglu(h, L.gate_up, L.down))
         spec = batch.prompt_logprobs
@@ -490,8 +530,17 @@ class ModelRunner:
             return bias
         return bias[:, :, None, :].expand(B, Q, self.H, bias.shape[-1]).reshape(B, Q * self.H, -1)
 
+    @staticmethod
+    def _in_order(batch: StepBatch, g: AttnGroup, T: int) -> bool:
+        """True for a decode-only step whose one group holds the step's tokens in order (rows = 0..T-1):
+        its queries and outputs need no gather and no scatter."""
+        B, Q = g.rows.shape
+        return (len(batch.groups) == 1 and Q == 1 and B == T
+                and torch.equal(g.rows.view(-1), torch.arange(T, device=g.rows.device)))
+
     def _attention(self, li: int, L: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   batch: StepBatch, cache: PagedLatentCache, biases: list[torch.Tensor]) -> torch.Tensor:
+                   batch: StepBatch, cache: PagedLatentCache,
+                   groups: list[tuple[AttnGroup, torch.Tensor, bool]]) -> torch.Tensor:
         cfg, H, C, R, N, V = self.cfg, self.H, self.C, self.R, self.N, self.V
         T = h.shape[0]
         a = L.attn_in(h)
@@ -500,18 +549,20 @@ class ModelRunner:
             q = L.q_b(self._rms(q, L.q_norm, 1e-6))
         q = q.view(T, H, N + R)
         q_nope, q_rope = q.split([N, R], dim=-1)
-        q_rope = self._rope(q_rope, cos[:, None], sin[:, None])
-        k_rope = self._rope(k_rope, cos, sin)
+        q_rope, k_rope = self._rope_qk(q_rope, k_rope, cos, sin)
         latent = self._rms(latent, L.kv_norm, 1e-6)
         cache.write(li, batch.slots, latent, k_rope)
         w_uk, w_uv = self._kv_b(L)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # [T, H, C]
         qcat = torch.cat([q_lat, q_rope], dim=-1)                               # [T, H, C+R]
-        o_lat = torch.empty(T, H, C, dtype=h.dtype, device=h.device)
-        for g, bias in zip(batch.groups, biases):
+        o_lat = None
+        for g, bias, in_order in groups:
             B, Q = g.rows.shape
             kv = cache.gather(li, g.block_tables).to(h.dtype)                  # [B, Lmax, C+R]
-            qg = qcat.index_select(0, g.rows.reshape(-1)).view(B, Q * H, C + R)
+            if in_order:
+                qg = qcat.view(B, H, C + R)
+            else:
+                qg = qcat.index_select(0, g.rows.reshape(-1)).view(B, Q * H, C + R)
             # scale and mask ride along in the score GEMM: bias + scale * (q . kv)
             scores = torch.baddbmm(bias, qg, kv.transpose(1, 2), alpha=self.scale)  # [B, Q*H, Lmax]
             if scores.dtype == torch.float32:
@@ -519,11 +570,18 @@ class ModelRunner:
             else:  # low precision: softmax in fp32
                 probs = scores.softmax(-1, dtype=torch.float32).to(h.dtype)
             out = torch.bmm(probs, kv[..., :C]).view(B * Q, H, C)
+            if in_order:
+                o_lat = out
+                continue
+            if o_lat is None:
+                o_lat = torch.empty(T, H, C, dtype=h.dtype, device=h.device)
             if Q == 1:
                 o_lat.index_copy_(0, g.rows.view(-1), out)
             else:
                 keep = g.valid.view(-1)
                 o_lat.index_copy_(0, g.rows.view(-1)[keep], out[keep])
+        if o_lat is None:  # no group: nothing attends (not a step the scheduler makes)
+            o_lat = torch.zeros(T, H, C, dtype=h.dtype, device=h.device)
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
         return L.o_proj(o.reshape(T, H * V))
 
@@ -549,31 +607,13 @@ class ModelRunner:
             out = _kernels.fused_moe(x, L.w13, L.w2, weights, ids, w13_scale=L.s13, w2_scale=L.s2)
         else:
             weights, ids = route(logits, L.router_bias, cfg)
-            out = grouped_moe(x, L.experts13, L.experts2, weights, ids)
+            out = self.routed_experts(L, x, weights, ids)
         if L.shared is not None:
             out = out + self._swiglu(x, *L.shared)
         return out
 
-
-def grouped_moe(x: torch.Tensor, experts13: list, experts2: list, weights: torch.Tensor,
-                ids: torch.Tensor) -> torch.Tensor:
-    """Routed experts by sorting (token, slot) pairs by expert and running one GEMM pair per
-    expert on a contiguous slice. x [T, D]; experts13[e]: x -> [*, 2I] (gate | up) and
-    experts2[e]: [*, I] -> [*, D], callables such as F.linear with a bound weight;
-    weights/ids [T, k]."""
-    T, k = ids.shape
-    E = len(experts13)
-    flat = ids.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=E).tolist()
-    tok = order // k
-    xs = x.index_select(0, tok)
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            g, u = experts13[e](xs[start:start + c]).chunk(2, dim=-1)
-            ys[start:start + c] = experts2[e](F.silu(g) * u)
-            start += c
-    ys = ys * weights.reshape(-1).index_select(0, order)[:, None].to(ys.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, ys)
+    def routed_experts(self, L: _Layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output of layer L for x [T, D] routed to ids with weights [T, k]."""
+        if self.moe_impl == "loop" or self.fp8:  # FP8 off CUDA: dequantize only the experts that run
+            return loop_moe(x, L.experts13, L.experts2, weights, ids)
+        return grouped_moe(x, L.w13, L.w2, weights, ids)

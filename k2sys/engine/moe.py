@@ -1,0 +1,145 @@
+"""Routed experts on the native engine's torch path (CPU, and CUDA when the Triton MoE is off).
+
+    (token, slot) pairs --sort by expert--> rows grouped per expert
+      --grouped GEMM over the stacked gate|up weights--> silu(gate) * up
+      --grouped GEMM over the stacked down weights--> x routing weight --scatter-add--> [T, D]
+
+`grouped_moe` runs all experts of a layer in one GEMM call per projection, on the stacked expert
+weights the engine already stores ([E, 2I, D] and [E, D, I], read through transposed views: no
+copy). The GEMM is `torch.nn.functional.grouped_mm` (jagged row groups, one weight per group)
+where it runs for the device and dtype (`grouped_mm_works`), else one bmm over the groups padded to
+the largest. On CPU grouped_mm is a C++ loop that visits every group (~3 us each, empty or not),
+so a step with fewer (token, slot) pairs than experts - batch-1 decode - instead runs one GEMV
+pair per pair (`_per_pair`): fewest ops, and only the selected experts' weights are read.
+
+`loop_moe` is the per-expert Python loop the grouped path replaced: one GEMM pair per expert on its
+contiguous slice of sorted rows, through per-expert callables (the engine's packed oneDNN linears,
+or FP8 linears that dequantize one expert at a time). It stays the FP8 CPU path and the reference
+and benchmark peer of `grouped_moe` (benchmarks/bench_decode.py).
+
+Shapes: T tokens, k experts per token, E experts, D hidden, I expert width; ids/weights [T, k].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ExpertRows", "grouped_mm_works", "grouped_moe", "loop_moe", "sort_by_expert"]
+
+
+@dataclass
+class ExpertRows:
+    """The step's (token, slot) pairs sorted by expert (stable: by token within an expert)."""
+    order: torch.Tensor   # [T*k] flat (token, slot) index of each sorted row
+    tok: torch.Tensor     # [T*k] token of each sorted row
+    counts: torch.Tensor  # [E] rows per expert
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> ExpertRows:
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    return ExpertRows(order=order, tok=order // ids.shape[1], counts=torch.bincount(flat, minlength=num_experts))
+
+
+def _combine(x: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+    """sum over a token's k experts of routing weight x expert output -> [T, D]."""
+    ys = ys * weights.reshape(-1).index_select(0, rows.order)[:, None].to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, rows.tok, ys)
+
+
+def loop_moe(x: torch.Tensor, experts13: Sequence[Callable], experts2: Sequence[Callable], weights: torch.Tensor,
+             ids: torch.Tensor) -> torch.Tensor:
+    """One GEMM pair per expert. x [T, D]; experts13[e]: [*, D] -> [*, 2I] (gate | up);
+    experts2[e]: [*, I] -> [*, D]; weights/ids [T, k] -> [T, D]."""
+    rows = sort_by_expert(ids, len(experts13))
+    xs = x.index_select(0, rows.tok)
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, c in enumerate(rows.counts.tolist()):
+        if c:
+            g, u = experts13[e](xs[start:start + c]).chunk(2, dim=-1)
+            ys[start:start + c] = experts2[e](F.silu(g) * u)
+            start += c
+    return _combine(x, ys, weights, rows)
+
+
+def _padded_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM as one bmm over groups padded to the largest: a [R, K] rows sorted by group,
+    b [G, K, N], counts [G] -> [R, N]."""
+    G, R = b.shape[0], a.shape[0]
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.repeat_interleave(torch.arange(G, device=a.device), counts, output_size=R)
+    slot = torch.arange(R, device=a.device) - starts[group]
+    padded = a.new_zeros(G, int(counts.max()), a.shape[1])
+    padded[group, slot] = a
+    return torch.bmm(padded, b)[group, slot]
+
+
+_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """True where F.grouped_mm runs for (device, dtype) with empty groups and an [E, K, N] transposed
+    view as the weight, and agrees with per-group matmuls (checked once, on a small case)."""
+    dev = torch.device(device)
+    key = (dev.type, dtype)
+    if key not in _WORKS:
+        ok = False
+        if hasattr(F, "grouped_mm"):
+            try:
+                g = torch.Generator().manual_seed(0)
+                counts = torch.tensor([3, 0, 5, 0], device=dev)
+                a = torch.randn(8, 16, generator=g).to(dev, dtype)
+                w = torch.randn(4, 32, 16, generator=g).to(dev, dtype)  # [G, N, K] like the engine's bases
+                out = F.grouped_mm(a, w.transpose(1, 2), offs=torch.cumsum(counts, 0).to(torch.int32))
+                ref = torch.cat([a[:3] @ w[0].T, a[3:] @ w[2].T])
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                ok = out.shape == ref.shape and bool(torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol))
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                ok = False
+        _WORKS[key] = ok
+    return _WORKS[key]
+
+
+def _per_pair(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    """Fewer (token, slot) pairs than experts on CPU (batch-1 decode): one GEMV pair per pair
+    through its expert's weights. CPU grouped_mm walks every group, empty or not, so here it would
+    cost more than the GEMVs; this reads only the selected experts and needs no sort."""
+    T, k = ids.shape
+    ys = []
+    for j, e in enumerate(ids.reshape(-1).tolist()):
+        g, u = torch.mv(w13[e], x[j // k]).chunk(2)
+        ys.append(torch.mv(w2[e], F.silu(g) * u))
+    y = torch.stack(ys).view(T, k, -1)
+    return torch.bmm(weights.to(y.dtype)[:, None], y)[:, 0]  # [T, 1, k] @ [T, k, D]: the weighted sum
+
+
+def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """All routed experts of a layer in two grouped GEMMs. x [T, D]; w13 [E, 2I, D] (gate rows
+    then up rows, HF [out, in] layout); w2 [E, D, I]; weights/ids [T, k] -> [T, D].
+
+    use_grouped_mm: None = F.grouped_mm where `grouped_mm_works` (should a real shape still be
+    refused, e.g. a CUDA alignment rule the probe's shapes meet, the padded bmm serves from then
+    on); True/False force one (tests, benchmarks)."""
+    auto = use_grouped_mm is None
+    if auto and x.device.type == "cpu" and ids.numel() < w13.shape[0]:
+        return _per_pair(x, w13, w2, weights, ids)
+    rows = sort_by_expert(ids, w13.shape[0])
+    xs = x.index_select(0, rows.tok)
+    if auto and grouped_mm_works(x.device, x.dtype) or use_grouped_mm:
+        offs = torch.cumsum(rows.counts, 0).to(torch.int32)
+        try:
+            g, u = F.grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            return _combine(x, F.grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs), weights, rows)
+        except RuntimeError:
+            if not auto:
+                raise
+            _WORKS[(x.device.type, x.dtype)] = False
+    g, u = _padded_mm(xs, w13.transpose(1, 2), rows.counts).chunk(2, dim=-1)
+    return _combine(x, _padded_mm(F.silu(g) * u, w2.transpose(1, 2), rows.counts), weights, rows)
