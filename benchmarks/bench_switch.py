@@ -6,21 +6,24 @@ One colocated switch, as the coordinator runs it (k2sys.coordinator.state):
   rollout -> train:  engine.release(kv_cache, weights) -> trainer.onload
   train -> rollout:  trainer.offload -> engine.resume(weights) -> checkpoint-engine update -> engine.resume(kv_cache)
 Cases: k2-tiny / k2-small (Megatron backend with AdamW state + the native engine, in one process) and
-synthetic trainer states of 1-4 GiB (params + grads + Adam m, v; the engine holds the params).
+synthetic trainer states of 1-4 GiB (params + grads + Adam m, v; the engine holds the params). Memory
+released by one side goes to the process's host arena (k2sys.host_arena) and the other side resumes
+from it, as the system does; each case starts from a trimmed arena.
 
 Copy bound (benchmarks/common.py): the bytes moved by onload + offload + update at the speed of a
 plain copy of the trainer's own state buffers (host copy -> live storage, which holds the same
 values, so the copy changes nothing), split into N contiguous chunks on N threads, the fastest of
-libc memcpy / torch copy_ per round. The system copies with all cores (k2sys C++ pool), so the
+libc memcpy / torch copy_ / a streaming (non-temporal) copy per round (stream_bound.py). The system copies with all cores (k2sys C++ pool), so the
 all-cores bound carries the target (copy-bound time / switch time >= 0.67, i.e. within 1.5x); the
 1-thread row is a reference. Switch and bound run interleaved round by round (>= 5 rounds).
-Diagnostic (no ratio, no target): the onload priced as the system's copy into freshly allocated
-pages, which folds the design's own release-and-refault cost into the "bound".
+Diagnostics (no ratio, no target): the onload priced as a copy into freshly allocated pages (the
+handoff without the arena), and every stage's median time ("stage:part" rows split a stage).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -31,9 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (MIN_REPS, CopyBound, add_common_args, diagnostic, env_info, interleaved,  # noqa: E402
+from common import (MIN_REPS, add_common_args, diagnostic, env_info, interleaved,  # noqa: E402
                     paired_row, print_results, summarize, thread_counts, write_results)
+from stream_bound import StreamCopyBound  # noqa: E402
 from k2sys import ext  # noqa: E402
+from k2sys.host_arena import host_arena  # noqa: E402
 
 TARGET = 0.67
 
@@ -46,18 +51,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _state_buffers(off) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(live storages as bytes, host buffers) of a StateOffloader while onloaded: the buffers the
-    system copies between. Read through its private fields; the benchmark only copies host -> live,
-    which holds the same bytes after an onload, so nothing changes."""
-    live = [torch.empty(0, dtype=torch.uint8).set_(s) for s in off._storages]
-    return live, list(off._host)
-
-
 class ModelCase:
     """Megatron trainer (AdamW state) + native engine in this process."""
 
     def __init__(self, preset: str):
+        from k2sys.ckpt.engine_sinks import NativeEngineSink
         from k2sys.engine.engine import NativeEngine
         from k2sys.models import build_model
         from k2sys.models import preset as make
@@ -70,6 +68,7 @@ class ModelCase:
         tok = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
         self.trainer.train_step({"tokens": tok[:, :-1], "labels": tok[:, 1:], "loss_mask": torch.ones(2, 16)})
         self.engine = NativeEngine.from_model(ref)
+        self.sink = NativeEngineSink(self.engine)  # kept across updates, as update_weights' as_sink keeps it
         self.trainer.offload()  # start of a rollout: the engine owns the device
         self.stages: list[dict[str, float]] = []
         self.moved: dict[str, int] = {}
@@ -81,24 +80,30 @@ class ModelCase:
     def r2t(self) -> None:
         st = {"release_engine": _timed(lambda: self.engine.release_memory(["kv_cache", "weights"]))}
         t0 = time.perf_counter()
-        self.moved["onload"] = self.trainer.onload()["bytes"]
+        rep = self.trainer.onload()
         st["onload_trainer"] = time.perf_counter() - t0
+        self.moved["onload"] = rep["bytes"]
+        st["onload_trainer:resume_storages"] = rep["alloc_seconds"]
+        st["onload_trainer:fresh_MB"] = rep["fresh_bytes"] / 1e6
         self.stages.append(st)
 
     def t2r(self) -> None:
         from k2sys.ckpt import update_weights
-        from k2sys.ckpt.engine_sinks import NativeEngineSink
         from k2sys.ckpt.pipeline import TrainerShards
 
         st = self.stages[-1]
         t0 = time.perf_counter()
-        self.moved["offload"] = self.trainer.offload()["bytes"]
+        rep = self.trainer.offload()
         st["offload_trainer"] = time.perf_counter() - t0
+        self.moved["offload"] = rep["bytes"]
+        st["offload_trainer:copy"] = rep["seconds"]
         st["resume_weights"] = _timed(lambda: self.engine.resume_memory(["weights"]))
+        t0 = time.perf_counter()
         tensors, lay = self.trainer.export_shards()
         # the native engine in this process: its released-and-resumed weights are written in place
-        st["update_weights"] = _timed(lambda: update_weights(TrainerShards(layout=lay, tensors=tensors),
-                                                             NativeEngineSink(self.engine)))
+        upd = update_weights(TrainerShards(layout=lay, tensors=tensors), self.sink)
+        st["update_weights"] = time.perf_counter() - t0
+        st["update_weights:apply"], st["update_weights:commit"] = upd.apply_s, upd.commit_s
         self.moved["update"] = sum(t.numel() * t.element_size() for t in tensors.values())
         st["resume_kv"] = _timed(lambda: self.engine.resume_memory(["kv_cache"]))
 
@@ -126,9 +131,8 @@ class SyntheticCase:
         self.moved: dict[str, int] = {}
 
     def r2t(self) -> None:
-        def release():
-            for t in self.engine.weights.values():
-                t.untyped_storage().resize_(0)
+        def release():  # as the native engine releases its weights: into the process's host arena
+            host_arena().release([t.untyped_storage() for t in self.engine.weights.values()], user=self)
 
         st = {"release_engine": _timed(release)}
         t0 = time.perf_counter()
@@ -141,8 +145,8 @@ class SyntheticCase:
         from k2sys.ckpt.pipeline import TrainerShards
 
         def resume():
-            for t in self.engine.weights.values():
-                t.untyped_storage().resize_(self.per * 4)
+            ws = list(self.engine.weights.values())
+            host_arena().resume([t.untyped_storage() for t in ws], [self.per * 4] * len(ws), user=self)
 
         st = self.stages[-1]
         t0 = time.perf_counter()
@@ -164,7 +168,7 @@ class SyntheticCase:
 def run_case(name: str, case, repeats: int) -> tuple[list[dict], list]:
     system_threads = ext.summary()["cpp_threads"] or 1  # host_copy_ with threads=0: the whole pool
     case.r2t()  # warm-up switch (allocations, plans); the bound is built on the onloaded buffers
-    live, host = _state_buffers(case.offloader)
+    live, host = case.offloader.buffers()
     fresh_s: list[float] = []
 
     def fresh_onload():
@@ -175,7 +179,7 @@ def run_case(name: str, case, repeats: int) -> tuple[list[dict], list]:
             ext.host_copy_(d, h)
         fresh_s.append(time.perf_counter() - t0)
 
-    with CopyBound(live, host, threads=thread_counts(system_threads),
+    with StreamCopyBound(live, host, threads=thread_counts(system_threads),
                    where="the trainer's host buffers onto its live storages, the buffers onload/offload copy "
                          "between") as cb:
         case.t2r()
@@ -212,7 +216,10 @@ def run_case(name: str, case, repeats: int) -> tuple[list[dict], list]:
                                    switch_s=round(summarize(whole)["median"], 4)))
     for k in case.stages[0]:
         sp = summarize([st[k] for st in case.stages])
-        rows.append(diagnostic(f"switch/{name}/{k}", round(sp["median"], 5), "s", "stage time (median over rounds)",
+        mb = k.endswith("_MB")  # a size (MB the stage had to allocate fresh), not a time
+        rows.append(diagnostic(f"switch/{name}/{k}", round(sp["median"], 5), "MB" if mb else "s",
+                               "MB allocated fresh (page-faulted) instead of taken from the host arena" if mb else
+                               "stage time (median over rounds); a name:part is a part of the stage before it",
                                reps=sp["n"], spread=sp))
     top = next(r for r in rows if r["name"] == f"switch/{name}/bound_over_switch_x{max(cb.threads)}")
     table = [name, f"{summarize(r2t)['median']:.3f}", f"{summarize(t2r)['median']:.3f}", f"{top['baseline']:.3f}",
@@ -239,6 +246,9 @@ def main(argv=None) -> int:
             rows, line = run_case(name, case, args.repeats)
         finally:
             case.close()
+            case = None
+            gc.collect()
+            host_arena().trim()  # the finished case's parked memory, before the next case allocates
         results += rows
         lines.append(line)
     env = env_info(repeats=args.repeats, sizes_gib=args.sizes, models=args.models, note=args.note,

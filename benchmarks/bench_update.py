@@ -38,9 +38,10 @@ from k2sys import ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import k2_projection  # noqa: E402
-from common import (MIN_REPS, CopyBound, add_common_args, all_cores, copy_bound_rows, diagnostic,  # noqa: E402
+from common import (MIN_REPS, add_common_args, all_cores, copy_bound_rows, diagnostic,  # noqa: E402
                     env_info, interleaved, paired_row, print_results, projection_row, result, summarize,
                     thread_counts, write_results)
+from stream_bound import StreamCopyBound  # noqa: E402
 from k2sys.ckpt import (TensorSink, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,  # noqa: E402
                         plan_reshard, update_weights)
 from k2sys.ckpt.apply import compile_buckets  # noqa: E402
@@ -48,7 +49,7 @@ from k2sys.ckpt.bucket import interleave_owners  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 
-# Kimi K2 (FACTS.md): the shapes the projection is computed from.
+# Kimi K2 (docs/FACTS.md): the shapes the projection is computed from.
 KIMI_K2 = dict(hidden_size=7168, num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
                moe_intermediate_size=2048, intermediate_size=18432, vocab_size=163840, first_k_dense_replace=1,
@@ -75,7 +76,7 @@ def bench_onload(sizes_gib: list[float], repeats: int) -> list[dict]:
     for gib in sizes_gib:
         n = int(gib * GiB)
         s, d = src_buf.tensor[:n], dst[:n]
-        with CopyBound(d, s, threads=thread_counts(threads)) as cb:
+        with StreamCopyBound(d, s, threads=thread_counts(threads)) as cb:
             tm = interleaved({"pipelined": lambda: ol.copy_(d, s, src_pinned=True),
                               "bounce": lambda: ol.copy_(d, s, src_pinned=False), **cb.fns()}, repeats)
         assert torch.equal(d[-4096:], s[-4096:])
@@ -184,7 +185,7 @@ def bench_apply(repeats: int) -> list[dict]:
         for r in rows:
             ext.batched_strided_copy_(r, threads=threads)
 
-    with CopyBound(list(outs.values()), bufs, threads=thread_counts(threads), nbytes=total) as cb:
+    with StreamCopyBound(list(outs.values()), bufs, threads=thread_counts(threads), nbytes=total) as cb:
         tm = interleaved({"apply": apply_all, **cb.fns()}, repeats)
     n_rows = sum(r.shape[0] for r in rows)
     return copy_bound_rows("reshard_apply_tp2_to_tp1", tm["apply"], cb, tm, system_threads=threads,
@@ -233,7 +234,7 @@ def bench_shm(repeats: int, bucket_mib: int, model: str) -> tuple[list[dict], fl
             scratch = [torch.empty_like(t).fill_(1) for _, t in named]
             with HTTPEngine(url, shm_bucket_bytes=bucket_mib * MiB) as c:
                 session = {k: (lambda k=k: c.update_weights(named, transport=k)) for k in ("shm", "http")}
-                with CopyBound(scratch, [t for _, t in named], threads=thread_counts(threads),
+                with StreamCopyBound(scratch, [t for _, t in named], threads=thread_counts(threads),
                                where="from the same source tensors into touched buffers of the same sizes") as cb:
                     # begin/end (the engine's commit copy, the same for both transports) stay untimed
                     tm = interleaved({**session, **cb.fns()}, repeats,
@@ -347,7 +348,7 @@ def per_tensor_overhead(repeats: int) -> tuple[list[dict], float]:
         def cycle():
             eng.release_memory(["kv_cache", "weights"])
             eng.resume_memory(["weights"])
-        with CopyBound(scratch, srcs, threads=[all_cores()],
+        with StreamCopyBound(scratch, srcs, threads=[all_cores()],
                        where="from the trainer's host tensors into touched buffers of the same sizes") as cb:
             tm = interleaved({"update": lambda: reports.append(update_weights(shards, sink)), **cb.fns()}, repeats,
                              before={"update": cycle})

@@ -88,6 +88,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dst"), py::arg("src"), py::arg("sizes"), py::arg("threads") = 0, py::arg("chunk_bytes") = 0,
       "Apply many (dst, src, nbytes) copies in one call, balanced over the thread pool.");
 
+  m.def(
+      "batched_zero_ptr",
+      [](const std::vector<std::uint64_t>& dst, const std::vector<std::uint64_t>& sizes, int threads) {
+        if (dst.size() != sizes.size())
+          throw std::invalid_argument("batched_zero_ptr: dst and sizes must have the same length");
+        for (std::size_t i = 0; i < dst.size(); ++i)
+          if (sizes[i] && !dst[i]) throw std::invalid_argument("batched_zero_ptr: null address");
+        py::gil_scoped_release nogil;
+        k2sys::batched_zero(dst.data(), sizes.data(), dst.size(), threads);
+      },
+      py::arg("dst"), py::arg("sizes"), py::arg("threads") = 0,
+      "Zero many (address, nbytes) regions in one call, over the thread pool, with streaming stores.");
+
   // ---- strided batched slice copy (reshard apply) ----
   m.attr("STRIDED_COLS") = k2sys::kStridedCols;
   m.def(

@@ -1,5 +1,5 @@
 // A pool of aligned host buffers reused across weight updates. Fresh memory costs a page
-// fault per 4 KiB (FACTS.md: a copy into fresh memory runs at a quarter of the bound), so
+// fault per 4 KiB (docs/FACTS.md: a copy into fresh memory runs at a quarter of the bound), so
 // the checkpoint engine leases staging buffers from here and hands them back.
 //
 // Templated on the allocator so the CPU module uses aligned+pre-touched pages and the CUDA

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "stream_copy.h"
 #include "thread_pool.h"
 
 namespace k2sys {
@@ -33,14 +34,14 @@ void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads, 
   const auto* s = static_cast<const char*>(src);
   ThreadPool& pool = ThreadPool::global(threads);
   if (nbytes < kSerialBelow || pool.size() == 1) {
-    std::memcpy(d, s, nbytes);
+    copy_bytes(d, s, nbytes);
     return;
   }
   const std::size_t chunk = pick_chunk(nbytes, pool.size(), chunk_bytes);
   const std::size_t n_chunks = (nbytes + chunk - 1) / chunk;
   pool.run(n_chunks, [&](std::size_t i) {
     const std::size_t off = i * chunk;
-    std::memcpy(d + off, s + off, std::min(chunk, nbytes - off));
+    copy_bytes(d + off, s + off, std::min(chunk, nbytes - off));
   });
 }
 
@@ -79,12 +80,34 @@ void batched_copy(const std::uint64_t* dst_ptrs, const std::uint64_t* src_ptrs, 
   if (task_start.back() != pieces.size()) task_start.push_back(pieces.size());
   const std::size_t n_tasks = task_start.size() - 1;
   auto body = [&](std::size_t t) {
-    for (std::size_t p = task_start[t]; p < task_start[t + 1]; ++p) std::memcpy(pieces[p].dst, pieces[p].src, pieces[p].len);
+    for (std::size_t p = task_start[t]; p < task_start[t + 1]; ++p) copy_bytes(pieces[p].dst, pieces[p].src, pieces[p].len);
   };
   if (total < kSerialBelow) {
     for (std::size_t t = 0; t < n_tasks; ++t) body(t);
   } else {
     pool.run(n_tasks, body);
+  }
+}
+
+void batched_zero(const std::uint64_t* dst_ptrs, const std::uint64_t* sizes, std::size_t n, int threads) {
+  struct Piece {
+    char* dst;
+    std::size_t len;
+  };
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < n; ++i) total += sizes[i];
+  if (total == 0) return;
+  ThreadPool& pool = ThreadPool::global(threads);
+  const std::size_t chunk = pick_chunk(total, pool.size(), 0);
+  std::vector<Piece> pieces;
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t off = 0; off < sizes[i]; off += chunk)
+      pieces.push_back({reinterpret_cast<char*>(dst_ptrs[i]) + off, std::min(chunk, sizes[i] - off)});
+  auto body = [&](std::size_t t) { zero_bytes(pieces[t].dst, pieces[t].len); };
+  if (total < kSerialBelow || pool.size() == 1) {
+    for (std::size_t t = 0; t < pieces.size(); ++t) body(t);
+  } else {
+    pool.run(pieces.size(), body);
   }
 }
 

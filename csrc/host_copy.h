@@ -10,6 +10,9 @@ namespace k2sys {
 // Regions must not overlap. Safe to call without the GIL.
 void parallel_copy(void* dst, const void* src, std::size_t nbytes, int threads, std::int64_t chunk_bytes);
 
+// Zeroes many (dst, nbytes) regions, balanced over the pool by bytes, with streaming stores.
+void batched_zero(const std::uint64_t* dst_ptrs, const std::uint64_t* sizes, std::size_t n, int threads);
+
 // Applies many independent (dst, src, nbytes) copies, balanced over the pool by bytes:
 // large copies are split into chunks, small ones are grouped. Regions must not overlap.
 void batched_copy(const std::uint64_t* dst_ptrs, const std::uint64_t* src_ptrs, const std::uint64_t* sizes,

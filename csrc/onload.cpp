@@ -5,6 +5,8 @@
 #include <cstring>
 #include <new>
 
+#include "stream_copy.h"
+
 namespace k2sys {
 
 void* AlignedHostAlloc::allocate(std::size_t nbytes, std::size_t alignment) {
@@ -81,10 +83,10 @@ void CpuOnloader::worker_loop() {
     }
     if (c.staged) {
       // Bounce through the slot: the pageable-source path of the CUDA ring, on the CPU.
-      std::memcpy(slots_[slot], c.src, c.len);
-      std::memcpy(c.dst, slots_[slot], c.len);
+      std::memcpy(slots_[slot], c.src, c.len);  // the slot is read right back: keep it cached
+      copy_bytes(c.dst, slots_[slot], c.len);
     } else {
-      std::memcpy(c.dst, c.src, c.len);
+      copy_bytes(c.dst, c.src, c.len);
     }
     {
       std::lock_guard<std::mutex> g(mu_);

@@ -247,5 +247,7 @@ def test_killed_rank_aborts_survivor_with_old_weights(tmp_path):
     res = out[0]
     assert res is not None and "error" not in res, res and res.get("error")
     msg, bucket, kept, version = res["killed"]
-    assert "bucket 4" in msg and "died or timed out" in msg, msg
-    assert bucket == 4 and kept and version == 1
+    # rank 1 dies before the broadcast of bucket 4; with broadcasts in flight (pipelined) the survivor
+    # may see it on the completion of bucket 3, which rank 1 issued and never finished
+    assert ("bucket 4" in msg or "bucket 3" in msg) and "died or timed out" in msg, msg
+    assert bucket in (3, 4) and kept and version == 1

@@ -143,3 +143,29 @@ def test_strided_rows_errors_name_the_problem():
     bad = torch.tensor([[1, 2, -1, 1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.int64)
     with pytest.raises(ValueError, match="row 0"):
         ext.batched_strided_copy_(bad)
+
+
+def test_crc32c_three_stream_path_matches_table():
+    # The hardware path folds three interleaved crc32 streams over 3 x 8 KiB and 3 x 256 B blocks:
+    # lengths around those block boundaries and unaligned starts against the table path.
+    g = torch.Generator().manual_seed(5)
+    buf = torch.randint(0, 256, (3 * 8192 * 3 + 4096,), dtype=torch.uint8, generator=g)
+    for n in [767, 768, 769, 24575, 24576, 24577, 3 * 24576 + 3 * 256 + 5]:
+        for off in [0, 1, 5, 8]:
+            view = buf[off:off + n]
+            assert ext.crc32c(view) == ext.crc32c(view, impl="table"), (n, off)
+
+
+def test_streaming_copy_and_zero_are_exact_at_odd_offsets():
+    # Copies and zeroing of >= 1 MiB use streaming stores after an unaligned head: every byte lands,
+    # and nothing outside the region is touched.
+    g = torch.Generator().manual_seed(6)
+    src = torch.randint(0, 256, ((4 << 20) + 300,), dtype=torch.uint8, generator=g)
+    for off_s, off_d, n in [(0, 0, 1 << 20), (3, 61, (1 << 20) + 77), (17, 1, (3 << 20) + 255)]:
+        dst = torch.full((n + 128,), 9, dtype=torch.uint8)
+        ext.host_copy_(dst[off_d:off_d + n], src[off_s:off_s + n], threads=2)
+        assert torch.equal(dst[off_d:off_d + n], src[off_s:off_s + n])
+        assert int(dst[:off_d].ne(9).sum()) == 0 and int(dst[off_d + n:].ne(9).sum()) == 0
+        ext.require_cpp().batched_zero_ptr([dst.data_ptr() + off_d], [n], 2)
+        assert int(dst[off_d:off_d + n].count_nonzero()) == 0
+        assert int(dst[:off_d].ne(9).sum()) == 0 and int(dst[off_d + n:].ne(9).sum()) == 0

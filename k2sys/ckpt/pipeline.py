@@ -2,7 +2,8 @@
 
     update_weights(shards, sink)
       layouts (all_gather) -> sink.destination -> plan + buckets (cached) -> sink.begin
-        -> for each bucket i:  stage(i+1) || broadcast(i) || apply(i-1)   (3 buffers)
+        -> a ring of 4 bucket buffers (k2sys.ckpt.schedule):
+             stage(i + k) || broadcast(i), broadcast(i + 1) in flight || apply(i - 1)
              apply(i): verify crc32c, one batched strided copy of every plan op fed by bucket i
                        straight into sink.target() memory, then sink.ready(tensors it completed)
         -> agree (every rank learns any failure) -> sink.commit | sink.abort + UpdateError
@@ -15,8 +16,14 @@ apply:     into the sink's memory: the engine's weights (in-process native engin
            while bucket i+1 is broadcast; there is no full-model staging copy on the way.
 One process holding every shard (world size 1, the colocated trainer) skips buckets, broadcast
 and checksums: each plan copy goes from the trainer's (host) tensors straight into the sink.
-With too little staging memory for 3 buffers the pipeline runs 2 stages (stage || broadcast
-then apply) or serially, and logs why.
+With too little staging memory for 4 buffers the ring runs on what fits (3: one broadcast in
+flight; 2: stage and apply share the other buffer), or serially on 1, and logs why; pipeline=False
+runs serially (one bucket at a time, nothing overlapped).
+
+Why two broadcasts in flight: one broadcast at a time leaves the link idle between buckets while
+the next owner's stage and the receivers' apply finish, and the lock step makes every bucket
+wait for the slowest of the three stages; with buckets of alternating owners in flight, both
+directions of a 2-rank link carry data at once.
 
 Bytes copied (UpdateReport.bytes_copied) counts every byte written on the way from the
 trainer's tensors to the engine's weights on this rank, the engine's own copies included (as
@@ -29,7 +36,6 @@ import logging
 import os
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -41,11 +47,15 @@ from k2sys.ckpt.apply import BucketApply, compile_buckets, completions, op_slice
 from k2sys.ckpt.bucket import interleave_owners
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.plan import ReshardPlan, plan_reshard, select_sources
+from k2sys.ckpt.schedule import run_ring, run_serial
 from k2sys.ckpt.sink import NullSink, WeightSink, global_specs
 from k2sys.ckpt.transport import TRAILER_BYTES, BucketTransport, Failure, payload_crc, read_trailer, write_trailer
 from k2sys.ckpt.types import Bucket, PlanError, TensorSpec, UpdateConfig, UpdateError
 
 log = logging.getLogger("k2sys.ckpt")
+
+PIPELINE_BUFFERS = 4
+"""Bucket buffers of the pipelined update: one being staged, two broadcasts in flight, one applied."""
 
 
 @dataclass
@@ -103,6 +113,17 @@ class _Prepared:
     slot_bytes: int
 
 
+@dataclass
+class _LocalChunk:
+    """About bucket_bytes of destination tensors of an in-process update, their plan ops, and the
+    copy table last built for them with the addresses it was built for (`sig`)."""
+
+    names: list[str]
+    ops: list
+    sig: Optional[tuple] = None
+    rows: Optional[torch.Tensor] = None
+
+
 def _sink_copies(sink: Any) -> int:
     """Bytes the sink's engine copied itself during the last session (0 when it does not say)."""
     get = getattr(sink, "engine_bytes_copied", None)
@@ -121,7 +142,7 @@ class WeightUpdater:
         self.device = torch.device(device)
         self._cache: dict[tuple, _Prepared] = {}
         self._sources: Optional[tuple] = None  # (gathered key, layouts by rank, global specs, buckets)
-        self._local_plan: dict[tuple, ReshardPlan] = {}
+        self._local_plan: dict[tuple, tuple[ReshardPlan, list[_LocalChunk]]] = {}
         self._pool = ext.StagingPool() if self.device.type == "cpu" else None
         self._onloader = ext.Onloader(self.device) if self.device.type == "cuda" else None
         self._slots: list[Any] = []
@@ -155,7 +176,7 @@ class WeightUpdater:
         return prepared
 
     def _depth(self, slot_bytes: int) -> int:
-        want = 3 if self.config.pipeline else 1
+        want = PIPELINE_BUFFERS if self.config.pipeline else 1
         budget = self.config.max_staging_bytes
         if budget is None:
             return want
@@ -164,8 +185,9 @@ class WeightUpdater:
             raise UpdateError(f"weight update: max_staging_bytes={budget} cannot hold one bucket of {slot_bytes} "
                               f"bytes; raise max_staging_bytes or lower bucket_bytes")
         if fits < want:
-            log.warning("weight update: staging memory %d B holds %d bucket buffer(s) of %d B; running %s instead of "
-                        "the 3-stage pipeline", budget, fits, slot_bytes, "2 stages" if fits == 2 else "serially")
+            log.warning("weight update: staging memory %d B holds %d bucket buffer(s) of %d B (the pipeline wants %d); "
+                        "running %s", budget, fits, slot_bytes, want,
+                        "serially" if fits == 1 else "2 stages" if fits == 2 else "3 stages, one broadcast in flight")
         return min(want, fits)
 
     def _buffers(self, depth: int, slot_bytes: int) -> list[torch.Tensor]:
@@ -195,7 +217,7 @@ class WeightUpdater:
         bufs = self._buffers(depth, prep.slot_bytes)
         threads = cfg.copy_threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", tr.world)))
         rep = UpdateReport(n_buckets=len(prep.buckets), depth=depth,
-                           mode={3: "3-stage", 2: "2-stage", 1: "serial"}[depth],
+                           mode="serial" if depth == 1 else "2-stage" if depth == 2 else "3-stage",
                            bytes_sent=sum(b.nbytes for b in prep.buckets), model_bytes=prep.dst.nbytes)
         failure: list[Optional[Failure]] = [None]
         staged, received = [0], [0]  # bytes packed (stage thread) / received (broadcast thread) on this rank
@@ -211,6 +233,10 @@ class WeightUpdater:
                     failure[0] = Failure(bucket.index, bucket.owner, reason)
                     log.error("weight update: bucket %d (rank %d) failed on rank %d: %s",
                               bucket.index, bucket.owner, tr.rank, reason)
+
+            def drill(i: int) -> bool:
+                return bool(cfg.fault and cfg.fault.kind == "corrupt" and cfg.fault.bucket == i
+                            and cfg.fault.rank == tr.rank)
 
             def stage(i: int) -> None:
                 b = prep.buckets[i]
@@ -228,20 +254,24 @@ class WeightUpdater:
                     fail(b, f"staging failed on the owner: {type(e).__name__}: {e}")
                 rep.stage_s += time.perf_counter() - t0
 
-            def broadcast(i: int) -> None:
+            def issue(i: int):
                 b = prep.buckets[i]
                 if cfg.fault and cfg.fault.kind == "die" and cfg.fault.bucket == i and cfg.fault.rank == tr.rank:
                     log.error("fault drill: rank %d exits before broadcast of bucket %d", tr.rank, i)
                     os._exit(17)
-                drill = cfg.fault and cfg.fault.kind == "corrupt" and cfg.fault.bucket == i and cfg.fault.rank == tr.rank
-                if drill and b.owner == tr.rank:
+                if drill(i) and b.owner == tr.rank:
                     bufs[i % depth][0] ^= 0xFF  # drill: corrupted after the checksum, before sending
-                t0 = time.perf_counter()
-                tr.wait(tr.broadcast_async(bufs[i % depth][:b.nbytes + TRAILER_BYTES], b.owner), i, b.owner)
-                rep.broadcast_s += time.perf_counter() - t0
+                issued[i] = time.perf_counter()
+                return tr.broadcast_async(bufs[i % depth][:b.nbytes + TRAILER_BYTES], b.owner)
+
+            def land(i: int, work) -> None:
+                b = prep.buckets[i]
+                tr.wait(work, i, b.owner)
+                # from issue to landing: with several in flight this counts overlapping time once each
+                rep.broadcast_s += time.perf_counter() - issued[i]
                 if b.owner != tr.rank:
                     received[0] += b.nbytes  # landed in this rank's buffer
-                if drill and b.owner != tr.rank:
+                if drill(i) and b.owner != tr.rank:
                     bufs[i % depth][0] ^= 0xFF  # drill: a bit flipped in transit
 
             def apply(i: int) -> None:
@@ -277,7 +307,12 @@ class WeightUpdater:
                 finally:
                     rep.apply_s += time.perf_counter() - t0
 
-            self._schedule(len(prep.buckets), depth, stage, broadcast, apply)
+            issued: dict[int, float] = {}
+            if depth == 1:
+                run_serial(len(prep.buckets), stage, issue, land, apply)
+            else:
+                run_ring(len(prep.buckets), depth, lambda i: prep.buckets[i].owner == tr.rank, stage, issue, land,
+                         apply)
             tr.agree(failure[0])
         except BaseException:
             sink.abort()
@@ -293,30 +328,38 @@ class WeightUpdater:
         """One process holds every source shard (colocated, world size 1): each plan copy goes
         straight from the source view into the sink's memory, one native batched call per chunk
         of about bucket_bytes (then those tensors are ready). No bucket staging, broadcast or
-        checksum: the bytes never leave this process."""
+        checksum: the bytes never leave this process.
+
+        A chunk's copy table (strided rows between absolute addresses) is kept with the plan and
+        reused while its source and target tensors sit at the same addresses: the trainer's host
+        buffers persist, and the host arena gives the engine's storages back their previous memory,
+        so a colocated update builds no view in Python after the first."""
         dst = sink.destination(global_specs([shards.layout]))
-        key = ("local", shards.layout.fingerprint, dst.fingerprint)
-        plan = self._local_plan.get(key)
-        if plan is None:
+        key = ("local", shards.layout.fingerprint, dst.fingerprint, self.config.bucket_bytes)
+        local = self._local_plan.get(key)
+        if local is None:
             plan = plan_reshard({0: shards.layout}, dst)
-            self._local_plan = {key: plan}  # one live plan, as for the distributed path
-        by_dst: dict[str, list] = {}
-        for op in plan.ops:
-            by_dst.setdefault(op.dst_name, []).append(op)
-        rep = UpdateReport(n_buckets=0, depth=1, mode="local", model_bytes=dst.nbytes)
-        sink.begin()
-        try:
-            t0 = time.perf_counter()
-            chunk: list[str] = []
-            used = 0
+            by_dst: dict[str, list] = {}
+            for op in plan.ops:
+                by_dst.setdefault(op.dst_name, []).append(op)
+            chunks, chunk, used = [], [], 0
             for name, spec in dst.tensors.items():
                 chunk.append(name)
                 used += spec.nbytes
                 if used >= self.config.bucket_bytes:
-                    self._copy_local(chunk, by_dst, shards, sink)
+                    chunks.append(_LocalChunk(chunk, [op for n in chunk for op in by_dst.get(n, ())]))
                     chunk, used = [], 0
             if chunk:
-                self._copy_local(chunk, by_dst, shards, sink)
+                chunks.append(_LocalChunk(chunk, [op for n in chunk for op in by_dst.get(n, ())]))
+            local = (plan, chunks)
+            self._local_plan = {key: local}  # one live plan, as for the distributed path
+        plan, chunks = local
+        rep = UpdateReport(n_buckets=0, depth=1, mode="local", model_bytes=dst.nbytes)
+        sink.begin()
+        try:
+            t0 = time.perf_counter()
+            for c in chunks:
+                self._copy_local(c, shards, sink)
             rep.apply_s = time.perf_counter() - t0
             rep.bytes_applied = rep.bytes_copied = plan.nbytes
         except BaseException:
@@ -329,23 +372,25 @@ class WeightUpdater:
         rep.wall_s = time.perf_counter() - t_start
         return rep
 
-    def _copy_local(self, names: list[str], by_dst: dict[str, list], shards: TrainerShards, sink: WeightSink) -> None:
-        pairs = []
-        for name in names:
-            dst = sink.target(name)
-            # boxes agree up to unit dims (CopyOp checks it): compare squeezed views
-            pairs += [(op.dst_box.view(dst).squeeze(), op.src_box.view(shards.tensors[op.src_name]).squeeze())
-                      for op in by_dst.get(name, ())]
-        if all(d.device.type == "cpu" and s.device.type == "cpu" for d, s in pairs):
-            if pairs:
-                ext.batched_view_copy_(pairs, self.config.copy_threads)
+    def _copy_local(self, c: "_LocalChunk", shards: TrainerShards, sink: WeightSink) -> None:
+        targets = {name: sink.target(name) for name in c.names}  # every target is asked for, every update
+        srcs = [shards.tensors[op.src_name] for op in c.ops]
+        dsts = [targets[op.dst_name] for op in c.ops]
+        if all(t.device.type == "cpu" for t in dsts + srcs):
+            sig = tuple((t.data_ptr(), t.stride()) for t in dsts + srcs)
+            if sig != c.sig:
+                # boxes agree up to unit dims (CopyOp checks it): compare squeezed views
+                pairs = [(op.dst_box.view(d).squeeze(), op.src_box.view(s).squeeze())
+                         for op, d, s in zip(c.ops, dsts, srcs)]
+                c.rows, c.sig = (ext.view_copy_rows(pairs) if pairs else None), sig
+            if c.rows is not None:
+                ext.batched_strided_copy_(c.rows, "cpu", self.config.copy_threads)
         else:
-            for d, s in pairs:
-                d.copy_(s, non_blocking=True)
-            devs = {t.device for p in pairs for t in p if t.device.type == "cuda"}
-            for dev in devs:
+            for op, d, s in zip(c.ops, dsts, srcs):
+                op.dst_box.view(d).squeeze().copy_(op.src_box.view(s).squeeze(), non_blocking=True)
+            for dev in {t.device for t in dsts + srcs if t.device.type == "cuda"}:
                 torch.cuda.synchronize(dev)
-        sink.ready(names)
+        sink.ready(c.names)
 
     def _pack(self, b: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int) -> None:
         if self.device.type == "cpu":
@@ -356,36 +401,6 @@ class WeightUpdater:
                 src = tensors[e.name].contiguous().view(-1).view(torch.uint8)
                 self._onloader.submit(buf[e.offset:e.offset + e.nbytes], src)
         self._onloader.synchronize()
-
-    @staticmethod
-    def _schedule(n: int, depth: int, stage, broadcast, apply) -> None:
-        """Lock-step schedule; collectives are issued only from this thread, in bucket order."""
-        if depth == 1:
-            for i in range(n):
-                stage(i)
-                broadcast(i)
-                apply(i)
-            return
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="k2-ckpt") as pool:
-            if depth == 2:  # stage(t) || [broadcast(t-1) -> apply(t-1)]
-                for t in range(n + 1):
-                    fs = pool.submit(stage, t) if t < n else None
-                    if t >= 1:
-                        broadcast(t - 1)
-                        apply(t - 1)
-                    if fs:
-                        fs.result()
-                return
-            for t in range(n + 2):  # stage(t) || broadcast(t-1) || apply(t-2)
-                fs = pool.submit(stage, t) if t < n else None
-                fa = pool.submit(apply, t - 2) if 0 <= t - 2 < n else None
-                try:
-                    if 0 <= t - 1 < n:
-                        broadcast(t - 1)
-                finally:
-                    for f in (fs, fa):
-                        if f:
-                            f.result()
 
 
 _UPDATERS: dict[tuple, WeightUpdater] = {}

@@ -14,13 +14,15 @@ from typing import Optional
 import torch
 
 
-def _ints(name: str, values, *, positive: bool = False) -> tuple[int, ...]:
+def _ints(values, what: str, *args, positive: bool = False) -> tuple[int, ...]:
+    """`values` as a tuple of ints >= 0 (> 0 with positive); `what.format(*args)` names the field in
+    an error (formatted only then: layouts build thousands of these per update)."""
     try:
-        out = tuple(int(v) for v in values)
+        out = tuple(map(int, values))
     except TypeError as e:
-        raise TypeError(f"{name} must be a sequence of ints, got {values!r}") from e
-    if any(v < (1 if positive else 0) for v in out):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} in every dim, got {out}")
+        raise TypeError(f"{what.format(*args)} must be a sequence of ints, got {values!r}") from e
+    if out and min(out) < (1 if positive else 0):
+        raise ValueError(f"{what.format(*args)} must be {'> 0' if positive else '>= 0'} in every dim, got {out}")
     return out
 
 
@@ -32,8 +34,8 @@ class Box:
     sizes: tuple[int, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "offsets", _ints("Box.offsets", self.offsets))
-        object.__setattr__(self, "sizes", _ints("Box.sizes", self.sizes))
+        object.__setattr__(self, "offsets", _ints(self.offsets, "Box.offsets"))
+        object.__setattr__(self, "sizes", _ints(self.sizes, "Box.sizes"))
         if len(self.offsets) != len(self.sizes):
             raise ValueError(f"Box: offsets {self.offsets} and sizes {self.sizes} have different ranks")
 
@@ -84,7 +86,7 @@ class TensorSpec:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"TensorSpec.name must be a non-empty string, got {self.name!r}")
-        object.__setattr__(self, "shape", _ints(f"TensorSpec({self.name}).shape", self.shape))
+        object.__setattr__(self, "shape", _ints(self.shape, "TensorSpec({}).shape", self.name))
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"TensorSpec({self.name}).dtype must be a torch.dtype, got {self.dtype!r}")
 
@@ -122,7 +124,7 @@ class Piece:
     local_box: Box
 
     def __post_init__(self):
-        object.__setattr__(self, "global_shape", _ints(f"Piece({self.global_name}).global_shape", self.global_shape))
+        object.__setattr__(self, "global_shape", _ints(self.global_shape, "Piece({}).global_shape", self.global_name))
         if not self.global_box.fits_in(self.global_shape):
             raise ValueError(f"Piece: box {self.global_box} does not fit global tensor {self.global_name} "
                              f"of shape {self.global_shape}")
@@ -181,7 +183,7 @@ class BucketEntry:
     """Byte offset in the bucket buffer (a multiple of the dtype's size, so it can be viewed as one)."""
 
     def __post_init__(self):
-        object.__setattr__(self, "shape", _ints(f"BucketEntry({self.name}).shape", self.shape))
+        object.__setattr__(self, "shape", _ints(self.shape, "BucketEntry({}).shape", self.name))
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"BucketEntry({self.name}).dtype must be a torch.dtype, got {self.dtype!r}")
         if int(self.offset) < 0:

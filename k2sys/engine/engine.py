@@ -652,8 +652,13 @@ class NativeEngine:
                 if tag in self._released or tag == "cuda_graph":
                     continue
                 if tag == "kv_cache":
-                    self.cache.release()
+                    self.cache.release(user=self)
                 elif tag == "weights":
+                    # CPU: the storages' memory goes to the process's host arena (a colocated trainer
+                    # onloads into it, touched); then the runner drops its packed copies
+                    from k2sys.host_arena import host_arena
+
+                    host_arena().release([b.untyped_storage() for b in self.runner.bases], user=self)
                     self.runner.release_weights()
                 self._released.add(tag)
             self._empty_device_cache()
@@ -668,9 +673,13 @@ class NativeEngine:
                 if tag not in self._released:
                     continue
                 if tag == "kv_cache":
-                    self.cache.resume()
-                elif tag == "weights":
-                    self.runner.resume_weights()
+                    self.cache.resume(user=self)
+                elif tag == "weights":  # what runner.resume_weights does, from the arena's memory
+                    from k2sys.host_arena import host_arena
+
+                    bases = self.runner.bases
+                    host_arena().resume([b.untyped_storage() for b in bases],
+                                        [b.numel() * b.element_size() for b in bases], user=self)
                     self._stale = set(self.runner.params)
                     self.cache.allocator.flush_prefix_cache()
                 self._released.discard(tag)

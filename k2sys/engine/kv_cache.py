@@ -172,16 +172,28 @@ class PagedLatentCache:
             t[dst].copy_(t[src])
 
     # ---- memory release (RL colocation) -------------------------------------------------------
-    def release(self) -> None:
-        """Free the storage for real (resize to 0 bytes); the allocator forgets every block."""
-        for t in self.layers:
-            t.untyped_storage().resize_(0)
+    def release(self, user: object = None) -> None:
+        """Give the storage up (0 bytes; the allocator forgets every block): on CPU into the process's
+        host arena (k2sys.host_arena), for a colocated trainer to onload into; `user` is the side
+        releasing (the engine), which decides whether the arena keeps the memory."""
+        from k2sys.host_arena import host_arena
+
+        host_arena().release([t.untyped_storage() for t in self.layers], user=user)
         self.allocator.reset()
         self.released = True
 
-    def resume(self) -> None:
+    def resume(self, user: object = None) -> None:
+        """Storage back (from the arena's touched memory on CPU), zeroed: blocks are read whole, and
+        stale bytes could hold NaN patterns that masked attention would still multiply."""
+        from k2sys.host_arena import host_arena
+
         nbytes = self.num_blocks * self.block_size * self.width * torch.empty((), dtype=self.dtype).element_size()
-        for t in self.layers:
-            t.untyped_storage().resize_(nbytes)
-            t.zero_()
+        host_arena().resume([t.untyped_storage() for t in self.layers], [nbytes] * len(self.layers), user=user)
+        if self.device.type == "cpu":  # one pooled call, streaming stores (the bytes are not read soon)
+            from k2sys import ext
+
+            ext.require_cpp().batched_zero_ptr([t.data_ptr() for t in self.layers], [nbytes] * len(self.layers))
+        else:
+            for t in self.layers:
+                t.zero_()
         self.released = False

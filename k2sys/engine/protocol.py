@@ -571,7 +571,7 @@ WeightSource = Callable[[], Iterable[Any]]
 def colocated_update(engine: InferenceEngine, weights: Iterable[Any] | WeightSource, *,
                      train_step: Callable[[], Any] | None = None, pause_mode: str = "abort",
                      weight_version: str | None = None) -> tuple[list[PausedRequest], str | None]:
-    """One colocated train/rollout switch, in the order SGLang needs (FACTS.md):
+    """One colocated train/rollout switch, in the order SGLang needs (docs/FACTS.md):
 
     pause -> release(all) -> train_step() -> resume(weights) -> begin -> update(buckets) -> end
     -> resume(kv_cache, cuda_graph) -> flush_cache -> continue.
