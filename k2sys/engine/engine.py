@@ -14,13 +14,13 @@ of each update call (one bucket) in one `quantize_fp8_blocks` call while staging
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
