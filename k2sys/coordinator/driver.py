@@ -76,7 +76,10 @@ class RecipeRunner:
             raise RuntimeError(f"{saved} holds a different config than this command: resuming would mix runs; "
                                f"use another run name (--set name=...) or delete {self.dir}")
         if self.rank == 0:
-            saved.write_text(render(cfg) + "\n")
+            # replaced atomically: the other ranks of a resumed job read it at the same time
+            tmp = saved.with_name(f".{saved.name}.tmp")
+            tmp.write_text(render(cfg) + "\n")
+            os.replace(tmp, saved)
         self.metrics = MetricsLog(self.dir) if self.rank == 0 else NullMetrics()
         self._segment: dict | None = None
         self._heartbeat: _Heartbeat | None = None
