@@ -61,8 +61,8 @@ def resolve_model(arg: str | None, build: bool) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from k2sys.engine.config import EngineConfig
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.envs import tool_use_specs
     from k2sys.envs.agent_loop import AgentConfig, new_episode_group, run_episodes
     from k2sys.models import build_model, k2_tiny, load_config, save_hf

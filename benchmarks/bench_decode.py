@@ -44,10 +44,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from k2sys.engine.config import EngineConfig, SamplingParams
-from k2sys.engine.kv_cache import PagedLatentCache
-from k2sys.engine.model_runner import ModelRunner
-from k2sys.engine.scheduler import Request, Scheduler
+from k2sys.engine.core.config import EngineConfig, SamplingParams
+from k2sys.engine.core.kv_cache import PagedLatentCache
+from k2sys.engine.core.model_runner import ModelRunner
+from k2sys.engine.core.scheduler import Request, Scheduler
 from k2sys.models import build_model, param_shapes, preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

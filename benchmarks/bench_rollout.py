@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from k2sys.engine.config import EngineConfig, SamplingParams
-from k2sys.engine.engine import NativeEngine
+from k2sys.engine.core.config import EngineConfig, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
 from k2sys.models import build_model, preset, save_hf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

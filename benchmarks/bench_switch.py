@@ -56,7 +56,7 @@ class ModelCase:
 
     def __init__(self, preset: str):
         from k2sys.ckpt.engine_sinks import NativeEngineSink
-        from k2sys.engine.engine import NativeEngine
+        from k2sys.engine.core.engine import NativeEngine
         from k2sys.models import build_model
         from k2sys.models import preset as make
         from k2sys.trainer.backend import MegatronBackend

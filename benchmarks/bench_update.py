@@ -205,7 +205,7 @@ def _serve(path: str):
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.api.server", "--model", str(path), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
@@ -220,7 +220,7 @@ def _serve(path: str):
 
 def bench_shm(repeats: int, bucket_mib: int, model: str) -> tuple[list[dict], float]:
     """Rows, and the median control round trip (GET /health) to the server, for the projection."""
-    from k2sys.engine.client import HTTPEngine
+    from k2sys.engine.api.client import HTTPEngine
     from k2sys.models import build_model, param_shapes, preset, save_hf
 
     cfg = preset(model)
@@ -260,8 +260,8 @@ def bench_shm(repeats: int, bucket_mib: int, model: str) -> tuple[list[dict], fl
 def bench_copies(model: str, repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
     """Bytes copied per update of update_weights(shards, sink) for the native sinks (see module doc)."""
     from k2sys.ckpt.engine_sinks import NativeEngineSink, NativeServerSink
-    from k2sys.engine.client import HTTPEngine
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.api.client import HTTPEngine
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, preset, save_hf
     from k2sys.trainer.backend import MegatronBackend
 
@@ -330,7 +330,7 @@ def per_tensor_overhead(repeats: int) -> tuple[list[dict], float]:
     engine fed by k2sys pays per tensor (target lookup, copy rows, ready); commit_s / tensors is the
     CPU engine's own repack of its oneDNN weights (CPU fp32 only), reported but not projected."""
     from k2sys.ckpt.engine_sinks import NativeEngineSink
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, preset
     from k2sys.trainer.backend import MegatronBackend
 

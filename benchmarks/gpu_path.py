@@ -240,8 +240,8 @@ def cmd_switch(args) -> list[dict]:
     from k2sys.ckpt import update_weights
     from k2sys.ckpt.engine_sinks import NativeEngineSink
     from k2sys.ckpt.pipeline import TrainerShards
-    from k2sys.engine.config import EngineConfig, SamplingParams
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, preset
     from k2sys.trainer.backend import MegatronBackend, TrainerConfig
 
@@ -318,8 +318,8 @@ def bytes_per_decode_token(cfg, elem: int) -> int:
 
 
 def cmd_decode(args) -> list[dict]:
-    from k2sys.engine.config import EngineConfig, SamplingParams
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, preset
 
     cfg = preset(args.preset)

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASSTHROUGH = {"serve": "k2sys.engine.server", "convert": "k2sys.trainer.convert", "kernels": "k2sys.kernels.cli",
+PASSTHROUGH = {"serve": "k2sys.engine.api.server", "convert": "k2sys.trainer.convert", "kernels": "k2sys.kernels.cli",
                "eval": "k2sys.eval.cli", "synth": "k2sys.data.synth.cli"}
 DEBUG_ENV = "K2SYS_DEBUG"
 

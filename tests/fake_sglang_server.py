@@ -40,9 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    from k2sys.engine.config import EngineConfig
-    from k2sys.engine.engine import NativeEngine
-    from k2sys.engine.server import build_app
+    from k2sys.engine.core.config import EngineConfig
+    from k2sys.engine.core.engine import NativeEngine
+    from k2sys.engine.api.server import build_app
 
     io = sglang_ref.io_struct()
     engine = NativeEngine.from_pretrained(args.model_path, EngineConfig(

@@ -18,9 +18,9 @@ import torch.distributed as dist
 
 from ckpt_fixtures import free_port
 from k2sys.ckpt import TrainerShards, UpdateConfig, hf_layout, update_weights
-from k2sys.engine.client import EngineHTTPError, HTTPEngine
-from k2sys.engine.protocol import ProtocolError
-from k2sys.engine.shm import NAME_RE, SHM_DIR, ShmSegment, ShmUpdatePayload, reap_stale_segments
+from k2sys.engine.api.client import EngineHTTPError, HTTPEngine
+from k2sys.engine.api.protocol import ProtocolError
+from k2sys.engine.transport.shm import NAME_RE, SHM_DIR, ShmSegment, ShmUpdatePayload, reap_stale_segments
 from k2sys.models import build_model, k2_tiny, param_shapes, save_hf
 
 
@@ -39,7 +39,7 @@ def served(cfg, tmp_path_factory):
     root = tmp_path_factory.mktemp("shm")
     path = save_hf(build_model(cfg, seed=1), root / "model")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.api.server", "--model", str(path), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -126,7 +126,7 @@ def test_aborted_update_keeps_weights_and_leaves_no_segment(served, cfg):
 
 
 def test_killed_writer_segment_is_reaped():
-    code = ("import os; from k2sys.engine.shm import ShmSegment; s = ShmSegment(4096); "
+    code = ("import os; from k2sys.engine.transport.shm import ShmSegment; s = ShmSegment(4096); "
             "s.tensor[:4].fill_(7); print(s.name, flush=True); os.kill(os.getpid(), 9)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     name = p.stdout.strip()
@@ -199,7 +199,7 @@ def test_one_call_update_through_shm(served, cfg):
 def test_cuda_ipc_update(cfg, tmp_path):  # pragma: no cover - GPU only
     path = save_hf(build_model(cfg, seed=1), tmp_path / "model")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.api.server", "--model", str(path), "--port", str(port),
                              "--device", "cuda"])
     url = f"http://127.0.0.1:{port}"
     try:
@@ -230,7 +230,7 @@ def test_cuda_ipc_sink_two_copies(cfg, tmp_path):  # pragma: no cover - GPU only
 
     path = save_hf(build_model(cfg, seed=1), tmp_path / "model")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.api.server", "--model", str(path), "--port", str(port),
                              "--device", "cuda"])
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,8 +13,8 @@ import torch
 import k2sys.quant
 from k2sys.ckpt import Box, LayoutBuilder, TrainerShards, UpdateConfig, update_weights
 from k2sys.ckpt.engine_sinks import NativeEngineSink
-from k2sys.engine.config import EngineConfig, SamplingParams
-from k2sys.engine.engine import NativeEngine
+from k2sys.engine.core.config import EngineConfig, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
 from k2sys.models import build_model, k2_tiny, param_shapes
 from k2sys.quant import quantize_fp8_block_reference
 

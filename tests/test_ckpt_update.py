@@ -50,8 +50,8 @@ class RecordingBucketSink(BucketSink):
 
 
 def native_engine(g):
-    from k2sys.engine.config import EngineConfig
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models.config import K2Config
 
     return NativeEngine(g, K2Config.from_hf_dict({**TINY, "torch_dtype": "bfloat16"}),

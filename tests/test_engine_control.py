@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from k2sys.engine.client import FlattenedBucket
-from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedLatentCache
+from k2sys.engine.api.client import FlattenedBucket
+from k2sys.engine.core.config import EngineConfig, EngineError, RequestError, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.core.kv_cache import BlockAllocator, OutOfBlocks, PagedLatentCache
 from k2sys.models import build_model, k2_tiny
 
 CFG = dataclasses.replace(k2_tiny(vocab_size=512), initializer_range=0.05, eos_token_id=None)

@@ -23,11 +23,11 @@ import torch
 
 import k2sys.quant
 from ckpt_fixtures import free_port
-from k2sys.engine.config import EngineConfig, EngineError, RequestError, SamplingParams
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.kv_cache import PagedLatentCache
-from k2sys.engine.model_runner import AttnGroup, ModelRunner, StepBatch
-from k2sys.engine.wire import FlattenedBucket
+from k2sys.engine.core.config import EngineConfig, EngineError, RequestError, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.core.kv_cache import PagedLatentCache
+from k2sys.engine.core.model_runner import AttnGroup, ModelRunner, StepBatch
+from k2sys.engine.transport.wire import FlattenedBucket
 from k2sys.models import build_model, k2_tiny, param_shapes, save_hf
 
 F8 = torch.float8_e4m3fn
@@ -324,12 +324,12 @@ def test_update_is_all_or_nothing(state, release):
 # ---------------------------------------------------------------- the server flag, shm route
 
 def test_serve_fp8_update_over_shared_memory(state, tmp_path):
-    from k2sys.engine.client import HTTPEngine
+    from k2sys.engine.api.client import HTTPEngine
 
     model = build_model(CFG, seed=3)
     path = save_hf(model, tmp_path / "model")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.api.server", "--model", str(path), "--port", str(port),
                              "--quantization", "fp8", "--max-total-tokens", "1024"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from k2sys.engine.config import EngineConfig, RequestError, SamplingParams
-from k2sys.engine.engine import NativeEngine
+from k2sys.engine.core.config import EngineConfig, RequestError, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
 from k2sys.models import build_model, k2_tiny, save_hf
 from k2sys.tokenizer import default_corpus, train_tokenizer
 from test_tokenizer_release import kimi  # noqa: F401  (fixture: a tiny Kimi-layout tiktoken tokenizer)
@@ -35,7 +35,7 @@ def eng(tmp_path_factory):
 
 
 def test_token_bytes_are_the_tokenizers(eng):
-    from k2sys.engine.grammar import special_token_ids, vocabulary_bytes
+    from k2sys.engine.core.grammar import special_token_ids, vocabulary_bytes
 
     raw = vocabulary_bytes(eng.tokenizer, V)
     text = "The weather is 23 degrees; naïve café — ok?\n  done"
@@ -69,7 +69,7 @@ def brute_force_allowed(pattern: str, prefix: str, raw: list[bytes], specials: s
 @pytest.mark.parametrize("pattern", [r"[0-9]{2,4}-(red|green|blue)", r"(the|an?) [a-z]+ (is|was) [0-9]+\.",
                                      r"yes|no|maybe"])
 def test_mask_equals_brute_force_partial_matching(eng, pattern):
-    from k2sys.engine.grammar import grammar_factory_for, special_token_ids, vocabulary_bytes
+    from k2sys.engine.core.grammar import grammar_factory_for, special_token_ids, vocabulary_bytes
 
     raw = vocabulary_bytes(eng.tokenizer, V)
     specials = special_token_ids(eng.tokenizer)
@@ -132,7 +132,7 @@ def test_stop_regex_stops_and_trims(eng):
 def test_tiktoken_vocabulary_and_a_grammar_on_a_kimi_layout_tokenizer(kimi, tmp_path):  # noqa: F811
     """Kimi K2 ships a tiktoken BPE: token bytes come from tiktoken, special tokens are kept out of
     structured text, and a regex grammar runs on it."""
-    from k2sys.engine.grammar import grammar_factory_for, special_token_ids, vocabulary_bytes
+    from k2sys.engine.core.grammar import grammar_factory_for, special_token_ids, vocabulary_bytes
     from k2sys.tokenizer import load_tokenizer
 
     tok_dir, ranks, ref = kimi

@@ -1,4 +1,4 @@
-"""The engine's routed experts as grouped GEMMs (k2sys.engine.moe) against the per-expert loop they
+"""The engine's routed experts as grouped GEMMs (k2sys.engine.core.moe) against the per-expert loop they
 replaced and against the reference model's MoE (k2sys.models.reference.MoE, a loop over
 `ids.unique()` with nn.Linear experts): random routing with experts that get no token, every
 formulation (F.grouped_mm, the padded bmm, the per-pair GEMVs of small batches), fp32 and bf16;
@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from k2sys.engine.config import EngineConfig, SamplingParams
-from k2sys.engine.kv_cache import PagedLatentCache
-from k2sys.engine.model_runner import MOE_IMPLS, ModelRunner
-from k2sys.engine.moe import grouped_mm_works, grouped_moe, loop_moe, sort_by_expert
-from k2sys.engine.scheduler import Request, Scheduler
+from k2sys.engine.core.config import EngineConfig, SamplingParams
+from k2sys.engine.core.kv_cache import PagedLatentCache
+from k2sys.engine.core.model_runner import MOE_IMPLS, ModelRunner
+from k2sys.engine.core.moe import grouped_mm_works, grouped_moe, loop_moe, sort_by_expert
+from k2sys.engine.core.scheduler import Request, Scheduler
 from k2sys.models import build_model, k2_tiny, param_shapes, route
 from k2sys.models.reference import MoE
 

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from k2sys.engine.config import EngineConfig, SamplingParams
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.sampling import RowContext, _filter_mask, process_logits, sample
+from k2sys.engine.core.config import EngineConfig, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.core.sampling import RowContext, _filter_mask, process_logits, sample
 from k2sys.models import build_model, k2_tiny, save_hf
 
 transformers = pytest.importorskip("transformers")

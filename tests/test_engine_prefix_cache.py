@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from k2sys.engine.config import EngineConfig, SamplingParams
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.kv_cache import BlockAllocator
+from k2sys.engine.core.config import EngineConfig, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.core.kv_cache import BlockAllocator
 from k2sys.models import build_model, k2_tiny
 
 CFG = dataclasses.replace(k2_tiny(vocab_size=256), initializer_range=0.05, eos_token_id=None)

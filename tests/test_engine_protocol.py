@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from k2sys.engine.client import (BucketEntry, FlattenedBucket, HTTPEngine, deserialize_named_tensors,
+from k2sys.engine.api.client import (BucketEntry, FlattenedBucket, HTTPEngine, deserialize_named_tensors,
                                  serialize_named_tensors, tensors_from_update)
-from k2sys.engine.protocol import (MEMORY_TAGS, GenerateOutput, GenerateRequest, InferenceEngine, PausedRequest,
+from k2sys.engine.api.protocol import (MEMORY_TAGS, GenerateOutput, GenerateRequest, InferenceEngine, PausedRequest,
                                    ProtocolError, SamplingParams, UpdateWeightsFromTensorPayload, abort_payload,
                                    colocated_update, memory_payload, pause_payload, validate_tags)
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from k2sys.engine.config import EngineConfig, RequestError, SamplingParams
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.sampling import sample, uniform_noise
+from k2sys.engine.core.config import EngineConfig, RequestError, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.core.sampling import sample, uniform_noise
 from k2sys.models import build_model, k2_tiny
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from k2sys.data.synth.judge import RubricJudge
 from k2sys.data.synth.rollout import ScriptedPolicy, _parse_calls, run_episode
-from k2sys.engine.protocol import GenerateOutput, SamplingParams
+from k2sys.engine.api.protocol import GenerateOutput, SamplingParams
 from k2sys.envs import EnvError, make_env, replay, synth_task, tool_use_specs
 from k2sys.envs.agent_loop import AgentConfig, advance_episode, new_episode_group, run_episodes
 from k2sys.tokenizer import load_tokenizer, parse_chat, render_chat, tokenize_chat, train_tokenizer
@@ -225,8 +225,8 @@ def test_agent_loop_malformed_and_length(tok):
 
 def test_native_engine_episodes_and_rl_batch(tok, tmp_path):
     from k2sys.coordinator.rl_batch import Sample, build_rl_batch
-    from k2sys.engine.config import EngineConfig
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, k2_tiny, save_hf
     from k2sys.rl.losses import StalePolicyConfig
 

@@ -440,7 +440,7 @@ class FakeEngine:
         self.tok, self.tasks, self.correct = tok, tasks, correct
 
     def generate(self, reqs):
-        from k2sys.engine.protocol import GenerateOutput
+        from k2sys.engine.api.protocol import GenerateOutput
 
         out = []
         for r in reqs:
@@ -578,7 +578,7 @@ class FakeTauEngine:
         self.tok = tok
 
     async def async_generate(self, reqs):
-        from k2sys.engine.protocol import GenerateOutput
+        from k2sys.engine.api.protocol import GenerateOutput
         from k2sys.tokenizer import parse_chat, render_chat
 
         (req,) = reqs

@@ -38,7 +38,7 @@ class ScriptedEngine:
         self.calls = 0
 
     def generate(self, reqs):
-        from k2sys.engine.protocol import GenerateOutput
+        from k2sys.engine.api.protocol import GenerateOutput
 
         self.calls += 1
         out = []
@@ -191,7 +191,7 @@ def test_difficulty_filter_keeps_judged_families_unfiltered(tok, tmp_path):
     filter unfiltered instead of all being dropped as too hard; verifiable ones are filtered."""
     from k2sys.config import apply_overrides
     from k2sys.coordinator.driver import RecipeRunner
-    from k2sys.engine.protocol import GenerateOutput
+    from k2sys.engine.api.protocol import GenerateOutput
     from k2sys.recipes import get_recipe
     from k2sys.tasks.base import Task
     from k2sys.tasks.format import prompt_ids

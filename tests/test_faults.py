@@ -336,7 +336,7 @@ class _DeadEngine:
     async def async_generate(self, reqs):
         self.calls += 1
         await asyncio.sleep(0.01 * (self.calls % 7))
-        from k2sys.engine.client import EngineHTTPError
+        from k2sys.engine.api.client import EngineHTTPError
 
         raise EngineHTTPError("/generate", None, "ConnectError: [Errno 111] Connection refused")
 
@@ -346,7 +346,7 @@ class _DeadEngine:
 
 def test_engine_death_mid_rollout_is_one_error(caplog):
     from k2sys.coordinator.rollout import _run_with_budget
-    from k2sys.engine.client import EngineHTTPError
+    from k2sys.engine.api.client import EngineHTTPError
 
     eng = _DeadEngine()
     jobs = [lambda stopping, i=i: eng.async_generate([i]) for i in range(257)]

@@ -114,7 +114,7 @@ def test_switch_errors_name_the_field(kern, monkeypatch):
     monkeypatch.setattr(kern, "KERNELS_INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kern.resolve_moe_kernels("triton", "cpu", "TrainerConfig.moe_kernels")
-    from k2sys.engine.config import EngineConfig, RequestError
+    from k2sys.engine.core.config import EngineConfig, RequestError
 
     with pytest.raises(RequestError, match="moe_kernels"):
         EngineConfig(moe_kernels="cuda")
@@ -208,8 +208,8 @@ def test_trainer_reads_expert_weights_in_place(kern, trainers):
 
 
 def test_engine_triton_moe_equals_torch_path(kern, tmp_path):
-    from k2sys.engine.config import EngineConfig, SamplingParams
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, k2_tiny, save_hf
 
     cfg = dataclasses.replace(k2_tiny(vocab_size=VOCAB), initializer_range=0.05, eos_token_id=None,
@@ -266,8 +266,8 @@ def test_gpu_grouped_experts_bf16(kern):
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA and compiled triton")
 def test_gpu_engine_triton_moe_equals_torch_path(kern, tmp_path):
-    from k2sys.engine.config import EngineConfig, SamplingParams
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, k2_tiny, save_hf
 
     cfg = dataclasses.replace(k2_tiny(vocab_size=VOCAB), initializer_range=0.05, eos_token_id=None)

@@ -184,7 +184,7 @@ def test_box_reads_are_slices_of_the_dequantized_tensor(release):
 
 def test_engine_from_pretrained_matches_reference(release):
     from k2sys.engine import EngineConfig, NativeEngine
-    from k2sys.engine.config import SamplingParams
+    from k2sys.engine.core.config import SamplingParams
 
     path, deq, ref, ids, _ = release
     prompt = ids[0, :6].tolist()

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import torch
 
-from k2sys.engine.config import EngineConfig
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.server import build_app
+from k2sys.engine.core.config import EngineConfig
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.api.server import build_app
 from k2sys.models import build_model, k2_tiny, save_hf
 from test_tokenizer_release import KIMI_CHATS, TOOLS, kimi, kimi_hf  # noqa: F401  (fixtures)
 

@@ -351,7 +351,7 @@ class _Engine:
         self.end = tok.token_to_id("<|im_end|>")
 
     async def async_generate(self, reqs):
-        from k2sys.engine.protocol import GenerateOutput
+        from k2sys.engine.api.protocol import GenerateOutput
 
         (req,) = reqs
         task = self.by_prompt[tuple(req.input_ids)]

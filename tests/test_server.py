@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from k2sys.engine.launch import free_port  # noqa: E402
-from k2sys.engine.client import HTTPEngine
-from k2sys.engine.config import EngineConfig
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.protocol import GenerateRequest, SamplingParams
-from k2sys.engine.server import build_app
+from k2sys.engine.api.client import HTTPEngine
+from k2sys.engine.core.config import EngineConfig
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.api.protocol import GenerateRequest, SamplingParams
+from k2sys.engine.api.server import build_app
 from k2sys.models import build_model, k2_tiny, save_hf
 from k2sys.tokenizer import default_corpus, render_chat, train_tokenizer
 
@@ -77,7 +77,7 @@ def test_generate_ids_text_batch_and_logprobs(server):
 
 
 def engine_params(**kw):
-    from k2sys.engine.config import SamplingParams as Internal
+    from k2sys.engine.core.config import SamplingParams as Internal
 
     return Internal(**kw)
 
@@ -131,7 +131,7 @@ def test_bad_generate_requests_get_400(server, body, status, needle):
 
 def test_weight_update_outside_session_and_bad_payload(server):
     url, _ = server
-    from k2sys.engine.client import serialize_named_tensors
+    from k2sys.engine.api.client import serialize_named_tensors
 
     payload = {"serialized_named_tensors": [serialize_named_tensors([("model.norm.weight", torch.ones(128))])]}
     r = post(url, "/update_weights_from_tensor", payload)
@@ -229,7 +229,7 @@ def test_concurrent_clients(server):
 def test_sigterm_aborts_inflight_and_exits_cleanly(ckpt, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.server", "--model", str(ckpt), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "k2sys.engine.api.server", "--model", str(ckpt), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,6 +1,6 @@
 """`k2sys serve` speaks what real clients send (issue 14).
 
-- The field tables (k2sys.engine.api_fields) cover every field of SGLang 0.5.23's GenerateReqInput,
+- The field tables (k2sys.engine.api.api_fields) cover every field of SGLang 0.5.23's GenerateReqInput,
   SamplingParams, CompletionRequest, ChatCompletionRequest and of the `openai` package's create
   params; docs/engine_api.md holds the same tables; every "off only" field is accepted at its off
   value and refused with a 400 naming it otherwise; unknown fields are refused.
@@ -25,10 +25,10 @@ import httpx
 import pytest
 import torch
 
-from k2sys.engine.api_fields import CHAT, COMPLETIONS, GENERATE, OFF_ONLY, SAMPLING, markdown_tables
-from k2sys.engine.config import EngineConfig
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.server import build_app
+from k2sys.engine.api.api_fields import CHAT, COMPLETIONS, GENERATE, OFF_ONLY, SAMPLING, markdown_tables
+from k2sys.engine.core.config import EngineConfig
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.api.server import build_app
 from k2sys.models import build_model, k2_tiny, save_hf
 from k2sys.tokenizer import default_corpus, train_tokenizer
 
@@ -87,7 +87,7 @@ def test_tables_cover_every_sglang_and_openai_field():
 
 def test_docs_hold_the_same_tables():
     doc = (REPO / "docs" / "engine_api.md").read_text()
-    assert markdown_tables() in doc, "docs/engine_api.md is out of date: paste k2sys.engine.api_fields.markdown_tables()"
+    assert markdown_tables() in doc, "docs/engine_api.md is out of date: paste k2sys.engine.api.api_fields.markdown_tables()"
 
 
 # ---- the server ----------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from k2sys.engine.launch import free_port  # noqa: E402
-from k2sys.engine.api_fields import CHAT, COMPLETIONS, GENERATE, SAMPLING
-from k2sys.engine.config import EngineConfig
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.server import ServerOptions, build_app
+from k2sys.engine.api.api_fields import CHAT, COMPLETIONS, GENERATE, SAMPLING
+from k2sys.engine.core.config import EngineConfig
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.api.server import ServerOptions, build_app
 from k2sys.models import build_model, k2_tiny, save_hf
 from k2sys.tokenizer import default_corpus, train_tokenizer
 
@@ -118,7 +118,7 @@ def _bucket_blob(entries_json: str) -> str:
 
     from safetensors.torch import save as st_save
 
-    from k2sys.engine.wire import FlattenedBucket
+    from k2sys.engine.transport.wire import FlattenedBucket
 
     blob = st_save({"buffer": torch.zeros(64, dtype=torch.uint8)},
                    metadata={"format": FlattenedBucket.FORMAT, "entries": entries_json})
@@ -386,7 +386,7 @@ def test_kv_budget_is_checked_before_work(server, monkeypatch):
 
 def test_failed_sampling_row_aborts_only_its_request(server, monkeypatch):
     url, engine, app = server
-    import k2sys.engine.scheduler as sched
+    import k2sys.engine.core.scheduler as sched
 
     good = {"input_ids": [9, 8, 7], "sampling_params": {"temperature": 1.0, "sampling_seed": 11, "max_new_tokens": 12}}
     alone = post(url, "/generate", good).json()["output_ids"]
@@ -474,7 +474,7 @@ def test_bad_requests_during_a_good_one_leave_it_unchanged(server, slow):
 
 
 def engine_params(**kw):
-    from k2sys.engine.config import SamplingParams
+    from k2sys.engine.core.config import SamplingParams
 
     return SamplingParams(**kw)
 
@@ -553,7 +553,7 @@ def test_generate_after_release_and_continue_answers(server):
 
 
 def test_rejected_weight_update_aborts_nothing(server, slow):
-    from k2sys.engine.wire import serialize_named_tensors
+    from k2sys.engine.transport.wire import serialize_named_tensors
 
     url, engine, app = server
     box = {}

@@ -22,12 +22,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from k2sys.engine.client import EngineHTTPError, FlattenedBucket, HTTPEngine, tensors_from_update
+from k2sys.engine.api.client import EngineHTTPError, FlattenedBucket, HTTPEngine, tensors_from_update
 from k2sys.engine.launch import (LaunchError, NativeLaunchConfig, ServerProcess, SGLangLaunchConfig, free_port,
                                  launch_server)
-from k2sys.engine.protocol import (GenerateRequest, ProtocolError, SamplingParams, UpdateWeightsFromTensorPayload,
+from k2sys.engine.api.protocol import (GenerateRequest, ProtocolError, SamplingParams, UpdateWeightsFromTensorPayload,
                                    colocated_update)
-from k2sys.engine.sglang_adapter import (InitWeightsUpdateGroupPayload, SGLangEngine,
+from k2sys.engine.api.sglang_adapter import (InitWeightsUpdateGroupPayload, SGLangEngine,
                                         UpdateWeightsFromDistributedPayload, sglang_available)
 
 sglang_ref = pytest.importorskip("sglang_ref")  # SGLang's own decoding (needs sglang, scripts/install.sh)
@@ -566,8 +566,8 @@ def test_launch_failures_report_log(tmp_path):
 def test_contract_native_engine_in_process():
     """The same protocol calls in-process: a colocated update with another checkpoint's HF state
     dict must make the engine generate exactly what an engine built from that checkpoint does."""
-    native = pytest.importorskip("k2sys.engine.engine")
-    from k2sys.engine.protocol import InferenceEngine
+    native = pytest.importorskip("k2sys.engine.core.engine")
+    from k2sys.engine.api.protocol import InferenceEngine
     from k2sys.models import build_model, k2_tiny
 
     m0, m1 = build_model(k2_tiny(vocab_size=512), seed=0), build_model(k2_tiny(vocab_size=512), seed=1)

@@ -32,9 +32,9 @@ pytest.importorskip("sglang")
 from ckpt_fixtures import TINY, free_port, materialize, megatron_like_layout, random_hf_state  # noqa: E402
 from k2sys.ckpt import Layout, TensorSpec, TrainerShards, UpdateConfig, UpdateError, update_weights  # noqa: E402
 from k2sys.ckpt.engine_sinks import SGLangDistributedSink, SGLangTensorSink  # noqa: E402
-from k2sys.engine.protocol import GenerateRequest, SamplingParams, abort_payload, memory_payload, \
+from k2sys.engine.api.protocol import GenerateRequest, SamplingParams, abort_payload, memory_payload, \
     pause_payload  # noqa: E402
-from k2sys.engine.sglang_adapter import (InitWeightsUpdateGroupPayload, SGLangEngine,  # noqa: E402
+from k2sys.engine.api.sglang_adapter import (InitWeightsUpdateGroupPayload, SGLangEngine,  # noqa: E402
                                         UpdateWeightsFromDistributedPayload)
 
 
@@ -53,7 +53,7 @@ class RecordingSGLang(SGLangEngine):
         if key == "update_tensor":
             if self.fail_on is not None and sum(r == "/update_weights_from_tensor" for _, r, _ in self.calls) == \
                     self.fail_on:
-                from k2sys.engine.client import EngineHTTPError
+                from k2sys.engine.api.client import EngineHTTPError
 
                 raise EngineHTTPError("/update_weights_from_tensor", 400, "injected failure")
             self.served = payload["weight_version"]

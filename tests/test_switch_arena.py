@@ -95,8 +95,8 @@ def test_arena_frees_chunks_whose_lessees_died_without_release():
 def test_colocated_switches_are_bit_exact_and_stop_refaulting():
     from k2sys.ckpt import TrainerShards, update_weights
     from k2sys.ckpt.engine_sinks import NativeEngineSink
-    from k2sys.engine.config import EngineConfig, SamplingParams
-    from k2sys.engine.engine import NativeEngine
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.engine import NativeEngine
     from k2sys.models import build_model, k2_tiny
     from k2sys.trainer.backend import MegatronBackend
 
@@ -145,7 +145,7 @@ def test_colocated_switches_are_bit_exact_and_stop_refaulting():
 
 
 def test_kv_cache_resumes_zeroed_from_arena_memory():
-    from k2sys.engine.kv_cache import PagedLatentCache
+    from k2sys.engine.core.kv_cache import PagedLatentCache
     from k2sys.host_arena import host_arena
 
     engine, trainer = Side(), Side()

@@ -54,7 +54,7 @@ class NativeEngineSink:
     def destination(self, sources: Mapping[str, TensorSpec]) -> Layout:
         key = tuple((s.name, s.shape, str(s.dtype)) for s in sources.values())
         if key != self._key:
-            from k2sys.engine.config import RequestError
+            from k2sys.engine.core.config import RequestError
 
             for s in sources.values():
                 try:
@@ -145,7 +145,7 @@ class NativeServerSink(_HTTPBucketSink):
         if self.mode == "cuda_ipc" and self.device.type != "cuda":
             raise ValueError("NativeServerSink: transport cuda_ipc needs CUDA buckets (device='cuda')")
         if self.mode == "shm":
-            from k2sys.engine.shm import ShmPool
+            from k2sys.engine.transport.shm import ShmPool
 
             self._shm = ShmPool(min_bytes=self.bucket_bytes)
         else:
@@ -214,7 +214,7 @@ class SGLangTensorSink(_HTTPBucketSink):
         self._pool.clear()
 
     def _send(self, bucket: FlattenedBucket) -> None:
-        from k2sys.engine.sglang_adapter import tensor_update_body
+        from k2sys.engine.api.sglang_adapter import tensor_update_body
 
         if bucket.buffer.device.type == "cuda":
             torch.cuda.current_stream(bucket.buffer.device).synchronize()  # sglang reads it on its own streams
@@ -242,7 +242,7 @@ class SGLangDistributedSink(_HTTPBucketSink):
                  group_name: str = "weight_update_group", backend: str = "nccl", bucket_bytes: int = 512 << 20,
                  timeout_s: float = 600.0):
         super().__init__(client, bucket_bytes)
-        from k2sys.engine.sglang_adapter import InitWeightsUpdateGroupPayload
+        from k2sys.engine.api.sglang_adapter import InitWeightsUpdateGroupPayload
 
         self.init_payload = InitWeightsUpdateGroupPayload(master_address=master_address, master_port=master_port,
                                                           rank_offset=1, world_size=world_size,
@@ -317,7 +317,7 @@ class SGLangDistributedSink(_HTTPBucketSink):
         import torch.distributed as dist
 
         from k2sys.ckpt.types import dtype_name
-        from k2sys.engine.sglang_adapter import UpdateWeightsFromDistributedPayload
+        from k2sys.engine.api.sglang_adapter import UpdateWeightsFromDistributedPayload
 
         end = max(e.end for e in bucket.entries)
         gap = next((e for e, f in zip(bucket.entries, bucket.entries[1:]) if e.end != f.offset), None)
@@ -339,8 +339,8 @@ class SGLangDistributedSink(_HTTPBucketSink):
 def sink_for(engine: Any, **kwargs: Any) -> Any:
     """The sink of an engine object: NativeEngine -> NativeEngineSink, SGLangEngine ->
     SGLangTensorSink (colocated), HTTPEngine (`k2sys serve`) -> NativeServerSink."""
-    from k2sys.engine.client import HTTPEngine
-    from k2sys.engine.sglang_adapter import SGLangEngine
+    from k2sys.engine.api.client import HTTPEngine
+    from k2sys.engine.api.sglang_adapter import SGLangEngine
 
     if isinstance(engine, SGLangEngine):
         return SGLangTensorSink(engine, **kwargs)

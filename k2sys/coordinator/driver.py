@@ -33,9 +33,9 @@ from k2sys.coordinator.engine_handle import EngineHandle, RunClaim, claim_run
 from k2sys.coordinator.metrics import MetricsLog
 from k2sys.coordinator.rl_loop import RLLoop
 from k2sys.coordinator.trainer_group import TrainerGroup, broadcast_value
-from k2sys.engine.client import EngineHTTPError
+from k2sys.engine.api.client import EngineHTTPError
 from k2sys.engine.launch import LaunchError
-from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.engine.api.protocol import GenerateRequest, SamplingParams
 from k2sys.eval import evaluate_heldout, recipe_summary
 from k2sys.models import build_model, preset, save_hf
 from k2sys.models.hf_io import write_json_atomic

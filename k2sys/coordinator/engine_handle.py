@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from k2sys.coordinator.sections import EngineSection
-from k2sys.engine.client import EngineHTTPError, HTTPEngine
+from k2sys.engine.api.client import EngineHTTPError, HTTPEngine
 from k2sys.engine.launch import NativeLaunchConfig, ServerProcess, SGLangLaunchConfig, free_port
 
 log = logging.getLogger("k2sys.coordinator")
@@ -77,7 +77,7 @@ class EngineHandle:
         if self.kind == "native":
             self.client = HTTPEngine(cfg.base_url, max_concurrency=self.section.max_running_requests)
         else:
-            from k2sys.engine.sglang_adapter import SGLangEngine
+            from k2sys.engine.api.sglang_adapter import SGLangEngine
 
             self.client = SGLangEngine(cfg.base_url, max_concurrency=self.section.max_running_requests,
                                        tp_size=self.section.tp)

@@ -25,7 +25,7 @@ import torch
 from k2sys.coordinator import state as sm
 from k2sys.coordinator.rl_batch import Sample, build_rl_batch, set_old_logprobs
 from k2sys.coordinator.rollout import new_group, run_rollout
-from k2sys.engine.protocol import GenerateRequest, SamplingParams
+from k2sys.engine.api.protocol import GenerateRequest, SamplingParams
 from k2sys.envs.agent_loop import new_episode_group
 from k2sys.rewards import gym as reward_gym
 from k2sys.rl import (BudgetConfig, BudgetController, K2PTXLoss, RolloutBuffer, StalePolicyConfig,

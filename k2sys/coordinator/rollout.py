@@ -23,7 +23,7 @@ from typing import Any, Callable
 from k2sys.config import ConfigError
 from k2sys.coordinator.rl_batch import Sample
 from k2sys.coordinator.state import fault_point
-from k2sys.engine.protocol import GenerateRequest, SamplingParams, fit_new_tokens
+from k2sys.engine.api.protocol import GenerateRequest, SamplingParams, fit_new_tokens
 from k2sys.envs.agent_loop import AgentConfig, advance_episode, is_episode
 from k2sys.rl.budget import BudgetController
 from k2sys.rl.rollout_buffer import PartialTrajectory

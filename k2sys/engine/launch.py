@@ -113,7 +113,7 @@ class NativeLaunchConfig:
     port: int = 30000
     extra_args: tuple[str, ...] = ()
     module: tuple[str, ...] = ("k2sys.cli", "serve")
-    """The module to run and its leading args; ("k2sys.engine.server",) runs the server directly."""
+    """The module to run and its leading args; ("k2sys.engine.api.server",) runs the server directly."""
     python: str = sys.executable
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from k2sys.config import ConfigError
-from k2sys.engine.protocol import GenerateRequest, SamplingParams, fit_new_tokens
+from k2sys.engine.api.protocol import GenerateRequest, SamplingParams, fit_new_tokens
 from k2sys.envs.base import Env, make_env, replay
 from k2sys.rl.rollout_buffer import PartialTrajectory
 from k2sys.tokenizer import parse_assistant, render_chat, render_continuation

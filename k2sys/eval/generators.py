@@ -189,7 +189,7 @@ class EngineChatGenerator:
         self.raw_text, self.agent = raw_text, agent if agent is not None else AgentConfig()
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        from k2sys.engine.protocol import GenerateRequest, SamplingParams
+        from k2sys.engine.api.protocol import GenerateRequest, SamplingParams
 
         stops = tuple(self.fmt.stop_token_ids)
         reqs = [GenerateRequest(input_ids=tuple(self.fmt.prompt_ids(r.messages, r.tools)),
@@ -223,7 +223,7 @@ class EngineChatGenerator:
         import asyncio
         from dataclasses import replace
 
-        from k2sys.engine.protocol import SamplingParams
+        from k2sys.engine.api.protocol import SamplingParams
         from k2sys.envs.agent_loop import advance_episode, new_episode_group
 
         if len(specs) != len(seeds):

@@ -495,9 +495,9 @@ _IPC_FIELDS = {"size": "ints", "stride": "ints", "offset": int, "dtype": str, "d
 
 
 def check_cuda_ipc(h: Any) -> None:
-    """The JSON fields of a CUDA IPC handle (k2sys.engine.shm.cuda_ipc_handle), types only."""
+    """The JSON fields of a CUDA IPC handle (k2sys.engine.transport.shm.cuda_ipc_handle), types only."""
     if not isinstance(h, Mapping):
-        raise _fail("cuda_ipc", f"got {type(h).__name__}", "send the object k2sys.engine.shm.cuda_ipc_handle makes")
+        raise _fail("cuda_ipc", f"got {type(h).__name__}", "send the object k2sys.engine.transport.shm.cuda_ipc_handle makes")
     for name, kind in _IPC_FIELDS.items():
         v = h.get(name)
         if kind == "ints":
@@ -509,7 +509,7 @@ def check_cuda_ipc(h: Any) -> None:
             ok = isinstance(v, kind)
         if not ok:
             raise _fail(f"cuda_ipc.{name}", f"{str(v)[:40]!r} is missing or of the wrong type",
-                        "build the handle with k2sys.engine.shm.cuda_ipc_handle")
+                        "build the handle with k2sys.engine.transport.shm.cuda_ipc_handle")
     if h["dtype"] not in _ENTRY_DTYPES:
         raise _fail("cuda_ipc.dtype", f"{h['dtype'][:40]!r} is not supported", f"use one of {list(_ENTRY_DTYPES)}")
 

@@ -5,8 +5,8 @@
 
 Payloads follow sglang 0.5.23 (`GenerateReqInput`, `SamplingParams`, `ReleaseMemoryOccupationReqInput`,
 `UpdateWeightsFromTensorReqInput`, `PauseGenerationReqInput`, `AbortReq`), so the same client code
-talks to this server and to SGLang; the OpenAI routes live in k2sys.engine.openai_api. Every field
-SGLang and OpenAI define is honoured or refused with a 400 naming it (k2sys.engine.api_fields,
+talks to this server and to SGLang; the OpenAI routes live in k2sys.engine.api.openai_api. Every field
+SGLang and OpenAI define is honoured or refused with a 400 naming it (k2sys.engine.api.api_fields,
 docs/engine_api.md); malformed JSON, unknown fields and bad values get a 400 with a message and
 the server keeps serving others. SIGTERM aborts in-flight requests (their callers get
 finish_reason "abort"), drains the HTTP connections and stops the engine thread.
@@ -40,16 +40,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from k2sys.engine.api_fields import (GENERATE, ApiError, JsonLimits, check_sampling_types, check_token_ids, read_json,
+from k2sys.engine.api.api_fields import (GENERATE, ApiError, JsonLimits, check_sampling_types, check_token_ids, read_json,
                                      want_bool, want_int, want_str)
-from k2sys.engine.api_fields import check_fields as check_api_fields
-from k2sys.engine.wire import tensors_from_update
-from k2sys.engine.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
-from k2sys.engine.engine import NativeEngine
-from k2sys.engine.openai_api import JSON, OpenAIRoutes, sse
-from k2sys.engine.protocol import (PAUSE_MODES, UpdateWeightsFromTensorPayload, check_bucket_entries,
+from k2sys.engine.api.api_fields import check_fields as check_api_fields
+from k2sys.engine.transport.wire import tensors_from_update
+from k2sys.engine.core.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
+from k2sys.engine.core.engine import NativeEngine
+from k2sys.engine.api.openai_api import JSON, OpenAIRoutes, sse
+from k2sys.engine.api.protocol import (PAUSE_MODES, UpdateWeightsFromTensorPayload, check_bucket_entries,
                                    check_cuda_ipc, weight_version_of)
-from k2sys.engine.shm import ShmReader, ShmUpdatePayload, server_transports
+from k2sys.engine.transport.shm import ShmReader, ShmUpdatePayload, server_transports
 
 __all__ = ["ServerOptions", "build_app", "main", "parse_generate"]
 
@@ -115,7 +115,7 @@ def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tup
 def parse_generate(body: dict, engine: NativeEngine | None = None) -> tuple[list[dict], bool, bool]:
     """A /generate body -> (one submit kwargs dict per prompt, batched, stream).
 
-    Fields follow SGLang's GenerateReqInput (k2sys.engine.api_fields.GENERATE): per-prompt fields
+    Fields follow SGLang's GenerateReqInput (k2sys.engine.api.api_fields.GENERATE): per-prompt fields
     take one value for all prompts or a list with one per prompt. Every field's type is checked
     here; given the engine, token ids are checked against its vocabulary and context length
     (lengths first, so a huge prompt is refused before its tokens are looked at)."""
@@ -522,7 +522,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
         if special is not None and not isinstance(special, bool):
             raise RequestError(f"add_special_tokens: must be true or false, got {str(special)[:60]}")
         if messages is not None:
-            from k2sys.engine.openai_api import check_tools, normalize_messages, render_prompt
+            from k2sys.engine.api.openai_api import check_tools, normalize_messages, render_prompt
 
             gen = body.get("add_generation_prompt")
             want_bool(body, "add_generation_prompt")

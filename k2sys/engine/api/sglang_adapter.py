@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from k2sys.engine.client import EngineHTTPError, FlattenedBucket, HTTPEngine
-from k2sys.engine.protocol import LOAD_FORMATS, PausedRequest, ProtocolError, colocated_update
+from k2sys.engine.api.client import EngineHTTPError, FlattenedBucket, HTTPEngine
+from k2sys.engine.api.protocol import LOAD_FORMATS, PausedRequest, ProtocolError, colocated_update
 
 MIN_SGLANG_VERSION = "0.5.23"
 _INSTALL_HINT = ("install sglang>=0.5.23 on a CUDA machine (pip install 'sglang>=0.5.23'); never on CPU "

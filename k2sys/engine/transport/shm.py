@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from k2sys import ext
-from k2sys.engine.protocol import ProtocolError
+from k2sys.engine.api.protocol import ProtocolError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "k2sys-w-"
@@ -45,7 +45,7 @@ TRANSPORTS = ("shm", "cuda_ipc")
 def _path(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ProtocolError(f"shm_name: {name!r} is not a k2sys segment name ({NAME_RE.pattern}); "
-                            f"segments are created by k2sys.engine.shm.ShmSegment")
+                            f"segments are created by k2sys.engine.transport.shm.ShmSegment")
     return os.path.join(SHM_DIR, name)
 
 
@@ -299,7 +299,7 @@ def open_cuda_ipc(h: dict[str, Any]) -> torch.Tensor:
                                    int(h["ref_counter_offset"]), _unb64(h.get("event_handle"), "event_handle"),
                                    bool(h["event_sync_required"]))
     except KeyError as e:
-        raise ProtocolError(f"cuda_ipc: missing field {e}; build it with k2sys.engine.shm.cuda_ipc_handle") from None
+        raise ProtocolError(f"cuda_ipc: missing field {e}; build it with k2sys.engine.transport.shm.cuda_ipc_handle") from None
 
 
 # ---------------------------------------------------------------- request + reader (server)
@@ -329,7 +329,7 @@ class ShmUpdatePayload:
             if not isinstance(self.shm_size, int) or self.shm_size <= 0:
                 raise ProtocolError(f"shm_size: must be the segment's size in bytes (> 0), got {self.shm_size!r}")
         elif not isinstance(self.cuda_ipc, dict):
-            raise ProtocolError("cuda_ipc: required for transport 'cuda_ipc' (k2sys.engine.shm.cuda_ipc_handle)")
+            raise ProtocolError("cuda_ipc: required for transport 'cuda_ipc' (k2sys.engine.transport.shm.cuda_ipc_handle)")
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if k == "entries" else v) for k in self.FIELDS if (v := getattr(self, k)) is not None}
@@ -389,7 +389,7 @@ class ShmReader:
         """Hand the bucket's tensors (views of shared memory) to `update` (engine.update_weights,
         which copies them); returns the tensor count. The segment is unmapped when the payload
         says `release` or the update fails."""
-        from k2sys.engine.wire import BucketEntry, FlattenedBucket  # the same bucket format as HTTP
+        from k2sys.engine.transport.wire import BucketEntry, FlattenedBucket  # the same bucket format as HTTP
 
         with self._lock:
             release = payload.release

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from k2sys.engine.config import RequestError, SamplingParams
+from k2sys.engine.core.config import RequestError, SamplingParams
 
 __all__ = ["GrammarMatcher", "grammar_factory_for", "special_token_ids", "vocabulary_bytes"]
 

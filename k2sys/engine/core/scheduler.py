@@ -41,10 +41,10 @@ from typing import Any, Callable
 
 import torch
 
-from k2sys.engine.config import EngineConfig, LogprobOptions, SamplingParams
-from k2sys.engine.kv_cache import OutOfBlocks, PagedLatentCache
-from k2sys.engine.model_runner import AttnGroup, ModelRunner, PromptLogprobSpec, StepBatch
-from k2sys.engine.sampling import RowContext, sample
+from k2sys.engine.core.config import EngineConfig, LogprobOptions, SamplingParams
+from k2sys.engine.core.kv_cache import OutOfBlocks, PagedLatentCache
+from k2sys.engine.core.model_runner import AttnGroup, ModelRunner, PromptLogprobSpec, StepBatch
+from k2sys.engine.core.sampling import RowContext, sample
 
 __all__ = ["Request", "Scheduler", "Sequence"]
 
@@ -107,7 +107,7 @@ class Request:
     cache_root: bytes | None = None
     """Parent key of the first prefix-cache block (a cache salt); None = the shared root."""
     grammar_factory: Callable[[], Any] | None = None
-    """Makes a fresh structured-output matcher for one sample (k2sys.engine.grammar)."""
+    """Makes a fresh structured-output matcher for one sample (k2sys.engine.core.grammar)."""
     input_start: int | None = None
     """First prompt position reported in input_token_logprobs (None: no prompt log-probs)."""
     input_lp: list[float] = field(default_factory=list)

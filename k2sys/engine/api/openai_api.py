@@ -1,7 +1,7 @@
 """OpenAI-compatible routes of `k2sys serve`: /v1/models, /v1/completions, /v1/chat/completions.
 
 Every field of the OpenAI API (and SGLang's additions to it) is honoured or refused with a 400
-that names it (k2sys.engine.api_fields). What the routes add on top of the engine:
+that names it (k2sys.engine.api.api_fields). What the routes add on top of the engine:
   - completions `echo` + `logprobs` return the prompt's log-probs computed in the prefill
     (logprob_start_len=0), the shape lm-evaluation-harness' loglikelihood reads;
   - `logprobs=k` / `top_logprobs=k` return the k most likely tokens at each position, plus the
@@ -27,11 +27,11 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from k2sys.engine.api_fields import (CHAT, COMPLETIONS, ApiError, check_fields, check_sampling_types, check_token_ids,
+from k2sys.engine.api.api_fields import (CHAT, COMPLETIONS, ApiError, check_fields, check_sampling_types, check_token_ids,
                                      dumps, read_json, want_strings)
-from k2sys.engine.api_fields import want_bool as _bool
-from k2sys.engine.api_fields import want_int as _int
-from k2sys.engine.config import EngineError, LogprobOptions, RequestError, SamplingParams
+from k2sys.engine.api.api_fields import want_bool as _bool
+from k2sys.engine.api.api_fields import want_int as _int
+from k2sys.engine.core.config import EngineError, LogprobOptions, RequestError, SamplingParams
 
 __all__ = ["JSON", "OpenAIRoutes", "check_tools", "normalize_messages", "render_prompt"]
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-from k2sys.engine.config import EngineError
+from k2sys.engine.core.config import EngineError
 
 __all__ = ["BlockAllocator", "OutOfBlocks", "PagedLatentCache"]
 

@@ -8,7 +8,7 @@
 FlattenedBucket and BucketEntry are the checkpoint engine's one bucket type (k2sys.ckpt.bucket),
 re-exported here. safetensors bytes are safe to decode in another process (no pickle) and exact
 for every dtype. A real SGLang server reads its own pickled format instead: the SGLang sinks
-(k2sys.ckpt.engine_sinks, through k2sys.engine.sglang_adapter) produce that one.
+(k2sys.ckpt.engine_sinks, through k2sys.engine.api.sglang_adapter) produce that one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 from k2sys.ckpt.bucket import FlattenedBucket, _safetensors_metadata
 from k2sys.ckpt.types import BucketEntry
-from k2sys.engine.protocol import ProtocolError, UpdateWeightsFromTensorPayload
+from k2sys.engine.api.protocol import ProtocolError, UpdateWeightsFromTensorPayload
 
 __all__ = ["BucketEntry", "FlattenedBucket", "serialize_named_tensors", "deserialize_named_tensors",
            "tensors_from_update"]

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from k2sys.engine.config import SamplingParams
+from k2sys.engine.core.config import SamplingParams
 
 __all__ = ["RowContext", "process_logits", "sample", "uniform_noise"]
 

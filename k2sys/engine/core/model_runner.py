@@ -19,7 +19,7 @@ rest (embeddings, lm_head, norms, router) stays in the compute dtype. A linear d
 weight when it runs and drops it after (`_Fp8Linear`), so resident memory stays FP8; on CUDA the
 routed experts go through the Triton fused MoE, which dequantizes 128x128 tiles in its GEMM loop.
 
-Routed experts elsewhere (`k2sys.engine.moe`): "grouped" (the default) runs a layer's experts as two
+Routed experts elsewhere (`k2sys.engine.core.moe`): "grouped" (the default) runs a layer's experts as two
 grouped GEMMs over the stacked expert bases; "loop" is the per-expert loop over packed linears it
 replaced (the benchmark's peer, and the FP8 path off CUDA, which dequantizes one expert at a time).
 Only "loop" keeps oneDNN-packed copies of the experts, so "grouped" also halves their memory in fp32.
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from k2sys.engine.kv_cache import PagedLatentCache
-from k2sys.engine.moe import grouped_moe, loop_moe
+from k2sys.engine.core.kv_cache import PagedLatentCache
+from k2sys.engine.core.moe import grouped_moe, loop_moe
 from k2sys.models import K2Config, param_shapes, route
 from k2sys.models.rope import RotaryEmbedding
 from k2sys.quant.fp8 import (FP8_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_block, fp8_scale_shape,
@@ -59,7 +59,7 @@ PACK_ROWS = 32
 """Rows oneDNN tunes a packed weight's layout for: about a decode step's tokens per GEMM. Any row
 count runs; 32 was fastest or near it from 8 to 1024 rows on k2-small shapes (measured)."""
 
-try:  # the Triton router + fused MoE (EngineConfig.moe_kernels); CPU keeps k2sys.engine.moe
+try:  # the Triton router + fused MoE (EngineConfig.moe_kernels); CPU keeps k2sys.engine.core.moe
     from k2sys import kernels as _kernels
 except Exception:  # noqa: BLE001 - kernels package absent or triton broken: the torch path serves
     _kernels = None

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from k2sys.engine.config import RequestError
+from k2sys.engine.core.config import RequestError
 
 __all__ = ["CHAT", "COMPLETIONS", "ApiError", "FieldSpec", "GENERATE", "HONOURED", "JsonLimits", "NO_EFFECT",
            "OFF_ONLY", "SAMPLING", "check_fields", "check_sampling_types", "check_token_ids", "dumps",

@@ -7,7 +7,7 @@ One client for both servers (`k2sys serve` and `sglang.launch_server`):
 
 Weights cross the process edge as one bucket type (k2sys.ckpt.bucket.FlattenedBucket) per
 request: base64 text inside JSON (SGLang's `serialized_named_tensors`; for `k2sys serve`
-safetensors bytes, pickle-free and bit-exact, k2sys.engine.wire), or through shared memory /
+safetensors bytes, pickle-free and bit-exact, k2sys.engine.transport.wire), or through shared memory /
 CUDA IPC handles (send_shm / send_cuda_ipc, which the checkpoint engine's NativeServerSink
 feeds with buckets it wrote into the transport memory directly).
 
@@ -29,8 +29,8 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 import httpx
 import torch
 
-from k2sys.engine.shm import ShmUpdatePayload, ShmWriter, cuda_ipc_handle, split_buckets
-from k2sys.engine.wire import (BucketEntry, FlattenedBucket, deserialize_named_tensors, serialize_named_tensors,
+from k2sys.engine.transport.shm import ShmUpdatePayload, ShmWriter, cuda_ipc_handle, split_buckets
+from k2sys.engine.transport.wire import (BucketEntry, FlattenedBucket, deserialize_named_tensors, serialize_named_tensors,
                                tensors_from_update)
 
 KEEPALIVE_EXPIRY_S = 4.0
@@ -38,7 +38,7 @@ KEEPALIVE_EXPIRY_S = 4.0
 
 __all__ = ["EngineHTTPError", "HTTPEngine", "BucketEntry", "FlattenedBucket", "serialize_named_tensors",
            "deserialize_named_tensors", "tensors_from_update"]
-from k2sys.engine.protocol import (GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
+from k2sys.engine.api.protocol import (GenerateOutput, GenerateRequest, PausedRequest, ProtocolError,
                                    UpdateWeightsFromTensorPayload, abort_payload, memory_payload, pause_payload)
 
 class EngineHTTPError(RuntimeError):
@@ -430,7 +430,7 @@ class HTTPEngine:
         torch.cuda.ipc_collect()
 
     def send_shm(self, bucket: FlattenedBucket, segment: Any, version: str | None, release: bool = True) -> None:
-        """POST one bucket whose buffer lies in shared-memory `segment` (k2sys.engine.shm.ShmSegment);
+        """POST one bucket whose buffer lies in shared-memory `segment` (k2sys.engine.transport.shm.ShmSegment);
         the server copies it into its weights before answering."""
         base = bucket.buffer.data_ptr() - segment.tensor.data_ptr()
         if not 0 <= base <= segment.nbytes - bucket.nbytes:

@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from k2sys.engine.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
-from k2sys.engine.kv_cache import PagedLatentCache
-from k2sys.engine.model_runner import ModelRunner
-from k2sys.engine.protocol import (PAUSE_MODES, GenerateOutput, GenerateRequest, PausedRequest,
+from k2sys.engine.core.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
+from k2sys.engine.core.kv_cache import PagedLatentCache
+from k2sys.engine.core.model_runner import ModelRunner
+from k2sys.engine.api.protocol import (PAUSE_MODES, GenerateOutput, GenerateRequest, PausedRequest,
                                    validate_tags)
-from k2sys.engine.protocol import SamplingParams as ProtocolSampling
-from k2sys.engine.scheduler import Request, Scheduler, Sequence as Seq
+from k2sys.engine.api.protocol import SamplingParams as ProtocolSampling
+from k2sys.engine.core.scheduler import Request, Scheduler, Sequence as Seq
 from k2sys.models import K2Config, K2ForCausalLM, param_shapes
 
 __all__ = ["NativeEngine", "RequestHandle"]
@@ -285,7 +285,7 @@ class NativeEngine:
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of one token (a piece of a UTF-8 character stays a piece)."""
-        from k2sys.engine.grammar import vocabulary_bytes
+        from k2sys.engine.core.grammar import vocabulary_bytes
 
         table = self.__dict__.get("_vocab_bytes")
         if table is None and self.tokenizer is not None:
@@ -422,7 +422,7 @@ class NativeEngine:
                 raise RequestError(f"{name}: token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
         grammar_factory = None
         if params.grammar is not None:
-            from k2sys.engine.grammar import grammar_factory_for
+            from k2sys.engine.core.grammar import grammar_factory_for
 
             grammar_factory = grammar_factory_for(self, params)
         cache_root = None

@@ -1,0 +1,1 @@
+"""Weight payloads between processes: pickle-free encodings and shared memory / CUDA IPC."""
