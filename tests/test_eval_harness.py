@@ -30,7 +30,7 @@ from k2sys.eval.adapters import get_adapter, humaneval_program
 from k2sys.eval.answers import (extract_gsm8k_answer, extract_math_answer, gsm8k_reference, math_equal,
                                 normalize_math)
 from k2sys.eval.compare import (bootstrap_ci, compare_results, newcombe_interval, paired_bootstrap_delta,
-                                wilson_interval, write_report)
+                                render_markdown, wilson_interval, write_report)
 from k2sys.eval.generators import ChatRequest, Completion
 from k2sys.rewards.ifeval import check_instruction, check_row
 from k2sys.eval.suite import SamplingConfig, SuiteEntry, load_results, parse_suite_arg, run_suite
@@ -430,6 +430,24 @@ def test_compare_report_two_runs(tmp_path):
                  "--no-png", "--resamples", "200"]) == 0
     assert "| overall | avg@2 |" in (tmp_path / "cli.md").read_text()
     assert main(["compare", str(tmp_path / "report.md"), str(tmp_path / "s"), "--out", str(tmp_path / "x.md")]) == 2
+
+
+def test_compare_reports_each_familys_response_cap(tmp_path):
+    import copy
+
+    entries = _suite_files(tmp_path, 8)
+    cfg = SamplingConfig(n=2, temperature=0.7, ks=(1,), max_tokens=16)
+    base = run_suite(FakeGenerator(_table(8, 2, 0.5, seed=5)), entries, cfg, model="sft")
+    assert {f["max_tokens"] for f in base["families"].values()} == {16}
+    md = render_markdown(compare_results([base, base], ["a", "b"], resamples=50))
+    assert "max_tokens=16," in md and "per family" not in md
+    longer = copy.deepcopy(base)
+    longer["families"]["if"]["max_tokens"] = 96  # e.g. the recipe's instruction-following cap
+    cmp = compare_results([base, longer], ["a", "b"], resamples=50)
+    assert cmp["max_tokens"]["b"]["if"] == 96 and cmp["max_tokens"]["a"]["if"] == 16
+    md = render_markdown(cmp)
+    assert "- b: n=2, temperature=0.7, top_p=1.0, max_tokens per family: " in md and "if=96" in md
+    assert any(n.startswith("if: runs used different max_tokens") for n in cmp["notes"])
 
 
 class FakeEngine:

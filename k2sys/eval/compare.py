@@ -154,8 +154,16 @@ def compare_results(results: Sequence[dict], names: Sequence[str] | None = None,
             vals = {n: r["families"][fam]["metrics"].get(k) for n, r in zip(names, results)}
             if all(v is not None for v in vals.values()):
                 extras.append({"family": fam, "metric": k, "values": vals})
+    # Each family has its own response cap (the recipes give long-answer families more room than the
+    # global max_tokens): report the caps used, and say so when runs differ (not like for like).
+    caps = {n: {f: r["families"][f].get("max_tokens", r["sampling"].get("max_tokens")) for f in families}
+            for n, r in zip(names, results)}
+    for fam in families:
+        used = {n: caps[n][fam] for n in names}
+        if len(set(used.values())) > 1:
+            notes.append(f"{fam}: runs used different max_tokens {used}; the comparison is not like for like")
     return {"baseline": names[0], "models": names, "metrics": metrics, "rows": rows, "extras": extras,
-            "notes": notes, "resamples": resamples,
+            "notes": notes, "resamples": resamples, "max_tokens": caps,
             "sampling": {n: r["sampling"] for n, r in zip(names, results)}}
 
 
@@ -172,8 +180,14 @@ def render_markdown(cmp: dict, *, png: str | None = None, png_note: str | None =
            "excludes 0.", ""]
     for n in names:
         s = cmp["sampling"][n]
-        out.append(f"- {n}: n={s['n']}, temperature={s['temperature']}, top_p={s['top_p']}, "
-                   f"max_tokens={s['max_tokens']}, seed={s['seed']}")
+        caps = cmp.get("max_tokens", {}).get(n, {})
+        if caps and len(set(caps.values())) == 1:
+            cap = f"max_tokens={next(iter(caps.values()))}"
+        elif caps:
+            cap = "max_tokens per family: " + ", ".join(f"{f}={c}" for f, c in caps.items())
+        else:
+            cap = f"max_tokens={s['max_tokens']}"
+        out.append(f"- {n}: n={s['n']}, temperature={s['temperature']}, top_p={s['top_p']}, {cap}, seed={s['seed']}")
     out.append("")
     head = ["family", "metric"] + names + [f"Δ {n} − {base}" for n in names[1:]]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
