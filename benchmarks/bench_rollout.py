@@ -23,7 +23,6 @@ average before and after the run is recorded in "env" to judge the figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -76,7 +75,7 @@ def bench_model(name: str, batches: list[int], n_samples: int, repeats: int, thr
                 rows = ids.tolist()
 
                 def run() -> None:
-                    outs = engine.generate_sglang(rows, dataclasses.replace(params, max_new_tokens=new))
+                    outs = engine.generate_sglang(rows, params.replace(max_new_tokens=new))
                     assert sum(len(o["output_ids"]) for o in outs) == b * n * new
                 return run
 

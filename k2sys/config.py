@@ -270,6 +270,25 @@ def validate_tree(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 
 
+def check_value_type(field: str, value: Any, tp: Any) -> None:
+    """Raise ConfigError naming `field` unless `value` (from JSON or Python) fits the annotation `tp`."""
+    _check_value_type(field, value, tp)
+
+
+def build_checked(cls: type, data: Any, where: str) -> Any:
+    """cls(**data) for a flat config dataclass read from JSON (e.g. `k2sys serve --config`): an unknown
+    key or a value of the wrong type is a ConfigError naming `where.<key>` before the class sees it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object of {cls.__name__} fields, got {data!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown field of {cls.__name__}; valid fields: {', '.join(names)}")
+        _check_value_type(f"{where}.{key}", value, hints[key])
+    return cls(**data)
+
+
 def _check_value_type(field: str, value: Any, tp: Any) -> None:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):

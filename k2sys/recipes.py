@@ -84,12 +84,14 @@ class RLRunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     tasks: TasksSection = field(default_factory=TasksSection)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
+    trainer: TrainerSection = field(default_factory=lambda: TrainerSection(dtype="auto"))
+    """The trainer's TrainerConfig + layout; this job trains in the checkpoint's dtype on GPU, float32 on CPU."""
     sft: SFTSection = field(default_factory=SFTSection)
     rl: RLSection = field(default_factory=RLSection)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    engine: EngineSection = field(default_factory=EngineSection)
+    engine: EngineSection = field(default_factory=lambda: EngineSection(device="auto", max_running_requests=256))
+    """The engine's EngineConfig + how it is run; this job's engine takes the GPU when there is one."""
     agent: AgentConfig = field(default_factory=AgentConfig)
     """Multi-turn episodes (tasks.tool_use / tasks.code > 0): per-turn and per-episode token caps."""
     data: DataSection = field(default_factory=DataSection)

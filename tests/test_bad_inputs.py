@@ -447,6 +447,8 @@ def test_fuzz_data_rows_are_never_lost(tmp_path_factory, lines, bom, crlf):
     nonblank = set()
     for i, (kind, raw) in enumerate(lines, start=1):
         text = raw.decode("utf-8", errors="replace")
+        if i == 1 and not bom:  # a file that starts with BOM bytes starts with a BOM: readers drop it
+            text = text.removeprefix("\ufeff")
         if text.strip():
             nonblank.add(i)
     good = {i for i, (kind, _) in enumerate(lines, start=1) if kind == "good"}

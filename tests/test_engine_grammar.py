@@ -122,10 +122,10 @@ def test_stop_regex_stops_and_trims(eng):
         pytest.skip(f"greedy text has no word to stop on: {full!r}")
     pattern = words[0][:3] + r"[a-z]*"
     m = regex.search(pattern, full)
-    out = eng.generate_sglang(["The weather"], dataclasses.replace(p, stop_regex=[pattern]))[0]
+    out = eng.generate_sglang(["The weather"], p.replace(stop_regex=[pattern]))[0]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
     assert out["text"] == full[:m.start()]
-    kept = eng.generate_sglang(["The weather"], dataclasses.replace(p, stop_regex=[pattern], no_stop_trim=True))[0]
+    kept = eng.generate_sglang(["The weather"], p.replace(stop_regex=[pattern], no_stop_trim=True))[0]
     assert kept["text"].startswith(full[:m.start()]) and regex.search(pattern, kept["text"])
 
 

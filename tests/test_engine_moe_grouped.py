@@ -1,8 +1,9 @@
-"""The engine's routed experts as grouped GEMMs (k2sys.engine.core.moe) against the per-expert loop they
-replaced and against the reference model's MoE (k2sys.models.reference.MoE, a loop over
-`ids.unique()` with nn.Linear experts): random routing with experts that get no token, every
-formulation (F.grouped_mm, the padded bmm, the per-pair GEMVs of small batches), fp32 and bf16;
-and the engine's decode logits with moe_impl="grouped" vs "loop" and vs the reference model."""
+"""The engine's routed experts as grouped GEMMs (k2sys.engine.core.moe) against the per-expert torch
+reference they replaced (k2sys.models.moe_experts, the engine's moe_impl="loop") and against
+transformers' DeepseekV3 router and experts (the independent check): random routing with experts
+that get no token, every formulation (F.grouped_mm, the padded bmm, the per-pair GEMVs of small
+batches), fp32 and bf16; and the engine's decode logits with moe_impl="grouped" vs "loop" and vs
+the reference model."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from k2sys.engine.core.config import EngineConfig, SamplingParams
 from k2sys.engine.core.kv_cache import PagedLatentCache
 from k2sys.engine.core.model_runner import MOE_IMPLS, ModelRunner
-from k2sys.engine.core.moe import grouped_mm_works, grouped_moe, loop_moe, sort_by_expert
+from k2sys.engine.core.moe import grouped_mm_works, grouped_moe, sort_by_expert
 from k2sys.engine.core.scheduler import Request, Scheduler
-from k2sys.models import build_model, k2_tiny, param_shapes, route
+from k2sys.models import build_model, k2_tiny, moe_experts, param_shapes, route
 from k2sys.models.reference import MoE
 
 CFG = dataclasses.replace(k2_tiny(vocab_size=256), hidden_size=32, moe_intermediate_size=16, n_routed_experts=8,
@@ -47,25 +48,47 @@ def stacked(m: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     return w13.detach().contiguous(), w2.detach().contiguous()
 
 
-def routed_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The reference layer minus its shared expert: what the routed experts must add up to."""
+def hf_experts(m: MoE, dtype: torch.dtype):
+    """transformers' DeepseekV3 router (fp32) and routed experts holding the weights of m."""
+    from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3TopkRouter
+
+    hcfg = DeepseekV3Config(hidden_size=CFG.hidden_size, moe_intermediate_size=CFG.moe_intermediate_size,
+                            n_routed_experts=CFG.n_routed_experts, num_experts_per_tok=CFG.num_experts_per_tok,
+                            n_group=CFG.n_group, topk_group=CFG.topk_group, norm_topk_prob=CFG.norm_topk_prob,
+                            routed_scaling_factor=CFG.routed_scaling_factor)
+    router, experts = DeepseekV3TopkRouter(hcfg), DeepseekV3Experts(hcfg)
+    w13, w2 = stacked(m)
     with torch.no_grad():
-        return m(x) - m.shared_experts(x)
+        router.weight.copy_(m.gate.weight)
+        router.e_score_correction_bias.copy_(m.gate.e_score_correction_bias)
+        experts.gate_up_proj.data = w13.clone()
+        experts.down_proj.data = w2.clone()
+    return router, experts.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 2, 5, 33])
-def test_grouped_equals_loop_and_reference(dtype, T):
+def test_grouped_equals_loop_and_transformers(dtype, T):
     m = reference_moe(dtype)
     w13, w2 = stacked(m)
     x = torch.randn(T, CFG.hidden_size, generator=torch.Generator().manual_seed(T)).to(dtype)
     weights, ids = route(F.linear(x.float(), m.gate.weight), m.gate.e_score_correction_bias, CFG)
     used = set(ids.unique().tolist())
     assert not used & set(DEAD)  # the dead experts get zero tokens in every case
-    ref = routed_reference(m, x)
+    router, experts = hf_experts(m, dtype)
+    with torch.no_grad():
+        _, hf_w, hf_ids = router(x)
+        ref = experts(x, hf_ids, hf_w)
+    # same experts per token (HF's order within a row is unspecified), same weights for them
+    assert torch.equal(ids.sort(-1).values, hf_ids.sort(-1).values)
+    torch.testing.assert_close(weights.gather(1, ids.argsort(-1)), hf_w.gather(1, hf_ids.argsort(-1)))
     experts13 = [lambda a, e=e: F.linear(a, w13[e]) for e in range(CFG.n_routed_experts)]
     experts2 = [lambda a, e=e: F.linear(a, w2[e]) for e in range(CFG.n_routed_experts)]
-    loop = loop_moe(x, experts13, experts2, weights, ids)
+    loop = moe_experts(x, experts13, experts2, weights, ids)
+    torch.testing.assert_close(moe_experts(x, w13, w2, weights, ids), loop, rtol=0, atol=0)  # tensors = callables
+    # HF rounds each expert's weighted output to bf16 before summing: an error of the outputs' scale
+    hf_tol = TOL[dtype] if dtype == torch.float32 else {"rtol": 3e-2, "atol": 1e-2 * float(ref.abs().max())}
     variants = {"auto": grouped_moe(x, w13, w2, weights, ids),
                 "padded_bmm": grouped_moe(x, w13, w2, weights, ids, use_grouped_mm=False)}
     if grouped_mm_works(x.device, dtype):
@@ -73,8 +96,10 @@ def test_grouped_equals_loop_and_reference(dtype, T):
     for name, out in variants.items():
         assert out.dtype == dtype and out.shape == x.shape, name
         torch.testing.assert_close(out.float(), loop.float(), **TOL[dtype], msg=f"{name} vs loop")
-        torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=f"{name} vs reference")
-    torch.testing.assert_close(loop.float(), ref.float(), **TOL[dtype])
+        torch.testing.assert_close(out.float(), ref.float(), **hf_tol, msg=f"{name} vs transformers")
+    torch.testing.assert_close(loop.float(), ref.float(), **hf_tol)
+    with torch.no_grad():  # the reference model's MoE layer is the same routed experts plus its shared expert
+        torch.testing.assert_close((m(x) - m.shared_experts(x)).float(), loop.float(), **TOL[dtype])
 
 
 def test_grouped_mm_runs_here_and_fp32_grouped_is_exact_vs_loop():
@@ -84,8 +109,8 @@ def test_grouped_mm_runs_here_and_fp32_grouped_is_exact_vs_loop():
     w13, w2 = stacked(m)
     x = torch.randn(16, CFG.hidden_size, generator=torch.Generator().manual_seed(1))
     weights, ids = route(F.linear(x, m.gate.weight), m.gate.e_score_correction_bias, CFG)
-    loop = loop_moe(x, [lambda a, e=e: F.linear(a, w13[e]) for e in range(8)],
-                    [lambda a, e=e: F.linear(a, w2[e]) for e in range(8)], weights, ids)
+    loop = moe_experts(x, [lambda a, e=e: F.linear(a, w13[e]) for e in range(8)],
+                       [lambda a, e=e: F.linear(a, w2[e]) for e in range(8)], weights, ids)
     assert torch.equal(grouped_moe(x, w13, w2, weights, ids, use_grouped_mm=True), loop)
 
 

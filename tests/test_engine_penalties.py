@@ -176,4 +176,4 @@ def test_logit_bias_and_seeded_batch_invariance(eng):
         {"input_ids": list(range(30)), "params": SamplingParams(temperature=0.5, max_new_tokens=16,
                                                                 repetition_penalty=2.0)}])
     assert mixed[1].result(timeout=60)[0]["output_ids"] == alone
-    assert eng.generate_sglang([[1, 2, 3]], dataclasses.replace(p, frequency_penalty=0.0))[0]["output_ids"] != alone
+    assert eng.generate_sglang([[1, 2, 3]], p.replace(frequency_penalty=0.0))[0]["output_ids"] != alone

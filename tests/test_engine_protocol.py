@@ -19,7 +19,7 @@ from k2sys.engine.api.protocol import (MEMORY_TAGS, GenerateOutput, GenerateRequ
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0),
-    ("top_k", -2), ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("n", 0), ("seed", "7"),
+    ("top_k", -2), ("max_new_tokens", -1), ("max_new_tokens", 2.5), ("n", 0), ("sampling_seed", "7"), ("seed", "7"),
     ("stop_token_ids", [-1]), ("stop", [""]),
 ])
 def test_sampling_params_rejects_bad_field(field, value):
@@ -70,13 +70,15 @@ def test_tags():
 
 def test_sampling_params_sglang_names_round_trip():
     sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=16, stop="</s>",
-                        stop_token_ids=[2], n=4, seed=11)
+                        stop_token_ids=[2], n=4, sampling_seed=11)
     d = sp.to_sglang()
     assert d == {"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "n": 4, "stop": ["</s>"],
                  "stop_token_ids": [2], "sampling_seed": 11}
     assert SamplingParams.from_sglang(json.loads(json.dumps(d))) == sp
-    with pytest.raises(ProtocolError, match="frequency_penalty"):
-        SamplingParams.from_sglang({"frequency_penalty": 0.5})
+    with pytest.raises(ProtocolError, match="beam_width"):  # SGLang's, not implemented: off only
+        SamplingParams.from_sglang({"beam_width": 4})
+    with pytest.raises(ProtocolError, match="bogus"):
+        SamplingParams.from_sglang({"bogus": 1})
     assert SamplingParams.from_sglang({"top_k": None}) == SamplingParams()  # null means default, as in SGLang
 
 
@@ -120,14 +122,14 @@ def test_generate_output_from_sglang_shape():
 
 
 def test_paused_request_resumes_from_prefix():
-    req = GenerateRequest(rid="p", input_ids=[1, 2, 3], sampling=SamplingParams(max_new_tokens=10, seed=3, n=2),
+    req = GenerateRequest(rid="p", input_ids=[1, 2, 3], sampling=SamplingParams(max_new_tokens=10, sampling_seed=3, n=2),
                           return_logprob=True)
     out = GenerateOutput(rid="p-1", output_ids=[7, 8, 9], output_logprobs=[-1, -2, -3], finish_reason="abort",
                          weight_version="4")
     paused = PausedRequest.from_output(req, out)
     nxt = paused.resume_request()
     assert nxt.input_ids == (1, 2, 3, 7, 8, 9) and nxt.rid == "p-1"
-    assert nxt.sampling.max_new_tokens == 7 and nxt.sampling.n == 1 and nxt.sampling.seed == 3
+    assert nxt.sampling.max_new_tokens == 7 and nxt.sampling.n == 1 and nxt.sampling.sampling_seed == 3
     assert PausedRequest.from_json(json.loads(json.dumps(paused.to_json()))) == paused
     done = PausedRequest(rid="q", input_ids=[1], output_ids=[2, 3], sampling=SamplingParams(max_new_tokens=2))
     with pytest.raises(ProtocolError, match="output_ids"):

@@ -54,7 +54,7 @@ def test_same_seed_same_tokens_in_any_batch(engine):
     alone = engine.generate_sglang([[5, 6, 7]], p)[0]["output_ids"]
     crowd = engine.generate_sglang([[9] * 30, [5, 6, 7], list(range(40))], p)[1]["output_ids"]
     assert alone == crowd
-    other = engine.generate_sglang([[5, 6, 7]], dataclasses.replace(p, sampling_seed=99))[0]["output_ids"]
+    other = engine.generate_sglang([[5, 6, 7]], p.replace(sampling_seed=99))[0]["output_ids"]
     assert other != alone
 
 
@@ -135,5 +135,5 @@ def test_bad_sampling_params_name_the_field():
                        ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
                        ({"stop_regex": ["("]}, "stop_regex"), ({"regex": "a", "ebnf": "root ::= \"a\""}, "regex")):
         with pytest.raises(RequestError, match=field):
-            SamplingParams.from_dict(bad)
-    assert SamplingParams.from_dict({"seed": 5}).sampling_seed == 5
+            SamplingParams.from_sglang(bad)
+    assert SamplingParams.from_sglang({"seed": 5}).sampling_seed == 5

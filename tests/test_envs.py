@@ -176,7 +176,7 @@ def _episode(tok, spec, engine, cfg=None, seed=4, pauses=()):
     rounds = 0
     while not traj.meta["finished"]:
         stopping = (lambda r=rounds: r in pauses and bool(traj.meta["actions"]))
-        asyncio.run(advance_episode(engine, tok, traj, version=rounds, sampling=SamplingParams(seed=1), cfg=cfg,
+        asyncio.run(advance_episode(engine, tok, traj, version=rounds, sampling=SamplingParams(sampling_seed=1), cfg=cfg,
                                     stop_ids=stop, stopping=stopping))
         rounds += 1
         assert rounds < 50

@@ -464,7 +464,7 @@ class FakeEngine:
         for r in reqs:
             text = self.tok.decode(list(r.input_ids), skip_special_tokens=False)
             ti = next(i for i, t in enumerate(self.tasks) if t.prompt in text)
-            j = (r.sampling.seed - 1234) % 7919
+            j = (r.sampling.sampling_seed - 1234) % 7919
             ans = self.tasks[ti].answer if j < self.correct[ti] else "99999"
             ids = list(self.tok.encode(ans).ids) + [r.sampling.stop_token_ids[0]]
             out.append(GenerateOutput(rid=r.rid, output_ids=tuple(ids), finish_reason="stop"))

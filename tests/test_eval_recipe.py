@@ -44,7 +44,7 @@ class ScriptedEngine:
         out = []
         for r in reqs:
             fam, ti = self.by_prompt[tuple(r.input_ids)]
-            item, j = divmod(r.sampling.seed - self.seed, 7919)
+            item, j = divmod(r.sampling.sampling_seed - self.seed, 7919)
             assert item == ti
             self.max_new_tokens.setdefault(fam, set()).add(r.sampling.max_new_tokens)
             text, finish = self.respond(fam, ti, j)

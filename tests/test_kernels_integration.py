@@ -75,8 +75,8 @@ def test_grouped_experts_matches_reference(kern, layout, counts):
     want = kern.grouped_experts_torch(x, p, counts, w13, w2)
     want.backward(dout)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for t, g_ in zip(params, got_grads):
-        torch.testing.assert_close(g_, t.grad, rtol=1e-4, atol=1e-5)
+    for t, g_ in zip(params, got_grads):  # the reference skips experts without rows: no grad = zero grad
+        torch.testing.assert_close(g_, torch.zeros_like(t) if t.grad is None else t.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_experts_argument_errors(kern):
@@ -260,7 +260,7 @@ def test_gpu_grouped_experts_bf16(kern):
     out.float().backward(dout)
     ref.backward(dout)
     for a, b in zip(ours + w13 + w2, ref_in + r13 + r2):
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(a.grad.float(), torch.zeros_like(b) if b.grad is None else b.grad, rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.gpu

@@ -355,7 +355,7 @@ class _Engine:
 
         (req,) = reqs
         task = self.by_prompt[tuple(req.input_ids)]
-        text = task.answer if req.sampling.seed % 2 == 0 else "I have followed all instructions."
+        text = task.answer if req.sampling.sampling_seed % 2 == 0 else "I have followed all instructions."
         ids = self.tok.encode(text).ids + [self.end]
         return [GenerateOutput(rid="r", output_ids=ids, output_logprobs=[-1.0] * len(ids), finish_reason="stop")]
 

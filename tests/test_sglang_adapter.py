@@ -286,7 +286,7 @@ def greedy(max_new: int, **kw) -> SamplingParams:
 def test_generate_payload_and_outputs(fake):
     srv, url = fake
     with HTTPEngine(url) as eng:
-        req = GenerateRequest(rid="a", input_ids=[3, 4], sampling=greedy(5, seed=1), return_logprob=True)
+        req = GenerateRequest(rid="a", input_ids=[3, 4], sampling=greedy(5, sampling_seed=1), return_logprob=True)
         (out,) = eng.generate([req])
     assert srv.log[0] == ("/generate", {"rid": "a", "input_ids": [3, 4], "return_logprob": True, "stream": False,
                                         "sampling_params": {"max_new_tokens": 5, "temperature": 0, "top_p": 1.0,

@@ -273,7 +273,7 @@ def test_routes_and_fields_match_sglang_http_server():
         methods, _ = routes[path]
         assert ("GET" if key in gets else "POST") in methods, (path, methods)
     req = GenerateRequest(rid="r1", input_ids=[1, 2], return_logprob=True,
-                          sampling=SamplingParams(temperature=0.7, max_new_tokens=3, stop_token_ids=(5,), seed=3))
+                          sampling=SamplingParams(temperature=0.7, max_new_tokens=3, stop_token_ids=(5,), sampling_seed=3))
     bodies = {
         "/generate": req.to_sglang(), "/pause_generation": pause_payload("retract"), "/continue_generation": {},
         "/release_memory_occupation": memory_payload(None), "/resume_memory_occupation": memory_payload(["weights"]),

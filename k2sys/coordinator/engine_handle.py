@@ -20,6 +20,7 @@ Process ownership (a coordinator killed with -9 leaves nothing running):
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -56,9 +57,9 @@ class EngineHandle:
         # The engine computes in the trainer's dtype (not the checkpoint's torch_dtype): pushed weights
         # land without a cast and the train/inference log-prob probe compares like with like.
         dt = str(dtype).replace("torch.", "")
-        if self.kind == "native":
+        if self.kind == "native":  # the section's EngineConfig travels whole as `k2sys serve --config`
             return NativeLaunchConfig(model_path=str(checkpoint), port=self.port,
-                                      extra_args=(*s.native_args(), "--dtype", dt))
+                                      engine=dataclasses.replace(s.resolved(), dtype=dt))
         return SGLangLaunchConfig(model_path=str(checkpoint), port=self.port, tp_size=s.tp, ep_size=s.ep,
                                   dp_size=s.dp, mem_fraction_static=s.mem_fraction_static,
                                   enable_memory_saver=s.memory_saver, dtype=dt, module=s.sglang_module,

@@ -207,7 +207,7 @@ class RLLoop:
         reqs = [GenerateRequest(input_ids=tuple(prompt_ids(self.run.tok, t)), return_logprob=True,
                                 sampling=SamplingParams(temperature=1.0, max_new_tokens=8,
                                                         stop_token_ids=tuple(self.stops),
-                                                        seed=self.rng.randrange(1 << 30)))
+                                                        sampling_seed=self.rng.randrange(1 << 30)))
                 for t in self.rng.sample(self.prompts, min(n, len(self.prompts)))]
         return [(list(rq.input_ids), out) for rq, out in zip(reqs, self.run.engine.client.generate(reqs))]
 

@@ -137,11 +137,11 @@ def run_rollout(engine: Any, tokenizer: Any, families: dict[str, TaskFamily], gr
         left = budget.max_new_tokens(task.family) - len(m.response_tokens)
         sp = SamplingParams(temperature=temperature, top_p=cfg.top_p,
                             max_new_tokens=fit_new_tokens(engine, len(m.context_tokens), left),
-                            stop_token_ids=tuple(stop_ids), seed=seed * 100_003 + i)
+                            stop_token_ids=tuple(stop_ids), sampling_seed=seed * 100_003 + i)
         req = GenerateRequest(input_ids=tuple(m.context_tokens), sampling=sp, return_logprob=True)
         jobs.append(lambda stopping, req=req: engine.async_generate([req]))
     for i, m in enumerate(episodes):
-        sp = SamplingParams(temperature=temperature, top_p=cfg.top_p, seed=seed * 100_003 + len(singles) + i)
+        sp = SamplingParams(temperature=temperature, top_p=cfg.top_p, sampling_seed=seed * 100_003 + len(singles) + i)
         jobs.append(lambda stopping, m=m, sp=sp: advance_episode(
             engine, tokenizer, m, version=version, sampling=sp, cfg=agent or AgentConfig(), stop_ids=stop_ids,
             stopping=stopping))

@@ -1,12 +1,18 @@
-"""Config sections of the SFT -> RL recipe (k2sys.recipes composes them into RunConfig)."""
+"""Config sections of the SFT -> RL recipe (k2sys.recipes composes them into RunConfig).
+
+The engine and trainer sections are the components' own configs (EngineConfig, TrainerConfig) with the
+job's deployment fields added: one definition, default and check of each field, and the component gets
+its config whole (`EngineConfig.resolved()` -> `k2sys serve --config`; `TrainerSection.build()`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from k2sys.config import ConfigError, check_fraction, check_int, check_name, check_number, check_port
+from k2sys.engine.core.config import EngineConfig, RequestError
+from k2sys.trainer.config import OptimConfig, TrainerConfig
 
 
 @dataclass(kw_only=True)
@@ -162,21 +168,46 @@ class SFTSection:
         check_int("sft.checkpoint_every", self.checkpoint_every, 1)
 
 
+def _renamed(e: ValueError, names: dict[str, str]) -> ConfigError:
+    """A component's ValueError as a ConfigError naming the job's dotted field (TrainerConfig.x -> trainer.x)."""
+    msg = str(e)
+    for old, new in names.items():
+        msg = msg.replace(old, new)
+    return ConfigError(msg)
+
+
 @dataclass(kw_only=True)
-class TrainerSection:
+class TrainerSection(TrainerConfig):
+    """The job's trainer: the Megatron trainer's own TrainerConfig (k2sys.trainer.config: dtype, moe_kernels,
+    micro_batch_size, bias_update_rate, recompute, optim.*) plus its parallel layout. optim.name and optim.lr
+    are per stage (sft.optimizer / sft.lr, rl.optimizer / rl.lr); the other optim fields hold for both.
+    `build()` is the one place a stage's TrainerConfig is made."""
     tp: int = 1
     """Tensor parallel size of the Megatron trainer (ranks come from torchrun; dp = world / (tp*...))."""
     ep: int = 1
     """Expert parallel size."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Params dtype: auto = the checkpoint's torch_dtype on GPU, float32 on CPU (megatron's CPU path is fp32)."""
-    moe_kernels: Literal["auto", "triton", "megatron"] = "auto"
-    """Routed experts: k2sys' Triton fused MoE on CUDA (auto), always (triton), or megatron's own
-    SequentialMLP (megatron). Same parameters and checkpoints either way."""
+
+    def build(self, optimizer: str, lr: float) -> TrainerConfig:
+        """The TrainerConfig of a stage: these fields, dtype=auto decided, the stage's optimizer and lr."""
+        return replace(self.resolved(), optim=replace(self.optim, name=optimizer, lr=lr))
+
+    def parallel(self):
+        from k2sys.trainer.parallel import ParallelConfig
+
+        return ParallelConfig(tp=self.tp, ep=self.ep)
 
     def validate(self) -> None:
         check_int("trainer.tp", self.tp, 1)
         check_int("trainer.ep", self.ep, 1)
+        default = OptimConfig()
+        for name, where in (("name", "sft.optimizer and rl.optimizer"), ("lr", "sft.lr and rl.lr")):
+            if getattr(self.optim, name) != getattr(default, name):
+                raise ConfigError(f"trainer.optim.{name}: set per stage by {where}; leave trainer.optim.{name} "
+                                  f"at {getattr(default, name)!r}")
+        try:
+            TrainerConfig.validate(self)
+        except ValueError as e:
+            raise _renamed(e, {"TrainerConfig.": "trainer.", "OptimConfig.": "trainer.optim."}) from None
 
 
 @dataclass(kw_only=True)
@@ -261,23 +292,24 @@ class RLSection:
             raise ConfigError(f"rl.filter_k: need 1 <= filter_k <= filter_samples={self.filter_samples}")
 
 
+# EngineConfig fields only the native engine reads: set with engine.kind=sglang they would be ignored
+_NATIVE_ONLY = ("block_size", "max_total_tokens", "max_num_batched_tokens", "max_model_len", "served_model_name",
+                "cpu_threads", "enable_prefix_caching", "moe_kernels")
+
+
 @dataclass(kw_only=True)
-class EngineSection:
+class EngineSection(EngineConfig):
+    """The job's engine: the native engine's own EngineConfig (k2sys.engine.core.config: device,
+    max_running_requests, max_total_tokens, block_size, moe_kernels, quantization, ...), handed whole to
+    `k2sys serve --config`, plus how the coordinator runs it. engine.dtype stays none: the engine computes
+    in the trainer's dtype (trainer.dtype), so pushed weights land without a cast."""
     kind: Literal["native", "sglang"] = "native"
     """native: `k2sys serve` (one device, CPU or GPU); sglang: `python -m sglang.launch_server` (GPU nodes)."""
     port: int = 0
     """0 picks a free port."""
-    max_running_requests: int = 256
     restarts: int = 3
     """How many times a dead engine is restarted (and reloaded from the trainer) per run."""
     startup_timeout_s: float = 300.0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Native engine device: auto = cuda when this process sees a GPU, else cpu."""
-    moe_kernels: Literal["auto", "triton", "torch"] = "auto"
-    """Native engine MoE layers: Triton router + fused MoE on CUDA (auto), always (triton), never (torch)."""
-    quantization: Literal["none", "fp8"] = "none"
-    """Inference weights: fp8 = FP8 e4m3 with 128x128 block scales (the paper's inference precision): the engine
-    holds FP8 weights + scales and quantizes every trainer push once per bucket on arrival (k2sys.quant)."""
     tp: int = 1
     """engine.kind=sglang: the engine's tensor parallel size, independent of trainer.tp (each TP rank takes
     whole HF tensors and shards them itself). The native engine runs on one device: 1."""
@@ -301,17 +333,14 @@ class EngineSection:
     sglang_module: str = "sglang.launch_server"
     """The module `python -m` runs for engine.kind=sglang (tests point it at a stand-in taking the same args)."""
 
-    def native_args(self) -> tuple[str, ...]:
-        """`k2sys serve` flags for these settings (the native engine only)."""
-        device = self.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return ("--max-running-requests", str(self.max_running_requests), "--device", device,
-                "--moe-kernels", self.moe_kernels, "--quantization", self.quantization)
-
     def validate(self) -> None:
+        try:
+            EngineConfig.validate(self, "engine")
+        except RequestError as e:
+            raise ConfigError(str(e)) from None
+        if self.dtype is not None:
+            raise ConfigError(f"engine.dtype={self.dtype}: the engine computes in the trainer's dtype so pushed "
+                              "weights land without a cast; set trainer.dtype instead and leave engine.dtype=none")
         for name in ("tp", "ep", "dp"):
             check_int(f"engine.{name}", getattr(self, name), 1)
         if self.tp % self.ep:
@@ -320,17 +349,17 @@ class EngineSection:
         check_port("engine.sync_port", self.sync_port)
         if self.port and self.port == self.sync_port:
             raise ConfigError(f"engine.sync_port: {self.sync_port} is also engine.port; use another port or 0")
-        check_int("engine.max_running_requests", self.max_running_requests, 1)
         check_int("engine.restarts", self.restarts, 0)
         check_number("engine.startup_timeout_s", self.startup_timeout_s, gt=0)
         if self.mem_fraction_static is not None:
             check_number("engine.mem_fraction_static", self.mem_fraction_static, gt=0, le=1)
         check_int("engine.update_bucket_mb", self.update_bucket_mb, 1, 1 << 20)
-        if self.kind == "native" and self.device == "cuda":
+        if self.kind == "native" and self.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError("engine.device=cuda: this process sees no CUDA device; use engine.device=auto or cpu")
+                raise ConfigError(f"engine.device={self.device}: this process sees no CUDA device; use "
+                                  "engine.device=auto or cpu")
         if not all(part.isidentifier() for part in self.sglang_module.split(".")):
             raise ConfigError(f"engine.sglang_module: {self.sglang_module!r} is not a module name "
                               "(dotted identifiers, e.g. sglang.launch_server)")
@@ -344,6 +373,12 @@ class EngineSection:
         if self.kind == "sglang":
             import importlib.util
 
+            default = EngineConfig()
+            for name in _NATIVE_ONLY:
+                if getattr(self, name) != getattr(default, name):
+                    raise ConfigError(f"engine.{name}: only the native engine reads it (engine.kind=sglang takes "
+                                      f"tp/ep/dp/mem_fraction_static/max_running_requests); leave it at "
+                                      f"{getattr(default, name)!r} or use engine.kind=native")
             if self.quantization != "none":
                 raise ConfigError("engine.quantization=fp8 with engine.kind=sglang: the weight push to SGLang in FP8 "
                                   "is not implemented yet; use engine.kind=native or engine.quantization=none")

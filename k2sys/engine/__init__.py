@@ -1,6 +1,7 @@
 """Inference engines: the native engine (embedded default) and its SGLang-compatible server.
 
-    api/        what crosses the process edge: request/response types (protocol.py), the SGLang
+    api/        what crosses the process edge: request/response types (protocol.py; the one
+                SamplingParams and LogprobOptions in params.py), the SGLang
                 routes (server.py), the OpenAI routes and chat rendering (openai_api.py), the field
                 tables (api_fields.py), the HTTP client (client.py) and the SGLang adapter
     core/       the engine itself, typed objects only: NativeEngine (engine.py), the continuous-

@@ -10,6 +10,7 @@ say why.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,8 +19,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from k2sys.engine.core.config import EngineConfig
 
 
 class LaunchError(RuntimeError):
@@ -107,11 +111,17 @@ class SGLangLaunchConfig:
 
 @dataclass(kw_only=True)
 class NativeLaunchConfig:
-    """`k2sys serve --model PATH --port P` (run as `python -m k2sys.cli serve` so no PATH lookup)."""
+    """`k2sys serve --model PATH --port P --config JSON` (run as `python -m k2sys.cli serve` so no PATH
+    lookup): the engine's whole EngineConfig (and ServerOptions fields) travel as that one JSON."""
     model_path: str
     host: str = "127.0.0.1"
     port: int = 30000
+    engine: EngineConfig | None = None
+    """The server's EngineConfig (device=auto is decided here, in the launching process); None = its defaults."""
+    server: dict[str, Any] | None = None
+    """ServerOptions fields (k2sys.engine.api.server), checked by the server; None = its defaults."""
     extra_args: tuple[str, ...] = ()
+    """Flags after --config (they override its fields)."""
     module: tuple[str, ...] = ("k2sys.cli", "serve")
     """The module to run and its leading args; ("k2sys.engine.api.server",) runs the server directly."""
     python: str = sys.executable
@@ -121,9 +131,19 @@ class NativeLaunchConfig:
             raise LaunchError("model_path: empty; pass a checkpoint directory written by save_hf")
         _check_port(self.port)
 
+    def config_json(self) -> str | None:
+        """The --config argument: {"engine": EngineConfig fields, "server": ServerOptions fields}."""
+        data: dict[str, Any] = {}
+        if self.engine is not None:
+            data["engine"] = self.engine.resolved().to_dict()
+        if self.server:
+            data["server"] = dict(self.server)
+        return json.dumps(data, separators=(",", ":")) if data else None
+
     def command(self) -> list[str]:
+        config = self.config_json()
         return [self.python, "-m", *self.module, "--model", str(self.model_path), "--host", self.host,
-                "--port", str(self.port), *self.extra_args]
+                "--port", str(self.port), *(("--config", config) if config else ()), *self.extra_args]
 
     @property
     def base_url(self) -> str:

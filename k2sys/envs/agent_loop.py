@@ -97,9 +97,10 @@ async def advance_episode(engine: Any, tokenizer: Any, traj: PartialTrajectory, 
         if room <= 0:
             _finish(traj, 0.0, True, "length")
             break
-        seed = None if sampling.seed is None else sampling.seed * 1009 + turn_no
+        seed = None if sampling.sampling_seed is None else sampling.sampling_seed * 1009 + turn_no
         sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            max_new_tokens=fit_new_tokens(engine, len(traj.context_tokens), room), stop_token_ids=tuple(stop_ids), seed=seed)
+                            max_new_tokens=fit_new_tokens(engine, len(traj.context_tokens), room), stop_token_ids=tuple(stop_ids),
+                            sampling_seed=seed)
         out = (await engine.async_generate([GenerateRequest(input_ids=tuple(traj.context_tokens), sampling=sp,
                                                             return_logprob=True)]))[0]
         ids = list(out.output_ids)
@@ -140,7 +141,7 @@ async def run_episodes(engine: Any, tokenizer: Any, trajs: list[PartialTrajector
     """Advance every unfinished episode concurrently (the engine batches their turns)."""
     coros = []
     for i, t in enumerate(trajs):
-        sp = SamplingParams(temperature=temperature, top_p=top_p, seed=seed * 100_003 + i)
+        sp = SamplingParams(temperature=temperature, top_p=top_p, sampling_seed=seed * 100_003 + i)
         coros.append(advance_episode(engine, tokenizer, t, version=version, sampling=sp, cfg=cfg,
                                      stop_ids=stop_ids, stopping=stopping))
     return sum(await asyncio.gather(*coros))

@@ -195,7 +195,7 @@ class EngineChatGenerator:
         reqs = [GenerateRequest(input_ids=tuple(self.fmt.prompt_ids(r.messages, r.tools)),
                                 sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p,
                                                         max_new_tokens=r.max_tokens, stop_token_ids=stops,
-                                                        seed=r.seed))
+                                                        sampling_seed=r.seed))
                 for r in requests]
         out = []
         for o in self.engine.generate(reqs):
@@ -237,7 +237,7 @@ class EngineChatGenerator:
             await asyncio.gather(*(
                 advance_episode(self.engine, self.tokenizer, t, version=0, cfg=cfg, stop_ids=stops,
                                 stopping=lambda: False,
-                                sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed))
+                                sampling=SamplingParams(temperature=temperature, top_p=top_p, sampling_seed=seed))
                 for t, seed in zip(trajs, seeds)))
 
         asyncio.run(play())

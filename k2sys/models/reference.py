@@ -4,7 +4,8 @@ Parameter names are exactly those of an HF `DeepseekV3ForCausalLM` checkpoint
 (model.layers.N.self_attn.q_a_proj.weight, model.layers.N.mlp.experts.E.gate_proj.weight,
 model.layers.N.mlp.gate.e_score_correction_bias, ...), so `state_dict()` *is* the checkpoint.
 It is the correctness anchor for the trainer and the native engine, written for clarity:
-readable loops over experts, fp32 softmax. Speed lives in k2sys.engine and k2sys.kernels.
+readable loops over experts (the MoE math is `k2sys.models.moe`), fp32 softmax. Speed lives in
+k2sys.engine and k2sys.kernels.
 
 Shape legend: B batch, T tokens, H heads, D hidden, E routed experts, k experts per token,
 C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2sys.models.config import K2Config
+from k2sys.models.moe import moe_experts, route_topk
 from k2sys.models.rope import RotaryEmbedding
 
 
@@ -49,26 +51,9 @@ class MLP(nn.Module):
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, cfg: K2Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """K2 router: logits [T, E] -> (weights [T, k] fp32, ids [T, k]).
-
-    sigmoid scores; choose on scores + bias within the topk_group best groups (a group's rank is
-    the sum of its top-2 biased scores); weights are the unbiased scores of the chosen experts,
-    normalised if norm_topk_prob, times routed_scaling_factor.
-    """
-    scores = logits.float().sigmoid()
-    choice = scores + bias.float()
-    T, E = choice.shape
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        grouped = choice.view(T, cfg.n_group, E // cfg.n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(E // cfg.n_group, dim=1), float("-inf"))
-    ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, ids
+    """K2 router for cfg: logits [T, E] -> (weights [T, k] fp32, ids [T, k]); see `moe.route_topk`."""
+    return route_topk(logits, bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                      cfg.routed_scaling_factor, cfg.norm_topk_prob)
 
 
 class Router(nn.Module):
@@ -97,11 +82,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
-        out = torch.zeros_like(flat)
-        for e in ids.unique().tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            y = self.experts[e](flat[tok]) * weights[tok, slot, None].to(flat.dtype)
-            out.index_add_(0, tok, y)
+        # HF keeps gate_proj and up_proj apart; the routed-experts formula takes them as one gate|up projection.
+        gate_up = [lambda a, m=m: torch.cat((m.gate_proj(a), m.up_proj(a)), dim=-1) for m in self.experts]
+        out = moe_experts(flat, gate_up, [m.down_proj for m in self.experts], weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)

@@ -33,7 +33,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,6 +46,7 @@ from k2sys.trainer.cpu_compat import ensure_cpu_shims
 from k2sys.trainer.formats import FORMAT_DIST, FORMAT_MODEL_DIST, META
 from k2sys.trainer.naming import load_hf_into, local_names, megatron_layout, megatron_to_hf
 from k2sys.trainer.offload import StateOffloader
+from k2sys.trainer.config import TrainerConfig  # defined apart from megatron; re-exported here
 from k2sys.trainer.optim import OptimConfig, build_optimizer, set_lr
 from k2sys.trainer.parallel import ParallelConfig, init_parallel, ranks
 
@@ -112,46 +113,6 @@ def sft_loss(logprobs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple
     return -(logprobs * mask).sum(), mask.sum()
 
 
-@dataclass(kw_only=True)
-class TrainerConfig:
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dtype: str | None = None
-    """Params dtype: float32 / bfloat16; None = the model config's torch_dtype."""
-    micro_batch_size: int | None = None
-    """Rows per forward/backward on each rank (gradient accumulation); None = all local rows at once."""
-    bias_update_rate: float = 1e-3
-    """Aux-loss-free balancing: expert bias moves by this * sign(mean load - load) per step."""
-    seq_aux_loss_coeff: float = 0.0
-    recompute: bool = False
-    moe_kernels: str = "auto"
-    """Routed experts: auto (k2sys' Triton fused MoE on CUDA, megatron's SequentialMLP elsewhere),
-    triton (always; CPU only under TRITON_INTERPRET=1, for tests) or megatron."""
-
-    def fused_experts(self) -> bool:
-        """Whether this config puts the routed experts on the Triton kernels on this machine."""
-        if self.moe_kernels == "megatron":
-            return False
-        try:
-            from k2sys.kernels import resolve_moe_kernels
-        except Exception as e:  # noqa: BLE001 - kernels (triton) not importable
-            if self.moe_kernels == "triton":
-                raise ValueError(f"TrainerConfig.moe_kernels=triton: k2sys.kernels does not import ({e}); "
-                                 "install k2sys[kernels] or use auto/megatron") from e
-            return False
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return resolve_moe_kernels(self.moe_kernels, device, "TrainerConfig.moe_kernels")
-
-    def validate(self) -> None:
-        self.optim.validate()
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"TrainerConfig.micro_batch_size: must be >= 1 or None, got {self.micro_batch_size}")
-        if self.dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"TrainerConfig.dtype: expected None, 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.moe_kernels not in ("auto", "triton", "megatron"):
-            raise ValueError(f"TrainerConfig.moe_kernels: expected auto, triton or megatron, got {self.moe_kernels!r}")
-        self.fused_experts()  # raises when triton is asked for where it cannot run
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -194,7 +155,7 @@ class MegatronBackend:
                  hf_state: Mapping[str, torch.Tensor] | None = None, use_te: bool | None = None):
         self.config = config
         self.parallel = parallel or ParallelConfig()
-        self.train = train or TrainerConfig()
+        self.train = (train or TrainerConfig()).resolved()  # dtype=auto decided for this process
         self.train.validate()
         init_parallel(self.parallel)
         self.use_te = te_available() if use_te is None else use_te
@@ -473,8 +434,15 @@ class MegatronBackend:
         """(local tensors, Layout) of this rank, for the checkpoint engine's reshard planner.
 
         When offloaded, the tensors are views into the host copy (no onload, no clone)."""
-        layout = megatron_layout(self.config, self.ranks["tp"], self.ranks["ep"], self.ranks["tp_rank"],
-                                 self.ranks["ep_rank"], self.dtype, self.use_te)
+        # every switch calls this: the layout (~0.02 s to build for k2-small, and its fingerprint
+        # keys the update plan) is rebuilt only when something it is made from changed
+        r = self.ranks
+        key = (repr(self.config), r["tp"], r["ep"], r["tp_rank"], r["ep_rank"], self.dtype, self.use_te)
+        cached = getattr(self, "_layout_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._layout_cache = (key, megatron_layout(self.config, r["tp"], r["ep"], r["tp_rank"],
+                                                                r["ep_rank"], self.dtype, self.use_te))
+        layout = cached[1]
         local = self.local_state()
         if self.offloaded:
             return {k: self._offloader.host_view(local[k]) for k in layout.tensors}, layout

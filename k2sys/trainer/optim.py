@@ -35,37 +35,10 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer  # noqa: E402
 
+from k2sys.trainer.config import OptimConfig  # noqa: E402  (defined apart from megatron; re-exported here)
+
 # Quintic Newton-Schulz coefficients (Jordan et al., Muon): fast convergence of singular values to ~1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    name: str = "adamw"
-    """'adamw' or 'muon' (Muon for 2-D attention/MLP weights, AdamW for the rest)."""
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global grad-norm clip (0 disables)."""
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    use_distributed_optimizer: bool = False
-    """AdamW only: shard optimizer state over data-parallel ranks (megatron DistributedOptimizer)."""
-
-    def validate(self) -> None:
-        if self.name not in ("adamw", "muon"):
-            raise ValueError(f"OptimConfig.name: expected 'adamw' or 'muon', got {self.name!r}")
-        if self.name == "muon" and self.use_distributed_optimizer:
-            raise ValueError("OptimConfig.use_distributed_optimizer: Muon needs whole matrices on every DP rank; "
-                             "set use_distributed_optimizer=False (or use adamw)")
-        if not self.lr >= 0:
-            raise ValueError(f"OptimConfig.lr: must be >= 0, got {self.lr}")
-        if self.muon_ns_steps < 1:
-            raise ValueError(f"OptimConfig.muon_ns_steps: must be >= 1, got {self.muon_ns_steps}")
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:

@@ -11,7 +11,7 @@ two modules of ours: `K2CoreAttention` (the local DotProductAttention rejects ML
 sizes) and `K2RMSNorm` (megatron's torch-norm wrapper refuses sequence parallel, which MoE+TP needs).
 
 Group-limited routing: megatron's TopKRouter ranks expert groups by the sum of their top
-(topk // group_topk) scores, DeepSeek-V3 (HF transformers, k2sys.models.route) by their top-2; the
+(topk // group_topk) scores, DeepSeek-V3 (HF transformers, k2sys.models.route_topk) by their top-2; the
 two agree only when num_experts_per_tok == 2 * topk_group. Every MoE layer therefore gets
 `K2TopKRouter` (megatron's router with HF's group scoring; same parameters, buffers and state-dict
 keys), so any valid DeepseekV3 config trains with the routing it was released with.
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from k2sys.models.config import ConfigError, K2Config
+from k2sys.models.moe import route_topk
 from k2sys.trainer.cpu_compat import ensure_cpu_shims
 
 ensure_cpu_shims()
@@ -156,36 +157,16 @@ def transformer_config(cfg: K2Config, tp: int = 1, ep: int = 1, dtype: str | Non
     )
 
 
-def hf_group_limited_topk(scores_for_choice: torch.Tensor, topk: int, num_groups: int, group_topk: int) -> torch.Tensor:
-    """Expert ids [T, topk] chosen as DeepSeek-V3 does: each group of E / num_groups experts scores the
-    sum of its two best `scores_for_choice`, the best `group_topk` groups stay, and the top-k experts
-    are taken among them (order within a row unspecified, as HF's topk(sorted=False))."""
-    T, E = scores_for_choice.shape
-    per_group = E // num_groups
-    group_scores = scores_for_choice.view(T, num_groups, per_group).topk(2, dim=-1).values.sum(dim=-1)
-    kept = group_scores.topk(group_topk, dim=-1, sorted=False).indices
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-    masked = scores_for_choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-    return masked.topk(topk, dim=-1, sorted=False).indices
-
-
 def k2_group_limited_routing(logits: torch.Tensor, topk: int, num_groups: int, group_topk: int,
                              scaling_factor: float | None, expert_bias: torch.Tensor | None):
     """(routing_probs [T, E], routing_map [T, E] bool) of the sigmoid router with HF's group scoring.
 
     Same contract as megatron's topk_routing_with_score_function(score_function="sigmoid"): the
     bias steers selection only, probabilities are the unbiased scores of the chosen experts,
-    normalised when topk > 1, times scaling_factor."""
-    scores = torch.sigmoid(logits.float()).type_as(logits)
-    choice = scores if expert_bias is None else scores + expert_bias
-    with torch.no_grad():
-        ids = hf_group_limited_topk(choice, topk, num_groups, group_topk)
-    probs = scores.gather(1, ids)
-    if topk > 1:
-        probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
-    if scaling_factor:
-        probs = probs * scaling_factor
-    routing_probs = torch.zeros_like(logits).scatter(1, ids, probs)
+    normalised when topk > 1, times scaling_factor. Selection and weights are the one K2 router
+    (k2sys.models.route_topk) in fp32, as HF computes them; the probabilities come back in logits' dtype."""
+    probs, ids = route_topk(logits, expert_bias, topk, num_groups, group_topk, scaling_factor or 1.0, topk > 1)
+    routing_probs = torch.zeros_like(logits).scatter(1, ids, probs.type_as(logits))
     routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, ids, True)
     return routing_probs, routing_map
 

@@ -62,7 +62,8 @@ KERNELS_INTERPRETED = interpreting()
 def check_launchable(op: str, *tensors: torch.Tensor) -> None:
     """Raise unless the tensors can feed a Triton launch here: same device, CUDA or interpreter."""
     if not HAS_TRITON:
-        raise ImportError(f"{op}: triton is not installed; `pip install k2sys[kernels]` or use {op}_torch")
+        raise ImportError(
+            f"{op}: triton is not installed; `pip install k2sys[kernels]` or use k2sys.kernels.{op}_torch")
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -71,7 +72,7 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
         late = " (it is set now, but was not when k2sys_triton was imported)" if interpreting() else ""
         raise RuntimeError(
             f"{op}: CPU tensors need TRITON_INTERPRET=1 set before k2sys_triton is imported{late} "
-            f"(tests only); use {op}_torch or k2sys.kernels.moe_forward on CPU"
+            f"(tests only); use k2sys.kernels.{op}_torch or k2sys.kernels.moe_forward on CPU"
         )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{op}: unsupported device {device}; use CUDA or the CPU interpreter")

@@ -23,7 +23,7 @@ from ._interp import check_launchable
 from .fused_moe import _backward, _forward, _pick_config, check_moe_args
 from .align import MoEAlignment
 
-__all__ = ["grouped_experts", "grouped_experts_torch", "stack_views"]
+__all__ = ["check_expert_lists", "grouped_experts", "stack_views"]
 
 
 def stack_views(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool] | None:
@@ -113,7 +113,8 @@ class _GroupedExpertsFunction(torch.autograd.Function):
         return (dx, dw.reshape(-1), None, None, *g13, *g2)
 
 
-def _check_lists(hidden, probs, w13, w2) -> None:
+def check_expert_lists(hidden, probs, w13, w2) -> None:
+    """Raise ValueError naming the bad argument of grouped_experts (or its torch reference)."""
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [P, H] (rows grouped by expert), got {tuple(hidden.shape)}")
     if probs.dim() != 1 or probs.shape[0] != hidden.shape[0]:
@@ -131,26 +132,7 @@ def grouped_experts(
 ) -> torch.Tensor:
     """Triton grouped expert MLPs, [P, H] in hidden's dtype; differentiable in hidden, probs and
     every expert weight. w13[e] is [2I, H] (gate rows, then up rows), w2[e] is [H, I]."""
-    _check_lists(hidden, probs, w13, w2)
+    check_expert_lists(hidden, probs, w13, w2)
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     return _GroupedExpertsFunction.apply(hidden, probs, tokens_per_expert, len(w13), *w13, *w2)
 
-
-def grouped_experts_torch(
-    hidden: torch.Tensor,
-    probs: torch.Tensor,
-    tokens_per_expert: torch.Tensor | Sequence[int],
-    w13: Sequence[torch.Tensor],
-    w2: Sequence[torch.Tensor],
-) -> torch.Tensor:
-    """Per-expert torch reference of grouped_experts (differentiable)."""
-    _check_lists(hidden, probs, w13, w2)
-    counts = [int(c) for c in torch.as_tensor(tokens_per_expert).reshape(-1).tolist()]
-    if len(counts) != len(w13) or sum(counts) != hidden.shape[0]:
-        raise ValueError(f"tokens_per_expert {counts} must have {len(w13)} entries summing to {hidden.shape[0]}")
-    outs = []
-    for x, p, a, b in zip(hidden.split(counts), probs.split(counts), w13, w2):
-        g, u = (x @ a.t()).chunk(2, dim=-1)
-        y = (torch.nn.functional.silu(g) * u) @ b.t()
-        outs.append((y.float() * p[:, None].float()).to(hidden.dtype))
-    return torch.cat(outs, dim=0)

@@ -1,4 +1,4 @@
-"""Fused MoE (grouped GEMMs over align-to-block pairs): forward, backward, torch reference.
+"""Fused MoE (grouped GEMMs over align-to-block pairs): forward and backward.
 
   out[t] = sum_j w[t, j] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])),  e = ids[t, j]
   with G[e] = w13[e, :I] and U[e] = w13[e, I:] (the SGLang/vLLM layout; HF `gate_up_proj`).
@@ -19,6 +19,9 @@ Backward (`FusedMoEFunction`, 4 launches; elementwise parts in torch, fp32):
 fp32 accumulation everywhere; fp32 inputs use IEEE dot (no tf32). FP8 e4m3 weights with
 128x128 block scales are dequantized tile by tile in the GEMM loop (weight-only, activations
 stay bf16/fp16): inference only.
+
+The torch reference is `k2sys.kernels.fused_moe_torch` (this package imports nothing from k2sys;
+the formula is defined once, in k2sys.models.moe).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from ._interp import cdiv, check_launchable, tl, triton, upcast_flag
 from .align import MoEAlignment, _align
 from .align import _check as _check_align
 from .configs import FP8_NATIVE_ARCH, MoEKernelConfig, device_name, dtype_key, get_config
-from .fp8 import FP8_BLOCK, FP8_DTYPE, check_fp8_scale, dequantize_fp8_block
+from .fp8 import FP8_BLOCK, FP8_DTYPE, check_fp8_scale
 from .launch import launch, target_arch
 
-__all__ = ["fused_moe", "fused_moe_torch", "FusedMoEFunction", "check_moe_args"]
+__all__ = ["fused_moe", "FusedMoEFunction", "check_moe_args"]
 
 
 @triton.jit
@@ -362,36 +365,3 @@ def fused_moe(
     out, _, _ = _forward(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, cfg, False)
     return out
 
-
-def fused_moe_torch(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    w13_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-expert torch reference (differentiable); sums routed outputs in fp32."""
-    check_moe_args(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
-    if w13_scale is not None:
-        w13 = dequantize_fp8_block(w13, w13_scale, hidden.dtype)
-        w2 = dequantize_fp8_block(w2, w2_scale, hidden.dtype)
-    T, H = hidden.shape
-    I = w2.shape[2]
-    flat = topk_ids.reshape(-1).long()
-    order = torch.sort(torch.where(flat >= 0, flat, w13.shape[0]), stable=True).indices
-    counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
-    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs = order[start : start + n]
-        start += n
-        tok = pairs // topk_ids.shape[1]
-        gu = hidden[tok] @ w13[e].t()
-        y = (torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]) @ w2[e].t()
-        out = out.index_add(0, tok, y.float() * topk_weights.reshape(-1)[pairs, None].float())
-    return out.to(hidden.dtype)

@@ -1,6 +1,8 @@
-"""Kimi-K2 / DeepSeek-V3 router top-k: the launcher and its torch reference side by side.
+"""Kimi-K2 / DeepSeek-V3 router top-k as a Triton kernel.
 
-Semantics (HF transformers `DeepseekV3TopkRouter`):
+Semantics are those of HF transformers' `DeepseekV3TopkRouter`. Their torch definition is
+`k2sys.models.moe.route_topk`, which `k2sys.kernels.k2_router_topk_torch` wraps with this
+kernel's argument checks and id dtype (this package imports nothing from k2sys):
   scores  = sigmoid(logits)                                  [T, E] fp32
   choice  = scores + e_score_correction_bias                 selection only, never the weights
   groups  = E / n_group experts each, ranked by the sum of their top-2 `choice` values;
@@ -23,7 +25,7 @@ import torch
 from ._interp import check_launchable, next_pow2, tl, triton
 from .launch import launch
 
-__all__ = ["k2_router_topk", "k2_router_topk_torch", "check_router_args"]
+__all__ = ["k2_router_topk", "check_router_args"]
 
 
 @triton.jit
@@ -170,29 +172,3 @@ def _router_topk(router_logits, e_score_correction_bias, top_k, n_group, topk_gr
     )
     return weights, ids
 
-
-def k2_router_topk_torch(
-    router_logits: torch.Tensor,
-    e_score_correction_bias: torch.Tensor | None,
-    top_k: int,
-    n_group: int = 1,
-    topk_group: int = 1,
-    routed_scaling_factor: float = 1.0,
-    norm_topk_prob: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference with the kernel's deterministic order (stable sorts: lower index wins ties)."""
-    check_router_args(router_logits, e_score_correction_bias, top_k, n_group, topk_group)
-    T, E = router_logits.shape
-    scores = router_logits.float().sigmoid()
-    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
-    if n_group > 1:
-        grouped = choice.view(T, n_group, E // n_group)
-        gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        gorder = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_group]
-        gmask = torch.zeros(T, n_group, dtype=torch.bool, device=choice.device).scatter_(1, gorder, True)
-        choice = choice.masked_fill(~gmask.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)

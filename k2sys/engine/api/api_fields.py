@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from k2sys.engine.core.config import RequestError
+from k2sys.engine.errors import RequestError
 
 __all__ = ["CHAT", "COMPLETIONS", "ApiError", "FieldSpec", "GENERATE", "HONOURED", "JsonLimits", "NO_EFFECT",
            "OFF_ONLY", "SAMPLING", "check_fields", "check_sampling_types", "check_token_ids", "dumps",
@@ -526,7 +526,7 @@ def check_sampling_types(d: Any, where: str = "sampling_params") -> None:
     for key, v in d.items():
         kinds = SAMPLING_TYPES.get(key)
         if v is None or kinds is None:
-            continue  # null = default; unknown / off-only fields are named by SamplingParams.from_dict
+            continue  # null = default; unknown / off-only fields are named by SamplingParams.from_sglang
         ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
         if not ok:
             names = "/".join({int: "int", float: "number", str: "string", bool: "bool", list: "list",

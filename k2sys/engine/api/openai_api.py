@@ -31,7 +31,8 @@ from k2sys.engine.api.api_fields import (CHAT, COMPLETIONS, ApiError, check_fiel
                                      dumps, read_json, want_strings)
 from k2sys.engine.api.api_fields import want_bool as _bool
 from k2sys.engine.api.api_fields import want_int as _int
-from k2sys.engine.core.config import EngineError, LogprobOptions, RequestError, SamplingParams
+from k2sys.engine.api.params import LogprobOptions, SamplingParams
+from k2sys.engine.errors import EngineError, RequestError
 
 __all__ = ["JSON", "OpenAIRoutes", "check_tools", "normalize_messages", "render_prompt"]
 
@@ -126,7 +127,7 @@ def sampling_from_openai(body: dict, max_new_tokens: int, *, extra_stop_ids: lis
         sp[kind] = source
     try:
         check_sampling_types(sp)
-        return SamplingParams.from_dict(sp)
+        return SamplingParams.from_sglang(sp)
     except RequestError as e:  # name the OpenAI field, not ours
         raise RequestError(openai_names(str(e))) from None
 

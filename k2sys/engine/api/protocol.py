@@ -17,8 +17,8 @@ users of sglang 0.5.23 (miles, NeMo-RL). Payloads used:
                                 {"id", "finish_reason": {"type": stop|length|abort, ...},
                                 "prompt_tokens", "completion_tokens", "weight_version",
                                 "output_token_logprobs": [[logprob, token_id, text|null]]}}
-    sampling_params             max_new_tokens, temperature, top_p, top_k (-1 = off), stop,
-                                stop_token_ids, n, sampling_seed
+    sampling_params             SamplingParams (api/params.py): SGLang's field names, the whole
+                                set the native engine honours (sampling_seed is the seed)
     /release_memory_occupation  ReleaseMemoryOccupationReqInput: tags (None = all)
     /resume_memory_occupation   ResumeMemoryOccupationReqInput: tags
     /update_weights_from_tensor UpdateWeightsFromTensorReqInput: serialized_named_tensors
@@ -39,13 +39,14 @@ users of sglang 0.5.23 (miles, NeMo-RL). Payloads used:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from k2sys.engine.errors import ProtocolError
+from k2sys.engine.api.api_fields import GENERATE, check_fields, check_sampling_types, check_token_ids, want_bool
+from k2sys.engine.api.params import LogprobOptions, SamplingParams
+from k2sys.engine.errors import ProtocolError, RequestError
 
 if TYPE_CHECKING:  # only for annotations: client.py imports this module
     import torch
@@ -81,9 +82,10 @@ def _int_list(name: str, value: Any, *, allow_empty: bool) -> list[int]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise _fail(name, f"expected a list of ints, got {type(value).__name__}", "pass token ids as a list")
     out = list(value)
-    for i, v in enumerate(out):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise _fail(f"{name}[{i}]", f"{v!r} is not a non-negative int", "token ids are ints >= 0")
+    if out and (set(map(type, out)) != {int} or min(out) < 0):  # C speed for long prompts; the loop names the culprit
+        for i, v in enumerate(out):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _fail(f"{name}[{i}]", f"{str(v)[:40]!r} is not a non-negative int", "token ids are ints >= 0")
     if not out and not allow_empty:
         raise _fail(name, "is empty", "give at least one token")
     return out
@@ -93,85 +95,6 @@ def _check_unknown(kind: str, payload: Mapping[str, Any], known: Iterable[str]) 
     extra = sorted(set(payload) - set(known))
     if extra:
         raise _fail(kind, f"unknown field(s) {extra}", f"allowed: {sorted(known)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    temperature: float = 1.0
-    """0 means greedy."""
-    top_p: float = 1.0
-    top_k: int = -1
-    """-1 disables top-k (SGLang's convention)."""
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    n: int = 1
-    """Samples per prompt; the engine shares the prompt's KV between them."""
-    seed: int | None = None
-    """Per-request seed: the same seed and prompt give the same tokens (SGLang: sampling_seed)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(_int_list("stop_token_ids", list(self.stop_token_ids),
-                                                                   allow_empty=True)))
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise _fail("temperature", f"{t!r} is not a finite number >= 0", "use 0 for greedy or a positive value")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise _fail("top_p", f"{p!r} is outside (0, 1]", "use 1.0 to disable nucleus sampling")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
-            raise _fail("top_k", f"{self.top_k!r} is invalid", "use -1 (off) or an int >= 1")
-        m = self.max_new_tokens
-        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-            raise _fail("max_new_tokens", f"{m!r} is not a positive int", "ask for at least 1 new token")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise _fail("n", f"{self.n!r} is not an int >= 1", "use n=1 for one sample per prompt")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise _fail("seed", f"{self.seed!r} is not an int", "pass an int or None")
-        for i, s in enumerate(self.stop):
-            if not isinstance(s, str) or not s:
-                raise _fail(f"stop[{i}]", f"{s!r} is not a non-empty string", "stop strings are non-empty text")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    def to_sglang(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                               "top_p": self.top_p, "top_k": self.top_k, "n": self.n}
-        if self.stop:
-            out["stop"] = list(self.stop)
-        if self.stop_token_ids:
-            out["stop_token_ids"] = list(self.stop_token_ids)
-        if self.seed is not None:
-            out["sampling_seed"] = self.seed
-        return out
-
-    @classmethod
-    def from_sglang(cls, payload: Mapping[str, Any] | None) -> SamplingParams:
-        """Parse SGLang `sampling_params`; fields we do not implement are an error, not ignored."""
-        if payload is None:
-            return cls()
-        if not isinstance(payload, Mapping):
-            raise _fail("sampling_params", f"expected an object, got {type(payload).__name__}", "send a JSON object")
-        _check_unknown("sampling_params", payload, _SGLANG_SAMPLING_FIELDS)
-        kw: dict[str, Any] = {}
-        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
-                             ("max_new_tokens", "max_new_tokens"), ("n", "n"), ("seed", "sampling_seed")):
-            if payload.get(theirs) is not None:
-                kw[ours] = payload[theirs]
-        if payload.get("stop") is not None:
-            kw["stop"] = payload["stop"]
-        if payload.get("stop_token_ids") is not None:
-            kw["stop_token_ids"] = tuple(payload["stop_token_ids"])
-        return cls(**kw)
-
-
-_SGLANG_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop", "stop_token_ids",
-                           "n", "sampling_seed")
 
 
 def fit_new_tokens(engine: Any, context_len: int, want: int) -> int:
@@ -186,15 +109,29 @@ def fit_new_tokens(engine: Any, context_len: int, want: int) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateRequest:
+    """One prompt of SGLang's GenerateReqInput: what the client sends, the server parses and the
+    in-process engine runs (`submit_kwargs`). A batched /generate body is several of these
+    (`parse_body`); the logprob fields keep SGLang's names and meaning (LogprobOptions)."""
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     input_ids: tuple[int, ...] | None = None
     text: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    token_ids_logprob: tuple[int, ...] | None = None
+    return_text_in_logprobs: bool = False
+    extra_key: str | None = None
+    cache_salt: str | None = None
+    """With extra_key: the prefix-cache namespace (only requests with the same pair share blocks)."""
+    fit_context: bool = field(default=True, compare=False)
+    """Lower max_new_tokens to what the context leaves (SGLang's default of 128 does); parse_body sets
+    False when the client gave max_new_tokens, which is then refused if it does not fit. How the
+    engine treats the request, not part of what was asked: equality ignores it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rid, str) or not self.rid:
-            raise _fail("rid", f"{self.rid!r} is not a non-empty string", "omit rid to get a random one")
+            raise _fail("rid", f"{str(self.rid)[:60]!r} is not a non-empty string", "omit rid to get a random one")
         if (self.input_ids is None) == (self.text is None):
             raise _fail("input_ids/text", "exactly one must be given", "pass token ids or a prompt string, not both")
         if self.input_ids is not None:
@@ -204,8 +141,26 @@ class GenerateRequest:
         if not isinstance(self.sampling, SamplingParams):
             raise _fail("sampling", f"expected SamplingParams, got {type(self.sampling).__name__}",
                         "build it with SamplingParams(...)")
-        if not isinstance(self.return_logprob, bool):
-            raise _fail("return_logprob", f"{self.return_logprob!r} is not a bool", "pass True or False")
+        if self.token_ids_logprob is not None:
+            object.__setattr__(self, "token_ids_logprob",
+                               tuple(_int_list("token_ids_logprob", self.token_ids_logprob, allow_empty=True)))
+        for name in ("extra_key", "cache_salt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise _fail(name, f"{str(getattr(self, name))[:60]!r} is not a string", "send a string (or one per prompt)")
+        self.logprobs  # noqa: B018 - checks the logprob fields together (they depend on return_logprob)
+
+    @property
+    def logprobs(self) -> LogprobOptions:
+        return LogprobOptions(return_logprob=self.return_logprob, logprob_start_len=self.logprob_start_len,
+                              top_logprobs_num=self.top_logprobs_num, token_ids_logprob=self.token_ids_logprob,
+                              return_text_in_logprobs=self.return_text_in_logprobs)
+
+    def submit_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of NativeEngine.submit / submit_many for this request."""
+        salt = None if not (self.extra_key or self.cache_salt) else f"{self.extra_key or ''}\x00{self.cache_salt or ''}"
+        prompt = {"input_ids": self.input_ids} if self.input_ids is not None else {"text": self.text}
+        return {**prompt, "params": self.sampling, "rid": self.rid, "logprobs": self.logprobs, "cache_salt": salt,
+                "fit_context": self.fit_context}
 
     def to_sglang(self, stream: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"rid": self.rid, "sampling_params": self.sampling.to_sglang(),
@@ -214,51 +169,107 @@ class GenerateRequest:
             out["input_ids"] = list(self.input_ids)
         else:
             out["text"] = self.text
+        for name, off in _OPTIONAL_FIELDS:  # sent only when set: SGLang versions before them accept the body
+            if getattr(self, name) != off:
+                value = getattr(self, name)
+                out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
     def from_sglang(cls, payload: Mapping[str, Any]) -> list[GenerateRequest]:
         """Parse a /generate body (single or batched) into requests; `stream` is read by the caller."""
-        if not isinstance(payload, Mapping):
-            raise _fail("body", f"expected a JSON object, got {type(payload).__name__}", "send a JSON object")
-        _check_unknown("generate", payload, _SGLANG_GENERATE_FIELDS)
-        text, ids = payload.get("text"), payload.get("input_ids")
+        return cls.parse_body(payload)[0]
+
+    @classmethod
+    def parse_body(cls, body: Mapping[str, Any], *, vocab_size: int | None = None,
+                   max_model_len: int | None = None) -> tuple[list[GenerateRequest], bool, bool]:
+        """A /generate body -> (one request per prompt, batched, stream): the one parser of
+        GenerateReqInput (the server, the in-process engine and tests use it).
+
+        Fields follow SGLang's GenerateReqInput (api_fields.GENERATE: unknown fields and not-implemented
+        ones at a value other than off are a 400); per-prompt fields take one value for all prompts or
+        a list with one per prompt. Given vocab_size / max_model_len, token ids are checked against the
+        vocabulary and prompts against the context (lengths first, so a huge prompt is refused before
+        its tokens are looked at)."""
+        if not isinstance(body, Mapping):
+            raise _fail("body", f"expected a JSON object, got {type(body).__name__}", "send a JSON object")
+        check_fields("generate", body, GENERATE, per_item=True)
+        text, ids = body.get("text"), body.get("input_ids")
         if (text is None) == (ids is None):
             raise _fail("input_ids/text", "exactly one must be given", "send token ids or a prompt string")
-        batched = isinstance(text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
-        prompts: list[Any] = (text if text is not None else ids) if batched else [text if text is not None else ids]
-        k = len(prompts)
-        if k == 0:
-            raise _fail("input_ids/text", "empty batch", "send at least one prompt")
-
-        def per_item(name: str, value: Any, default: Any) -> list[Any]:
-            if value is None:
-                return [default] * k
-            if batched and isinstance(value, list):
-                if len(value) != k:
-                    raise _fail(name, f"has {len(value)} entries for {k} prompts", "send one per prompt")
-                return value
-            return [value] * k
-
-        rids = payload.get("rid")
-        if rids is None:
-            rids = [uuid.uuid4().hex for _ in range(k)]
-        elif batched and isinstance(rids, str):
-            rids = [f"{rids}-{i}" for i in range(k)]
+        if text is not None:
+            batched = isinstance(text, list)
+            prompts = text if batched else [text]
+            if not all(isinstance(t, str) for t in prompts):
+                raise RequestError("text: must be a string or a list of strings")
+            key = "text"
         else:
-            rids = per_item("rid", rids, None)
-        sps = per_item("sampling_params", payload.get("sampling_params"), None)
-        lps = per_item("return_logprob", payload.get("return_logprob"), False)
+            if not isinstance(ids, list) or not ids:
+                raise RequestError("input_ids: must be a non-empty list of token ids (or a list of such lists)")
+            batched = isinstance(ids[0], list)
+            prompts = ids if batched else [ids]
+            for i, p in enumerate(prompts):
+                where = f"input_ids[{i}]" if batched else "input_ids"
+                if not isinstance(p, list) or not p:
+                    raise RequestError(f"{where}: each prompt must be a non-empty list of ints")
+                if max_model_len is not None and len(p) >= max_model_len:
+                    raise RequestError(f"{where}: prompt of {len(p)} tokens does not fit max_model_len="
+                                       f"{max_model_len}; shorten it")
+                if not set(map(type, p)) == {int}:
+                    raise RequestError(f"{where}: each prompt must be a non-empty list of ints")
+                if vocab_size is not None:
+                    check_token_ids(p, where, vocab_size)
+            key = "input_ids"
+        if batched and not prompts:
+            raise _fail(key, "empty batch", "send at least one prompt")
+        k = len(prompts)
+
+        def per_prompt(name: str, default: Any, nested: bool = False) -> list:
+            """One value per prompt: a list of k values in a batch (for `nested` fields, whose single
+            value is itself a list, a list of k lists), else the single value for every prompt."""
+            v = body.get(name)
+            if v is None:
+                return [default] * k
+            if isinstance(v, list) and (name == "sampling_params" or (batched and (not nested or (v and isinstance(v[0], list))))):
+                if len(v) != k:
+                    raise RequestError(f"{name}: {len(v)} entries for {k} prompts; send one per prompt or a single value")
+                return [default if x is None else x for x in v]
+            return [v] * k
+
+        rids = body.get("rid")
+        rid_list = [f"{rids}-{i}" for i in range(k)] if isinstance(rids, str) and batched else per_prompt("rid", None)
+        for r in rid_list:
+            if r is not None and not isinstance(r, str):
+                raise RequestError(f"rid: must be a string (a batch: one string, used as a prefix, or one per prompt), "
+                                   f"got {str(r)[:60]!r}")
+        sps = per_prompt("sampling_params", None)
+        for i, sp in enumerate(sps):
+            check_sampling_types(sp, "sampling_params" if len(sps) == 1 else f"sampling_params[{i}]")
+        stream = want_bool(body, "stream")
+        text_in_lp = want_bool(body, "return_text_in_logprobs")
+        lps, starts, tops = per_prompt("return_logprob", False), per_prompt("logprob_start_len", -1), \
+            per_prompt("top_logprobs_num", 0)
+        token_ids = per_prompt("token_ids_logprob", None, nested=True)
+        keys, salts = per_prompt("extra_key", None), per_prompt("cache_salt", None)
         out = []
         for i in range(k):
-            key = "text" if text is not None else "input_ids"
-            out.append(cls(rid=rids[i], sampling=SamplingParams.from_sglang(sps[i]), return_logprob=bool(lps[i]),
-                           **{key: prompts[i]}))
-        return out
+            if not isinstance(lps[i], bool):
+                raise RequestError(f"return_logprob: must be true or false, got {str(lps[i])[:60]}")
+            if token_ids[i] is not None and vocab_size is not None:
+                check_token_ids(token_ids[i], "token_ids_logprob", vocab_size)
+            # SGLang's default max_new_tokens (128) stops at the context length; a value the client gave
+            # is refused (400) if prompt + max_new_tokens exceeds it, as SGLang does
+            fit = sps[i] is None or sps[i].get("max_new_tokens") is None
+            out.append(cls(rid=rid_list[i] or uuid.uuid4().hex, sampling=SamplingParams.from_sglang(sps[i]),
+                           return_logprob=lps[i], logprob_start_len=starts[i], top_logprobs_num=tops[i],
+                           token_ids_logprob=token_ids[i], return_text_in_logprobs=text_in_lp, extra_key=keys[i],
+                           cache_salt=salts[i], fit_context=fit, **{key: prompts[i]}))
+        return out, batched, stream
 
 
-_SGLANG_GENERATE_FIELDS = ("rid", "text", "input_ids", "sampling_params", "return_logprob", "stream",
-                           "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+# GenerateReqInput fields beyond the ones every body carries, with their "not set" value.
+_OPTIONAL_FIELDS = (("logprob_start_len", -1), ("top_logprobs_num", 0), ("token_ids_logprob", None),
+                    ("return_text_in_logprobs", False), ("extra_key", None), ("cache_salt", None))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -362,7 +373,7 @@ class PausedRequest:
         if self.remaining_tokens <= 0:
             raise _fail("output_ids", f"already has {len(self.output_ids)} tokens of max_new_tokens="
                         f"{self.sampling.max_new_tokens}", "treat the trajectory as finished (length)")
-        sampling = dataclasses.replace(self.sampling, max_new_tokens=self.remaining_tokens, n=1)
+        sampling = self.sampling.replace(max_new_tokens=self.remaining_tokens, n=1)
         return GenerateRequest(rid=rid or self.rid, input_ids=self.input_ids + self.output_ids,
                                sampling=sampling, return_logprob=self.return_logprob)
 

@@ -40,14 +40,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from k2sys.engine.api.api_fields import (GENERATE, ApiError, JsonLimits, check_sampling_types, check_token_ids, read_json,
-                                     want_bool, want_int, want_str)
-from k2sys.engine.api.api_fields import check_fields as check_api_fields
+from k2sys.engine.api.api_fields import ApiError, JsonLimits, check_token_ids, read_json, want_bool, want_int, want_str
 from k2sys.engine.transport.wire import tensors_from_update
-from k2sys.engine.core.config import EngineConfig, EngineError, LogprobOptions, RequestError, SamplingParams
+from k2sys.engine.core.config import EngineConfig, EngineError, RequestError
 from k2sys.engine.core.engine import NativeEngine
 from k2sys.engine.api.openai_api import JSON, OpenAIRoutes, sse
-from k2sys.engine.api.protocol import (PAUSE_MODES, UpdateWeightsFromTensorPayload, check_bucket_entries,
+from k2sys.engine.api.protocol import (PAUSE_MODES, GenerateRequest, UpdateWeightsFromTensorPayload, check_bucket_entries,
                                    check_cuda_ipc, weight_version_of)
 from k2sys.engine.transport.shm import ShmReader, ShmUpdatePayload, server_transports
 
@@ -113,92 +111,13 @@ def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tup
 
 
 def parse_generate(body: dict, engine: NativeEngine | None = None) -> tuple[list[dict], bool, bool]:
-    """A /generate body -> (one submit kwargs dict per prompt, batched, stream).
-
-    Fields follow SGLang's GenerateReqInput (k2sys.engine.api.api_fields.GENERATE): per-prompt fields
-    take one value for all prompts or a list with one per prompt. Every field's type is checked
-    here; given the engine, token ids are checked against its vocabulary and context length
-    (lengths first, so a huge prompt is refused before its tokens are looked at)."""
-    check_api_fields("generate", body, GENERATE, per_item=True)
-    text, ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (ids is None):
-        raise RequestError("generate: give exactly one of text or input_ids")
-    if text is not None:
-        batched = isinstance(text, list)
-        prompts = text if batched else [text]
-        if not all(isinstance(t, str) for t in prompts):
-            raise RequestError("text: must be a string or a list of strings")
-        key = "text"
-    else:
-        if not isinstance(ids, list) or not ids:
-            raise RequestError("input_ids: must be a non-empty list of token ids (or a list of such lists)")
-        batched = isinstance(ids[0], list)
-        prompts = ids if batched else [ids]
-        for i, p in enumerate(prompts):
-            where = f"input_ids[{i}]" if batched else "input_ids"
-            if not isinstance(p, list) or not p:
-                raise RequestError(f"{where}: each prompt must be a non-empty list of ints")
-            if engine is not None and len(p) >= engine.max_model_len:
-                raise RequestError(f"{where}: prompt of {len(p)} tokens does not fit max_model_len="
-                                   f"{engine.max_model_len}; shorten it")
-            if not set(map(type, p)) == {int}:
-                raise RequestError(f"{where}: each prompt must be a non-empty list of ints")
-            if engine is not None:
-                check_token_ids(p, where, engine.model_config.vocab_size)
-        key = "input_ids"
-    if batched and not prompts:
-        raise RequestError(f"{key}: empty batch; send at least one prompt")
-    k = len(prompts)
-
-    def per_prompt(name: str, default: Any, nested: bool = False) -> list:
-        """One value per prompt: a list of k values in a batch (for `nested` fields, whose single
-        value is itself a list, a list of k lists), else the single value for every prompt."""
-        v = body.get(name)
-        if v is None:
-            return [default] * k
-        if isinstance(v, list) and (name == "sampling_params" or (batched and (not nested or (v and isinstance(v[0], list))))):
-            if len(v) != k:
-                raise RequestError(f"{name}: {len(v)} entries for {k} prompts; send one per prompt or a single value")
-            return v
-        return [v] * k
-
-    rids = body.get("rid")
-    if isinstance(rids, str) and batched:
-        rid_list = [f"{rids}-{i}" for i in range(k)]
-    else:
-        rid_list = per_prompt("rid", None)
-    for r in rid_list:
-        if r is not None and not isinstance(r, str):
-            raise RequestError(f"rid: must be a string (a batch: one string, used as a prefix, or one per prompt), "
-                               f"got {str(r)[:60]!r}")
-    sps = per_prompt("sampling_params", None)
-    for i, sp in enumerate(sps):
-        check_sampling_types(sp, "sampling_params" if len(sps) == 1 else f"sampling_params[{i}]")
-    stream = want_bool(body, "stream")
-    text_in_lp = want_bool(body, "return_text_in_logprobs")
-    lps, starts, tops = per_prompt("return_logprob", False), per_prompt("logprob_start_len", -1), \
-        per_prompt("top_logprobs_num", 0)
-    token_ids = per_prompt("token_ids_logprob", None, nested=True)
-    keys, salts = per_prompt("extra_key", None), per_prompt("cache_salt", None)
-    items = []
-    for i in range(k):
-        if lps[i] is not None and not isinstance(lps[i], bool):
-            raise RequestError(f"return_logprob: must be true or false, got {str(lps[i])[:60]}")
-        if token_ids[i] is not None and engine is not None:
-            check_token_ids(token_ids[i], "token_ids_logprob", engine.model_config.vocab_size)
-        opts = LogprobOptions(return_logprob=bool(lps[i]), logprob_start_len=-1 if starts[i] is None else starts[i],
-                              top_logprobs_num=0 if tops[i] is None else tops[i], token_ids_logprob=token_ids[i],
-                              return_text_in_logprobs=text_in_lp)
-        for name, v in (("extra_key", keys[i]), ("cache_salt", salts[i])):
-            if v is not None and not isinstance(v, str):
-                raise RequestError(f"{name}: must be a string (or one per prompt)")
-        salt = None if not (keys[i] or salts[i]) else f"{keys[i] or ''}\x00{salts[i] or ''}"
-        # SGLang's default max_new_tokens (128) stops at the context length; a value the client gave is
-        # refused (400) if prompt + max_new_tokens exceeds it, as SGLang does
-        fit = sps[i] is None or sps[i].get("max_new_tokens") is None
-        items.append({key: prompts[i], "params": SamplingParams.from_dict(sps[i]), "rid": rid_list[i],
-                      "logprobs": opts, "cache_salt": salt, "fit_context": fit})
-    return items, batched, stream
+    """A /generate body -> (one submit kwargs dict per prompt, batched, stream), parsed by
+    GenerateRequest.parse_body (the one parser of GenerateReqInput); given the engine, token ids are
+    checked against its vocabulary and prompts against its context length."""
+    reqs, batched, stream = GenerateRequest.parse_body(
+        body, vocab_size=None if engine is None else engine.model_config.vocab_size,
+        max_model_len=None if engine is None else engine.max_model_len)
+    return [r.submit_kwargs() for r in reqs], batched, stream
 
 
 class ClientGone(Exception):
@@ -739,27 +658,36 @@ def _parser() -> argparse.ArgumentParser:
                     help="HF checkpoint directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=_int_in(0, 65535), default=30000)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-total-tokens", type=_int_in(1), default=EngineConfig.max_total_tokens)
-    ap.add_argument("--max-num-batched-tokens", type=_int_in(1), default=EngineConfig.max_num_batched_tokens)
-    ap.add_argument("--max-running-requests", type=_int_in(1), default=EngineConfig.max_running_requests)
-    ap.add_argument("--block-size", type=_int_in(1), default=EngineConfig.block_size)
+    ap.add_argument("--config", default=None, metavar="JSON",
+                    help='a JSON file, or inline JSON, {"engine": {EngineConfig fields}, "server": {ServerOptions '
+                         'fields}}; the flags below override single fields of it')
+    # Engine and server flags default to None ("not given") so that a given flag overrides --config and
+    # an absent one leaves the file's value (else EngineConfig's / ServerOptions' default, shown in help).
+    e = EngineConfig()
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="compute dtype (default: the checkpoint's)")
+    ap.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N or auto (default {e.device})")
+    ap.add_argument("--max-total-tokens", type=_int_in(1), default=None, help=f"default {e.max_total_tokens}")
+    ap.add_argument("--max-num-batched-tokens", type=_int_in(1), default=None,
+                    help=f"default {e.max_num_batched_tokens}")
+    ap.add_argument("--max-running-requests", type=_int_in(1), default=None, help=f"default {e.max_running_requests}")
+    ap.add_argument("--block-size", type=_int_in(1), default=None, help=f"default {e.block_size}")
     ap.add_argument("--max-model-len", type=_int_in(1), default=None)
-    ap.add_argument("--served-model-name", default=EngineConfig.served_model_name)
-    ap.add_argument("--disable-radix-cache", action="store_true",
+    ap.add_argument("--served-model-name", default=None, help=f"default {e.served_model_name}")
+    ap.add_argument("--disable-radix-cache", action="store_true", default=None,
                     help="turn off prefix caching (SGLang's flag name; the native engine caches whole KV blocks)")
-    ap.add_argument("--moe-kernels", default=EngineConfig.moe_kernels, choices=["auto", "triton", "torch"],
-                    help="MoE layers: Triton kernels on CUDA (auto), always (triton) or never (torch)")
-    ap.add_argument("--quantization", default=EngineConfig.quantization, choices=["none", "fp8"],
+    ap.add_argument("--moe-kernels", default=None, choices=["auto", "triton", "torch"],
+                    help=f"MoE layers: Triton kernels on CUDA (auto), always (triton) or never (torch) "
+                         f"(default {e.moe_kernels})")
+    ap.add_argument("--quantization", default=None, choices=["none", "fp8"],
                     help="weights served: none (the compute dtype) or fp8 (e4m3 with 128x128 block scales, the "
-                         "Kimi-K2/DeepSeek-V3 release format; a bf16 checkpoint or trainer update is quantized)")
-    d = ServerOptions()
-    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                         "Kimi-K2/DeepSeek-V3 release format; a bf16 checkpoint or trainer update is quantized) "
+                         f"(default {e.quantization})")
+    ap.add_argument("--max-body-bytes", type=int, default=None,
                     help="largest request body in bytes (413 above; default 64 MiB)")
-    ap.add_argument("--max-weight-body-bytes", type=int, default=d.max_weight_body_bytes,
+    ap.add_argument("--max-weight-body-bytes", type=int, default=None,
                     help="largest /update_weights_from_tensor body in bytes (default 4 GiB)")
-    ap.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+    ap.add_argument("--max-json-depth", type=int, default=None,
                     help="deepest JSON nesting accepted in a body (default 64)")
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="sequences (prompts x n) in flight over HTTP before new calls get 429 "
@@ -767,7 +695,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-queued-tokens", type=int, default=None,
                     help="prompt tokens held by in-flight requests before new calls get 429 "
                          "(default 64 x --max-total-tokens; 0 = no limit)")
-    ap.add_argument("--weight-update-timeout", type=float, default=d.weight_update_timeout_s,
+    ap.add_argument("--weight-update-timeout", type=float, default=None,
                     help="seconds an open weight update session may go without a call before it is discarded "
                          "(default 600; 0 = never)")
     ap.add_argument("--api-key", default=None,
@@ -778,22 +706,62 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# flag dest -> (section of --config, field); --disable-radix-cache and --weight-update-timeout map values too
+_ENGINE_FLAGS = ("dtype", "device", "max_total_tokens", "max_num_batched_tokens", "max_running_requests", "block_size",
+                 "max_model_len", "served_model_name", "moe_kernels", "quantization")
+_SERVER_FLAGS = ("max_body_bytes", "max_weight_body_bytes", "max_json_depth", "max_queued_requests",
+                 "max_queued_tokens", "api_key")
+
+
+def _read_config_arg(text: str) -> dict:
+    """--config: inline JSON (starts with '{' or '[') or the path of a JSON file."""
+    import json
+
+    if text.lstrip()[:1] in ("{", "["):
+        where, raw = "--config", text
+    else:
+        where = f"--config {text}"
+        try:
+            with open(os.path.expanduser(text), encoding="utf-8") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read it ({e.strerror}); give a JSON file or inline JSON") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"engine", "server"}:
+        extra = sorted(set(data) - {"engine", "server"}) if isinstance(data, dict) else data
+        raise ValueError(f"{where}: expected {{\"engine\": {{...}}, \"server\": {{...}}}}; unknown keys {extra}")
+    return data
+
+
+def server_config(args: argparse.Namespace) -> tuple[EngineConfig, ServerOptions]:
+    """EngineConfig and ServerOptions from --config (if given) with the given flags on top; device=auto
+    is decided here. ValueError names the field (`engine.<field>`, `server.<field>`) and the fix."""
+    from k2sys.config import build_checked
+
+    data = _read_config_arg(args.config) if args.config else {}
+    engine = dict(data.get("engine") or {})
+    server = dict(data.get("server") or {})
+    engine.update({k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k) is not None})
+    if args.disable_radix_cache:
+        engine["enable_prefix_caching"] = False
+    server.update({k: getattr(args, k) for k in _SERVER_FLAGS if getattr(args, k) is not None})
+    if args.weight_update_timeout is not None:
+        server["weight_update_timeout_s"] = args.weight_update_timeout or None  # 0 = never
+    server["api_key"] = server.get("api_key") or os.environ.get("K2SYS_API_KEY") or None
+    cfg = build_checked(EngineConfig, engine, "engine").resolved()
+    return cfg, build_checked(ServerOptions, server, "server")
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level="DEBUG" if args.log_level == "trace" else args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = EngineConfig(dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens,
-                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                       max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
-                       served_model_name=args.served_model_name, moe_kernels=args.moe_kernels,
-                       enable_prefix_caching=not args.disable_radix_cache, quantization=args.quantization)
     try:
-        options = ServerOptions(max_body_bytes=args.max_body_bytes, max_weight_body_bytes=args.max_weight_body_bytes,
-                                max_json_depth=args.max_json_depth, max_queued_requests=args.max_queued_requests,
-                                max_queued_tokens=args.max_queued_tokens,
-                                weight_update_timeout_s=args.weight_update_timeout or None,
-                                api_key=args.api_key or os.environ.get("K2SYS_API_KEY") or None)
+        cfg, options = server_config(args)
     except ValueError as e:
         _parser().error(str(e))
     engine = NativeEngine.from_pretrained(args.model, cfg)

@@ -14,7 +14,6 @@ of each update call (one bucket) in one `quantize_fp8_blocks` call while staging
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -32,7 +31,6 @@ from k2sys.engine.core.kv_cache import PagedLatentCache
 from k2sys.engine.core.model_runner import ModelRunner
 from k2sys.engine.api.protocol import (PAUSE_MODES, GenerateOutput, GenerateRequest, PausedRequest,
                                    validate_tags)
-from k2sys.engine.api.protocol import SamplingParams as ProtocolSampling
 from k2sys.engine.core.scheduler import Request, Scheduler, Sequence as Seq
 from k2sys.models import K2Config, K2ForCausalLM, param_shapes
 
@@ -129,7 +127,7 @@ def _resolve(fut: "asyncio.Future") -> None:
 class NativeEngine:
     def __init__(self, state_dict: dict[str, torch.Tensor], model_config: K2Config,
                  config: EngineConfig | None = None, tokenizer: Any = None, model_path: str | None = None):
-        self.config = config = config or EngineConfig()
+        self.config = config = (config or EngineConfig()).resolved()  # device=auto decided here
         self.model_config, self.tokenizer, self.model_path = model_config, tokenizer, model_path
         dtype = _DTYPES[config.dtype or model_config.torch_dtype]
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -203,9 +201,16 @@ class NativeEngine:
         while True:
             with self._cv:
                 while not self._commands and not self._can_step() and not self._stopping:
+                    if self.runner.packs_pending:
+                        break
                     self._cv.wait()
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
+            if not commands and not stopping and not self._can_step() and self.runner.packs_pending:
+                # idle after a weight update: rebuild one deferred packed copy, then look for work
+                # again (a step packs any it needs itself; release_memory drops the rest)
+                self.runner.pack_pending(1)
+                continue
             for fn, fut in commands:
                 try:
                     fut.set_result(fn())
@@ -408,7 +413,7 @@ class NativeEngine:
                                f"({self.config.max_total_tokens} tokens)")
         room = self.max_model_len - len(ids)
         if fit_context and params.max_new_tokens > room:
-            params = dataclasses.replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
+            params = params.replace(max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
         self._check_ranges(params, logprobs, len(ids))
         if params.stop and self.tokenizer is None:
             raise RequestError("sampling_params.stop: stop strings need a tokenizer; use stop_token_ids")
@@ -518,16 +523,8 @@ class NativeEngine:
                                     for i, p in enumerate(prompts)])
         return [o for h in handles for o in h.result()]
 
-    @staticmethod
-    def _internal_params(p: ProtocolSampling) -> SamplingParams:
-        return SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                              top_k=p.top_k, n=p.n, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-                              sampling_seed=p.seed)
-
     def _submit_protocol(self, requests: Sequence[GenerateRequest]) -> list[RequestHandle]:
-        return self.submit_many([{"input_ids": r.input_ids, "params": self._internal_params(r.sampling),
-                                  "text": r.text, "rid": r.rid, "return_logprob": r.return_logprob}
-                                 for r in requests])
+        return self.submit_many([r.submit_kwargs() for r in requests])
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
         handles = self._submit_protocol(requests)
@@ -605,14 +602,8 @@ class NativeEngine:
 
     def _paused_item(self, seq: Seq, sample_idx: int) -> dict:
         p = seq.request.params
-        sampling = {"max_new_tokens": max(p.max_new_tokens, 1), "temperature": p.temperature, "top_p": p.top_p,
-                    "top_k": p.top_k, "n": 1}
-        if p.stop:
-            sampling["stop"] = list(p.stop)
-        if p.stop_token_ids:
-            sampling["stop_token_ids"] = list(p.stop_token_ids)
-        if p.sampling_seed is not None:
-            sampling["sampling_seed"] = p.sampling_seed
+        # one sample, all its other sampling fields (its remaining budget is the resumer's to compute)
+        sampling = p.replace(max_new_tokens=max(p.max_new_tokens, 1), n=1).to_sglang()
         return {"rid": seq.request.sample_rid(sample_idx), "input_ids": list(seq.request.input_ids),
                 "output_ids": list(seq.output_ids),
                 "output_logprobs": list(seq.output_logprobs), "sampling_params": sampling,
@@ -694,7 +685,17 @@ class NativeEngine:
         return set(self._released)
 
     def memory_bytes(self) -> dict[str, int]:
+        """Bytes held, with the packed copies a weight update deferred built first (the footprint
+        the engine settles at, not a moment of it)."""
+        self.settle()
         return {"weights": self.runner.weight_bytes, "kv_cache": self.cache.nbytes}
+
+    def settle(self) -> None:
+        """Finish the work a weight update deferred (the CPU packed copies of the new weights), now,
+        on the engine thread. Until then a batched step builds the copies it needs itself, so this is
+        only for callers that must count the whole cost of a switch (benchmarks/bench_switch.py)."""
+        if self.runner.packs_pending and self._thread.is_alive():
+            self._call(self.runner.pack_pending)
 
     def flush_cache(self) -> None:
         """Drop cached KV (SGLang semantics: only when no request holds KV)."""
@@ -762,6 +763,8 @@ class NativeEngine:
 
     def _quantizes(self, name: str, dtype: torch.dtype) -> bool:
         """Serving FP8, a full-precision linear weight is quantized on arrival."""
+        if not self.runner.fp8:  # asked per tensor per update: no import on the full-precision path
+            return False
         from k2sys.quant import FP8_DTYPE, is_fp8_weight_name
 
         return (self.runner.fp8 and is_fp8_weight_name(name) and name in self.runner.params
@@ -900,6 +903,8 @@ class NativeEngine:
 
     def _note_fp8_raw(self, s: "_Session", name: str, dtype: torch.dtype) -> None:
         """Serving FP8: an FP8 weight or a weight_scale_inv arriving as sent (the release layout)."""
+        if not self.runner.fp8:
+            return
         from k2sys.quant import FP8_DTYPE, SCALE_SUFFIX
 
         if not self.runner.fp8 or not (name.endswith(SCALE_SUFFIX) or dtype == FP8_DTYPE):
@@ -971,8 +976,9 @@ class NativeEngine:
         def run() -> str:
             if "weights" in self._released:
                 raise EngineError("end_weight_update: weights were released during the session; nothing applied")
-            # staged tensors are copied in; directly written ones only refresh their packed copies
-            self.runner.load_weights({**{n: self.runner.params[n] for n in s.written}, **s.staged})
+            # staged tensors are copied in; directly written ones only refresh their packed copies,
+            # deferred: the engine thread rebuilds them when idle, or a step on first use
+            self.runner.load_weights({**{n: self.runner.params[n] for n in s.written}, **s.staged}, pack="defer")
             s.copied += sum(t.numel() * t.element_size() for t in s.staged.values())
             self.cache.allocator.flush_prefix_cache()  # KV computed with the old weights is stale
             self._stale -= s.written | set(s.staged)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -39,8 +40,11 @@ class BlockAllocator:
     weights make all cached KV stale).
     """
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, on_allocate: Callable[[list[int]], None] | None = None):
         self.num_blocks = num_blocks
+        self.on_allocate = on_allocate
+        """Called with each allocate()'s blocks before they are handed out (PagedLatentCache zeroes
+        the ones not written since its storage was resumed)."""
         self.refcount = [0] * num_blocks
         # Pop from the end: low ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))
@@ -73,6 +77,8 @@ class BlockAllocator:
                 self.evictions += 1
             self.refcount[b] = 1
             out.append(b)
+        if self.on_allocate is not None:
+            self.on_allocate(out)
         return out
 
     def share(self, blocks: list[int]) -> list[int]:
@@ -132,7 +138,7 @@ class BlockAllocator:
         self._key_of.clear()
 
     def reset(self) -> None:
-        self.__init__(self.num_blocks)
+        self.__init__(self.num_blocks, self.on_allocate)
 
 
 class PagedLatentCache:
@@ -144,10 +150,22 @@ class PagedLatentCache:
         self.latent_dim, self.rope_dim = latent_dim, rope_dim
         self.width = latent_dim + rope_dim
         self.dtype, self.device = dtype, torch.device(device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, self._zero_unwritten)
         self.layers = [torch.zeros(num_blocks, block_size, self.width, dtype=dtype, device=self.device)
                        for _ in range(num_layers)]
         self.released = False
+        self._unzeroed: set[int] = set()  # blocks holding whatever the resumed memory held (CPU)
+
+    def _zero_unwritten(self, blocks: list[int]) -> None:
+        """Zero the blocks among `blocks` not written since resume, as the allocator hands them out."""
+        if not self._unzeroed:
+            return
+        todo = [b for b in blocks if b in self._unzeroed]
+        if todo:
+            idx = torch.tensor(todo, device=self.device)
+            for t in self.layers:
+                t.index_fill_(0, idx, 0)
+            self._unzeroed.difference_update(todo)
 
     @property
     def nbytes(self) -> int:
@@ -183,16 +201,19 @@ class PagedLatentCache:
         self.released = True
 
     def resume(self, user: object = None) -> None:
-        """Storage back (from the arena's touched memory on CPU), zeroed: blocks are read whole, and
-        stale bytes could hold NaN patterns that masked attention would still multiply."""
+        """Storage back (from the arena's touched memory on CPU), zeroed before it is read: blocks
+        are read whole, and stale bytes could hold NaN patterns that masked attention would still
+        multiply. On CPU only block 0 (what block tables are padded with) is zeroed here; every
+        other block is zeroed when the allocator first hands it out, so a switch does not pay for
+        zeroing the whole pool (k2-small: ~0.01 s) and the blocks a rollout never uses are not touched."""
         from k2sys.host_arena import host_arena
 
         nbytes = self.num_blocks * self.block_size * self.width * torch.empty((), dtype=self.dtype).element_size()
         host_arena().resume([t.untyped_storage() for t in self.layers], [nbytes] * len(self.layers), user=user)
-        if self.device.type == "cpu":  # one pooled call, streaming stores (the bytes are not read soon)
-            from k2sys import ext
-
-            ext.require_cpp().batched_zero_ptr([t.data_ptr() for t in self.layers], [nbytes] * len(self.layers))
+        if self.device.type == "cpu":
+            for t in self.layers:
+                t[0].zero_()
+            self._unzeroed = set(range(1, self.num_blocks))
         else:
             for t in self.layers:
                 t.zero_()

@@ -4,7 +4,8 @@ Weights live in a few fused base tensors (q_a + kv_a input projections, gate+up,
 experts); every HF checkpoint name is a *view* into a base, so a weight update is a copy into
 the view, and releasing weights frees the bases' storage for real. On CPU in fp32 each linear
 also keeps a oneDNN-packed copy of its weight (a cache, refreshed by `load_weights` for the
-names it was given and dropped by `release_weights`).
+names it was given and dropped by `release_weights`; the engine defers the refresh off the weight
+update's critical path: `load_weights(..., pack="defer")`).
 
 Attention is the absorbed form for every token, prefill and decode:
     q_lat[h] = q_nope[h] @ W_UK[h]            (fold kv_b's K part into the query)
@@ -19,9 +20,10 @@ rest (embeddings, lm_head, norms, router) stays in the compute dtype. A linear d
 weight when it runs and drops it after (`_Fp8Linear`), so resident memory stays FP8; on CUDA the
 routed experts go through the Triton fused MoE, which dequantizes 128x128 tiles in its GEMM loop.
 
-Routed experts elsewhere (`k2sys.engine.core.moe`): "grouped" (the default) runs a layer's experts as two
-grouped GEMMs over the stacked expert bases; "loop" is the per-expert loop over packed linears it
-replaced (the benchmark's peer, and the FP8 path off CUDA, which dequantizes one expert at a time).
+Routed experts elsewhere: "grouped" (the default, `k2sys.engine.core.moe`) runs a layer's experts as two
+grouped GEMMs over the stacked expert bases; "loop" is `k2sys.models.moe_experts`, the one torch
+reference, one GEMM pair per expert over packed linears (the benchmark's peer, and the FP8 path off
+CUDA, which dequantizes one expert at a time).
 Only "loop" keeps oneDNN-packed copies of the experts, so "grouped" also halves their memory in fp32.
 
 Shape legend: T tokens in the step, B sequences, Q query tokens per sequence, L cached tokens,
@@ -37,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from k2sys.engine.core.kv_cache import PagedLatentCache
-from k2sys.engine.core.moe import grouped_moe, loop_moe
-from k2sys.models import K2Config, param_shapes, route
+from k2sys.engine.core.moe import grouped_moe
+from k2sys.models import K2Config, moe_experts, param_shapes, route
 from k2sys.models.rope import RotaryEmbedding
 from k2sys.quant.fp8 import (FP8_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8_block, fp8_scale_shape,
                              is_fp8_weight_name, quantize_fp8_state, scale_inv_name)
@@ -118,26 +120,34 @@ class _Linear:
     On CPU in fp32 it also keeps a oneDNN-packed copy of w: MKL re-packs the weight inside every
     GEMM, which dominates the few-row GEMMs of decode; packing once makes them 1.1-1.7x faster
     and the 16k-vocab lm_head 1.6-2.4x (k2-small shapes, 1-32 rows, measured). The copy is a
-    cache: `pack()` refreshes it after the weight changes, `unpack()` frees it.
+    cache: `pack()` refreshes it after the weight changes, `unpack()` frees it, `invalidate()`
+    drops a stale one and packs again on the first call that uses it (or when the runner's
+    `pack_pending` gets to it first); until then the plain GEMM serves the current weight.
     """
 
-    __slots__ = ("w", "bias", "packed")
+    __slots__ = ("w", "bias", "packed", "pending")
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
-        self.w, self.bias, self.packed = w, bias, None
+        self.w, self.bias, self.packed, self.pending = w, bias, None, False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # One row: the plain GEMV is faster than the packed call, by ~25% through a small weight and
         # by 5-30% through the 16k-vocab lm_head (k2-small, 1 and 2 threads, interleaved, measured).
-        if self.packed is not None and x.shape[0] > 1:
-            return _onednn_linear(x, self.packed, self.bias, "none", [], "")
+        if x.shape[0] > 1:
+            if self.pending:
+                self.pack()
+            if self.packed is not None:
+                return _onednn_linear(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.w, self.bias)
 
     def pack(self) -> None:
-        self.packed = _onednn_pack(self.w.contiguous(), PACK_ROWS)
+        self.packed, self.pending = _onednn_pack(self.w.contiguous(), PACK_ROWS), False
 
     def unpack(self) -> None:
-        self.packed = None
+        self.packed, self.pending = None, False
+
+    def invalidate(self) -> None:
+        self.packed, self.pending = None, True
 
 
 class _Fp8Linear:
@@ -149,13 +159,13 @@ class _Fp8Linear:
     scales and it dequantizes in one call. The dequantized weight lives only for the call.
     """
 
-    __slots__ = ("q", "parts", "bias", "dtype", "block", "whole_scale", "packed")
+    __slots__ = ("q", "parts", "bias", "dtype", "block", "whole_scale", "packed", "pending")
 
     def __init__(self, q: torch.Tensor, parts: list[tuple[int, torch.Tensor]], dtype: torch.dtype,
                  block: tuple[int, int], bias: torch.Tensor | None = None, whole_scale: torch.Tensor | None = None):
         self.q, self.parts, self.dtype, self.block, self.bias = q, parts, dtype, block, bias
         self.whole_scale = whole_scale if all(r % block[0] == 0 for r, _ in parts[:-1]) else None
-        self.packed = None
+        self.packed, self.pending = None, False
 
     def weight(self) -> torch.Tensor:
         if self.whole_scale is not None:
@@ -174,6 +184,9 @@ class _Fp8Linear:
         pass
 
     def unpack(self) -> None:
+        pass
+
+    def invalidate(self) -> None:
         pass
 
 
@@ -225,6 +238,7 @@ class ModelRunner:
         self.linears: list[_Linear | _Fp8Linear] = []
         self._consumers: dict[str, _Linear | _Fp8Linear] = {}   # HF name -> the linear whose packed copy it feeds
         self._expert_linears: set[int] = set()  # ids of the per-expert linears (packed only for moe_impl="loop")
+        self._pending: list[_Linear] = []  # invalidated linears pack_pending() packs (any already packed on use: skipped)
         self.packed = _packing_works(self.device, dtype)
         self._build_storage()
         self.expected = {n: tuple(s) for n, s in param_shapes(cfg).items()}
@@ -396,15 +410,22 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
+        """Resident weight bytes: the bases and the packed copies (call pack_pending() first for the
+        footprint with every deferred copy built)."""
         packed = sum(lin.packed.numel() * lin.packed.element_size() for lin in self.linears if lin.packed is not None)
         return sum(b.untyped_storage().nbytes() for b in self.bases) + packed
 
-    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors into their views, then refresh the packed copies they feed.
+    def load_weights(self, named: dict[str, torch.Tensor], pack: str = "now") -> None:
+        """Copy HF-named tensors into their views, then refresh the packed copies they feed: now
+        (pack="now"), or pack="defer": drop them (the plain GEMM serves the new weights) and rebuild
+        each on its first multi-row call or in pack_pending(), whichever comes first. The engine
+        defers: re-packing k2-small's 73 MB of fp32 linears took ~0.04-0.05 s of every switch.
 
         Shapes must match exactly; FP8 weights and their scales are copied only from tensors of the
         same dtype (a cast into float8 storage would drop the scales). Nothing is copied unless every
         tensor passes."""
+        if pack not in ("now", "defer"):
+            raise ValueError(f"load_weights pack: use 'now' or 'defer', got {pack!r}")
         for name, t in named.items():
             dst = self.params[name]
             if tuple(t.shape) != tuple(dst.shape):
@@ -418,8 +439,27 @@ class ModelRunner:
                 self.params[name].copy_(t)
         if self.packed:
             for lin in {id(c): c for n in named if (c := self._consumers.get(n)) is not None}.values():
-                if self._keeps_packed(lin):
+                if not self._keeps_packed(lin):
+                    continue
+                if pack == "now":
                     lin.pack()
+                elif not lin.pending:
+                    lin.invalidate()
+                    self._pending.append(lin)
+
+    @property
+    def packs_pending(self) -> bool:
+        """Whether deferred packed copies are left for pack_pending() to build."""
+        return bool(self._pending)
+
+    def pack_pending(self, limit: int | None = None) -> None:
+        """Build up to `limit` (None: all) of the packed copies load_weights(pack="defer") left."""
+        n = 0
+        while self._pending and (limit is None or n < limit):
+            lin = self._pending.pop()
+            if lin.pending:  # else packed on use meanwhile, or dropped by unpack()
+                lin.pack()
+                n += 1
 
     def _keeps_packed(self, lin: _Linear | _Fp8Linear) -> bool:
         return self.moe_impl == "loop" or id(lin) not in self._expert_linears
@@ -444,6 +484,7 @@ class ModelRunner:
         """Free every base's storage (views stay attached to the emptied storage) and the packed copies."""
         for lin in self.linears:
             lin.unpack()
+        self._pending.clear()
         for b in self.bases:
             b.untyped_storage().resize_(0)
 
@@ -615,5 +656,5 @@ class ModelRunner:
     def routed_experts(self, L: _Layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The routed experts' output of layer L for x [T, D] routed to ids with weights [T, k]."""
         if self.moe_impl == "loop" or self.fp8:  # FP8 off CUDA: dequantize only the experts that run
-            return loop_moe(x, L.experts13, L.experts2, weights, ids)
+            return moe_experts(x, L.experts13, L.experts2, weights, ids)  # the reference, one GEMM pair per expert
         return grouped_moe(x, L.w13, L.w2, weights, ids)

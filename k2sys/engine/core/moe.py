@@ -12,23 +12,22 @@ the largest. On CPU grouped_mm is a C++ loop that visits every group (~3 us each
 so a step with fewer (token, slot) pairs than experts - batch-1 decode - instead runs one GEMV
 pair per pair (`_per_pair`): fewest ops, and only the selected experts' weights are read.
 
-`loop_moe` is the per-expert Python loop the grouped path replaced: one GEMM pair per expert on its
-contiguous slice of sorted rows, through per-expert callables (the engine's packed oneDNN linears,
-or FP8 linears that dequantize one expert at a time). It stays the FP8 CPU path and the reference
-and benchmark peer of `grouped_moe` (benchmarks/bench_decode.py).
+The per-expert loop the grouped path replaced is the torch reference itself,
+`k2sys.models.moe_experts`: one GEMM pair per expert through per-expert callables (the engine's
+packed oneDNN linears, or FP8 linears that dequantize one expert at a time). The model runner uses
+it for moe_impl="loop" (the peer of benchmarks/bench_decode.py) and for FP8 off CUDA.
 
 Shapes: T tokens, k experts per token, E experts, D hidden, I expert width; ids/weights [T, k].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ExpertRows", "grouped_mm_works", "grouped_moe", "loop_moe", "sort_by_expert"]
+__all__ = ["ExpertRows", "grouped_mm_works", "grouped_moe", "sort_by_expert"]
 
 
 @dataclass
@@ -46,25 +45,10 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> ExpertRows:
 
 
 def _combine(x: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-    """sum over a token's k experts of routing weight x expert output -> [T, D]."""
-    ys = ys * weights.reshape(-1).index_select(0, rows.order)[:, None].to(ys.dtype)
-    return torch.zeros_like(x).index_add_(0, rows.tok, ys)
-
-
-def loop_moe(x: torch.Tensor, experts13: Sequence[Callable], experts2: Sequence[Callable], weights: torch.Tensor,
-             ids: torch.Tensor) -> torch.Tensor:
-    """One GEMM pair per expert. x [T, D]; experts13[e]: [*, D] -> [*, 2I] (gate | up);
-    experts2[e]: [*, I] -> [*, D]; weights/ids [T, k] -> [T, D]."""
-    rows = sort_by_expert(ids, len(experts13))
-    xs = x.index_select(0, rows.tok)
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, c in enumerate(rows.counts.tolist()):
-        if c:
-            g, u = experts13[e](xs[start:start + c]).chunk(2, dim=-1)
-            ys[start:start + c] = experts2[e](F.silu(g) * u)
-            start += c
-    return _combine(x, ys, weights, rows)
+    """sum over a token's k experts of routing weight x expert output -> [T, D], accumulated in fp32
+    like the reference (k2sys.models.moe_experts) and the Triton kernel, so bf16 paths agree."""
+    ys = ys.float() * weights.reshape(-1).index_select(0, rows.order)[:, None].float()
+    return x.new_zeros(x.shape, dtype=torch.float32).index_add_(0, rows.tok, ys).to(x.dtype)
 
 
 def _padded_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -116,7 +100,7 @@ def _per_pair(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         g, u = torch.mv(w13[e], x[j // k]).chunk(2)
         ys.append(torch.mv(w2[e], F.silu(g) * u))
     y = torch.stack(ys).view(T, k, -1)
-    return torch.bmm(weights.to(y.dtype)[:, None], y)[:, 0]  # [T, 1, k] @ [T, k, D]: the weighted sum
+    return torch.bmm(weights.float()[:, None], y.float())[:, 0].to(x.dtype)  # [T, 1, k] @ [T, k, D]: the weighted sum
 
 
 def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
