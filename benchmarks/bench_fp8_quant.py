@@ -5,7 +5,7 @@ interleaved so both sides see the same machine load:
   quantize        C++ thread pool (one quantize_fp8_blocks call for the whole bucket) GB/s of input;
                   ratio = torch reference time / C++ time (the vectorized torch definition, per tensor; peer)
   vs_copy         C++ GB/s vs a plain copy of the same input bytes (the same input tensors into touched
-                  buffers of their size), N contiguous chunks on N threads at 1 thread and at the C++
+                  buffers of their size), N threads on one work queue at 1 thread and at the C++
                   thread count (the bound a streaming kernel cannot beat; benchmarks/common.py)
   triton (CUDA)   the Triton kernel on the GPU, ratio = torch reference on the GPU / Triton
 All rows come from interleaved rounds (>= 5) with median ratio and spread.

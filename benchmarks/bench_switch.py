@@ -13,7 +13,7 @@ from it, as the system does; each case starts from a trimmed arena.
 Copy bound (benchmarks/common.py): the bytes moved by onload + offload + update at the speed of a
 plain copy of the trainer's own state buffers (host copy -> live storage, which holds the same
 values, so the copy changes nothing), split into N contiguous chunks on N threads, the fastest of
-libc memcpy / torch copy_ / a streaming (non-temporal) copy per round (stream_bound.py). The system copies with all cores (k2sys C++ pool), so the
+libc memcpy / torch copy_ / a streaming (non-temporal) copy per round (common.CopyBound). The system copies with all cores (k2sys C++ pool), so the
 all-cores bound carries the target (copy-bound time / switch time >= 0.67, i.e. within 1.5x); the
 1-thread row is a reference. Switch and bound run interleaved round by round (>= 5 rounds).
 Diagnostics (no ratio, no target): the onload priced as a copy into freshly allocated pages (the
@@ -34,9 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (MIN_REPS, add_common_args, diagnostic, env_info, interleaved,  # noqa: E402
+from common import (MIN_REPS, CopyBound, add_common_args, diagnostic, env_info, interleaved,  # noqa: E402
                     paired_row, print_results, summarize, thread_counts, write_results)
-from stream_bound import StreamCopyBound  # noqa: E402
 from k2sys import ext  # noqa: E402
 from k2sys.host_arena import host_arena  # noqa: E402
 
@@ -182,7 +181,7 @@ def run_case(name: str, case, repeats: int) -> tuple[list[dict], list]:
             ext.host_copy_(d, h)
         fresh_s.append(time.perf_counter() - t0)
 
-    with StreamCopyBound(live, host, threads=thread_counts(system_threads),
+    with CopyBound(live, host, threads=thread_counts(system_threads),
                    where="the trainer's host buffers onto its live storages, the buffers onload/offload copy "
                          "between") as cb:
         case.t2r()

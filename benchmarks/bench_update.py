@@ -38,10 +38,9 @@ from k2sys import ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import k2_projection  # noqa: E402
-from common import (MIN_REPS, add_common_args, all_cores, copy_bound_rows, diagnostic,  # noqa: E402
+from common import (MIN_REPS, CopyBound, add_common_args, all_cores, copy_bound_rows, diagnostic,  # noqa: E402
                     env_info, interleaved, paired_row, print_results, projection_row, result, summarize,
                     thread_counts, write_results)
-from stream_bound import StreamCopyBound  # noqa: E402
 from k2sys.ckpt import (TensorSink, TrainerShards, UpdateConfig, WeightUpdater, engine_tp_layout,  # noqa: E402
                         plan_reshard, update_weights)
 from k2sys.ckpt.apply import compile_buckets  # noqa: E402
@@ -76,7 +75,7 @@ def bench_onload(sizes_gib: list[float], repeats: int) -> list[dict]:
     for gib in sizes_gib:
         n = int(gib * GiB)
         s, d = src_buf.tensor[:n], dst[:n]
-        with StreamCopyBound(d, s, threads=thread_counts(threads)) as cb:
+        with CopyBound(d, s, threads=thread_counts(threads)) as cb:
             tm = interleaved({"pipelined": lambda: ol.copy_(d, s, src_pinned=True),
                               "bounce": lambda: ol.copy_(d, s, src_pinned=False), **cb.fns()}, repeats)
         assert torch.equal(d[-4096:], s[-4096:])
@@ -185,7 +184,7 @@ def bench_apply(repeats: int) -> list[dict]:
         for r in rows:
             ext.batched_strided_copy_(r, threads=threads)
 
-    with StreamCopyBound(list(outs.values()), bufs, threads=thread_counts(threads), nbytes=total) as cb:
+    with CopyBound(list(outs.values()), bufs, threads=thread_counts(threads), nbytes=total) as cb:
         tm = interleaved({"apply": apply_all, **cb.fns()}, repeats)
     n_rows = sum(r.shape[0] for r in rows)
     return copy_bound_rows("reshard_apply_tp2_to_tp1", tm["apply"], cb, tm, system_threads=threads,
@@ -234,7 +233,7 @@ def bench_shm(repeats: int, bucket_mib: int, model: str) -> tuple[list[dict], fl
             scratch = [torch.empty_like(t).fill_(1) for _, t in named]
             with HTTPEngine(url, shm_bucket_bytes=bucket_mib * MiB) as c:
                 session = {k: (lambda k=k: c.update_weights(named, transport=k)) for k in ("shm", "http")}
-                with StreamCopyBound(scratch, [t for _, t in named], threads=thread_counts(threads),
+                with CopyBound(scratch, [t for _, t in named], threads=thread_counts(threads),
                                where="from the same source tensors into touched buffers of the same sizes") as cb:
                     # begin/end (the engine's commit copy, the same for both transports) stay untimed
                     tm = interleaved({**session, **cb.fns()}, repeats,
@@ -348,7 +347,7 @@ def per_tensor_overhead(repeats: int) -> tuple[list[dict], float]:
         def cycle():
             eng.release_memory(["kv_cache", "weights"])
             eng.resume_memory(["weights"])
-        with StreamCopyBound(scratch, srcs, threads=[all_cores()],
+        with CopyBound(scratch, srcs, threads=[all_cores()],
                        where="from the trainer's host tensors into touched buffers of the same sizes") as cb:
             tm = interleaved({"update": lambda: reports.append(update_weights(shards, sink)), **cb.fns()}, repeats,
                              before={"update": cycle})

@@ -6,10 +6,10 @@ Every benchmark writes {"results": [row, ...], "env": {...}} where a row is
 
 The bound rule (docs/benchmarks.md):
   * A bound is measured in the same run, on the same buffers, with the same thread count as the
-    system under test. For copies that is `CopyBound`: the same source/destination bytes split
-    into N contiguous chunks copied by N threads; the bound at N threads is, per round, the
-    fastest of the plain copy implementations (libc memcpy, torch copy_), so a system that beats
-    it beats every plain copy tried. Rows are reported at 1 thread and at all cores; a bound
+    system under test. For copies that is `CopyBound`: the same source/destination bytes copied
+    by N threads taking pieces from one work queue; the bound at N threads is, per round, the
+    fastest of the plain copy implementations (libc memcpy, torch copy_, the k2sys streaming
+    copy), so a system that beats it beats every plain copy tried. Rows are reported at 1 thread and at all cores; a bound
     with fewer threads than the system is labelled "reference" (the system may beat it) and
     carries no target.
   * System and bound (or peer) run interleaved in rounds (`interleaved`), >= MIN_REPS rounds;
@@ -22,6 +22,7 @@ The bound rule (docs/benchmarks.md):
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import platform
@@ -224,35 +225,67 @@ def split_stream(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], par
     return out
 
 
+def split_pieces(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], piece_bytes: int,
+                 nbytes: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The byte stream of `srcs` laid onto that of `dsts`, cut into pieces of at most `piece_bytes`
+    (and at every buffer boundary): the work items of a work-queue copy."""
+    if piece_bytes < 1:
+        raise ValueError(f"split_pieces: piece_bytes must be >= 1, got {piece_bytes}")
+    d = [_byte_view(t) for t in dsts]
+    s = [_byte_view(t) for t in srcs]
+    total = min(sum(x.numel() for x in d), sum(x.numel() for x in s))
+    total = total if nbytes is None else min(total, nbytes)
+    whole = split_stream(dsts, srcs, 1, total)[0] if total else []
+    out = []
+    for dv, sv in whole:
+        for lo in range(0, dv.numel(), piece_bytes):
+            out.append((dv[lo:lo + piece_bytes], sv[lo:lo + piece_bytes]))
+    return out
+
+
 class CopyBound:
     """The plain-copy bound of a copy-like system: copy the same bytes (same source and
-    destination buffers) split into N contiguous chunks over N threads.
+    destination buffers) with N threads that take pieces from one shared work queue (so a thread
+    the shared machine slows down does not hold the others back: the system's own pool balances
+    its load too, and a static split would be a bound it can beat).
 
-    Implementations: "memcpy" (libc memmove through ctypes, which releases the GIL) and "torch"
-    (tensor copy_ of each chunk, one intra-op thread per worker). `fns()` gives one callable per
-    (implementation, thread count) to put in `interleaved`; `seconds(tm, threads)` is the bound
-    per round: the fastest implementation at that thread count.
+    Implementations: "memcpy" (libc memmove through ctypes, which releases the GIL), "torch"
+    (tensor copy_ of each piece, one intra-op thread per worker) and, when the k2sys C++ extension
+    is built, "stream": the same non-temporal copy kernel the k2sys host copies use
+    (csrc/stream_copy.h, one C++ thread per worker). glibc streams only copies above ~3/4 of the
+    last-level cache, so without "stream" the bound would be one the system beats on MB-sized
+    pieces. `fns()` gives one callable per (implementation, thread count) to put in `interleaved`;
+    `seconds(tm, threads)` is the bound per round: the fastest implementation at that thread count.
     """
 
-    IMPLS = ("memcpy", "torch")
+    IMPLS = ("memcpy", "torch", "stream")
+    PIECE_MIN, PIECE_MAX = 256 << 10, 8 << 20
 
-    def __init__(self, dst, src, threads: Sequence[int] | None = None, impls: Sequence[str] = IMPLS,
+    def __init__(self, dst, src, threads: Sequence[int] | None = None, impls: Sequence[str] | None = None,
                  nbytes: int | None = None, label: str = "copy",
-                 where: str = "the system's own source and destination buffers"):
+                 where: str = "the system's own source and destination buffers", piece_bytes: int | None = None):
         dsts = list(dst) if isinstance(dst, (list, tuple)) else [dst]
         srcs = list(src) if isinstance(src, (list, tuple)) else [src]
         for t in dsts + srcs:
             if t.device.type != "cpu":
                 raise ValueError("CopyBound: CPU tensors only (GPU benchmarks time cudaMemcpy directly)")
+        impls = list(impls) if impls is not None else [i for i in self.IMPLS if i != "stream" or _has_cpp()]
         bad = [i for i in impls if i not in self.IMPLS]
         if bad:
             raise ValueError(f"CopyBound: unknown implementations {bad}; choose from {self.IMPLS}")
+        if "stream" in impls and not _has_cpp():
+            raise ValueError("CopyBound: impl 'stream' needs the k2sys C++ extension (pip install -e .)")
         self.threads = sorted(set(threads or thread_counts()))
-        self.impls = list(impls)
+        self.impls = impls
         self.label = label
         self.where = where
-        self._chunks = {n: split_stream(dsts, srcs, n, nbytes) for n in self.threads}
-        self.nbytes = sum(dv.numel() for part in self._chunks[self.threads[0]] for dv, _ in part)
+        total = min(sum(_byte_view(t).numel() for t in dsts), sum(_byte_view(t).numel() for t in srcs))
+        total = total if nbytes is None else min(total, nbytes)
+        if piece_bytes is None:  # a few pieces per thread, but never tiny (per-piece overhead) or huge
+            piece_bytes = min(self.PIECE_MAX, max(self.PIECE_MIN, total // (4 * max(self.threads))))
+        self.piece_bytes = piece_bytes
+        self._pieces = split_pieces(dsts, srcs, piece_bytes, total)
+        self.nbytes = sum(dv.numel() for dv, _ in self._pieces)
         self._workers = _Workers(max(self.threads))
 
     def name(self, impl: str, threads: int) -> str:
@@ -261,20 +294,26 @@ class CopyBound:
     def names(self, threads: int) -> list[str]:
         return [self.name(i, threads) for i in self.impls]
 
-    def _job(self, impl: str, pieces):
+    def _copy_one(self, impl: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        # pointers are read at call time: a storage resized in between moves its data
         if impl == "memcpy":
-            def job():  # pointers read at call time: a storage resized in between moves its data
-                for d, s in pieces:
-                    ctypes.memmove(d.data_ptr(), s.data_ptr(), d.numel())
-        else:
-            def job():
-                for d, s in pieces:
-                    d.copy_(s)
-        return job
+            return lambda d, s: ctypes.memmove(d.data_ptr(), s.data_ptr(), d.numel())
+        if impl == "stream":
+            cpp = _cpp()
+            return lambda d, s: cpp.copy_ptr(d.data_ptr(), s.data_ptr(), d.numel(), 1, 0)
+        return lambda d, s: d.copy_(s)
 
     def copier(self, impl: str, threads: int) -> Callable[[], None]:
-        jobs = [self._job(impl, part) for part in self._chunks[threads]]
-        return lambda: self._workers.run(jobs)
+        pieces, one = self._pieces, self._copy_one(impl)
+
+        def run() -> None:
+            take = itertools.count()  # next() on a count is atomic under the GIL: one shared queue
+
+            def job() -> None:
+                while (i := next(take)) < len(pieces):
+                    one(*pieces[i])
+            self._workers.run([job] * threads)
+        return run
 
     def fns(self) -> dict[str, Callable[[], None]]:
         return {self.name(i, n): self.copier(i, n) for n in self.threads for i in self.impls}
@@ -283,8 +322,9 @@ class CopyBound:
         return tm.best(self.names(threads))
 
     def definition(self, threads: int) -> str:
-        return (f"plain copy of the same {self.nbytes / 1e6:.1f} MB ({self.where}), {threads} contiguous "
-                f"chunk(s) on {threads} thread(s); per round the fastest of {'/'.join(self.impls)}")
+        return (f"plain copy of the same {self.nbytes / 1e6:.1f} MB ({self.where}) on {threads} thread(s) "
+                f"taking {self.piece_bytes / 2**20:.2f} MiB pieces from one work queue; per round the "
+                f"fastest of {'/'.join(self.impls)}")
 
     def close(self) -> None:
         self._workers.close()
@@ -294,6 +334,16 @@ class CopyBound:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _has_cpp() -> bool:
+    from k2sys import ext
+    return bool(ext.HAS_CPP)
+
+
+def _cpp():
+    from k2sys import ext
+    return ext.require_cpp()
 
 
 # ------------------------------------------------------------------ rows

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from k2sys import ext
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
 
@@ -71,21 +73,74 @@ def test_split_stream_covers_every_byte_in_contiguous_parts():
     assert flat.tolist() == (list(range(13)) + list(range(100, 106)))[:18]
 
 
-def test_copy_bound_copies_with_the_thread_counts_it_reports():
-    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)
-    with common.CopyBound(torch.zeros(1 << 20, dtype=torch.uint8), src, threads=[1, 3]) as cb:
-        assert cb.threads == [1, 3] and cb.nbytes == 1 << 20
-        assert [len(cb._chunks[n]) for n in cb.threads] == [1, 3]
+def test_split_pieces_cover_every_byte_at_most_piece_bytes_each():
+    dsts = [torch.zeros(5, dtype=torch.uint8), torch.zeros(3, dtype=torch.int16), torch.zeros(7, dtype=torch.uint8)]
+    srcs = [torch.arange(13, dtype=torch.uint8), torch.arange(100, 106, dtype=torch.uint8)]
+    pieces = common.split_pieces(dsts, srcs, 4)
+    assert all(0 < d.numel() <= 4 and d.numel() == s.numel() for d, s in pieces)
+    for d, s in reversed(pieces):  # any order: pieces never overlap
+        d.copy_(s)
+    flat = torch.cat([t.view(-1).view(torch.uint8) for t in dsts])
+    assert flat.tolist() == (list(range(13)) + list(range(100, 106)))[:18]
+    assert sum(d.numel() for d, _ in common.split_pieces(dsts, srcs, 4, nbytes=10)) == 10
+    with pytest.raises(ValueError):
+        common.split_pieces(dsts, srcs, 0)
+
+
+def test_copy_bound_copies_every_byte_with_every_impl_and_thread_count():
+    n = (1 << 20) + 12345  # not a multiple of the piece size: a short last piece
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8)
+    dst = torch.zeros(n, dtype=torch.uint8)
+    with common.CopyBound(dst, src, threads=[1, 3], piece_bytes=64 << 10) as cb:
+        assert cb.threads == [1, 3] and cb.nbytes == n
+        assert cb.impls == (["memcpy", "torch", "stream"] if ext.HAS_CPP else ["memcpy", "torch"])
+        assert len(cb._pieces) == -(-n // (64 << 10))
         for name, fn in cb.fns().items():
-            cb_dst = cb._chunks[1][0][0][0]
-            cb_dst.zero_()
+            dst.zero_()
             fn()
-            assert torch.equal(cb_dst, src), name
+            assert torch.equal(dst, src), name
         tm = common.interleaved(cb.fns(), reps=2, warmup=0)
-        assert set(tm.times) == {f"copy:{i}:x{n}" for i in ("memcpy", "torch") for n in (1, 3)}
+        assert set(tm.times) == {f"copy:{i}:x{t}" for i in cb.impls for t in (1, 3)}
         per_round = cb.seconds(tm, 3)
-        assert per_round == [min(a, b) for a, b in zip(tm["copy:memcpy:x3"], tm["copy:torch:x3"])]
-        assert "3 contiguous chunk(s) on 3 thread(s)" in cb.definition(3)
+        assert per_round == [min(xs) for xs in zip(*(tm[f"copy:{i}:x3"] for i in cb.impls))]
+        assert "on 3 thread(s)" in cb.definition(3) and "work queue" in cb.definition(3)
+    with pytest.raises(ValueError, match="unknown implementations"):
+        common.CopyBound(dst, src, threads=[1], impls=["nope"])
+
+
+def test_copy_bound_threads_share_the_work():
+    # Each worker takes pieces until the queue is empty: with one worker stalled on its first piece,
+    # the others copy everything else (a static split would leave the stalled worker's chunk).
+    n_pieces, size = 12, 4096
+    src = torch.arange(n_pieces * size, dtype=torch.int64).to(torch.uint8)
+    dst = torch.zeros_like(src)
+    with common.CopyBound(dst, src, threads=[3], impls=["torch"], piece_bytes=size) as cb:
+        seen: list[int] = []
+        lock = threading.Lock()
+        gate = threading.Event()
+        first = threading.Event()
+        orig = cb._copy_one
+
+        def slow_first(impl):
+            one = orig(impl)
+
+            def copy(d, s):
+                with lock:
+                    seen.append(threading.get_ident())
+                    am_first = not first.is_set()
+                    first.set()
+                if am_first:
+                    gate.wait(timeout=5)
+                one(d, s)
+                if len(seen) == n_pieces:
+                    gate.set()
+            return copy
+
+        cb._copy_one = slow_first
+        cb.copier("torch", 3)()
+        assert torch.equal(dst, src)
+        stalled = seen[0]
+        assert seen.count(stalled) == 1 and len(seen) == n_pieces
 
 
 def test_workers_are_distinct_threads_with_one_torch_thread_each():
