@@ -48,6 +48,44 @@ def test_bucket_errors_and_interleave():
     assert [(b.index, b.owner, b.entries[0].name) for b in bs] == [(0, 0, "a"), (1, 1, "c"), (2, 0, "b")]
 
 
+def test_one_layout_and_one_packer_for_every_bucket():
+    """FlattenedBucket.pack, shared-memory segments and the update pipeline share bucket_of /
+    plan_buckets (layout) and fill_bucket (copy): offsets aligned, bytes exact, dtypes mixed."""
+    from k2sys.ckpt.bucket import BucketFormatError, FlattenedBucket, bucket_of, fill_bucket
+    from k2sys.engine.transport.shm import ALIGN, ShmSegment, split_buckets
+
+    g = torch.Generator().manual_seed(0)
+    named = [("a", torch.randn(3, 5, generator=g, dtype=torch.float32).to(torch.bfloat16)),
+             ("b", torch.randint(-9, 9, (7,), generator=g, dtype=torch.int64)),
+             ("empty", torch.empty(0, 4)), ("c", torch.randn(65, generator=g)),
+             ("d", torch.randn(2, 3, generator=g).t())]  # non-contiguous source
+    b = bucket_of(named, 64)
+    assert [e.name for e in b.entries] == [n for n, _ in named]
+    assert all(e.offset % 64 == 0 for e in b.entries) and b.nbytes % 64 == 0
+    assert b.nbytes == sum(-(-t.numel() * t.element_size() // 64) * 64 for _, t in named)
+    fb = FlattenedBucket.pack(named)
+    assert fb.entries == b.entries
+    for (n, t), (m, v) in zip(named, fb.unpack()):
+        assert n == m and v.dtype == t.dtype and torch.equal(v, t)
+    buf = torch.zeros(b.nbytes, dtype=torch.uint8)
+    fill_bucket(b, dict(named), buf, threads=2)
+    assert torch.equal(buf, fb.buffer)
+    with pytest.raises(BucketFormatError, match="duplicate name 'a'"):
+        bucket_of(named + [("a", torch.zeros(1))])
+    with pytest.raises(BucketFormatError, match="entries\\['b'\\]"):
+        fill_bucket(b, {**dict(named), "b": torch.zeros(7, dtype=torch.int32)}, buf)
+    with ShmSegment(b.nbytes) as seg:
+        entries = seg.write(named)
+        assert entries == [e.to_json() for e in bucket_of(named, ALIGN).entries]
+        for e, (_, t) in zip(bucket_of(named, ALIGN).entries, named):
+            got = seg.tensor[e.offset:e.end].view(t.dtype).view(t.shape) if e.nbytes else t
+            assert torch.equal(got, t)
+    groups = split_buckets(named, cap_bytes=128)
+    assert [n for grp in groups for n, _ in grp] == [n for n, _ in named]
+    assert all(sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for _, t in grp) <= 128 or len(grp) == 1
+               for grp in groups)
+
+
 def test_hf_shapes_match_transformers_model():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.DeepseekV3Config(**TINY, num_key_value_heads=4, tie_word_embeddings=False)

@@ -8,7 +8,7 @@ destination tensor; at apply time two vectorised adds make them absolute and one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -116,16 +116,3 @@ def op_slices(bucket: Bucket, buf: torch.Tensor, ops: Sequence[CopyOp]) -> dict[
         src = op.src_box.view(views[op.src_name]).reshape(op.dst_box.sizes)
         out.setdefault(op.dst_name, []).append((op.dst_box, src))
     return out
-
-
-def pack_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int = 0) -> None:
-    """Copy every entry's tensor into its slot of `buf` in one native call (CPU)."""
-    views = bucket_views(bucket, buf)
-    dsts, srcs = [], []
-    for e in bucket.entries:
-        t = tensors[e.name]
-        if e.nbytes:
-            dsts.append(views[e.name])
-            srcs.append(t if t.is_contiguous() else t.contiguous())
-    if dsts:
-        ext.batched_host_copy(dsts, srcs, threads)

@@ -69,6 +69,43 @@ def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int, align: int = 256, 
     return buckets
 
 
+def bucket_of(named: Sequence[tuple[str, torch.Tensor]], align: int = 64) -> Bucket:
+    """One bucket holding every tensor of `named`, in order, each at a multiple of `align` bytes (the
+    layout of FlattenedBucket.pack and of a shared-memory segment): plan_buckets without a cap."""
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise BucketFormatError(f"named_tensors: duplicate name {dup!r}; each tensor goes in once")
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in named]
+    planned = plan_buckets(specs, cap_bytes=1 << 62, align=align)
+    return planned[0] if planned else Bucket(0, 0, (), 0)
+
+
+def fill_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int = 0) -> None:
+    """Copy every entry's tensor into its slot of `buf` (uint8, at least bucket.nbytes): the one packer
+    of every transport. CPU to CPU is one batched C++ copy over the pool's threads (0 = all); any
+    other pair of devices copies entry by entry (one H2D/D2H/D2D each)."""
+    dsts, srcs = [], []
+    for e in bucket.entries:
+        if not e.nbytes:
+            continue
+        t = tensors[e.name]
+        if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+            raise BucketFormatError(f"entries[{e.name!r}]: tensor is {t.dtype}{list(t.shape)}, the bucket planned "
+                                    f"{e.dtype}{list(e.shape)}")
+        dst = buf[e.offset:e.end]
+        src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if dst.device.type == "cpu" and src.device.type == "cpu":
+            dsts.append(dst)
+            srcs.append(src)
+        else:
+            dst.copy_(src)
+    if dsts:
+        from k2sys import ext
+
+        ext.batched_host_copy(dsts, srcs, threads)
+
+
 def interleave_owners(per_owner: Mapping[int, Sequence[TensorSpec]], cap_bytes: int, align: int = 256) -> list[Bucket]:
     """Buckets of every owner rank, interleaved round-robin (r0, r1, ..., r0, r1 ...) so the
     staging work rotates over ranks; indices are global and identical on every rank."""
@@ -145,22 +182,18 @@ class FlattenedBucket:
     @classmethod
     def pack(cls, named: Iterable[tuple[str, torch.Tensor]], alignment: int = 64,
              device: torch.device | str | None = None) -> "FlattenedBucket":
-        """Copy (name, tensor) pairs into a new bucket (one copy; tests and ad-hoc pushes)."""
+        """Copy (name, tensor) pairs into a new bucket (bucket_of's layout, fill_bucket's copy)."""
         named = list(named)
         if not named:
             raise BucketFormatError("named_tensors: empty; a bucket needs at least one tensor")
         if alignment < 16 or alignment & (alignment - 1):
             raise BucketFormatError(f"alignment: {alignment} must be a power of two >= 16 (the largest itemsize)")
-        entries, offset = [], 0
-        for name, t in named:
-            entries.append(BucketEntry(name, t.dtype, tuple(t.shape), offset))
-            offset += -(-entries[-1].nbytes // alignment) * alignment
+        bucket = bucket_of(named, alignment)
         dev = torch.device(device) if device is not None else named[0][1].device
-        buffer = torch.empty(offset, dtype=torch.uint8, device=dev)
-        for e, (_, t) in zip(entries, named):
-            if e.nbytes:
-                buffer[e.offset:e.end].copy_(t.detach().reshape(-1).view(torch.uint8))
-        return cls(buffer, entries)
+        # zeroed: the alignment padding travels too, and must not carry stale process memory
+        buffer = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=dev)
+        fill_bucket(bucket, dict(named), buffer)
+        return cls(buffer, bucket.entries)
 
     @staticmethod
     def pack_size(named: Sequence[tuple[str, torch.Tensor]], alignment: int = 64) -> int:

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from k2sys import ext
-from k2sys.ckpt.apply import bucket_views, pack_bucket
-from k2sys.ckpt.bucket import plan_buckets
+from k2sys.ckpt.apply import bucket_views
+from k2sys.ckpt.bucket import fill_bucket, plan_buckets
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.sink import WeightSink
 from k2sys.ckpt.transport import TRAILER_BYTES, payload_crc, read_trailer, write_trailer
@@ -117,7 +117,7 @@ def serve_peer(layout: Layout, tensors: Mapping[str, torch.Tensor], link: PeerLi
     pending = None
     for b in buckets:  # pack(i) overlaps send(i-1); two buffers (one when there is one bucket)
         buf = bufs[b.index % len(bufs)]
-        pack_bucket(b, tensors, buf, cfg.copy_threads)
+        fill_bucket(b, tensors, buf, cfg.copy_threads)
         write_trailer(buf, b.nbytes, payload_crc(buf, b.nbytes, cfg.copy_threads) if cfg.checksum else 0)
         if pending is not None:
             pair.wait(pending, f"send of bucket {b.index - 1}")

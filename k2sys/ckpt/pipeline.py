@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 
 from k2sys import ext
-from k2sys.ckpt.apply import BucketApply, compile_buckets, completions, op_slices, pack_bucket
-from k2sys.ckpt.bucket import interleave_owners
+from k2sys.ckpt.apply import BucketApply, compile_buckets, completions, op_slices
+from k2sys.ckpt.bucket import fill_bucket, interleave_owners
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.plan import ReshardPlan, plan_reshard, select_sources
 from k2sys.ckpt.schedule import run_ring, run_serial
@@ -394,7 +394,7 @@ class WeightUpdater:
 
     def _pack(self, b: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int) -> None:
         if self.device.type == "cpu":
-            pack_bucket(b, tensors, buf, threads)
+            fill_bucket(b, tensors, buf, threads)
             return
         for e in b.entries:  # GPU: H2D each tensor into its slot through the pinned ring
             if e.nbytes:

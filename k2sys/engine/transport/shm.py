@@ -28,11 +28,12 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from k2sys import ext
+from k2sys.ckpt.bucket import bucket_of, fill_bucket, plan_buckets
+from k2sys.ckpt.types import TensorSpec
 from k2sys.engine.api.protocol import ProtocolError
 
 SHM_DIR = "/dev/shm"
@@ -91,18 +92,6 @@ def server_transports() -> list[str]:
     return out
 
 
-def aligned_offsets(specs: Iterable[tuple[torch.dtype, Sequence[int]]], align: int = ALIGN) -> tuple[list[int], int]:
-    """Byte offsets of consecutive tensors, each at a multiple of `align`, and the total size."""
-    offs, end = [], 0
-    for dtype, shape in specs:
-        offs.append(end)
-        n = dtype.itemsize
-        for s in shape:
-            n *= int(s)
-        end += -(-n // align) * align
-    return offs, end
-
-
 # ---------------------------------------------------------------- writer (client)
 
 class ShmSegment:
@@ -132,28 +121,15 @@ class ShmSegment:
         return not self._finalizer.alive
 
     def write(self, named: Sequence[tuple[str, torch.Tensor]], threads: int = 0) -> list[dict[str, Any]]:
-        """Copy tensors to aligned offsets (CPU sources: one batched C++ copy); returns the entries."""
+        """Copy tensors to aligned offsets (bucket_of's layout, fill_bucket's copy: CPU sources in one
+        batched C++ copy); returns the entries as JSON."""
         if self.tensor is None:
             raise RuntimeError(f"ShmSegment {self.name} is closed")
-        offs, end = aligned_offsets((t.dtype, t.shape) for _, t in named)
-        if end > self.nbytes:
-            raise ValueError(f"ShmSegment {self.name}: {end} bytes do not fit its {self.nbytes}; grow it first")
-        dsts, srcs, entries = [], [], []
-        for (name, t), off in zip(named, offs):
-            n = t.numel() * t.element_size()
-            entries.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                            "offset": off})
-            if not n:
-                continue
-            dst = self.tensor[off:off + n]
-            if t.device.type == "cpu":
-                dsts.append(dst)
-                srcs.append(t.detach().contiguous().reshape(-1).view(torch.uint8))
-            else:  # device tensor: one D2H per tensor
-                dst.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-        if dsts:
-            ext.batched_host_copy(dsts, srcs, threads)
-        return entries
+        bucket = bucket_of(named, ALIGN)
+        if bucket.nbytes > self.nbytes:
+            raise ValueError(f"ShmSegment {self.name}: {bucket.nbytes} bytes do not fit its {self.nbytes}; grow it first")
+        fill_bucket(bucket, dict(named), self.tensor, threads)
+        return [e.to_json() for e in bucket.entries]
 
     def close(self) -> None:
         """Unlink the name at once; the mapping goes when no view of it is left."""
@@ -243,17 +219,10 @@ class ShmPool:
 
 
 def split_buckets(named: Sequence[tuple[str, torch.Tensor]], cap_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """In-order groups of at most cap_bytes (aligned); a larger tensor travels alone."""
-    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
-    used = 0
-    for name, t in named:
-        n = -(-t.numel() * t.element_size() // ALIGN) * ALIGN
-        if groups[-1] and used + n > cap_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append((name, t))
-        used += n
-    return [g for g in groups if g]
+    """In-order groups of at most cap_bytes (aligned); a larger tensor travels alone (plan_buckets' rule)."""
+    by_name = dict(named)
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in named]
+    return [[(e.name, by_name[e.name]) for e in b.entries] for b in plan_buckets(specs, cap_bytes, ALIGN)]
 
 
 # ---------------------------------------------------------------- CUDA IPC (GPU only)
