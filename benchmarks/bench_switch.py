@@ -12,7 +12,7 @@ from it, as the system does; each case starts from a trimmed arena.
 
 Copy bound (benchmarks/common.py): the bytes moved by onload + offload + update at the speed of a
 plain copy of the trainer's own state buffers (host copy -> live storage, which holds the same
-values, so the copy changes nothing), split into N contiguous chunks on N threads, the fastest of
+values, so the copy changes nothing), copied by N threads taking pieces from one work queue, the fastest of
 libc memcpy / torch copy_ / a streaming (non-temporal) copy per round (common.CopyBound). The system copies with all cores (k2sys C++ pool), so the
 all-cores bound carries the target (copy-bound time / switch time >= 0.67, i.e. within 1.5x); the
 1-thread row is a reference. Switch and bound run interleaved round by round (>= 5 rounds).

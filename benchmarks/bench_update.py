@@ -3,7 +3,7 @@
 Every ratio is against a bound or a peer measured in this run, interleaved round by round, with
 the bound's threads and rounds in the row (the rule: benchmarks/common.py, docs/benchmarks.md):
   onload      k2sys Onloader (all cores) host->host GB/s vs a plain copy of the same buffers with
-              1 thread and with all cores (N contiguous chunks on N threads; target 0.85 at all cores)
+              1 thread and with all cores (N threads on one work queue of pieces; target 0.85 at all cores)
   apply       reshard apply (batched strided copy of a real TP2->TP1 plan, all cores) vs a plain copy of
               the same bytes from the same bucket buffers into the same destination tensors
   update      2-rank gloo update of a TP=2 trainer into a TP=1 engine, pipelined vs serial (peer,

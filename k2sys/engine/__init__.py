@@ -4,8 +4,9 @@
                 SamplingParams and LogprobOptions in params.py), the SGLang
                 routes (server.py), the OpenAI routes and chat rendering (openai_api.py), the field
                 tables (api_fields.py), the HTTP client (client.py) and the SGLang adapter
-    core/       the engine itself, typed objects only: NativeEngine (engine.py), the continuous-
-                batching scheduler, the model runner, the paged KV cache, sampling, grammars
+    core/       the engine itself, typed objects only: NativeEngine (engine.py; its weight-update
+                sessions in weight_update.py), the continuous-batching scheduler, the model runner,
+                the paged KV cache, sampling, grammars
     transport/  weight payloads: pickle-free encodings (wire.py) and shared memory / CUDA IPC (shm.py)
     errors.py   the two error types every layer raises; launch.py starts and stops a server process
 
