@@ -31,8 +31,9 @@ from typing import Any, Mapping
 from k2sys.engine.errors import RequestError
 
 __all__ = ["CHAT", "COMPLETIONS", "ApiError", "FieldSpec", "GENERATE", "HONOURED", "JsonLimits", "NO_EFFECT",
-           "OFF_ONLY", "SAMPLING", "check_fields", "check_sampling_types", "check_token_ids", "dumps",
-           "markdown_tables", "parse_json_body", "read_json", "want_bool", "want_int", "want_str", "want_strings"]
+           "OFF_ONLY", "SAMPLING", "check_fields", "check_sampling_types", "check_token_ids", "dumps", "is_off",
+           "markdown_tables", "parse_json_body", "read_json", "show", "want_bool", "want_int",
+           "want_strings"]
 
 HONOURED, NO_EFFECT, OFF_ONLY = "honoured", "no effect", "off only"
 
@@ -449,7 +450,7 @@ def want_bool(body: Mapping[str, Any], name: str, default: bool = False, where: 
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise RequestError(f"{where}{name}: must be true or false, got {_show(v)}")
+        raise RequestError(f"{where}{name}: must be true or false, got {show(v)}")
     return v
 
 
@@ -459,14 +460,7 @@ def want_int(body: Mapping[str, Any], name: str, lo: int, hi: int | None = None,
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        raise RequestError(f"{where}{name}: must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {_show(v)}")
-    return v
-
-
-def want_str(body: Mapping[str, Any], name: str, where: str = "") -> str | None:
-    v = body.get(name)
-    if v is not None and not isinstance(v, str):
-        raise RequestError(f"{where}{name}: must be a string, got {_show(v)}")
+        raise RequestError(f"{where}{name}: must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {show(v)}")
     return v
 
 
@@ -477,7 +471,7 @@ def want_strings(v: Any, name: str) -> list[str] | None:
     if isinstance(v, str):
         return [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise RequestError(f"{name}: must be a string or a list of strings, got {_show(v)}")
+        raise RequestError(f"{name}: must be a string or a list of strings, got {show(v)}")
     return v
 
 
@@ -489,18 +483,18 @@ def is_token_list(v: Any) -> bool:
 def check_token_ids(ids: list, name: str, vocab: int, max_len: int | None = None) -> None:
     """A list of token ids: ints in [0, vocab), at most max_len of them (length first: cheap)."""
     if not isinstance(ids, list):
-        raise RequestError(f"{name}: must be a list of token ids, got {_show(ids)}")
+        raise RequestError(f"{name}: must be a list of token ids, got {show(ids)}")
     if max_len is not None and len(ids) > max_len:
         raise RequestError(f"{name}: {len(ids)} tokens is more than {max_len}; shorten it")
     if ids and not set(map(type, ids)) <= {int}:
         bad = next(t for t in ids if type(t) is not int)
-        raise RequestError(f"{name}: token ids must be ints, got {_show(bad)}")
+        raise RequestError(f"{name}: token ids must be ints, got {show(bad)}")
     if ids and (min(ids) < 0 or max(ids) >= vocab):
         bad = min(ids) if min(ids) < 0 else max(ids)
         raise RequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
 
 
-def _show(v: Any) -> str:
+def show(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -522,7 +516,7 @@ def check_sampling_types(d: Any, where: str = "sampling_params") -> None:
     if d is None:
         return
     if not isinstance(d, dict):
-        raise RequestError(f"{where}: must be an object, got {_show(d)}")
+        raise RequestError(f"{where}: must be an object, got {show(d)}")
     for key, v in d.items():
         kinds = SAMPLING_TYPES.get(key)
         if v is None or kinds is None:
@@ -531,22 +525,22 @@ def check_sampling_types(d: Any, where: str = "sampling_params") -> None:
         if not ok:
             names = "/".join({int: "int", float: "number", str: "string", bool: "bool", list: "list",
                               dict: "object"}[k] for k in kinds)
-            raise RequestError(f"{where}.{key}: must be {names}, got {_show(v)}")
+            raise RequestError(f"{where}.{key}: must be {names}, got {show(v)}")
     if isinstance(d.get("stop"), list) and not all(isinstance(s, str) for s in d["stop"]):
-        raise RequestError(f"{where}.stop: must be a string or a list of strings, got {_show(d['stop'])}")
+        raise RequestError(f"{where}.stop: must be a string or a list of strings, got {show(d['stop'])}")
     if isinstance(d.get("stop_regex"), list) and not all(isinstance(s, str) for s in d["stop_regex"]):
-        raise RequestError(f"{where}.stop_regex: must be a string or a list of strings, got {_show(d['stop_regex'])}")
+        raise RequestError(f"{where}.stop_regex: must be a string or a list of strings, got {show(d['stop_regex'])}")
 
 
 def _same(value: Any, off: Any) -> bool:
     return value == off and isinstance(value, bool) == isinstance(off, bool) and (value is None) == (off is None)
 
 
-def _is_off(value: Any, spec: FieldSpec, per_item: bool) -> bool:
+def is_off(value: Any, spec: FieldSpec, per_item: bool) -> bool:
     if any(_same(value, o) for o in spec.off):
         return True
     # a batched /generate may send one value per prompt
-    return per_item and isinstance(value, list) and bool(value) and all(_is_off(v, spec, False) for v in value)
+    return per_item and isinstance(value, list) and bool(value) and all(is_off(v, spec, False) for v in value)
 
 
 def check_fields(kind: str, body: Mapping[str, Any], table: Mapping[str, FieldSpec], *, per_item: bool = False) -> None:
@@ -555,9 +549,9 @@ def check_fields(kind: str, body: Mapping[str, Any], table: Mapping[str, FieldSp
         spec = table.get(key)
         if spec is None:
             raise RequestError(f"{kind}.{str(key)[:80]}: unknown field (docs/engine_api.md lists the fields of {kind})")
-        if spec.status == OFF_ONLY and not _is_off(value, spec, per_item):
+        if spec.status == OFF_ONLY and not is_off(value, spec, per_item):
             offs = " or ".join("null" if o is None else repr(o) for o in spec.off)
-            raise RequestError(f"{kind}.{key}={_show(value)} is not supported by the native engine ({spec.note}); "
+            raise RequestError(f"{kind}.{key}={show(value)} is not supported by the native engine ({spec.note}); "
                                f"omit it or send {offs}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -34,7 +33,8 @@ _FIXES = {"int_type": "send an integer", "int_from_float": "send an integer", "f
           "finite_number": "send a finite number", "bool_type": "send true or false",
           "string_type": "send a string", "list_type": "send a list", "dict_type": "send an object",
           "missing": "this field is required", "model_type": "send an object",
-          "literal_error": "use one of the values listed"}
+          "literal_error": "use one of the values listed", "tuple_type": "send a list",
+          "greater_than_equal": "send a larger value", "less_than_equal": "send a smaller value"}
 
 
 def request_error(e: ValidationError, prefix: str = "", known: Any = None) -> RequestError:
@@ -45,8 +45,11 @@ def request_error(e: ValidationError, prefix: str = "", known: Any = None) -> Re
     if isinstance(ctx_err, RequestError):
         return ctx_err
     where = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+    if err["type"] == "missing":
+        return RequestError(f"{where}: missing; this field is required")
     if err["type"] == "extra_forbidden":
-        fields = f"; known fields are {sorted(known)}" if known is not None else ""
+        fields = f"; known fields are {sorted(known)}" if known is not None else \
+            f"; docs/engine_api.md lists the fields of {prefix or 'this body'}"
         return RequestError(f"{where}: unknown field{fields}")
     shown = repr(err.get("input"))
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
@@ -255,44 +258,50 @@ class SamplingParams(BaseModel):
 _NAMES = set(SamplingParams.model_fields) | set(OFF_ONLY) | {"seed"}
 
 
-@dataclass(frozen=True, kw_only=True)
-class LogprobOptions:
+class LogprobOptions(BaseModel):
     """What log-probabilities a request returns (SGLang GenerateReqInput's logprob fields).
 
     logprob_start_len: -1 = output tokens only; k >= 0 = also the prompt tokens from position k
     (input_token_logprobs; the first of them has no logprob, None, as in SGLang). Prompt log-probs
     are the model's log-softmax (temperature 1, no penalties); output ones are those of the
     distribution the token was sampled from (after penalties and biases, divided by temperature).
+    Strict and frozen like SamplingParams; a bad field is a RequestError naming it.
     """
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, use_attribute_docstrings=True)
+
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     token_ids_logprob: tuple[int, ...] | None = None
     return_text_in_logprobs: bool = False
 
-    def __post_init__(self) -> None:
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise request_error(e, "", type(self).model_fields) from None
+
+    @field_validator("token_ids_logprob", mode="before")
+    @classmethod
+    def _ids(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LogprobOptions:
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
                 raise RequestError(f"{name}: {msg}")
 
-        need(isinstance(self.return_logprob, bool), "return_logprob", f"must be true or false, got {self.return_logprob!r}")
-        s = self.logprob_start_len
-        need(isinstance(s, int) and not isinstance(s, bool) and s >= -1, "logprob_start_len",
-             f"must be -1 (output only) or a prompt position >= 0, got {s!r}")
-        k = self.top_logprobs_num
-        need(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "top_logprobs_num", f"must be an int >= 0, got {k!r}")
-        if self.token_ids_logprob is not None:
-            ids = self.token_ids_logprob
-            need(isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                        for t in ids), "token_ids_logprob",
-                 f"must be a list of token ids >= 0, got {ids!r}")
-            object.__setattr__(self, "token_ids_logprob", tuple(ids))
-        need(isinstance(self.return_text_in_logprobs, bool), "return_text_in_logprobs",
-             f"must be true or false, got {self.return_text_in_logprobs!r}")
+        need(self.logprob_start_len >= -1, "logprob_start_len",
+             f"must be -1 (output only) or a prompt position >= 0, got {self.logprob_start_len}")
+        need(self.top_logprobs_num >= 0, "top_logprobs_num", f"must be an int >= 0, got {self.top_logprobs_num}")
+        ids = self.token_ids_logprob
+        need(ids is None or all(t >= 0 for t in ids), "token_ids_logprob", f"must be a list of token ids >= 0, got {ids!r}")
         if not self.return_logprob:
             for name, off in (("logprob_start_len", -1), ("top_logprobs_num", 0), ("token_ids_logprob", None)):
                 need(getattr(self, name) == off or (name == "token_ids_logprob" and not getattr(self, name)), name,
                      f"{getattr(self, name)!r} needs return_logprob=true (log-probs are returned only then)")
+        return self
 
     def input_start(self, prompt_len: int) -> int | None:
         """First prompt position whose token is reported in input_token_logprobs, or None."""

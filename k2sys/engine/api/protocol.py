@@ -1,10 +1,11 @@
 """The one `InferenceEngine` protocol and the request/response types at the process edge.
 
 Both engines (the native one and SGLang) sit behind `InferenceEngine`, and both speak the same
-HTTP dialect: SGLang's routes and JSON payloads for the subset we use. The dataclasses here
-validate at construction (a bad field raises `ProtocolError` naming the field and the fix) and
-convert to/from SGLang's JSON field names, so the client, the native server and the adapter
-share one definition of every payload.
+HTTP dialect: SGLang's routes and JSON payloads for the subset we use. Request bodies are parsed
+by the pydantic models of api/bodies.py (re-exported here where callers use them); the dataclasses
+here are the typed per-request objects, validated at construction (a bad field raises
+`ProtocolError` naming the field and the fix), converting to/from SGLang's JSON field names, so
+the client, the native server and the adapter share one definition of every payload.
 
 SGLang field names were read from sgl-project/sglang (the copies in our reference index:
 `python/sglang/srt/managers/io_struct.py` at commit 001067fffe33 (2026, msgspec structs),
@@ -39,43 +40,24 @@ users of sglang 0.5.23 (miles, NeMo-RL). Payloads used:
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from k2sys.engine.api.api_fields import GENERATE, check_fields, check_sampling_types, check_token_ids, want_bool
+from k2sys.engine.api.api_fields import check_sampling_types, check_token_ids
+from k2sys.engine.api.bodies import (LOAD_FORMATS, MEMORY_TAGS, PAUSE_MODES, GenerateBody,  # noqa: F401 - re-exported
+                                     UpdateWeightsFromTensorPayload, check_bucket_entries, check_cuda_ipc, validate_tags,
+                                     weight_version_of)
+from k2sys.engine.api.bodies import fail as _fail
 from k2sys.engine.api.params import LogprobOptions, SamplingParams
-from k2sys.engine.errors import ProtocolError, RequestError
+from k2sys.engine.errors import ProtocolError, RequestError  # noqa: F401 - ProtocolError: re-exported
 
 if TYPE_CHECKING:  # only for annotations: client.py imports this module
     import torch
 
     from k2sys.ckpt.bucket import FlattenedBucket
 
-MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 FINISH_REASONS = ("stop", "length", "abort")
-PAUSE_MODES = ("abort", "retract", "in_place")
-LOAD_FORMATS = (None, "flattened_bucket")
-
-
-def _fail(field_name: str, problem: str, fix: str) -> ProtocolError:
-    return ProtocolError(f"{field_name}: {problem}; {fix}")
-
-
-def validate_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
-    """Memory tags in canonical order; None means all of them (SGLang's default)."""
-    if tags is None:
-        return MEMORY_TAGS
-    if isinstance(tags, (str, bytes, Mapping)) or not isinstance(tags, Iterable):
-        raise _fail("tags", f"got {type(tags).__name__} {str(tags)[:40]!r}", "pass a list such as ['kv_cache']")
-    got = list(tags)
-    bad = [t for t in got if not isinstance(t, str) or t not in MEMORY_TAGS]
-    if bad:
-        raise _fail("tags", f"unknown tag(s) {bad}", f"use a subset of {list(MEMORY_TAGS)}")
-    if not got:
-        raise _fail("tags", "empty list", "pass None for all tags or name at least one")
-    return tuple(t for t in MEMORY_TAGS if t in got)
 
 
 def _int_list(name: str, value: Any, *, allow_empty: bool) -> list[int]:
@@ -186,25 +168,21 @@ class GenerateRequest:
         """A /generate body -> (one request per prompt, batched, stream): the one parser of
         GenerateReqInput (the server, the in-process engine and tests use it).
 
-        Fields follow SGLang's GenerateReqInput (api_fields.GENERATE: unknown fields and not-implemented
-        ones at a value other than off are a 400); per-prompt fields take one value for all prompts or
-        a list with one per prompt. Given vocab_size / max_model_len, token ids are checked against the
+        Fields follow SGLang's GenerateReqInput (bodies.GenerateBody, made from api_fields.GENERATE:
+        unknown fields and not-implemented ones at a value other than off are a 400); per-prompt fields
+        take one value for all prompts or a list with one per prompt. Given vocab_size / max_model_len, token ids are checked against the
         vocabulary and prompts against the context (lengths first, so a huge prompt is refused before
         its tokens are looked at)."""
         if not isinstance(body, Mapping):
             raise _fail("body", f"expected a JSON object, got {type(body).__name__}", "send a JSON object")
-        check_fields("generate", body, GENERATE, per_item=True)
-        text, ids = body.get("text"), body.get("input_ids")
-        if (text is None) == (ids is None):
-            raise _fail("input_ids/text", "exactly one must be given", "send token ids or a prompt string")
+        req = GenerateBody.parse(body)
+        text, ids = req.text, req.input_ids
         if text is not None:
             batched = isinstance(text, list)
             prompts = text if batched else [text]
-            if not all(isinstance(t, str) for t in prompts):
-                raise RequestError("text: must be a string or a list of strings")
             key = "text"
         else:
-            if not isinstance(ids, list) or not ids:
+            if not ids:
                 raise RequestError("input_ids: must be a non-empty list of token ids (or a list of such lists)")
             batched = isinstance(ids[0], list)
             prompts = ids if batched else [ids]
@@ -227,7 +205,7 @@ class GenerateRequest:
         def per_prompt(name: str, default: Any, nested: bool = False) -> list:
             """One value per prompt: a list of k values in a batch (for `nested` fields, whose single
             value is itself a list, a list of k lists), else the single value for every prompt."""
-            v = body.get(name)
+            v = getattr(req, name)
             if v is None:
                 return [default] * k
             if isinstance(v, list) and (name == "sampling_params" or (batched and (not nested or (v and isinstance(v[0], list))))):
@@ -236,7 +214,7 @@ class GenerateRequest:
                 return [default if x is None else x for x in v]
             return [v] * k
 
-        rids = body.get("rid")
+        rids = req.rid
         rid_list = [f"{rids}-{i}" for i in range(k)] if isinstance(rids, str) and batched else per_prompt("rid", None)
         for r in rid_list:
             if r is not None and not isinstance(r, str):
@@ -245,16 +223,13 @@ class GenerateRequest:
         sps = per_prompt("sampling_params", None)
         for i, sp in enumerate(sps):
             check_sampling_types(sp, "sampling_params" if len(sps) == 1 else f"sampling_params[{i}]")
-        stream = want_bool(body, "stream")
-        text_in_lp = want_bool(body, "return_text_in_logprobs")
+        stream, text_in_lp = bool(req.stream), bool(req.return_text_in_logprobs)
         lps, starts, tops = per_prompt("return_logprob", False), per_prompt("logprob_start_len", -1), \
             per_prompt("top_logprobs_num", 0)
         token_ids = per_prompt("token_ids_logprob", None, nested=True)
         keys, salts = per_prompt("extra_key", None), per_prompt("cache_salt", None)
         out = []
         for i in range(k):
-            if not isinstance(lps[i], bool):
-                raise RequestError(f"return_logprob: must be true or false, got {str(lps[i])[:60]}")
             if token_ids[i] is not None and vocab_size is not None:
                 check_token_ids(token_ids[i], "token_ids_logprob", vocab_size)
             # SGLang's default max_new_tokens (128) stops at the context length; a value the client gave
@@ -399,130 +374,6 @@ class PausedRequest:
         return cls(rid=d["rid"], input_ids=d["input_ids"], output_ids=d.get("output_ids") or (),
                    output_logprobs=d.get("output_logprobs"), sampling=SamplingParams.from_sglang(d.get("sampling_params")),
                    return_logprob=bool(d.get("return_logprob", False)), weight_version=d.get("weight_version"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class UpdateWeightsFromTensorPayload:
-    serialized_named_tensors: tuple[str, ...]
-    """One base64 payload per TP rank (SGLang); a single entry is used by every rank."""
-    load_format: str | None = None
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "serialized_named_tensors", tuple(self.serialized_named_tensors))
-        if not self.serialized_named_tensors or not all(isinstance(s, str) and s for s in self.serialized_named_tensors):
-            raise _fail("serialized_named_tensors", "must be a non-empty list of base64 strings",
-                        "serialize with serialize_named_tensors() or FlattenedBucket.serialize()")
-        if self.load_format not in LOAD_FORMATS:
-            raise _fail("load_format", f"{self.load_format!r} is unsupported", f"use one of {list(LOAD_FORMATS)}")
-
-    def to_sglang(self) -> dict[str, Any]:
-        return {"serialized_named_tensors": list(self.serialized_named_tensors), "load_format": self.load_format,
-                "flush_cache": self.flush_cache, "abort_all_requests": self.abort_all_requests,
-                "weight_version": self.weight_version}
-
-    @classmethod
-    def from_sglang(cls, d: Mapping[str, Any]) -> UpdateWeightsFromTensorPayload:
-        _check_unknown("update_weights_from_tensor", d, ("serialized_named_tensors", "load_format", "flush_cache",
-                                                         "abort_all_requests", "weight_version",
-                                                         "disable_draft_model", "torch_empty_cache"))
-        if "serialized_named_tensors" not in d:
-            raise _fail("serialized_named_tensors", "missing", "send the serialized tensors")
-        tensors = d["serialized_named_tensors"]
-        if not isinstance(tensors, list):
-            raise _fail("serialized_named_tensors", f"got {type(tensors).__name__}",
-                        "send a list with one base64 string per TP rank")
-        if d.get("load_format") is not None and not isinstance(d.get("load_format"), str):
-            raise _fail("load_format", f"got {type(d['load_format']).__name__}", f"use one of {list(LOAD_FORMATS)}")
-        flags = {}
-        for name, default in (("flush_cache", True), ("abort_all_requests", False), ("disable_draft_model", None),
-                              ("torch_empty_cache", None)):
-            v = d.get(name)
-            if v is not None and not isinstance(v, bool):
-                raise _fail(name, f"{str(v)[:40]!r} is not a bool", "send true or false")
-            flags[name] = default if v is None else v
-        return cls(serialized_named_tensors=tensors, load_format=d.get("load_format"),
-                   flush_cache=flags["flush_cache"], abort_all_requests=flags["abort_all_requests"],
-                   weight_version=weight_version_of(d.get("weight_version")))
-
-
-def weight_version_of(v: Any) -> str | None:
-    """A weight_version field: a string (an int is taken as its decimal string) or null."""
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, int) and not isinstance(v, bool):
-        return str(v)
-    raise _fail("weight_version", f"{str(v)[:40]!r} ({type(v).__name__}) is not a version", "send a string or null")
-
-
-_ENTRY_DTYPES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8",
-                 "int16", "int32", "int64", "bool")
-_MAX_DIMS = 8
-
-
-def check_bucket_entries(entries: Any, buffer_bytes: int | None = None, field_name: str = "entries") -> None:
-    """Bucket metadata from a client ({name, dtype, shape, offset} per tensor), checked before any of
-    it is used: names unique non-empty strings, a known dtype, a shape of at most 8 dims of ints >= 0,
-    an int offset aligned for the dtype, and (given buffer_bytes) every tensor inside the buffer."""
-    if not isinstance(entries, (list, tuple)) or not entries:
-        raise _fail(field_name, "must be a non-empty list of {name, dtype, shape, offset}",
-                    "build it with FlattenedBucket / ShmSegment.write")
-    seen: set[str] = set()
-    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1,
-             "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1}
-    for i, e in enumerate(entries):
-        where = f"{field_name}[{i}]"
-        if not isinstance(e, Mapping):
-            raise _fail(where, f"got {type(e).__name__}", "each entry is {name, dtype, shape, offset}")
-        extra = sorted(str(k)[:40] for k in set(e) - {"name", "dtype", "shape", "offset"})
-        if extra:
-            raise _fail(where, f"unknown field(s) {extra}", "each entry is {name, dtype, shape, offset}")
-        name, dtype, shape, offset = e.get("name"), e.get("dtype"), e.get("shape"), e.get("offset")
-        if not isinstance(name, str) or not name or len(name) > 512:
-            raise _fail(f"{where}.name", f"{str(name)[:40]!r} is not a tensor name", "send the HF parameter name")
-        if name in seen:
-            raise _fail(f"{where}.name", f"{name!r} appears twice", "send each tensor once per bucket")
-        seen.add(name)
-        if dtype not in _ENTRY_DTYPES:
-            raise _fail(f"{where}.dtype", f"{str(dtype)[:40]!r} is not supported", f"use one of {list(_ENTRY_DTYPES)}")
-        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
-                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in shape)):
-            raise _fail(f"{where}.shape", f"{str(shape)[:40]!r} is not a shape",
-                        f"send a list of at most {_MAX_DIMS} ints >= 0")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0 or offset % sizes[dtype]:
-            raise _fail(f"{where}.offset", f"{str(offset)[:40]!r} is not a byte offset aligned for {dtype}",
-                        f"send an int >= 0, a multiple of {sizes[dtype]}")
-        nbytes = math.prod(shape) * sizes[dtype]
-        if buffer_bytes is not None and offset + nbytes > buffer_bytes:
-            raise _fail(f"{where}", f"bytes [{offset}, {offset + nbytes}) of {name!r} are outside the "
-                        f"{buffer_bytes}-byte buffer", "send the buffer's real size and offsets")
-
-
-_IPC_FIELDS = {"size": "ints", "stride": "ints", "offset": int, "dtype": str, "device": int, "handle": str,
-               "storage_size_bytes": int, "storage_offset_bytes": int, "ref_counter_handle": str,
-               "ref_counter_offset": int, "event_handle": (str, type(None)), "event_sync_required": bool}
-
-
-def check_cuda_ipc(h: Any) -> None:
-    """The JSON fields of a CUDA IPC handle (k2sys.engine.transport.shm.cuda_ipc_handle), types only."""
-    if not isinstance(h, Mapping):
-        raise _fail("cuda_ipc", f"got {type(h).__name__}", "send the object k2sys.engine.transport.shm.cuda_ipc_handle makes")
-    for name, kind in _IPC_FIELDS.items():
-        v = h.get(name)
-        if kind == "ints":
-            ok = isinstance(v, list) and len(v) <= _MAX_DIMS and all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 48 for x in v)
-        elif kind is int:
-            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48
-        else:
-            ok = isinstance(v, kind)
-        if not ok:
-            raise _fail(f"cuda_ipc.{name}", f"{str(v)[:40]!r} is missing or of the wrong type",
-                        "build the handle with k2sys.engine.transport.shm.cuda_ipc_handle")
-    if h["dtype"] not in _ENTRY_DTYPES:
-        raise _fail("cuda_ipc.dtype", f"{h['dtype'][:40]!r} is not supported", f"use one of {list(_ENTRY_DTYPES)}")
 
 
 def pause_payload(mode: str) -> dict[str, Any]:

@@ -40,13 +40,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from k2sys.engine.api.api_fields import ApiError, JsonLimits, check_token_ids, read_json, want_bool, want_int, want_str
+from k2sys.engine.api.api_fields import ApiError, JsonLimits, check_token_ids, read_json
+from k2sys.engine.api.bodies import (AbortBody, ContinueBody, DetokenizeBody, EmptyBody, GetWeightsBody, MemoryBody,
+                                     PauseBody, TokenizeBody, UpdateWeightsFromShmBody, UpdateWeightsFromTensorPayload,
+                                     WeightSessionBody)
 from k2sys.engine.transport.wire import tensors_from_update
 from k2sys.engine.core.config import EngineConfig, EngineError, RequestError
 from k2sys.engine.core.engine import NativeEngine
 from k2sys.engine.api.openai_api import JSON, OpenAIRoutes, sse
-from k2sys.engine.api.protocol import (PAUSE_MODES, GenerateRequest, UpdateWeightsFromTensorPayload, check_bucket_entries,
-                                   check_cuda_ipc, weight_version_of)
+from k2sys.engine.api.protocol import GenerateRequest
 from k2sys.engine.transport.shm import ShmReader, ShmUpdatePayload, server_transports
 
 __all__ = ["ServerOptions", "build_app", "main", "parse_generate"]
@@ -96,18 +98,6 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
     return JSON({"object": "error", "message": message, "type": kind, "param": None, "code": status,
                  "error": {"message": message, "type": kind, "code": status}}, status_code=status,
                 headers=dict(headers or {}))
-
-
-def check_fields(kind: str, body: dict, known: set[str], defaults: dict[str, tuple] | None = None) -> None:
-    defaults = defaults or {}
-    for key, value in body.items():
-        if key in known:
-            continue
-        if key in defaults:
-            if not any(value == d and type(value) is type(d) for d in defaults[key]):
-                raise RequestError(f"{kind}.{key}={str(value)[:60]!r} is not supported by the native engine; omit it")
-            continue
-        raise RequestError(f"{kind}: unknown field {str(key)[:80]!r}; known fields are {sorted(known | set(defaults))}")
 
 
 def parse_generate(body: dict, engine: NativeEngine | None = None) -> tuple[list[dict], bool, bool]:
@@ -398,7 +388,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
             items, batched, stream = await asyncio.to_thread(parse_generate, body, engine)
         else:
             items, batched, stream = parse_generate(body, engine)
-        want_prompt = want_bool(body, "return_prompt_token_ids")
+        want_prompt = body.get("return_prompt_token_ids") is True  # its type was checked by GenerateBody
         call = await streams.submit(items, request, "text" if "text" in items[0] else "input_ids")
         handles = call.handles
         multi = batched or call.total > 1
@@ -429,31 +419,19 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> Response:
         """SGLang's /tokenize: {prompt: str | [str]} or {messages, tools}; -> {tokens, count, max_model_len}."""
-        body = await read_json(request, allow_empty=False)
-        check_fields("tokenize", body, {"model", "prompt", "messages", "tools", "add_special_tokens",
-                                        "add_generation_prompt"},
-                     {"tool_choice": (None, "auto", "none"), "reasoning_effort": (None,),
-                      "continue_final_message": (None, False), "chat_template_kwargs": (None, {})})
-        prompt, messages = body.get("prompt"), body.get("messages")
-        if (prompt is None) == (messages is None):
-            raise RequestError("tokenize: give exactly one of prompt or messages")
-        special = body.get("add_special_tokens")
-        if special is not None and not isinstance(special, bool):
-            raise RequestError(f"add_special_tokens: must be true or false, got {str(special)[:60]}")
-        if messages is not None:
+        req = TokenizeBody.parse(await read_json(request, allow_empty=False))
+        prompt, special = req.prompt, req.add_special_tokens
+        if req.messages is not None:
             from k2sys.engine.api.openai_api import check_tools, normalize_messages, render_prompt
 
-            gen = body.get("add_generation_prompt")
-            want_bool(body, "add_generation_prompt")
-            msgs, _, _ = normalize_messages(messages, engine.chat_format())
-            tools = check_tools(body.get("tools"))
+            gen = req.add_generation_prompt
+            msgs, _, _ = normalize_messages(req.messages, engine.chat_format())
+            tools = check_tools(req.tools)
             tokens = await render_prompt(engine, msgs, tools, add_generation_prompt=True if gen is None else gen,
                                          add_special_tokens=bool(special) if gen is not None else False)
             return JSON({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
         special = True if special is None else special
         batched = isinstance(prompt, list)
-        if not isinstance(prompt, str) and not (batched and all(isinstance(p, str) for p in prompt)):
-            raise RequestError("prompt: a string or a list of strings")
 
         def encode_all() -> list[list[int]]:  # on a worker thread: long texts are checked, then tokenized
             texts = prompt if batched else [prompt]
@@ -469,11 +447,9 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
     @app.post("/v1/detokenize")
     async def detokenize(request: Request) -> Response:
         """SGLang's /detokenize: {tokens: [int] | [[int]], skip_special_tokens} -> {text}."""
-        body = await read_json(request, allow_empty=False)
-        check_fields("detokenize", body, {"model", "tokens", "skip_special_tokens"})
-        tokens, skip = body.get("tokens"), want_bool(body, "skip_special_tokens", True)
+        req = DetokenizeBody.parse(await read_json(request, allow_empty=False))
+        tokens, skip, batched = req.tokens, req.skip_special_tokens is not False, req.batched
         vocab = engine.model_config.vocab_size
-        batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
         for i, ids in enumerate(tokens if batched else [tokens]):
             check_token_ids(ids, f"tokens[{i}]" if batched else "tokens", vocab)
         if batched:
@@ -489,9 +465,8 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
         return Response(content="Cache flushed.\n", status_code=200)
 
     async def _memory(request: Request, fn: Callable) -> Response:
-        body = await read_json(request)
-        check_fields("memory", body, {"tags"})
-        await asyncio.to_thread(fn, body.get("tags"))
+        req = MemoryBody.parse(await read_json(request))
+        await asyncio.to_thread(fn, req.tags)
         return JSON({"success": True, "message": f"{fn.__name__} done", **engine.memory_bytes()})
 
     @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
@@ -504,7 +479,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
 
     @app.post("/begin_weight_update")
     async def begin(request: Request) -> Response:
-        check_fields("begin_weight_update", await read_json(request), set(), {"selector": (None, "all")})
+        WeightSessionBody.parse(await read_json(request))
         await asyncio.to_thread(engine.begin_weight_update)
         return JSON({"success": True, "message": "weight update session open"})
 
@@ -517,7 +492,7 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
 
     @app.post("/update_weights_from_tensor")
     async def update_tensor(request: Request) -> Response:
-        payload = UpdateWeightsFromTensorPayload.from_sglang(await read_json(request, allow_empty=False, weights=True))
+        payload = UpdateWeightsFromTensorPayload.parse(await read_json(request, allow_empty=False, weights=True))
         named = await asyncio.to_thread(_decode, payload)
         # everything is checked before requests are aborted: a refused update aborts nothing
         await asyncio.to_thread(engine.check_update, named)
@@ -528,21 +503,8 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
 
     @app.post("/update_weights_from_shm")
     async def update_shm(request: Request) -> Response:
-        body = await read_json(request, allow_empty=False)
-        unknown = sorted(str(k)[:40] for k in set(body) - set(ShmUpdatePayload.FIELDS))
-        if unknown:
-            raise RequestError(f"update_weights_from_shm: unknown fields {unknown}; known: {list(ShmUpdatePayload.FIELDS)}")
-        transport = body.get("transport", "shm")
-        if not isinstance(transport, str):
-            raise RequestError(f"transport: must be a string, got {str(transport)[:40]!r}")
-        size = want_int(body, "shm_size", 1, None, 0) if transport == "shm" else body.get("shm_size", 0)
-        want_str(body, "shm_name")
-        want_bool(body, "release", True)
-        if transport == "cuda_ipc" or body.get("cuda_ipc") is not None:
-            check_cuda_ipc(body.get("cuda_ipc"))
-        check_bucket_entries(body.get("entries"), size if transport == "shm" else None)
-        body = {**body, "weight_version": weight_version_of(body.get("weight_version"))}
-        payload = ShmUpdatePayload.from_json(body)
+        req = UpdateWeightsFromShmBody.parse(await read_json(request, allow_empty=False))
+        payload = ShmUpdatePayload.from_json(req.payload_json())
         try:
             n = await asyncio.to_thread(shm_reader.apply, payload, engine.update_weights)
         except (RequestError, EngineError):
@@ -555,33 +517,25 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
 
     @app.post("/end_weight_update")
     async def end(request: Request) -> Response:
-        check_fields("end_weight_update", await read_json(request), set())
+        EmptyBody.parse(await read_json(request), "end_weight_update")
         version = await asyncio.to_thread(engine.end_weight_update)
         return JSON({"success": True, "message": f"weights updated to version {version}", "weight_version": version})
 
     @app.post("/abort_weight_update")
     async def abort_update(request: Request) -> Response:
-        check_fields("abort_weight_update", await read_json(request), set())
+        EmptyBody.parse(await read_json(request), "abort_weight_update")
         await asyncio.to_thread(engine.abort_weight_update)
         return JSON({"success": True, "message": "weight update session discarded",
                      "weight_version": engine.weight_version})
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights(request: Request) -> Response:
-        body = await read_json(request, allow_empty=False)
-        check_fields("get_weights_by_name", body, {"name", "truncate_size"})
-        if not isinstance(body.get("name"), str):
-            raise RequestError("name: required, an HF parameter name")
-        size = want_int(body, "truncate_size", 1, None, 100)
-        return JSON(await asyncio.to_thread(engine.get_weights_by_name, body["name"], size))
+        req = GetWeightsBody.parse(await read_json(request, allow_empty=False))
+        return JSON(await asyncio.to_thread(engine.get_weights_by_name, req.name, req.size))
 
     @app.post("/pause_generation")
     async def pause(request: Request) -> Response:
-        body = await read_json(request)
-        check_fields("pause_generation", body, {"mode"})
-        mode = body.get("mode", "abort")
-        if not isinstance(mode, str) or mode not in PAUSE_MODES:
-            raise RequestError(f"mode: {str(mode)[:40]!r} is unknown; use one of {list(PAUSE_MODES)}")
+        mode = PauseBody.parse(await read_json(request)).mode
         detail = await asyncio.to_thread(engine.pause_detail, mode)
         keep = ("rid", "input_ids", "output_ids", "output_logprobs", "sampling_params", "return_logprob",
                 "weight_version")
@@ -591,20 +545,15 @@ def build_app(engine: NativeEngine, model_path: str | None = None, options: Serv
 
     @app.post("/continue_generation")
     async def cont(request: Request) -> Response:
-        await read_json(request)
+        ContinueBody.parse(await read_json(request))
         # HTTP callers get an answer: what was queued while paused and still cannot run is aborted
         await asyncio.to_thread(engine.continue_generation, True)
         return JSON({"message": "Generation continued successfully.", "status": "ok"})
 
     @app.post("/abort_request")
     async def abort(request: Request) -> Response:
-        body = await read_json(request)
-        check_fields("abort_request", body, {"rid", "abort_all", "finished_reason", "abort_message"})
-        rid = want_str(body, "rid") or None
-        abort_all = want_bool(body, "abort_all")
-        if not abort_all and rid is None:
-            raise RequestError("abort_request: give rid, or abort_all=true")
-        await asyncio.to_thread(engine.abort, None if abort_all else rid)
+        req = AbortBody.parse(await read_json(request))
+        await asyncio.to_thread(engine.abort, None if req.abort_all else req.rid)
         return Response(status_code=200)
 
     OpenAIRoutes(engine, streams).register(app)
