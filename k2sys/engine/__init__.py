@@ -1,9 +1,10 @@
 """Inference engines: the native engine (embedded default) and its SGLang-compatible server.
 
     api/        what crosses the process edge: request/response types (protocol.py; the one
-                SamplingParams and LogprobOptions in params.py), the SGLang
-                routes (server.py), the OpenAI routes and chat rendering (openai_api.py), the field
-                tables (api_fields.py), the HTTP client (client.py) and the SGLang adapter
+                SamplingParams and LogprobOptions in params.py; the pydantic request bodies in
+                bodies.py and openai_bodies.py), the SGLang routes (server.py), the OpenAI routes and
+                chat rendering (openai_api.py), the field tables (api_fields.py), the HTTP client
+                (client.py) and the SGLang adapter
     core/       the engine itself, typed objects only: NativeEngine (engine.py; its weight-update
                 sessions in weight_update.py), the continuous-batching scheduler, the model runner,
                 the paged KV cache, sampling, grammars

@@ -31,9 +31,8 @@ from typing import Any, Mapping
 from k2sys.engine.errors import RequestError
 
 __all__ = ["CHAT", "COMPLETIONS", "ApiError", "FieldSpec", "GENERATE", "HONOURED", "JsonLimits", "NO_EFFECT",
-           "OFF_ONLY", "SAMPLING", "check_fields", "check_sampling_types", "check_token_ids", "dumps", "is_off",
-           "markdown_tables", "parse_json_body", "read_json", "show", "want_bool", "want_int",
-           "want_strings"]
+           "OFF_ONLY", "SAMPLING", "check_sampling_types", "check_token_ids", "dumps", "is_off", "markdown_tables",
+           "parse_json_body", "read_json", "show"]
 
 HONOURED, NO_EFFECT, OFF_ONLY = "honoured", "no effect", "off only"
 
@@ -445,36 +444,6 @@ def _finite(obj: Any) -> Any:
 
 
 # ---- field values ----------------------------------------------------------------------------------
-def want_bool(body: Mapping[str, Any], name: str, default: bool = False, where: str = "") -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise RequestError(f"{where}{name}: must be true or false, got {show(v)}")
-    return v
-
-
-def want_int(body: Mapping[str, Any], name: str, lo: int, hi: int | None = None, default: Any = None,
-             where: str = "") -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        raise RequestError(f"{where}{name}: must be an int in [{lo}, {hi if hi is not None else 'inf'}], got {show(v)}")
-    return v
-
-
-def want_strings(v: Any, name: str) -> list[str] | None:
-    """A string or a list of strings (stop, stop_regex) -> the list; None stays None."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return [v]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise RequestError(f"{name}: must be a string or a list of strings, got {show(v)}")
-    return v
-
-
 def is_token_list(v: Any) -> bool:
     """A non-empty list of JSON ints (not bools): checked at C speed for long prompts."""
     return isinstance(v, list) and bool(v) and set(map(type, v)) == {int}
@@ -541,18 +510,6 @@ def is_off(value: Any, spec: FieldSpec, per_item: bool) -> bool:
         return True
     # a batched /generate may send one value per prompt
     return per_item and isinstance(value, list) and bool(value) and all(is_off(v, spec, False) for v in value)
-
-
-def check_fields(kind: str, body: Mapping[str, Any], table: Mapping[str, FieldSpec], *, per_item: bool = False) -> None:
-    """400 (RequestError) on an unknown field or a not-implemented field at a value other than off."""
-    for key, value in body.items():
-        spec = table.get(key)
-        if spec is None:
-            raise RequestError(f"{kind}.{str(key)[:80]}: unknown field (docs/engine_api.md lists the fields of {kind})")
-        if spec.status == OFF_ONLY and not is_off(value, spec, per_item):
-            offs = " or ".join("null" if o is None else repr(o) for o in spec.off)
-            raise RequestError(f"{kind}.{key}={show(value)} is not supported by the native engine ({spec.note}); "
-                               f"omit it or send {offs}")
 
 
 def markdown_tables() -> str:

@@ -8,8 +8,8 @@ errors go through params.request_error, so a 400 reads `<body>.<field>: <problem
 <fix>`. Checks that need the engine (token ids against the vocabulary, prompts against the context)
 stay in the route, which runs them on the parsed model.
 
-Bodies SGLang and OpenAI define field by field (/generate, /v1/completions, /v1/chat/completions)
-take their field set from the api_fields tables (`table_model`): a model declares the fields it
+Bodies SGLang and OpenAI define field by field (/generate here; /v1/completions and
+/v1/chat/completions in openai_bodies.py) take their field set from the api_fields tables (`table_model`): a model declares the fields it
 reads, and the table adds its "no effect" fields (any value) and "off only" fields (only the values
 that mean off); a field declared here but missing from the table, or honoured in the table but not
 declared here, fails at import, so the tables (and docs/engine_api.md made from them) stay true.
@@ -27,10 +27,10 @@ from k2sys.engine.api.api_fields import GENERATE, NO_EFFECT, OFF_ONLY, FieldSpec
 from k2sys.engine.api.params import request_error
 from k2sys.engine.errors import ProtocolError, RequestError
 
-__all__ = ["AbortBody", "Body", "ContinueBody", "DetokenizeBody", "EmptyBody", "GenerateBody", "GetWeightsBody", "LOAD_FORMATS",
-           "MEMORY_TAGS", "MemoryBody", "PAUSE_MODES", "PauseBody", "TokenizeBody", "UpdateWeightsFromShmBody",
-           "UpdateWeightsFromTensorPayload", "WeightSessionBody", "check_bucket_entries", "check_cuda_ipc", "fail",
-           "off_only", "table_model", "validate_tags", "weight_version_of"]
+__all__ = ["AbortBody", "Body", "ContinueBody", "DetokenizeBody", "EmptyBody", "GenerateBody", "GetWeightsBody",
+           "LOAD_FORMATS", "MEMORY_TAGS", "MemoryBody", "PAUSE_MODES", "PauseBody", "TokenizeBody",
+           "UpdateWeightsFromShmBody", "UpdateWeightsFromTensorPayload", "WeightSessionBody", "check_bucket_entries",
+           "check_cuda_ipc", "fail", "is_int", "off_only", "table_model", "validate_tags", "weight_version_of"]
 
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -139,15 +139,15 @@ def _one_or_per_prompt(name: str, ok: Any, what: str) -> Any:
     return Annotated[Any, BeforeValidator(check)]
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 _RID = _one_or_per_prompt("rid", lambda v: isinstance(v, str), "a string (a batch: used as a prefix)")
 _SAMPLING = _one_or_per_prompt("sampling_params", lambda v: isinstance(v, dict), "an object")
 _FLAGS = _one_or_per_prompt("return_logprob", lambda v: isinstance(v, bool), "true or false")
-_START = _one_or_per_prompt("logprob_start_len", _is_int, "an int (-1: output tokens only)")
-_TOP = _one_or_per_prompt("top_logprobs_num", _is_int, "an int >= 0")
+_START = _one_or_per_prompt("logprob_start_len", is_int, "an int (-1: output tokens only)")
+_TOP = _one_or_per_prompt("top_logprobs_num", is_int, "an int >= 0")
 _EXTRA_KEY = _one_or_per_prompt("extra_key", lambda v: isinstance(v, str), "a string")
 _SALT = _one_or_per_prompt("cache_salt", lambda v: isinstance(v, str), "a string")
 _TEXT = _strings("text")

@@ -1,7 +1,9 @@
 """OpenAI-compatible routes of `k2sys serve`: /v1/models, /v1/completions, /v1/chat/completions.
 
 Every field of the OpenAI API (and SGLang's additions to it) is honoured or refused with a 400
-that names it (k2sys.engine.api.api_fields). What the routes add on top of the engine:
+that names it: the bodies are parsed by bodies.CompletionsBody / bodies.ChatBody, made from the
+api_fields tables; what needs the engine (token ids, the context, the chat format) is checked here.
+What the routes add on top of the engine:
   - completions `echo` + `logprobs` return the prompt's log-probs computed in the prefill
     (logprob_start_len=0), the shape lm-evaluation-harness' loglikelihood reads;
   - `logprobs=k` / `top_logprobs=k` return the k most likely tokens at each position, plus the
@@ -27,16 +29,13 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from k2sys.engine.api.api_fields import (CHAT, COMPLETIONS, ApiError, check_fields, check_sampling_types, check_token_ids,
-                                     dumps, read_json, want_strings)
-from k2sys.engine.api.api_fields import want_bool as _bool
-from k2sys.engine.api.api_fields import want_int as _int
+from k2sys.engine.api.api_fields import ApiError, check_token_ids, dumps, read_json
+from k2sys.engine.api.openai_bodies import (MAX_TOP_LOGPROBS, ChatBody, CompletionsBody, check_tools, message_text,
+                                            response_grammar)
 from k2sys.engine.api.params import LogprobOptions, SamplingParams
 from k2sys.engine.errors import EngineError, RequestError
 
-__all__ = ["JSON", "OpenAIRoutes", "check_tools", "normalize_messages", "render_prompt"]
-
-MAX_TOP_LOGPROBS = 20
+__all__ = ["JSON", "MAX_TOP_LOGPROBS", "OpenAIRoutes", "check_tools", "normalize_messages", "render_prompt"]
 
 
 class JSON(Response):
@@ -45,14 +44,6 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
-
-
-def check_tools(tools: Any) -> list | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise RequestError("tools: must be a list of {'type': 'function', 'function': {...}} objects")
-    return tools
 
 
 def _text_bytes(obj: Any) -> int:
@@ -89,44 +80,32 @@ async def render_prompt(engine: Any, messages: list[dict], tools: list | None, *
     return ids
 
 
-def sampling_from_openai(body: dict, max_new_tokens: int, *, extra_stop_ids: list[int] = (),
-                         skip_special_tokens: bool | None = None) -> SamplingParams:
-    """SamplingParams from the sampling fields OpenAI and SGLang's OpenAI routes share."""
+def sampling_from_openai(body: Any, max_new_tokens: int, *, grammar: str | None = None,
+                         extra_stop_ids: list[int] = (), skip_special_tokens: bool | None = None) -> SamplingParams:
+    """SamplingParams from a parsed CompletionsBody / ChatBody (field types already checked there;
+    the ranges are SamplingParams', its messages renamed to OpenAI's fields). `grammar` is a JSON
+    schema the route imposes (tool_choice), `skip_special_tokens` a value it imposes."""
     sp: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    for name in ("stop", "stop_regex"):
-        want_strings(body.get(name), name)
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("n", "n"), ("stop", "stop"),
                          ("sampling_seed", "seed"), ("top_k", "top_k"), ("min_p", "min_p"),
                          ("ignore_eos", "ignore_eos"), ("min_new_tokens", "min_tokens"),
                          ("frequency_penalty", "frequency_penalty"), ("presence_penalty", "presence_penalty"),
                          ("repetition_penalty", "repetition_penalty"), ("stop_regex", "stop_regex"),
                          ("no_stop_trim", "no_stop_trim"), ("regex", "regex"), ("ebnf", "ebnf"),
-                         ("json_schema", "json_schema"), ("skip_special_tokens", "skip_special_tokens")):
-        if body.get(theirs) is not None:
-            sp[ours] = body[theirs]
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise RequestError("logit_bias: must be an object {token_id: bias}")
-        bad = {k: v for k, v in bias.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100}
-        if bad:
-            raise RequestError(f"logit_bias: values must be numbers in [-100, 100], got {bad}")
-        sp["logit_bias"] = bias
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise RequestError(f"stop_token_ids: must be a list of token ids, got {str(stop_ids)[:60]}")
-    sp["stop_token_ids"] = list(stop_ids) + list(extra_stop_ids)
+                         ("json_schema", "json_schema"), ("skip_special_tokens", "skip_special_tokens"),
+                         ("logit_bias", "logit_bias")):
+        v = getattr(body, theirs, None)
+        if v is not None:
+            sp[ours] = v
+    sp["stop_token_ids"] = list(body.stop_token_ids or []) + list(extra_stop_ids)
     if skip_special_tokens is not None:
         sp["skip_special_tokens"] = skip_special_tokens
-    grammar = _response_format(body.get("response_format"))
+    rf = response_grammar(body.response_format)  # a clash with regex / ebnf / json_schema: refused by the body
+    if rf is not None:
+        sp[rf[0]] = rf[1]
     if grammar is not None:
-        kind, source = grammar
-        clash = [g for g in ("regex", "ebnf", "json_schema") if sp.get(g) is not None]
-        if clash:
-            raise RequestError(f"response_format: give it or {clash[0]}, not both")
-        sp[kind] = source
+        sp["json_schema"] = grammar
     try:
-        check_sampling_types(sp)
         return SamplingParams.from_sglang(sp)
     except RequestError as e:  # name the OpenAI field, not ours
         raise RequestError(openai_names(str(e))) from None
@@ -141,57 +120,12 @@ def openai_names(msg: str) -> str:
     return msg
 
 
-def _response_format(rf: Any) -> tuple[str, str] | None:
-    """OpenAI response_format -> (grammar kind, source), None for plain text (as SGLang maps it)."""
-    if rf is None:
-        return None
-    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-        raise RequestError("response_format: must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
-    kind = rf["type"]
-    extra = sorted(set(rf) - {"type", "json_schema"})
-    if extra:
-        raise RequestError(f"response_format: unknown field(s) {extra}")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return "json_schema", '{"type": "object"}'
-    if kind == "json_schema":
-        js = rf.get("json_schema")
-        if not isinstance(js, dict):
-            raise RequestError("response_format.json_schema: must be {'name': ..., 'schema': {...}}")
-        unknown = sorted(set(js) - {"name", "schema", "strict", "description", "schema_"})
-        if unknown:
-            raise RequestError(f"response_format.json_schema: unknown field(s) {unknown}")
-        schema = js.get("schema", js.get("schema_"))
-        if not isinstance(schema, dict):
-            raise RequestError("response_format.json_schema.schema: must be a JSON schema object")
-        return "json_schema", json.dumps(schema)
-    raise RequestError(f"response_format.type={kind!r} is not supported; use text, json_object or json_schema")
-
-
 # ---- chat messages -------------------------------------------------------------------------------
 def _kimi_ids(fmt: Any) -> bool:
     from k2sys.tokenizer import toolcalls
     from k2sys.tokenizer.formats import K2ChatFormat
 
     return isinstance(fmt, K2ChatFormat) or getattr(fmt, "tool_format", None) == toolcalls.KIMI_K2
-
-
-def _text_content(content: Any, where: str) -> Any:
-    """A list of content parts -> their text, concatenated (as Kimi K2's template renders text parts)."""
-    if not isinstance(content, list):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
-        else:
-            raise RequestError(f"{where}[{j}]: content part of type {kind!r} is not supported; the native engine "
-                               "takes text parts ({'type': 'text', 'text': ...}) only")
-    return "".join(texts)
 
 
 def normalize_messages(messages: Any, fmt: Any) -> tuple[list[dict], dict[str, str], int]:
@@ -214,7 +148,7 @@ def normalize_messages(messages: Any, fmt: Any) -> tuple[list[dict], dict[str, s
         if m.get("role") == "developer":
             m["role"] = "system"  # OpenAI's newer name for the system prompt
         if "content" in m:
-            m["content"] = _text_content(m["content"], f"{where}.content")
+            m["content"] = message_text(m["content"], f"{where}.content")
         if m.get("role") == "assistant" and m.get("tool_calls"):
             if not isinstance(m["tool_calls"], list):
                 raise RequestError(f"{where}.tool_calls: must be a list")
@@ -261,22 +195,13 @@ class ToolChoice:
         self.calls, self.kimi = calls, _kimi_ids(fmt)
         if choice in (None, "auto", "none"):
             return
-        if not tools:
-            raise RequestError(f"tool_choice={choice!r} needs tools")
+        # ChatBody checked the choice's shape, that tools are given and that a named function is one of them
         params = {}
-        for k, t in enumerate(tools):
-            fn = t.get("function") if isinstance(t, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise RequestError(f"tools[{k}]: must be {{'type': 'function', 'function': {{'name': ...}}}}")
-            schema = fn.get("parameters")
-            params[fn["name"]] = schema if isinstance(schema, dict) else {"type": "object"}
+        for t in tools or []:
+            schema = t["function"].get("parameters")
+            params[t["function"]["name"]] = schema if isinstance(schema, dict) else {"type": "object"}
         if isinstance(choice, dict):
-            fn = choice.get("function")
-            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise RequestError("tool_choice: a named choice is {'type': 'function', 'function': {'name': ...}}")
-            name = fn["name"]
-            if name not in params:
-                raise RequestError(f"tool_choice.function.name {name!r} is not one of the tools {sorted(params)}")
+            name = choice["function"]["name"]
             self.mode, self.name, self.schema = "named", name, params[name]
             if self.kimi:
                 self.prefix = (f"{toolcalls.KIMI_TOOL_TOKEN}<|tool_call_begin|>functions.{name}:{calls}"
@@ -287,15 +212,13 @@ class ToolChoice:
                 self.suffix = f"\n```{toolcalls.DS_CALL_END}{toolcalls.DS_CALLS_END}"
             else:
                 raise RequestError(f"tool_choice={choice!r}: the model's chat format ({fmt!r}) has no tool-call markup")
-        elif choice == "required":
+        else:  # required
             self.mode = "required"
             self.schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
                 {"type": "object", "properties": {"name": {"type": "string", "enum": [n]}, "parameters": sch},
                  "required": ["name", "parameters"], "additionalProperties": False} for n, sch in params.items()]}}
             if not parallel:
                 self.schema["maxItems"] = 1
-        else:
-            raise RequestError(f"tool_choice={choice!r}: use 'auto', 'none', 'required' or a named function")
 
     def grammar(self) -> str | None:
         return None if self.schema is None else json.dumps(self.schema)
@@ -396,15 +319,8 @@ class OpenAIRoutes:
 
     # -- /v1/completions ---------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        body = await read_json(request, allow_empty=False)
-        check_fields("completions", body, COMPLETIONS)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and type(prompt[0]) is int):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            prompts = prompt
-        else:
-            raise RequestError("prompt: a string, a list of strings, token ids, or a list of token id lists")
+        body = CompletionsBody.parse(await read_json(request, allow_empty=False))
+        prompts = body.prompts
         vocab, ctx = self.engine.model_config.vocab_size, self.engine.max_model_len
 
         def check_prompts() -> None:
@@ -421,30 +337,16 @@ class OpenAIRoutes:
             await asyncio.to_thread(check_prompts)
         else:
             check_prompts()
-        echo = _bool(body, "echo")
-        stream = _bool(body, "stream")
-        include_usage = _stream_usage(body)
-        return_ids = _bool(body, "return_token_ids")
-        k = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-        max_tokens = _int(body, "max_tokens", 0, default=16)
-        if max_tokens == 0 and not echo:
-            raise RequestError("max_tokens: must be >= 1 (0 only with echo, for the prompt's log-probs)")
+        echo, stream, include_usage = bool(body.echo), bool(body.stream), body.include_usage
+        return_ids, k = bool(body.return_token_ids), body.logprobs
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
         params = sampling_from_openai(body, max_tokens)
         want_lp = k is not None
         opts = LogprobOptions(return_logprob=want_lp, logprob_start_len=0 if echo and want_lp else -1,
                               top_logprobs_num=k or 0)
-        rid = body.get("rid")
-        if rid is None or isinstance(rid, list) and len(rid) == len(prompts):
-            rids = rid or [None] * len(prompts)
-        elif isinstance(rid, str):  # one prompt keeps it; a batch gets "rid-i" (as /generate)
-            rids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
-        else:
-            raise RequestError(f"rid: a string or a list with one per prompt ({len(prompts)})")
-        if not all(r is None or isinstance(r, str) for r in rids):
-            raise RequestError(f"rid: a string or a list of strings with one per prompt ({len(prompts)})")
-        salt = _salt(body)
+        rids, salt = body.rids, body.salt
         items = [{("text" if isinstance(p, str) else "input_ids"): p, "params": params, "logprobs": opts,
-                  "fit_context": body.get("max_tokens") is None,  # OpenAI's default 16 stops at the context
+                  "fit_context": body.max_tokens is None,  # OpenAI's default 16 stops at the context
                   "rid": rids[i], "cache_salt": salt} for i, p in enumerate(prompts)]
         call = await self._submit(items, request, "prompt")
         handles = call.handles
@@ -512,45 +414,28 @@ class OpenAIRoutes:
 
     # -- /v1/chat/completions ----------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
-        body = await read_json(request, allow_empty=False)
-        check_fields("chat.completions", body, CHAT)
+        body = ChatBody.parse(await read_json(request, allow_empty=False))
         fmt = self.engine.chat_format()
-        messages, id_map, calls = normalize_messages(body.get("messages"), fmt)
-        tools = check_tools(body.get("tools"))
-        choice = body.get("tool_choice", "auto")
-        if choice == "none":
-            tools = None
-        parallel = _bool(body, "parallel_tool_calls", True)
-        stream = _bool(body, "stream")
-        include_usage = _stream_usage(body)
-        want_prompt_ids, want_ids = _bool(body, "return_prompt_token_ids"), _bool(body, "return_token_ids")
+        messages, id_map, calls = normalize_messages(body.messages, fmt)
+        choice = "auto" if body.tool_choice is None else body.tool_choice
+        tools = None if choice == "none" else body.tools
+        parallel = body.parallel_tool_calls is not False
+        stream, include_usage = bool(body.stream), body.include_usage
+        want_prompt_ids, want_ids = bool(body.return_prompt_token_ids), bool(body.return_token_ids)
         plan = ToolChoice(choice, tools, fmt, calls, parallel)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-            raise RequestError(f"max_completion_tokens/max_tokens: must be a positive int, got {str(max_tokens)[:40]}")
+        max_tokens = body.max_new_tokens
         prompt_ids = await render_prompt(self.engine, messages, tools, suffix=plan.prefix)
         if max_tokens is None:  # OpenAI: up to the context length (and what the KV cache can hold)
             kv = self.engine.cache.num_blocks * self.engine.cache.block_size
             max_tokens = max(1, min(self.engine.max_model_len, kv) - len(prompt_ids))
-        sampling_body = {k: v for k, v in body.items() if k != "skip_special_tokens"}
-        if plan.grammar() is not None:
-            clash = [g for g in ("response_format", "regex", "ebnf") if body.get(g) is not None]
-            if clash:
-                raise RequestError(f"tool_choice={choice!r} constrains the reply itself; drop {clash[0]}")
-            sampling_body["json_schema"] = plan.grammar()
-        stop_ids = self.engine.chat_stop_ids()
-        params = sampling_from_openai(sampling_body, max_tokens, extra_stop_ids=stop_ids, skip_special_tokens=False)
+        stop_ids = self.engine.chat_stop_ids()  # a grammar of tool_choice and response_format clash: refused by ChatBody
+        params = sampling_from_openai(body, max_tokens, grammar=plan.grammar(), extra_stop_ids=stop_ids,
+                                      skip_special_tokens=False)
         stop_texts = [self._tok(t) for t in stop_ids]
-        want_lp = _bool(body, "logprobs")
-        k = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-        if k and not want_lp:
-            raise RequestError("top_logprobs: needs logprobs=true")
-        opts = LogprobOptions(return_logprob=want_lp, top_logprobs_num=k or 0)
-        rid = body.get("rid")
-        if rid is not None and not isinstance(rid, str):
-            raise RequestError(f"rid: must be a string, got {str(rid)[:40]!r}")
+        want_lp = bool(body.logprobs)
+        opts = LogprobOptions(return_logprob=want_lp, top_logprobs_num=body.top_logprobs or 0)
         call = await self._submit([{"input_ids": prompt_ids, "params": params, "logprobs": opts, "fit_context": False,
-                                    "rid": rid, "cache_salt": _salt(body)}], request, "messages")
+                                    "rid": body.rid, "cache_salt": body.salt}], request, "messages")
         handles, total = call.handles, call.total
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name}
@@ -631,30 +516,3 @@ class OpenAIRoutes:
                 yield sse({**head, "choices": [], "usage": _usage(handles, finals)})
             yield b"data: [DONE]\n\n"
         return call.sse(chunks())
-
-
-def _salt(body: dict) -> str | None:
-    """extra_key and cache_salt both namespace the prefix cache (as in SGLang)."""
-    parts = []
-    for name in ("extra_key", "cache_salt"):
-        v = body.get(name)
-        if v is not None and not isinstance(v, str):
-            raise RequestError(f"{name}: must be a string")
-        parts.append(v or "")
-    return None if not any(parts) else "\x00".join(parts)
-
-
-def _stream_usage(body: dict) -> bool:
-    so = body.get("stream_options")
-    if so is None:
-        return False
-    if not isinstance(so, dict):
-        raise RequestError("stream_options: must be an object")
-    unknown = sorted(set(so) - {"include_usage", "continuous_usage_stats", "include_obfuscation"})
-    if unknown:
-        raise RequestError(f"stream_options: unknown field(s) {unknown}")
-    if so.get("continuous_usage_stats"):
-        raise RequestError("stream_options.continuous_usage_stats=true is not supported; usage comes in the last chunk")
-    if so.get("include_obfuscation"):
-        raise RequestError("stream_options.include_obfuscation=true is not supported")
-    return bool(so.get("include_usage"))
