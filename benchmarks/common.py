@@ -252,13 +252,15 @@ class CopyBound:
     Implementations: "memcpy" (libc memmove through ctypes, which releases the GIL), "torch"
     (tensor copy_ of each piece, one intra-op thread per worker) and, when the k2sys C++ extension
     is built, "stream": the same non-temporal copy kernel the k2sys host copies use
-    (csrc/stream_copy.h, one C++ thread per worker). glibc streams only copies above ~3/4 of the
+    (csrc/stream_copy.h, one C++ thread per worker), and "pool": all the pieces in one
+    batched_copy_ptr call over N threads of the k2sys C++ pool (the same kernel without the Python
+    work queue's per-piece overhead; a plain copy, none of any system's pipelining or bookkeeping). glibc streams only copies above ~3/4 of the
     last-level cache, so without "stream" the bound would be one the system beats on MB-sized
     pieces. `fns()` gives one callable per (implementation, thread count) to put in `interleaved`;
     `seconds(tm, threads)` is the bound per round: the fastest implementation at that thread count.
     """
 
-    IMPLS = ("memcpy", "torch", "stream")
+    IMPLS = ("memcpy", "torch", "stream", "pool")
     PIECE_MIN, PIECE_MAX = 256 << 10, 8 << 20
 
     def __init__(self, dst, src, threads: Sequence[int] | None = None, impls: Sequence[str] | None = None,
@@ -269,12 +271,12 @@ class CopyBound:
         for t in dsts + srcs:
             if t.device.type != "cpu":
                 raise ValueError("CopyBound: CPU tensors only (GPU benchmarks time cudaMemcpy directly)")
-        impls = list(impls) if impls is not None else [i for i in self.IMPLS if i != "stream" or _has_cpp()]
+        impls = list(impls) if impls is not None else [i for i in self.IMPLS if i in ("memcpy", "torch") or _has_cpp()]
         bad = [i for i in impls if i not in self.IMPLS]
         if bad:
             raise ValueError(f"CopyBound: unknown implementations {bad}; choose from {self.IMPLS}")
-        if "stream" in impls and not _has_cpp():
-            raise ValueError("CopyBound: impl 'stream' needs the k2sys C++ extension (pip install -e .)")
+        if {"stream", "pool"} & set(impls) and not _has_cpp():
+            raise ValueError("CopyBound: impls 'stream' and 'pool' need the k2sys C++ extension (pip install -e .)")
         self.threads = sorted(set(threads or thread_counts()))
         self.impls = impls
         self.label = label
@@ -304,6 +306,13 @@ class CopyBound:
         return lambda d, s: d.copy_(s)
 
     def copier(self, impl: str, threads: int) -> Callable[[], None]:
+        if impl == "pool":
+            cpp, pieces = _cpp(), self._pieces
+
+            def run_pool() -> None:  # addresses read at call time, as the other implementations do
+                cpp.batched_copy_ptr([d.data_ptr() for d, _ in pieces], [s.data_ptr() for _, s in pieces],
+                                     [d.numel() for d, _ in pieces], threads, 0)
+            return run_pool
         pieces, one = self._pieces, self._copy_one(impl)
 
         def run() -> None:

@@ -93,7 +93,7 @@ def test_copy_bound_copies_every_byte_with_every_impl_and_thread_count():
     dst = torch.zeros(n, dtype=torch.uint8)
     with common.CopyBound(dst, src, threads=[1, 3], piece_bytes=64 << 10) as cb:
         assert cb.threads == [1, 3] and cb.nbytes == n
-        assert cb.impls == (["memcpy", "torch", "stream"] if ext.HAS_CPP else ["memcpy", "torch"])
+        assert cb.impls == (["memcpy", "torch", "stream", "pool"] if ext.HAS_CPP else ["memcpy", "torch"])
         assert len(cb._pieces) == -(-n // (64 << 10))
         for name, fn in cb.fns().items():
             dst.zero_()
