@@ -116,13 +116,15 @@ def test_two_trainer_ranks_tp2_under_torchrun(tmp_path):
            "run", "tiny-k2", "--set", "name=tp2", "--set", f"output_root={tmp_path}", "--set", "trainer.tp=2",
            *[a.replace(f"rl.iterations={ITERS}", "rl.iterations=2") for a in ARGS]]
     res = subprocess.run(cmd, env={**env, sm.FAULT_ENV: "ckpt_write:2@1"}, capture_output=True, text=True, timeout=900)
+    (tmp_path / "first.log").write_text(res.stdout + res.stderr)  # both ranks' whole logs, for a failure's post-mortem
     assert res.returncode != 0 and "SIGKILL at fault point 'ckpt_write'" in res.stderr, res.stderr[-3000:]
     deadline = time.time() + 30
     while _marked(mark) and time.time() < deadline:
         time.sleep(0.5)
     assert _marked(mark) == [], "processes of the killed job outlived it"
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    (tmp_path / "resume.log").write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, f"{tmp_path / 'resume.log'}:\n" + res.stdout[-2000:] + res.stderr[-3000:]
     assert _marked(mark) == []
     run = tmp_path / "tp2"
     recs = _rl_records(run)
