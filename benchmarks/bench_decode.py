@@ -44,6 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from k2sys import ext
 from k2sys.engine.core.config import EngineConfig, SamplingParams
 from k2sys.engine.core.kv_cache import PagedLatentCache
 from k2sys.engine.core.model_runner import ModelRunner
@@ -125,14 +126,16 @@ def read_tensors(runner: ModelRunner, tokens: int, experts: dict[int, int]) -> l
 
 
 def gemv_floor(tensors: list[torch.Tensor], dtype: torch.dtype):
-    """One row through every weight matrix of the step (the embedding rows excluded: a row copy)."""
+    """One row through every weight matrix of the step (the embedding rows excluded: a row copy), with the
+    GEMV the engine uses for one row (k2sys's C++ GEMV in fp32 where built, else F.linear)."""
     mats = [t.view(-1, t.shape[-1]) for t in tensors if t.dim() == 2 and t.dtype == dtype and t.shape[0] > 1]
     xs = {w.shape[1]: torch.randn(1, w.shape[1]).to(dtype) for w in mats}
+    gemv = ext.gemv if ext.HAS_CPP and dtype == torch.float32 else (lambda w, x: F.linear(x, w))
 
     def run() -> None:
         with torch.inference_mode():
             for w in mats:
-                F.linear(xs[w.shape[1]], w)
+                gemv(w, xs[w.shape[1]])
     return run
 
 

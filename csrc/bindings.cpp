@@ -10,6 +10,7 @@
 #include "buffer_pool.h"
 #include "crc32c.h"
 #include "fp8_quant.h"
+#include "gemv.h"
 #include "host_copy.h"
 #include "onload.h"
 #include "strided_copy.h"
@@ -151,6 +152,59 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ptrs"), py::arg("sizes"), py::arg("threads") = 0, py::arg("impl") = "auto",
       "crc32c of many buffers, chunked over the thread pool and combined.");
   m.def("crc32c_combine", &k2sys::crc32c_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
+
+  // ---- fp32 GEMV for batch-1 decode (csrc/gemv.h) ----
+  m.def(
+      "gemv_f32_ptr",
+      [](std::uintptr_t y, std::uintptr_t w, std::uintptr_t x, std::uintptr_t bias, std::int64_t rows,
+         std::int64_t cols, std::int64_t ldw, int threads) {
+        if (rows && (!y || !w || !x)) throw std::invalid_argument("gemv_f32_ptr: null address");
+        py::gil_scoped_release nogil;
+        k2sys::gemv_f32(reinterpret_cast<float*>(y), reinterpret_cast<const float*>(w),
+                        reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(bias), rows, cols, ldw,
+                        threads);
+      },
+      py::arg("y"), py::arg("w"), py::arg("x"), py::arg("bias"), py::arg("rows"), py::arg("cols"), py::arg("ldw"),
+      py::arg("threads"), "y[rows] = w[rows, cols] (row stride ldw) @ x[cols] (+ bias); fp32 addresses");
+  m.def(
+      "moe_pairs_f32_ptr",
+      [](std::uintptr_t out, std::uintptr_t x, std::uintptr_t w13, std::uintptr_t w2, std::uintptr_t ids,
+         std::uintptr_t weights, std::int64_t T, std::int64_t k, std::int64_t D, std::int64_t I,
+         std::int64_t stride13, std::int64_t stride2, std::int64_t num_experts, int threads) {
+        if (T && (!out || !x || !w13 || !w2 || !ids || !weights))
+          throw std::invalid_argument("moe_pairs_f32_ptr: null address");
+        py::gil_scoped_release nogil;
+        k2sys::moe_pairs_f32(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(x),
+                             reinterpret_cast<const float*>(w13), reinterpret_cast<const float*>(w2),
+                             reinterpret_cast<const std::int64_t*>(ids), reinterpret_cast<const float*>(weights), T, k,
+                             D, I, stride13, stride2, num_experts, threads);
+      },
+      py::arg("out"), py::arg("x"), py::arg("w13"), py::arg("w2"), py::arg("ids"), py::arg("weights"), py::arg("T"),
+      py::arg("k"), py::arg("D"), py::arg("I"), py::arg("stride13"), py::arg("stride2"), py::arg("num_experts"),
+      py::arg("threads"), "routed experts of T tokens x k slots through per-expert GEMV pairs; fp32 addresses");
+  m.def(
+      "rms_norm_f32_ptr",
+      [](std::uintptr_t y, std::uintptr_t x, std::uintptr_t w, std::int64_t T, std::int64_t D, std::int64_t ldx,
+         float eps) {
+        if (T && (!y || !x || !w)) throw std::invalid_argument("rms_norm_f32_ptr: null address");
+        k2sys::rms_norm_f32(reinterpret_cast<float*>(y), reinterpret_cast<const float*>(x),
+                            reinterpret_cast<const float*>(w), T, D, ldx, eps);
+      },
+      py::arg("y"), py::arg("x"), py::arg("w"), py::arg("T"), py::arg("D"), py::arg("ldx"), py::arg("eps"),
+      "RMSNorm of T rows (row stride ldx) into a contiguous y; fp32 addresses");
+  m.def(
+      "route_topk_f32_ptr",
+      [](std::uintptr_t weights, std::uintptr_t ids, std::uintptr_t logits, std::uintptr_t bias, std::int64_t T,
+         std::int64_t E, std::int64_t ld, int top_k, int n_group, int topk_group, float scale, bool norm) {
+        if (T && (!weights || !ids || !logits)) throw std::invalid_argument("route_topk_f32_ptr: null address");
+        k2sys::route_topk_f32(reinterpret_cast<float*>(weights), reinterpret_cast<std::int64_t*>(ids),
+                              reinterpret_cast<const float*>(logits), reinterpret_cast<const float*>(bias), T, E, ld,
+                              top_k, n_group, topk_group, scale, norm);
+      },
+      py::arg("weights"), py::arg("ids"), py::arg("logits"), py::arg("bias"), py::arg("T"), py::arg("E"),
+      py::arg("ld"), py::arg("top_k"), py::arg("n_group"), py::arg("topk_group"), py::arg("scale"), py::arg("norm"),
+      "the K2 router (k2sys.models.moe.route_topk) for T tokens; fp32 logits, int64 ids");
+  m.def("gemv_isa", &k2sys::gemv_isa, "the GEMV kernel in use: 'avx2_fma' or 'generic'");
 
   // ---- FP8 e4m3fn block quantization (csrc/fp8_quant.h) ----
   m.def(

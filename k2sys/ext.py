@@ -96,6 +96,104 @@ def h2d_copy_(dst: torch.Tensor, src: torch.Tensor, chunk_bytes: int = 32 << 20,
     return dst
 
 
+# ---------------------------------------------------------------- fp32 GEMV (batch-1 decode)
+
+
+def _threads(threads: int) -> int:
+    return threads if threads > 0 else torch.get_num_threads()
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         threads: int = 0) -> torch.Tensor:
+    """y = w @ x (+ bias) for fp32 CPU tensors: w [N, K] with unit column stride (any row stride), x [K] or
+    [1, K] contiguous -> y shaped like x's rows ([N] or [1, N]). The C++ kernel streams each weight row once
+    (csrc/gemv.h); threads <= 0: torch's intra-op thread count. Equals F.linear up to fp32 summation order."""
+    if w.dtype != torch.float32 or x.dtype != torch.float32 or w.device.type != "cpu" or x.device.type != "cpu":
+        raise ValueError(f"gemv: fp32 CPU tensors only, got w {w.dtype} on {w.device}, x {x.dtype} on {x.device}")
+    if w.dim() != 2 or w.stride(1) != 1 or (w.shape[0] > 1 and w.stride(0) < w.shape[1]):
+        raise ValueError(f"gemv: w must be [N, K] with unit column stride, got shape {tuple(w.shape)} "
+                         f"strides {w.stride()}")
+    n, k = w.shape
+    if x.shape not in ((k,), (1, k)) or not x.is_contiguous():
+        raise ValueError(f"gemv: x must be a contiguous [{k}] or [1, {k}], got {tuple(x.shape)}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError(f"gemv: bias must be a contiguous fp32 [{n}], got {tuple(bias.shape)} {bias.dtype}")
+    shape = (n,) if x.dim() == 1 else (1, n)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"gemv: out must be a contiguous fp32 {shape}, got {tuple(out.shape)} {out.dtype}")
+    require_cpp().gemv_f32_ptr(out.data_ptr(), w.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                               n, k, w.stride(0), _threads(threads))
+    return out
+
+
+def moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              threads: int = 0) -> torch.Tensor:
+    """The routed experts of a few tokens as GEMV pairs in one C++ call (fp32 CPU):
+    out[t] = sum_j weights[t, j] * w2[e] (silu(g) * u), [g; u] = w13[e] x[t], e = ids[t, j] (< 0: skipped).
+    x [T, D]; w13 [E, 2I, D] and w2 [E, D, I], each expert's matrix contiguous; weights [T, k], ids [T, k]
+    -> [T, D]. Reads only the selected experts' weights."""
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"moe_pairs: {name} must be fp32 on the CPU, got {t.dtype} on {t.device}")
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"moe_pairs: x must be a contiguous [T, D], got {tuple(x.shape)}")
+    T, D = x.shape
+    if w13.dim() != 3 or w13.shape[2] != D or w13.shape[1] % 2 or w13.stride(2) != 1 or w13.stride(1) != D:
+        raise ValueError(f"moe_pairs: w13 must be [E, 2I, {D}] with contiguous experts, got {tuple(w13.shape)} "
+                         f"strides {w13.stride()}")
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    if w2.shape != (E, D, inter) or w2.stride(2) != 1 or w2.stride(1) != inter:
+        raise ValueError(f"moe_pairs: w2 must be [{E}, {D}, {inter}] with contiguous experts, got "
+                         f"{tuple(w2.shape)} strides {w2.stride()}")
+    if ids.dim() != 2 or ids.shape[0] != T or weights.shape != ids.shape:
+        raise ValueError(f"moe_pairs: ids and weights must both be [{T}, k], got {tuple(ids.shape)} and "
+                         f"{tuple(weights.shape)}")
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.float32)
+    require_cpp().moe_pairs_f32_ptr(out.data_ptr(), x.data_ptr(), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(),
+                                    weights.data_ptr(), T, ids.shape[1], D, inter, w13.stride(0), w2.stride(0), E,
+                                    _threads(threads))
+    return out
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of an fp32 CPU x [T, D] (unit column stride, any row stride) with weight w [D], in
+    C++ (one pass, no temporaries): F.rms_norm up to fp32 summation order."""
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
+        raise ValueError(f"rms_norm: fp32 CPU tensors only, got x {x.dtype} on {x.device}, w {w.dtype} on {w.device}")
+    if x.dim() != 2 or x.stride(1) != 1 or w.shape != (x.shape[1],) or not w.is_contiguous():
+        raise ValueError(f"rms_norm: x must be [T, D] with unit column stride and w a contiguous [D]; got x "
+                         f"{tuple(x.shape)} strides {x.stride()}, w {tuple(w.shape)}")
+    y = torch.empty(x.shape, dtype=torch.float32)
+    require_cpp().rms_norm_f32_ptr(y.data_ptr(), x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+                                   float(eps))
+    return y
+
+
+def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int = 1, topk_group: int = 1,
+               routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K2 router in C++ for fp32 CPU logits [T, E] -> (weights [T, top_k] fp32, ids [T, top_k] int64): the
+    contract of k2sys.models.moe.route_topk (ties to the lower index, ids in descending choice order), not
+    differentiable. For the engine's decode steps, where the torch router's ~15 small ops cost more than the math."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"route_topk: logits must be an fp32 CPU [T, E] with unit column stride, got "
+                         f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")
+    T, E = logits.shape
+    if bias is not None:
+        if bias.shape != (E,) or bias.device.type != "cpu":
+            raise ValueError(f"route_topk: bias must be a CPU [{E}], got {tuple(bias.shape)} on {bias.device}")
+        bias = bias.to(torch.float32).contiguous()
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    require_cpp().route_topk_f32_ptr(weights.data_ptr(), ids.data_ptr(), logits.data_ptr(),
+                                     0 if bias is None else bias.data_ptr(), T, E, logits.stride(0), int(top_k),
+                                     int(n_group), int(topk_group), float(routed_scaling_factor), bool(norm_topk_prob))
+    return weights, ids
+
+
 # ---------------------------------------------------------------- crc32c
 
 def crc32c(data, crc: int = 0, impl: str = "auto") -> int:
@@ -336,4 +434,5 @@ def summary() -> dict:
         "cuda_usable": HAS_CUDA,
         "cpp_threads": _C.hardware_threads() if HAS_CPP else None,
         "crc32c_hw": _C.crc32c_hw_available() if HAS_CPP else None,
+        "gemv_isa": _C.gemv_isa() if HAS_CPP else None,
     }

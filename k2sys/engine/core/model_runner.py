@@ -57,9 +57,15 @@ try:  # oneDNN's linear on a weight packed once ahead of time (the op inductor's
 except (AttributeError, RuntimeError):  # torch built without oneDNN
     _onednn_linear = _onednn_pack = None
 
+SMALL_ROWS = 64
+"""Tokens in a step up to which RMSNorm and the router run as single C++ calls on CPU (decode steps):
+their cost there is the torch ops' dispatch, not the math."""
+
 PACK_ROWS = 32
 """Rows oneDNN tunes a packed weight's layout for: about a decode step's tokens per GEMM. Any row
 count runs; 32 was fastest or near it from 8 to 1024 rows on k2-small shapes (measured)."""
+
+from k2sys.ext import _C  # the C++ core (None on a broken install: torch's GEMV serves)
 
 try:  # the Triton router + fused MoE (EngineConfig.moe_kernels); CPU keeps k2sys.engine.core.moe
     from k2sys import kernels as _kernels
@@ -125,19 +131,30 @@ class _Linear:
     `pack_pending` gets to it first); until then the plain GEMM serves the current weight.
     """
 
-    __slots__ = ("w", "bias", "packed", "pending")
+    __slots__ = ("w", "bias", "packed", "pending", "gemv")
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
         self.w, self.bias, self.packed, self.pending = w, bias, None, False
+        # One row on CPU in fp32: k2sys's C++ GEMV (csrc/gemv.h) streams the weight at ~1.5-3x the
+        # read bandwidth of torch's GEMV, which neither beats a plain read nor scales with threads
+        # (k2-small shapes, 1 and 2 threads, measured); decode at batch 1 is these GEMVs.
+        self.gemv = (_C is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+                     and w.stride(1) == 1 and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # One row: the plain GEMV is faster than the packed call, by ~25% through a small weight and
-        # by 5-30% through the 16k-vocab lm_head (k2-small, 1 and 2 threads, interleaved, measured).
         if x.shape[0] > 1:
             if self.pending:
                 self.pack()
             if self.packed is not None:
                 return _onednn_linear(x, self.packed, self.bias, "none", [], "")
+        elif x.shape[0] == 1 and self.gemv and x.dtype == torch.float32 and x.is_contiguous():
+            w, n = self.w, self.w.shape[0]
+            y = torch.empty(1, n)
+            _C.gemv_f32_ptr(y.data_ptr(), w.data_ptr(), x.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(),
+                            n, w.shape[1], w.stride(0), torch.get_num_threads())
+            return y
+        # One row otherwise: the plain GEMV is faster than the packed call, by ~25% through a small
+        # weight and by 5-30% through the 16k-vocab lm_head (k2-small, 1 and 2 threads, measured).
         return F.linear(x, self.w, self.bias)
 
     def pack(self) -> None:
@@ -496,8 +513,13 @@ class ModelRunner:
     # ---- forward -----------------------------------------------------------------------------
     @staticmethod
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; bit-equal to the formula below in fp32 (measured)
-            return F.rms_norm(x, (x.shape[-1],), w, eps)
+        if x.dtype == torch.float32:
+            if (_C is not None and x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS and x.dim() == 2
+                    and x.stride(1) == 1):  # decode: one C++ pass instead of F.rms_norm's 6 ops on CPU
+                y = torch.empty(x.shape)
+                _C.rms_norm_f32_ptr(y.data_ptr(), x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps)
+                return y
+            return F.rms_norm(x, (x.shape[-1],), w, eps)  # bit-equal to the formula below in fp32 (measured)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return w * xf.to(x.dtype)
@@ -647,7 +669,15 @@ class ModelRunner:
                 cfg.routed_scaling_factor, cfg.norm_topk_prob)
             out = _kernels.fused_moe(x, L.w13, L.w2, weights, ids, w13_scale=L.s13, w2_scale=L.s2)
         else:
-            weights, ids = route(logits, L.router_bias, cfg)
+            if _C is not None and logits.device.type == "cpu" and x.shape[0] <= SMALL_ROWS:
+                # decode: the router in one C++ call (the torch router is ~15 small ops per layer)
+                weights, ids = torch.empty(x.shape[0], cfg.num_experts_per_tok), \
+                    torch.empty(x.shape[0], cfg.num_experts_per_tok, dtype=torch.int64)
+                _C.route_topk_f32_ptr(weights.data_ptr(), ids.data_ptr(), logits.data_ptr(), L.router_bias.data_ptr(),
+                                      x.shape[0], logits.shape[1], logits.shape[1], cfg.num_experts_per_tok, cfg.n_group,
+                                      cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
+            else:
+                weights, ids = route(logits, L.router_bias, cfg)
             out = self.routed_experts(L, x, weights, ids)
         if L.shared is not None:
             out = out + self._swiglu(x, *L.shared)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from k2sys.ext import _C
+
 __all__ = ["ExpertRows", "grouped_mm_works", "grouped_moe", "sort_by_expert"]
 
 
@@ -95,6 +97,16 @@ def _per_pair(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     through its expert's weights. CPU grouped_mm walks every group, empty or not, so here it would
     cost more than the GEMVs; this reads only the selected experts and needs no sort."""
     T, k = ids.shape
+    if (_C is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+            and w13.dtype == w2.dtype == torch.float32 and w13.stride(2) == 1 and w13.stride(1) == w13.shape[2]
+            and w2.stride(2) == 1 and w2.stride(1) == w2.shape[2]):
+        # fp32 CPU: every pair's GEMV pair, activation and weighted sum in one C++ call (csrc/gemv.h)
+        out = torch.empty(T, x.shape[1])
+        ids64, wts = ids.to(torch.int64).contiguous(), weights.float().contiguous()  # alive through the call
+        _C.moe_pairs_f32_ptr(out.data_ptr(), x.data_ptr(), w13.data_ptr(), w2.data_ptr(), ids64.data_ptr(), wts.data_ptr(),
+                             T, k, x.shape[1], w2.shape[2], w13.stride(0), w2.stride(0), w13.shape[0],
+                             torch.get_num_threads())
+        return out
     ys = []
     for j, e in enumerate(ids.reshape(-1).tolist()):
         g, u = torch.mv(w13[e], x[j // k]).chunk(2)

@@ -1,0 +1,174 @@
+"""The C++ decode kernels (csrc/gemv.cpp) against torch: GEMV, the routed experts' GEMV pairs, RMSNorm
+and the K2 router; and the native engine's decode with them against the same runner on torch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from k2sys import ext
+from k2sys.models.moe import moe_experts, route_topk
+
+pytestmark = pytest.mark.skipif(not ext.HAS_CPP, reason="k2sys._C not built")
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 7), (4, 16), (5, 17), (37, 515), (1024, 512), (4099, 129)])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_gemv_matches_linear(rows, cols, threads):
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(cols, generator=g)
+    b = torch.randn(rows, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double()).float()
+    out = ext.gemv(w, x, b, threads=threads)
+    assert out.shape == (rows,)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * cols ** 0.5)
+    out2 = ext.gemv(w, x[None], threads=threads)  # a [1, K] row, no bias
+    assert out2.shape == (1, rows)
+    torch.testing.assert_close(out2[0], F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-5 * cols ** 0.5)
+
+
+def test_gemv_large_matrix_split_over_threads_and_strided_rows():
+    """A matrix big enough to be split over the pool (>= 1 MiB per task), and a row-strided view."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(8192, 640, generator=g)
+    w = base[:, 64:576]  # row stride 640, 512 columns
+    x = torch.randn(512, generator=g)
+    ref = (w.double() @ x.double()).float()
+    for t in (1, 2, 3):
+        torch.testing.assert_close(ext.gemv(w, x, threads=t), ref, rtol=1e-5, atol=1e-4)
+    out = torch.empty(8192)
+    assert ext.gemv(w, x, out=out) is out
+
+
+def test_gemv_rejects_what_it_cannot_read():
+    w, x = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        ext.gemv(w.double(), x.double())
+    with pytest.raises(ValueError, match="unit column stride"):
+        ext.gemv(w.t(), torch.randn(4))
+    with pytest.raises(ValueError, match=r"x must be a contiguous \[8\]"):
+        ext.gemv(w, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="bias must be"):
+        ext.gemv(w, x, bias=torch.randn(3))
+
+
+@pytest.mark.parametrize("T,k,E,D,inter", [(1, 4, 16, 512, 256), (3, 2, 8, 64, 48), (5, 8, 32, 100, 36)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_moe_pairs_matches_reference(T, k, E, D, inter, threads):
+    g = torch.Generator().manual_seed(T * 31 + E)
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(E, 2 * inter, D, generator=g) / D ** 0.5
+    w2 = torch.randn(E, D, inter, generator=g) / inter ** 0.5
+    ids = torch.randint(0, E, (T, k), generator=g)
+    ids[0, -1] = ids[0, 0]  # the same expert twice for one token
+    if T > 1:
+        ids[1, 0] = -1  # an expert on another rank: contributes nothing
+    weights = torch.rand(T, k, generator=g)
+    ref = moe_experts(x.double(), w13.double(), w2.double(), weights.double(), ids).float()
+    out = ext.moe_pairs(x, w13, w2, weights, ids, threads=threads)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_pairs_checks_layout_and_ids():
+    x, w13, w2 = torch.randn(1, 8), torch.randn(4, 6, 8), torch.randn(4, 8, 3)
+    ids, wt = torch.tensor([[1, 2]]), torch.rand(1, 2)
+    with pytest.raises(ValueError, match="w2 must be"):
+        ext.moe_pairs(x, w13, torch.randn(4, 8, 4), wt, ids)
+    with pytest.raises(ValueError, match="ids and weights"):
+        ext.moe_pairs(x, w13, w2, torch.rand(1, 3), ids)
+    with pytest.raises(ValueError, match="out of range"):
+        ext.moe_pairs(x, w13, w2, wt, torch.tensor([[1, 4]]))
+
+
+def test_rms_norm_matches_torch_on_strided_rows():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(7, 300, generator=g)
+    x = a[:, 20:277]  # row stride 300, 257 columns (not a multiple of 8)
+    w = torch.randn(257, generator=g)
+    ref = F.rms_norm(x.double(), (257,), w.double(), 1e-6).float()
+    torch.testing.assert_close(ext.rms_norm(x, w, 1e-6), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unit column stride"):
+        ext.rms_norm(a.t(), torch.randn(7), 1e-6)
+
+
+def test_route_topk_matches_torch_router_with_ties_and_groups():
+    """Same ids (ties to the lower index, descending order) and weights as k2sys.models.moe.route_topk
+    on random logits, rounded logits (many ties), with and without bias and group limiting."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        n_group = [1, 2, 4, 8][trial % 4]
+        E = n_group * int(torch.randint(2, 9, (1,), generator=g))
+        topk_group = max(1, n_group // 2)
+        k = min(int(torch.randint(1, 7, (1,), generator=g)), topk_group * (E // n_group))
+        T = int(torch.randint(1, 6, (1,), generator=g))
+        logits = torch.randn(T, E, generator=g)
+        if trial % 3 == 0:
+            logits = logits.round()
+        bias = (torch.randn(E, generator=g) * 0.1).round(decimals=trial % 2) if trial % 2 else None
+        norm = trial % 5 != 0
+        w_ref, i_ref = route_topk(logits, bias, k, n_group, topk_group, 2.5, norm)
+        w, i = ext.route_topk(logits, bias, k, n_group, topk_group, 2.5, norm)
+        assert torch.equal(i, i_ref), (trial, i, i_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_engine_decode_with_cpp_kernels_matches_torch_ops(monkeypatch):
+    """The native engine's runner at batch 1 (C++ GEMV, routed experts, RMSNorm, router) against the same
+    runner with the C++ core hidden (torch ops throughout): same greedy tokens, logits within fp32 noise."""
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.engine.core import moe as emoe
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.kv_cache import PagedLatentCache
+    from k2sys.engine.core.scheduler import Request, Scheduler
+    from k2sys.models import build_model, param_shapes, preset
+
+    cfg = preset("k2-tiny", eos_token_id=None)
+    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
+
+    def decode(steps: int) -> tuple[list[int], torch.Tensor]:
+        ecfg = EngineConfig(max_total_tokens=2048, max_num_batched_tokens=1024)
+        runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=cfg.max_position_embeddings,
+                                moe_kernels="torch")
+        cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
+                                 cfg.qk_rope_head_dim, torch.float32)
+        logits = []
+        forward = runner.forward_with_prompt_logprobs
+
+        def keep(batch, cache_):
+            out = forward(batch, cache_)
+            logits.append(out[0].clone())
+            return out
+
+        runner.forward_with_prompt_logprobs = keep
+        sched = Scheduler(ecfg, runner, cache, cfg.max_position_embeddings, None)
+        req = Request(rid="r", input_ids=[5, 9, 2, 11, 3, 7],
+                      params=SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True))
+        sched.add(req)
+        for _ in range(steps + 1):
+            sched.step()
+        return list(req.seqs[0].output_ids), torch.cat(logits[1:])  # logits[1:]: the decode steps (batch 1)
+
+    calls: dict[str, int] = {}
+
+    class Counting:  # the real module, counting which kernels the decode steps call
+        def __getattr__(self, name):
+            fn = getattr(ext._C, name)
+
+            def call(*a):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*a)
+            return call
+
+    monkeypatch.setattr(mr, "_C", Counting())
+    monkeypatch.setattr(emoe, "_C", Counting())
+    toks, logits = decode(12)
+    for kernel in ("gemv_f32_ptr", "moe_pairs_f32_ptr", "rms_norm_f32_ptr", "route_topk_f32_ptr"):
+        assert calls.get(kernel, 0) >= 12, (kernel, calls)
+    monkeypatch.setattr(mr, "_C", None)
+    monkeypatch.setattr(emoe, "_C", None)
+    toks_ref, logits_ref = decode(12)
+    assert toks == toks_ref
+    assert logits.shape == logits_ref.shape and logits.shape[0] >= 11
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
