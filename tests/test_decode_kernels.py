@@ -30,7 +30,7 @@ def test_gemv_matches_linear(rows, cols, threads):
 
 
 def test_gemv_large_matrix_split_over_threads_and_strided_rows():
-    """A matrix big enough to be split over the pool (>= 1 MiB per task), and a row-strided view."""
+    """A matrix big enough to be split over the pool (>= 256 KiB per task), and a row-strided view."""
     g = torch.Generator().manual_seed(1)
     base = torch.randn(8192, 640, generator=g)
     w = base[:, 64:576]  # row stride 640, 512 columns
