@@ -204,6 +204,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("weights"), py::arg("ids"), py::arg("logits"), py::arg("bias"), py::arg("T"), py::arg("E"),
       py::arg("ld"), py::arg("top_k"), py::arg("n_group"), py::arg("topk_group"), py::arg("scale"), py::arg("norm"),
       "the K2 router (k2sys.models.moe.route_topk) for T tokens; fp32 logits, int64 ids");
+  m.def(
+      "mla_decode_f32_ptr",
+      [](std::uintptr_t o, std::uintptr_t q_nope, std::int64_t qs, std::uintptr_t q_rope, std::int64_t rs,
+         std::uintptr_t w_uk, std::int64_t uks, std::uintptr_t w_uv, std::int64_t uvs, std::uintptr_t cache,
+         std::uintptr_t blocks, std::int64_t num_blocks, std::int64_t block_size, std::int64_t ctx_len, std::int64_t H,
+         std::int64_t N, std::int64_t C, std::int64_t R, std::int64_t V, float scale, int threads) {
+        if (!o || !q_nope || !w_uk || !w_uv || !cache || !blocks || (R && !q_rope))
+          throw std::invalid_argument("mla_decode_f32_ptr: null address");
+        k2sys::mla_decode_f32(reinterpret_cast<float*>(o), reinterpret_cast<const float*>(q_nope), qs,
+                              reinterpret_cast<const float*>(q_rope), rs, reinterpret_cast<const float*>(w_uk), uks,
+                              reinterpret_cast<const float*>(w_uv), uvs, reinterpret_cast<const float*>(cache),
+                              reinterpret_cast<const std::int64_t*>(blocks), num_blocks, block_size, ctx_len, H, N, C,
+                              R, V, scale, threads);
+      },
+      py::arg("o"), py::arg("q_nope"), py::arg("qs"), py::arg("q_rope"), py::arg("rs"), py::arg("w_uk"), py::arg("uks"),
+      py::arg("w_uv"), py::arg("uvs"), py::arg("cache"), py::arg("blocks"), py::arg("num_blocks"),
+      py::arg("block_size"), py::arg("ctx_len"), py::arg("H"), py::arg("N"), py::arg("C"), py::arg("R"), py::arg("V"),
+      py::arg("scale"), py::arg("threads"),
+      "absorbed MLA attention of one decode token over its paged latent cache, all heads; fp32 addresses");
   m.def("gemv_isa", &k2sys::gemv_isa, "the GEMV kernel in use: 'avx2_fma' or 'generic'");
 
   // ---- FP8 e4m3fn block quantization (csrc/fp8_quant.h) ----

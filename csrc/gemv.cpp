@@ -283,3 +283,62 @@ void route_topk_f32(float* weights, std::int64_t* ids, const float* logits, cons
 }
 
 }  // namespace k2sys
+
+namespace k2sys {
+
+void mla_decode_f32(float* o, const float* q_nope, std::int64_t qs, const float* q_rope, std::int64_t rs,
+                    const float* w_uk, std::int64_t uks, const float* w_uv, std::int64_t uvs, const float* cache,
+                    const std::int64_t* blocks, std::int64_t num_blocks, std::int64_t block_size,
+                    std::int64_t ctx_len, std::int64_t H, std::int64_t N, std::int64_t C, std::int64_t R,
+                    std::int64_t V, float scale, int threads) {
+  if (H <= 0 || N <= 0 || C <= 0 || R < 0 || V <= 0 || block_size <= 0 || ctx_len <= 0)
+    throw std::invalid_argument("mla_decode_f32: bad shape or empty context");
+  const std::int64_t nb = (ctx_len + block_size - 1) / block_size;
+  for (std::int64_t b = 0; b < nb; ++b)
+    if (blocks[b] < 0 || blocks[b] >= num_blocks) throw std::invalid_argument("mla_decode_f32: block id out of range");
+  const std::int64_t W = C + R;
+  const RowsFn gemv = kernel();
+  auto head = [&](std::int64_t h) {
+    std::vector<float> q_lat(C, 0.0f), s(ctx_len), o_lat(C, 0.0f);
+    const float* qn = q_nope + h * qs;
+    const float* wk = w_uk + h * uks;
+    for (std::int64_t n = 0; n < N; ++n) {  // q_lat += q_nope[n] * w_uk[n, :]
+      const float a = qn[n];
+      const float* row = wk + n * C;
+      for (std::int64_t c = 0; c < C; ++c) q_lat[c] += a * row[c];
+    }
+    const float* qr = q_rope + h * rs;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (std::int64_t l = 0; l < ctx_len; ++l) {
+      const float* kv = cache + (blocks[l / block_size] * block_size + l % block_size) * W;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::int64_t c = 0;
+      for (; c + 8 <= C; c += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += q_lat[c + j] * kv[c + j];
+      float d = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      for (; c < C; ++c) d += q_lat[c] * kv[c];
+      for (std::int64_t r = 0; r < R; ++r) d += qr[r] * kv[C + r];
+      s[l] = scale * d;
+      mx = std::max(mx, s[l]);
+    }
+    float z = 0.0f;
+    for (std::int64_t l = 0; l < ctx_len; ++l) {
+      s[l] = std::exp(s[l] - mx);
+      z += s[l];
+    }
+    const float inv = 1.0f / z;
+    for (std::int64_t l = 0; l < ctx_len; ++l) {  // o_lat += p[l] * kv[l, :C]
+      const float p = s[l] * inv;
+      const float* kv = cache + (blocks[l / block_size] * block_size + l % block_size) * W;
+      for (std::int64_t c = 0; c < C; ++c) o_lat[c] += p * kv[c];
+    }
+    gemv(o + h * V, w_uv + h * uvs, o_lat.data(), nullptr, V, C, C);
+  };
+  if (threads > 1 && H > 1 && ctx_len * W * 4 >= kMinTaskBytes) {
+    ThreadPool::global(threads).run(static_cast<std::size_t>(H), [&](std::size_t h) { head(static_cast<std::int64_t>(h)); });
+  } else {
+    for (std::int64_t h = 0; h < H; ++h) head(h);
+  }
+}
+
+}  // namespace k2sys

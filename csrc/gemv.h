@@ -44,3 +44,22 @@ void route_topk_f32(float* weights, std::int64_t* ids, const float* logits, cons
                     std::int64_t E, std::int64_t ld, int top_k, int n_group, int topk_group, float scale, bool norm);
 
 }  // namespace k2sys
+
+namespace k2sys {
+
+// Absorbed MLA attention of ONE decode token over its paged latent cache, every head (fp32):
+//   q_lat[h]  = sum_n q_nope[h, n] * w_uk[h, n, :]                      [C]
+//   s[h, l]   = scale * (q_lat[h] . kv[l, :C] + q_rope[h] . kv[l, C:])  l < ctx_len
+//   o_lat[h]  = sum_l softmax(s[h])[l] * kv[l, :C]                      [C]
+//   o[h, v]   = w_uv[h, v, :] . o_lat[h]                                [V]
+// kv[l] is row l % block_size of cache block blocks[l / block_size]; cache is [num_blocks, block_size,
+// C + R] contiguous. Head strides (elements): q_nope / q_rope qs / rs, w_uk / w_uv uks / uvs (their rows
+// are C contiguous floats). o: [H, V] contiguous. Heads run on the pool when threads > 1 and the
+// context is long enough to pay for it.
+void mla_decode_f32(float* o, const float* q_nope, std::int64_t qs, const float* q_rope, std::int64_t rs,
+                    const float* w_uk, std::int64_t uks, const float* w_uv, std::int64_t uvs, const float* cache,
+                    const std::int64_t* blocks, std::int64_t num_blocks, std::int64_t block_size,
+                    std::int64_t ctx_len, std::int64_t H, std::int64_t N, std::int64_t C, std::int64_t R,
+                    std::int64_t V, float scale, int threads);
+
+}  // namespace k2sys

@@ -616,6 +616,17 @@ class ModelRunner:
         latent = self._rms(latent, L.kv_norm, 1e-6)
         cache.write(li, batch.slots, latent, k_rope)
         w_uk, w_uv = self._kv_b(L)
+        if T == 1 and len(groups) == 1 and groups[0][2] and self._mla_decode_ok(w_uk, w_uv, q_nope, q_rope, cache, li, groups[0][0]):
+            # one decode token: the absorbed attention over its paged cache, all heads, in one C++ call
+            g = groups[0][0]
+            kvc = cache.layers[li]
+            blocks = g.block_tables[0].contiguous()
+            o = torch.empty(H, V)
+            _C.mla_decode_f32_ptr(o.data_ptr(), q_nope.data_ptr(), q_nope.stride(1), q_rope.data_ptr(), q_rope.stride(1),
+                                  w_uk.data_ptr(), w_uk.stride(0), w_uv.data_ptr(), w_uv.stride(0), kvc.data_ptr(),
+                                  blocks.data_ptr(), kvc.shape[0], kvc.shape[1], int(g.ctx_len[0]), H, N, C, R, V,
+                                  self.scale, torch.get_num_threads())
+            return L.o_proj(o.view(1, H * V))
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # [T, H, C]
         qcat = torch.cat([q_lat, q_rope], dim=-1)                               # [T, H, C+R]
         o_lat = None
@@ -647,6 +658,19 @@ class ModelRunner:
             o_lat = torch.zeros(T, H, C, dtype=h.dtype, device=h.device)
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, V]
         return L.o_proj(o.reshape(T, H * V))
+
+    @staticmethod
+    def _mla_decode_ok(w_uk: torch.Tensor, w_uv: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+                       cache: PagedLatentCache, li: int, g: AttnGroup) -> bool:
+        """Whether the C++ decode attention reads these tensors as laid out: fp32 on the CPU, every head's
+        kv_b rows C contiguous floats, the query parts with unit inner stride, the cache layer contiguous."""
+        kvc = cache.layers[li]
+        return (_C is not None and w_uk.dtype == torch.float32 and w_uk.device.type == "cpu"
+                and kvc.dtype == torch.float32 and kvc.is_contiguous() and w_uv.dtype == torch.float32
+                and w_uk.stride(2) == 1 and w_uk.stride(1) == w_uk.shape[2]
+                and w_uv.stride(2) == 1 and w_uv.stride(1) == w_uv.shape[2] and q_rope.stride(-1) == 1
+                and q_nope.stride(-1) == 1 and q_nope.dtype == torch.float32 and q_rope.dtype == torch.float32
+                and g.block_tables.dtype == torch.int64)
 
     def _kv_b(self, L: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b's K and V parts per head, [H, N, C] and [H, V, C] (dequantized for this step in FP8)."""
