@@ -13,6 +13,11 @@ Attention is the absorbed form for every token, prefill and decode:
     out[h]   = (probs @ latent) @ W_UV[h]^T    (apply kv_b's V part after attention)
 so K and V are never expanded per head.
 
+Batch-1 decode on CPU in fp32 runs through k2sys's C++ kernels (csrc/gemv.cpp): the one-row linears
+(GEMV), the routed experts' GEMV pairs, RMSNorm and the router of small steps, and the absorbed
+attention of a lone decode token (`mla_decode_f32`). They equal the torch ops to fp32 rounding
+(tests/test_decode_kernels.py); torch's fp32 GEMV reads a third of the memory bandwidth here.
+
 FP8 serving (EngineConfig.quantization="fp8"): every linear weight the DeepSeek-V3 / Kimi-K2
 release quantizes (`k2sys.quant.is_fp8_weight_name`) lives in float8_e4m3fn bases with fp32
 block-scale bases beside them, under the release names `X.weight` and `X.weight_scale_inv`; the
