@@ -28,17 +28,26 @@ constexpr std::int64_t kMinTaskBytes = 256 << 10;
 using RowsFn = void (*)(float*, const float*, const float*, const float*, std::int64_t, std::int64_t,
                         std::int64_t);
 
-// Portable kernel: 8 partial sums per row, which the compiler keeps in vector registers.
+}  // namespace
+
+// a . b over n floats with 8 partial sums, which the compiler keeps in vector registers (portable code).
+float dot8(const float* a, const float* b, std::int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+namespace {
+
+// Portable kernel: one dot8 per row.
 void rows_generic(float* y, const float* w, const float* x, const float* bias, std::int64_t rows,
                   std::int64_t cols, std::int64_t ldw) {
   for (std::int64_t r = 0; r < rows; ++r) {
-    const float* a = w + r * ldw;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::int64_t j = 0;
-    for (; j + 8 <= cols; j += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * x[j + l];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; j < cols; ++j) s += a[j] * x[j];
+    const float s = dot8(w + r * ldw, x, cols);
     y[r] = bias ? s + bias[r] : s;
   }
 }
@@ -209,12 +218,7 @@ void rms_norm_f32(float* y, const float* x, const float* w, std::int64_t T, std:
   if (T < 0 || D <= 0 || (T > 1 && ldx < D)) throw std::invalid_argument("rms_norm_f32: bad shape or stride");
   for (std::int64_t t = 0; t < T; ++t) {
     const float* a = x + t * ldx;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::int64_t j = 0;
-    for (; j + 8 <= D; j += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * a[j + l];
-    float ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; j < D; ++j) ss += a[j] * a[j];
+    const float ss = dot8(a, a, D);
     const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
     float* o = y + t * D;
     for (std::int64_t d = 0; d < D; ++d) o[d] = (a[d] * r) * w[d];
@@ -311,14 +315,7 @@ void mla_decode_f32(float* o, const float* q_nope, std::int64_t qs, const float*
     float mx = -std::numeric_limits<float>::infinity();
     for (std::int64_t l = 0; l < ctx_len; ++l) {
       const float* kv = cache + (blocks[l / block_size] * block_size + l % block_size) * W;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      std::int64_t c = 0;
-      for (; c + 8 <= C; c += 8)
-        for (int j = 0; j < 8; ++j) acc[j] += q_lat[c + j] * kv[c + j];
-      float d = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-      for (; c < C; ++c) d += q_lat[c] * kv[c];
-      for (std::int64_t r = 0; r < R; ++r) d += qr[r] * kv[C + r];
-      s[l] = scale * d;
+      s[l] = scale * (dot8(q_lat.data(), kv, C) + dot8(qr, kv + C, R));
       mx = std::max(mx, s[l]);
     }
     float z = 0.0f;

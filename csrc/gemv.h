@@ -24,6 +24,9 @@ void moe_pairs_f32(float* out, const float* x, const float* w13, const float* w2
                    const float* weights, std::int64_t T, std::int64_t k, std::int64_t D, std::int64_t I,
                    std::int64_t stride13, std::int64_t stride2, std::int64_t num_experts, int threads);
 
+// a . b over n floats (8 partial sums; portable).
+float dot8(const float* a, const float* b, std::int64_t n);
+
 // Which kernel runs: "avx2_fma" or "generic".
 const char* gemv_isa();
 
