@@ -520,7 +520,8 @@ class ModelRunner:
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype == torch.float32:
             if (_C is not None and x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS and x.dim() == 2
-                    and x.stride(1) == 1):  # decode: one C++ pass instead of F.rms_norm's 6 ops on CPU
+                    and x.stride(1) == 1 and w.dtype == torch.float32 and w.stride(0) == 1):
+                # decode: one C++ pass instead of F.rms_norm's 6 ops on CPU
                 y = torch.empty(x.shape)
                 _C.rms_norm_f32_ptr(y.data_ptr(), x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps)
                 return y
