@@ -84,10 +84,11 @@ class TimedRunner(ModelRunner):
 class Decoder:
     """Runner + latent cache + scheduler as NativeEngine builds them, driven on this thread."""
 
-    def __init__(self, cfg, state, dtype: torch.dtype, moe_impl: str, batch: int, seed: int):
+    def __init__(self, cfg, state, dtype: torch.dtype, moe_impl: str, batch: int, seed: int, fused: bool = True):
         ecfg = EngineConfig(max_total_tokens=16384, max_num_batched_tokens=8192)
         self.runner = TimedRunner(cfg, state, dtype, "cpu", max_positions=cfg.max_position_embeddings,
                                   moe_kernels="torch", moe_impl=moe_impl)
+        self.runner.fused_decode = fused
         self.cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype)
         self.sched = Scheduler(ecfg, self.runner, self.cache, cfg.max_position_embeddings, None)
@@ -166,10 +167,12 @@ def bench(args) -> tuple[list[dict], dict]:
     cases = [(b, s) for b, s in ((1, args.steps_b1), (32, args.steps_b32)) if b in args.batches]
     for B, n_steps in cases:
         dec = {impl: Decoder(cfg, state, dtype, impl, B, seed=B) for impl in ("grouped", "loop")}
+        if B == 1:  # the engine's batch-1 path is the fused C++ stack; this peer runs the same kernels op by op
+            dec["per_op"] = Decoder(cfg, state, dtype, "grouped", B, seed=B, fused=False)
         runner = dec["grouped"].runner
         runner.count = True  # warm-up: oneDNN primitive caches, and which experts a step reads
-        dec["grouped"].steps(3)()
-        dec["loop"].steps(3)()
+        for d in dec.values():
+            d.steps(3)()
         runner.count = False
         k = cfg.num_experts_per_tok
         used = {i: (k if B == 1 else len(runner.used.get(i, ())))
@@ -186,7 +189,7 @@ def bench(args) -> tuple[list[dict], dict]:
         floor = gemv_floor(tensors, dtype) if B == 1 else None
         for t in threads:
             torch.set_num_threads(t)
-            fns = {"grouped": dec["grouped"].steps(n_steps), "loop": dec["loop"].steps(n_steps)}
+            fns = {impl: d.steps(n_steps) for impl, d in dec.items()}
             if floor is not None:
                 fns["gemv_floor"] = _repeat(floor, n_steps)
             # as many copies back to back as steps: both sides in the same steady state of the caches
@@ -201,24 +204,34 @@ def bench(args) -> tuple[list[dict], dict]:
             roof = [c / 2 for c in copy_s]  # STREAM: a copy of N bytes moves 2N
             bound = (f"memory roofline: {nbytes / 1e6:.1f} MB read per step at the bandwidth of a plain copy "
                      f"(2 x bytes copied / s; {cb.definition(t)})")
-            for impl in ("grouped", "loop"):
+            for impl in dec:
                 r = paired_row(f"decode_b{B}_{impl}_vs_roofline_x{t}", step[impl], roof, bound=bound, threads=t,
                                system_threads=t, kind="bound", work=nbytes, unit="GB/s", scale=1e9,
                                target=TARGET_B1 if (B == 1 and impl == "grouped") else None,
-                               moe_impl=impl, batch=B, step_ms=round(1e3 * sorted(step[impl])[len(step[impl]) // 2], 3))
+                               moe_impl="grouped" if impl == "per_op" else impl, batch=B,
+                               fused_decode=dec[impl].runner.fused_decode and B == 1 and impl == "grouped",
+                               step_ms=round(1e3 * sorted(step[impl])[len(step[impl]) // 2], 3))
                 r["ratio_copy_bytes"] = round(2 * r["ratio"], 4)  # vs N / t_copy
                 rows.append(r)
+            if "per_op" in dec:
+                rows.append(paired_row(f"decode_b{B}_step_fused_vs_per_op_x{t}", step["grouped"], step["per_op"],
+                                       bound="peer: the same step with ModelRunner.fused_decode=False (the same C++ "
+                                             "kernels called op by op from Python), same weights and threads",
+                                       kind="peer", threads=t, system_threads=t, batch=B))
             rows.append(paired_row(f"decode_b{B}_step_grouped_vs_loop_x{t}", step["grouped"], step["loop"],
                                    bound="peer: the same step with moe_impl=loop (per-expert GEMM loop, packed "
-                                         "expert weights), same weights, batch and threads", kind="peer",
-                                   threads=t, system_threads=t, batch=B))
-            rows.append(paired_row(f"decode_b{B}_routed_experts_grouped_vs_loop_x{t}", routed["grouped"],
-                                   routed["loop"], bound="peer: routed-expert seconds per step with moe_impl=loop, "
-                                   "same steps", kind="peer", threads=t, system_threads=t, batch=B))
-            for impl in ("loop", "grouped"):
+                                         "expert weights" + (", op by op" if B == 1 else "") + "), same weights, "
+                                         "batch and threads", kind="peer", threads=t, system_threads=t, batch=B))
+            # routed-expert seconds: only the per-op paths time them (the fused stack runs them inside C++)
+            timed = [i for i in dec if routed[i] and sum(routed[i]) > 0]
+            if "grouped" in timed and "loop" in timed:
+                rows.append(paired_row(f"decode_b{B}_routed_experts_grouped_vs_loop_x{t}", routed["grouped"],
+                                       routed["loop"], bound="peer: routed-expert seconds per step with "
+                                       "moe_impl=loop, same steps", kind="peer", threads=t, system_threads=t, batch=B))
+            for impl in timed:
                 share = sorted(r / s for r, s in zip(routed[impl], step[impl]))
                 rows.append(diagnostic(f"decode_b{B}_routed_share_{impl}_x{t}", round(share[len(share) // 2], 4),
-                                       "fraction", f"routed-expert seconds / step seconds, moe_impl={impl} (median "
+                                       "fraction", f"routed-expert seconds / step seconds, {impl} (median "
                                        "of rounds)", threads=t, reps=len(share), batch=B))
             if floor is not None:
                 share = sorted(f / n_steps / s for f, s in zip(tm["gemv_floor"], step["grouped"]))

@@ -9,6 +9,7 @@
 
 #include "buffer_pool.h"
 #include "crc32c.h"
+#include "decode_layer.h"
 #include "fp8_quant.h"
 #include "gemv.h"
 #include "host_copy.h"
@@ -223,7 +224,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("block_size"), py::arg("ctx_len"), py::arg("H"), py::arg("N"), py::arg("C"), py::arg("R"), py::arg("V"),
       py::arg("scale"), py::arg("threads"),
       "absorbed MLA attention of one decode token over its paged latent cache, all heads; fp32 addresses");
-  m.def("gemv_isa", &k2sys::gemv_isa, "the GEMV kernel in use: 'avx2_fma' or 'generic'");
+  m.def("gemv_isa", &k2sys::gemv_isa, "the GEMV kernel in use: 'avx512f', 'avx2_fma' or 'generic'");
+
+  // ---- the batch-1 decode stack in one call (csrc/decode_layer.h) ----
+  py::class_<k2sys::DecodeLayer>(m, "DecodeLayer", "one layer's fp32 weight addresses and shapes for decode_layers_f32")
+      .def(py::init<>())
+#define K2SYS_FIELD(name) .def_readwrite(#name, &k2sys::DecodeLayer::name)
+      K2SYS_FIELD(D) K2SYS_FIELD(H) K2SYS_FIELD(N) K2SYS_FIELD(R) K2SYS_FIELD(C) K2SYS_FIELD(V) K2SYS_FIELD(q_in)
+      K2SYS_FIELD(q_lora) K2SYS_FIELD(interleave) K2SYS_FIELD(eps) K2SYS_FIELD(q_eps) K2SYS_FIELD(kv_eps)
+      K2SYS_FIELD(scale) K2SYS_FIELD(in_norm) K2SYS_FIELD(post_norm) K2SYS_FIELD(attn_in) K2SYS_FIELD(attn_in_bias)
+      K2SYS_FIELD(q_norm) K2SYS_FIELD(q_b) K2SYS_FIELD(kv_norm) K2SYS_FIELD(w_uk) K2SYS_FIELD(w_uv)
+      K2SYS_FIELD(uk_stride) K2SYS_FIELD(uv_stride) K2SYS_FIELD(o_proj) K2SYS_FIELD(o_bias) K2SYS_FIELD(cache)
+      K2SYS_FIELD(num_blocks) K2SYS_FIELD(moe) K2SYS_FIELD(gate_up) K2SYS_FIELD(down) K2SYS_FIELD(inter)
+      K2SYS_FIELD(router) K2SYS_FIELD(router_bias) K2SYS_FIELD(w13) K2SYS_FIELD(w2) K2SYS_FIELD(E) K2SYS_FIELD(I)
+      K2SYS_FIELD(stride13) K2SYS_FIELD(stride2) K2SYS_FIELD(top_k) K2SYS_FIELD(n_group) K2SYS_FIELD(topk_group)
+      K2SYS_FIELD(routed_scale) K2SYS_FIELD(norm_topk);
+#undef K2SYS_FIELD
+  m.def(
+      "decode_layers_f32_ptr",
+      [](const std::vector<const k2sys::DecodeLayer*>& layers, std::uintptr_t x, std::uintptr_t cos, std::uintptr_t sin,
+         std::int64_t slot, std::uintptr_t blocks, std::int64_t block_size, std::int64_t ctx_len, int threads) {
+        for (const auto* L : layers)
+          if (!L) throw std::invalid_argument("decode_layers_f32_ptr: None in layers");
+        py::gil_scoped_release nogil;
+        k2sys::decode_layers_f32(layers, reinterpret_cast<float*>(x), reinterpret_cast<const float*>(cos),
+                                 reinterpret_cast<const float*>(sin), slot, reinterpret_cast<const std::int64_t*>(blocks),
+                                 block_size, ctx_len, threads);
+      },
+      py::arg("layers"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot"), py::arg("blocks"),
+      py::arg("block_size"), py::arg("ctx_len"), py::arg("threads"),
+      "every decoder layer of one batch-1 decode token, in place on the residual x [D]; fp32 addresses");
 
   // ---- FP8 e4m3fn block quantization (csrc/fp8_quant.h) ----
   m.def(

@@ -1,6 +1,8 @@
 #include "gemv.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -12,8 +14,11 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define K2SYS_X86 1
+// Portable loops compiled once per ISA level and dispatched at load (GCC/Clang ifunc).
+#define K2SYS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define K2SYS_X86 0
+#define K2SYS_CLONES
 #endif
 
 namespace k2sys {
@@ -30,8 +35,11 @@ using RowsFn = void (*)(float*, const float*, const float*, const float*, std::i
 
 }  // namespace
 
-// a . b over n floats with 8 partial sums, which the compiler keeps in vector registers (portable code).
-float dot8(const float* a, const float* b, std::int64_t n) {
+namespace {
+
+// a . b over n floats with 8 partial sums, which the compiler keeps in vector registers (portable
+// code; inlined into the per-ISA clones below, where it compiles to AVX2 / AVX-512 instructions).
+inline float dot8_inline(const float* a, const float* b, std::int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   std::int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -40,6 +48,10 @@ float dot8(const float* a, const float* b, std::int64_t n) {
   for (; j < n; ++j) s += a[j] * b[j];
   return s;
 }
+
+}  // namespace
+
+float dot8(const float* a, const float* b, std::int64_t n) { return dot8_inline(a, b, n); }
 
 namespace {
 
@@ -60,57 +72,64 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 4 rows at a time, two accumulators per row (8 independent FMA chains); x's chunk is loaded once
-// per 4 rows.
+// One row at a time, four 8-wide accumulators: the matrix is read as ONE sequential stream, which
+// the hardware prefetcher follows best (x stays in L1). On the CI machine (Zen 5, k2-small's
+// batch-1 step, 121 MB over 156 matrices of 128-1536 columns) this read 28 GB/s where the former
+// 4-rows-per-pass kernel read 22 GB/s (4 interleaved streams) and a plain read 33 GB/s.
 __attribute__((target("avx2,fma"))) void rows_avx2(float* y, const float* w, const float* x, const float* bias,
                                                    std::int64_t rows, std::int64_t cols, std::int64_t ldw) {
-  const std::int64_t c16 = cols & ~std::int64_t(15);
-  std::int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const float* a0 = w + r * ldw;
-    const float* a1 = a0 + ldw;
-    const float* a2 = a1 + ldw;
-    const float* a3 = a2 + ldw;
+  const std::int64_t c32 = cols & ~std::int64_t(31), c8 = cols & ~std::int64_t(7);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* a = w + r * ldw;
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
     std::int64_t j = 0;
-    for (; j < c16; j += 16) {
-      const __m256 xa = _mm256_loadu_ps(x + j), xb = _mm256_loadu_ps(x + j + 8);
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + j), xa, s0);
-      t0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + j + 8), xb, t0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + j), xa, s1);
-      t1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + j + 8), xb, t1);
-      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + j), xa, s2);
-      t2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + j + 8), xb, t2);
-      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + j), xa, s3);
-      t3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + j + 8), xb, t3);
+    for (; j < c32; j += 32) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(x + j), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(x + j + 8), s1);
+      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(x + j + 16), s2);
+      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(x + j + 24), s3);
     }
-    float v0 = hsum256(_mm256_add_ps(s0, t0)), v1 = hsum256(_mm256_add_ps(s1, t1));
-    float v2 = hsum256(_mm256_add_ps(s2, t2)), v3 = hsum256(_mm256_add_ps(s3, t3));
-    for (; j < cols; ++j) {
-      v0 += a0[j] * x[j];
-      v1 += a1[j] * x[j];
-      v2 += a2[j] * x[j];
-      v3 += a3[j] * x[j];
-    }
-    if (bias) {
-      v0 += bias[r];
-      v1 += bias[r + 1];
-      v2 += bias[r + 2];
-      v3 += bias[r + 3];
-    }
-    y[r] = v0;
-    y[r + 1] = v1;
-    y[r + 2] = v2;
-    y[r + 3] = v3;
+    for (; j < c8; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(x + j), s0);
+    float v = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; j < cols; ++j) v += a[j] * x[j];
+    y[r] = bias ? v + bias[r] : v;
   }
-  if (r < rows) rows_generic(y + r, w + r * ldw, x, bias ? bias + r : nullptr, rows - r, cols, ldw);
+}
+
+// The same with 16-wide accumulators and a masked tail (AVX-512F): 64 floats (4 cache lines) per
+// iteration keep more line fills in flight from one core; 31 GB/s on the step above (0.93 of a read).
+__attribute__((target("avx512f"))) void rows_avx512(float* y, const float* w, const float* x, const float* bias,
+                                                    std::int64_t rows, std::int64_t cols, std::int64_t ldw) {
+  const std::int64_t c64 = cols & ~std::int64_t(63), c16 = cols & ~std::int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols - c16)) - 1u);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* a = w + r * ldw;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    std::int64_t j = 0;
+    for (; j < c64; j += 64) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(x + j), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(x + j + 16), s1);
+      s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 32), _mm512_loadu_ps(x + j + 32), s2);
+      s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 48), _mm512_loadu_ps(x + j + 48), s3);
+    }
+    for (; j < c16; j += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(x + j), s0);
+    if (tail) s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + c16), _mm512_maskz_loadu_ps(tail, x + c16), s1);
+    const float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    y[r] = bias ? v + bias[r] : v;
+  }
 }
 #endif
 
 RowsFn pick() {
+  // K2SYS_GEMV_ISA caps the kernel (tests run every kernel the machine has; "generic" = portable).
+  const char* cap = std::getenv("K2SYS_GEMV_ISA");
+  const std::string want = cap ? cap : "";
+  if (!want.empty() && want != "avx512f" && want != "avx2_fma" && want != "generic")
+    throw std::invalid_argument("K2SYS_GEMV_ISA must be avx512f, avx2_fma or generic, got '" + want + "'");
+  if (want == "generic") return rows_generic;
 #if K2SYS_X86
   __builtin_cpu_init();
+  if (want != "avx2_fma" && __builtin_cpu_supports("avx512f")) return rows_avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
 #endif
   return rows_generic;
@@ -121,7 +140,7 @@ RowsFn kernel() {
   return fn;
 }
 
-// How many tasks to split `rows` rows of `row_bytes` into for `threads` threads (multiple of 4 rows).
+// How many tasks to split `rows` rows of `row_bytes` into for `threads` threads (task rows are rounded to 4).
 std::int64_t split(std::int64_t rows, std::int64_t row_bytes, int threads) {
   if (threads <= 1) return 1;
   const std::int64_t by_bytes = std::max<std::int64_t>(1, rows * row_bytes / kMinTaskBytes);
@@ -137,7 +156,13 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 }  // namespace
 
-const char* gemv_isa() { return kernel() == rows_generic ? "generic" : "avx2_fma"; }
+const char* gemv_isa() {
+#if K2SYS_X86
+  if (kernel() == rows_avx512) return "avx512f";
+  if (kernel() == rows_avx2) return "avx2_fma";
+#endif
+  return "generic";
+}
 
 void gemv_f32(float* y, const float* w, const float* x, const float* bias, std::int64_t rows, std::int64_t cols,
               std::int64_t ldw, int threads) {
@@ -290,6 +315,94 @@ void route_topk_f32(float* weights, std::int64_t* ids, const float* logits, cons
 
 namespace k2sys {
 
+namespace {
+
+// 16 floats as one GCC/Clang vector: each ISA clone below compiles its arithmetic to one zmm
+// (AVX-512), two ymm (AVX2) or four xmm (SSE2) operations; loads and stores are unaligned.
+typedef float f16v __attribute__((vector_size(64)));
+
+inline f16v load16(const float* p) {
+  f16v v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, f16v v) { std::memcpy(p, &v, sizeof v); }
+
+inline float sum16(f16v v) {
+  float t = 0.0f;
+  for (int i = 0; i < 16; ++i) t += v[i];
+  return t;
+}
+
+// y[:n] += a * x[:n]
+inline void axpy(float* y, float a, const float* x, std::int64_t n) {
+  std::int64_t j = 0;
+  for (; j + 16 <= n; j += 16) store16(y + j, load16(y + j) + a * load16(x + j));
+  for (; j < n; ++j) y[j] += a * x[j];
+}
+
+// out[i] = q . (k[i] + off) over n floats for 4 rows at once (4 independent accumulators).
+inline void dots4(float* out, const float* q, const float* const* k, std::int64_t off, std::int64_t n) {
+  const float *k0 = k[0] + off, *k1 = k[1] + off, *k2 = k[2] + off, *k3 = k[3] + off;
+  f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  std::int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const f16v qv = load16(q + j);
+    a0 += qv * load16(k0 + j);
+    a1 += qv * load16(k1 + j);
+    a2 += qv * load16(k2 + j);
+    a3 += qv * load16(k3 + j);
+  }
+  float t[4] = {sum16(a0), sum16(a1), sum16(a2), sum16(a3)};
+  for (; j < n; ++j) {
+    t[0] += q[j] * k0[j];
+    t[1] += q[j] * k1[j];
+    t[2] += q[j] * k2[j];
+    t[3] += q[j] * k3[j];
+  }
+  for (int i = 0; i < 4; ++i) out[i] = t[i];
+}
+
+// One head of mla_decode_f32 (see gemv.h). Compiled once per x86 ISA level (the loops are plain C++
+// that GCC vectorizes 16 / 8 / 4 wide) and picked at load by the CPU's features; on k2-small's decode
+// the AVX-512 clone ran the step's 8 attention calls ~3x faster than the SSE2 baseline build.
+K2SYS_CLONES void mla_head(float* o, const float* qn, const float* qr, const float* wk, const float* wv,
+                           const float* cache, const std::int64_t* blocks, std::int64_t block_size,
+                           std::int64_t ctx_len, std::int64_t N, std::int64_t C, std::int64_t R, std::int64_t V,
+                           float scale, RowsFn gemv) {
+  const std::int64_t W = C + R;
+  std::vector<float> q_lat(C, 0.0f), s(ctx_len), o_lat(C, 0.0f);
+  float* ql = q_lat.data();
+  for (std::int64_t n = 0; n < N; ++n) axpy(ql, qn[n], wk + n * C, C);  // q_lat += q_nope[n] * w_uk[n, :]
+  auto row = [&](std::int64_t l) { return cache + (blocks[l / block_size] * block_size + l % block_size) * W; };
+  std::int64_t l = 0;
+  for (; l + 4 <= ctx_len; l += 4) {  // 4 cache rows at a time: independent FMA chains
+    const float* k4[4] = {row(l), row(l + 1), row(l + 2), row(l + 3)};
+    dots4(s.data() + l, ql, k4, 0, C);
+    float t[4];
+    dots4(t, qr, k4, C, R);
+    for (int i = 0; i < 4; ++i) s[l + i] = scale * (s[l + i] + t[i]);
+  }
+  for (; l < ctx_len; ++l) {
+    const float* kv = row(l);
+    s[l] = scale * (dot8_inline(ql, kv, C) + dot8_inline(qr, kv + C, R));
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (std::int64_t i = 0; i < ctx_len; ++i) mx = std::max(mx, s[i]);
+  float z = 0.0f;
+  for (std::int64_t i = 0; i < ctx_len; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    z += s[i];
+  }
+  const float inv = 1.0f / z;
+  float* ol = o_lat.data();
+  for (std::int64_t i = 0; i < ctx_len; ++i) axpy(ol, s[i] * inv, row(i), C);  // o_lat += p[i] * kv[i, :C]
+  gemv(o, wv, ol, nullptr, V, C, C);
+}
+
+}  // namespace
+
 void mla_decode_f32(float* o, const float* q_nope, std::int64_t qs, const float* q_rope, std::int64_t rs,
                     const float* w_uk, std::int64_t uks, const float* w_uv, std::int64_t uvs, const float* cache,
                     const std::int64_t* blocks, std::int64_t num_blocks, std::int64_t block_size,
@@ -300,38 +413,12 @@ void mla_decode_f32(float* o, const float* q_nope, std::int64_t qs, const float*
   const std::int64_t nb = (ctx_len + block_size - 1) / block_size;
   for (std::int64_t b = 0; b < nb; ++b)
     if (blocks[b] < 0 || blocks[b] >= num_blocks) throw std::invalid_argument("mla_decode_f32: block id out of range");
-  const std::int64_t W = C + R;
   const RowsFn gemv = kernel();
   auto head = [&](std::int64_t h) {
-    std::vector<float> q_lat(C, 0.0f), s(ctx_len), o_lat(C, 0.0f);
-    const float* qn = q_nope + h * qs;
-    const float* wk = w_uk + h * uks;
-    for (std::int64_t n = 0; n < N; ++n) {  // q_lat += q_nope[n] * w_uk[n, :]
-      const float a = qn[n];
-      const float* row = wk + n * C;
-      for (std::int64_t c = 0; c < C; ++c) q_lat[c] += a * row[c];
-    }
-    const float* qr = q_rope + h * rs;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (std::int64_t l = 0; l < ctx_len; ++l) {
-      const float* kv = cache + (blocks[l / block_size] * block_size + l % block_size) * W;
-      s[l] = scale * (dot8(q_lat.data(), kv, C) + dot8(qr, kv + C, R));
-      mx = std::max(mx, s[l]);
-    }
-    float z = 0.0f;
-    for (std::int64_t l = 0; l < ctx_len; ++l) {
-      s[l] = std::exp(s[l] - mx);
-      z += s[l];
-    }
-    const float inv = 1.0f / z;
-    for (std::int64_t l = 0; l < ctx_len; ++l) {  // o_lat += p[l] * kv[l, :C]
-      const float p = s[l] * inv;
-      const float* kv = cache + (blocks[l / block_size] * block_size + l % block_size) * W;
-      for (std::int64_t c = 0; c < C; ++c) o_lat[c] += p * kv[c];
-    }
-    gemv(o + h * V, w_uv + h * uvs, o_lat.data(), nullptr, V, C, C);
+    mla_head(o + h * V, q_nope + h * qs, q_rope + h * rs, w_uk + h * uks, w_uv + h * uvs, cache, blocks, block_size,
+             ctx_len, N, C, R, V, scale, gemv);
   };
-  if (threads > 1 && H > 1 && ctx_len * W * 4 >= kMinTaskBytes) {
+  if (threads > 1 && H > 1 && ctx_len * (C + R) * 4 >= kMinTaskBytes) {
     ThreadPool::global(threads).run(static_cast<std::size_t>(H), [&](std::size_t h) { head(static_cast<std::int64_t>(h)); });
   } else {
     for (std::int64_t h = 0; h < H; ++h) head(h);

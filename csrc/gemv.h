@@ -4,7 +4,8 @@
 // the weights stream from memory. torch's fp32 GEMV (MKL sgemv through aten::mv / aten::mm with
 // one row) reads ~13-15 GB/s on one core of the CI machine and does not scale with threads, while
 // a plain read of the same bytes runs at ~33 GB/s (1 thread) / ~46 GB/s (2 threads). These
-// kernels stream each weight row once with 8-wide FMAs over 4 rows at a time (x stays in L1) and
+// kernels stream the matrix once, row after row as one sequential stream, with four 16-wide (AVX-512F)
+// or 8-wide (AVX2/FMA) accumulators per row (x stays in L1), and
 // split rows over the k2sys thread pool when a matrix is large enough to pay for the wake-up.
 #pragma once
 #include <cstdint>
@@ -27,7 +28,8 @@ void moe_pairs_f32(float* out, const float* x, const float* w13, const float* w2
 // a . b over n floats (8 partial sums; portable).
 float dot8(const float* a, const float* b, std::int64_t n);
 
-// Which kernel runs: "avx2_fma" or "generic".
+// Which kernel runs: "avx512f", "avx2_fma" or "generic" (picked once from the CPU's features;
+// K2SYS_GEMV_ISA=avx2_fma|generic caps it, for tests and comparisons).
 const char* gemv_isa();
 
 }  // namespace k2sys

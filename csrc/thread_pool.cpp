@@ -1,9 +1,31 @@
 #include "thread_pool.h"
 
+#include <chrono>
 #include <map>
 #include <memory>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define K2SYS_PAUSE() _mm_pause()
+#else
+#define K2SYS_PAUSE() ((void)0)
+#endif
+
 namespace k2sys {
+namespace {
+
+// Spins until done() or kSpinMicros passed; true if done() held.
+template <class Done>
+bool spin_until(Done done) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(ThreadPool::kSpinMicros);
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    K2SYS_PAUSE();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= end) return done();
+  }
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
   for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -43,6 +65,7 @@ void ThreadPool::worker_loop() {
   std::size_t seen = 0;
   for (;;) {
     const std::function<void(std::size_t)>* fn;
+    spin_until([&] { return stop_.load(std::memory_order_relaxed) || generation_.load(std::memory_order_acquire) != seen; });
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_work_.wait(lk, [&] { return stop_ || (job_ != nullptr && generation_ != seen); });
@@ -76,6 +99,7 @@ void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t
   cv_work_.notify_all();
   drain(&fn);
   std::exception_ptr err;
+  spin_until([&] { return done_tasks_.load(std::memory_order_acquire) == num_tasks; });
   {
     std::unique_lock<std::mutex> lk(mu_);
     cv_done_.wait(lk, [&] { return done_tasks_ == num_tasks_; });

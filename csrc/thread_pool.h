@@ -1,6 +1,12 @@
-// A fixed-size worker pool for byte-moving jobs (host copies, slice copies, checksums).
-// One pool per process, created lazily; parallel_for splits [0, n) into contiguous ranges.
+// A fixed-size worker pool for byte-moving jobs (host copies, slice copies, checksums) and the
+// decode kernels' row splits. One pool per process, created lazily.
+//
+// Waking a sleeping worker costs ~10 us on a VM (futex), about a whole k2-small GEMV at batch-1
+// decode, where jobs come back to back: so a worker that finishes a job spins for kSpinMicros on
+// the job counter before it sleeps, and so does the caller waiting for the last task (OpenMP's
+// spin-then-block wait, bounded; an idle pool sleeps).
 #pragma once
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
@@ -27,6 +33,9 @@ class ThreadPool {
   // destroyed, so a reference stays valid while other threads ask for other sizes.
   static ThreadPool& global(int threads);
 
+ public:
+  static constexpr int kSpinMicros = 100;
+
  private:
   void worker_loop();
   void drain(const std::function<void(std::size_t)>* fn);
@@ -35,9 +44,10 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_work_, cv_done_;
   const std::function<void(std::size_t)>* job_ = nullptr;
-  std::size_t num_tasks_ = 0, next_task_ = 0, done_tasks_ = 0;
-  std::size_t generation_ = 0;
-  bool stop_ = false;
+  std::size_t num_tasks_ = 0, next_task_ = 0;
+  std::atomic<std::size_t> done_tasks_{0};
+  std::atomic<std::size_t> generation_{0};
+  std::atomic<bool> stop_{false};
   std::exception_ptr error_;
   std::mutex run_mu_;  // one job on the workers at a time; concurrent callers run inline
 };

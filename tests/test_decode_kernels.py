@@ -3,6 +3,10 @@ and the K2 router; and the native engine's decode with them against the same run
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,44 @@ def test_gemv_rejects_what_it_cannot_read():
         ext.gemv(w, torch.randn(2, 8))
     with pytest.raises(ValueError, match="bias must be"):
         ext.gemv(w, x, bias=torch.randn(3))
+
+
+_ISA_CHECK = """
+import sys, torch, torch.nn.functional as F
+from k2sys import _C, ext
+want = sys.argv[1]
+cpu = open("/proc/cpuinfo").read().split()
+have = {"avx512f": "avx512f" in cpu, "avx2_fma": "avx2" in cpu and "fma" in cpu, "generic": True}
+order = ["avx512f", "avx2_fma", "generic"]
+expect = next(i for i in order[order.index(want):] if have[i])
+assert _C.gemv_isa() == expect, (_C.gemv_isa(), expect)
+g = torch.Generator().manual_seed(7)
+for rows, cols in [(1, 1), (3, 15), (2, 16), (5, 17), (7, 31), (3, 33), (6, 63), (4, 64), (9, 65), (2, 100), (33, 1031)]:
+    base = torch.randn(rows, cols + 3, generator=g)
+    w, x, b = base[:, 1:cols + 1], torch.randn(cols, generator=g), torch.randn(rows, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double()).float()
+    torch.testing.assert_close(ext.gemv(w, x, b), ref, rtol=1e-5, atol=1e-5 * cols ** 0.5)
+    torch.testing.assert_close(ext.gemv(w, x, b, threads=2), ref, rtol=1e-5, atol=1e-5 * cols ** 0.5)
+print("isa", _C.gemv_isa())
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512f", "avx2_fma", "generic"])
+def test_every_gemv_kernel_the_cpu_has_matches_linear(isa):
+    """K2SYS_GEMV_ISA caps the kernel picked at load: each kernel this CPU can run (AVX-512F, AVX2/FMA, the
+    portable one) on column counts around its vector widths and tails, row-strided, 1 and 2 threads."""
+    env = dict(os.environ, K2SYS_GEMV_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "isa " in res.stdout
+
+
+def test_gemv_isa_cap_rejects_unknown_value():
+    env = dict(os.environ, K2SYS_GEMV_ISA="sse9")
+    code = "import torch; from k2sys import _C; _C.gemv_isa()"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "K2SYS_GEMV_ISA must be avx512f, avx2_fma or generic" in res.stderr
 
 
 @pytest.mark.parametrize("T,k,E,D,inter", [(1, 4, 16, 512, 256), (3, 2, 8, 64, 48), (5, 8, 32, 100, 36)])
@@ -145,61 +187,115 @@ def test_mla_decode_matches_torch(ctx_len, threads):
                                   bad.data_ptr(), 96, bs, ctx_len, H, N, C, R, V, scale, threads)
 
 
-def test_engine_decode_with_cpp_kernels_matches_torch_ops(monkeypatch):
-    """The native engine's runner at batch 1 (C++ GEMV, routed experts, RMSNorm, router) against the same
-    runner with the C++ core hidden (torch ops throughout): same greedy tokens, logits within fp32 noise."""
+def _engine_decode(cfg, steps: int, fused: bool = True, prompt=(5, 9, 2, 11, 3, 7)) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode of one request through the native engine's scheduler and runner: (tokens, the
+    logits of the batch-1 decode steps)."""
     from k2sys.engine.core import model_runner as mr
-    from k2sys.engine.core import moe as emoe
     from k2sys.engine.core.config import EngineConfig, SamplingParams
     from k2sys.engine.core.kv_cache import PagedLatentCache
     from k2sys.engine.core.scheduler import Request, Scheduler
-    from k2sys.models import build_model, param_shapes, preset
+    from k2sys.models import build_model, param_shapes
+
+    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
+    g = torch.Generator().manual_seed(3)
+    for name, t in state.items():  # non-trivial norms and biases (a model at init has ones and zeros)
+        if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("correction_bias"):
+            t.add_(0.1 * torch.randn(t.shape, generator=g))
+    ecfg = EngineConfig(max_total_tokens=2048, max_num_batched_tokens=1024)
+    runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=cfg.max_position_embeddings,
+                            moe_kernels="torch")
+    runner.fused_decode = fused
+    cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
+                             cfg.qk_rope_head_dim, torch.float32)
+    logits = []
+    forward = runner.forward_with_prompt_logprobs
+
+    def keep(batch, cache_):
+        out = forward(batch, cache_)
+        logits.append(out[0].clone())
+        return out
+
+    runner.forward_with_prompt_logprobs = keep
+    sched = Scheduler(ecfg, runner, cache, cfg.max_position_embeddings, None)
+    req = Request(rid="r", input_ids=list(prompt),
+                  params=SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True))
+    sched.add(req)
+    for _ in range(steps + 1):
+        sched.step()
+    return list(req.seqs[0].output_ids), torch.cat(logits[1:])  # logits[1:]: the decode steps (batch 1)
+
+
+class _Counting:
+    """The real k2sys._C, counting which kernels are called."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        fn = getattr(ext._C, name)
+
+        def call(*a):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*a)
+        return call
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_engine_decode_with_cpp_kernels_matches_torch_ops(monkeypatch, fused):
+    """The native engine's runner at batch 1 on the C++ kernels against the same runner with the C++ core
+    hidden (torch ops throughout): same greedy tokens, logits within fp32 noise. fused: every layer in one
+    decode_layers_f32 call per step; else the per-op path (C++ GEMV, routed experts, RMSNorm, router, MLA)."""
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.engine.core import moe as emoe
+    from k2sys.models import preset
 
     cfg = preset("k2-tiny", eos_token_id=None)
-    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
-
-    def decode(steps: int) -> tuple[list[int], torch.Tensor]:
-        ecfg = EngineConfig(max_total_tokens=2048, max_num_batched_tokens=1024)
-        runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=cfg.max_position_embeddings,
-                                moe_kernels="torch")
-        cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
-                                 cfg.qk_rope_head_dim, torch.float32)
-        logits = []
-        forward = runner.forward_with_prompt_logprobs
-
-        def keep(batch, cache_):
-            out = forward(batch, cache_)
-            logits.append(out[0].clone())
-            return out
-
-        runner.forward_with_prompt_logprobs = keep
-        sched = Scheduler(ecfg, runner, cache, cfg.max_position_embeddings, None)
-        req = Request(rid="r", input_ids=[5, 9, 2, 11, 3, 7],
-                      params=SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True))
-        sched.add(req)
-        for _ in range(steps + 1):
-            sched.step()
-        return list(req.seqs[0].output_ids), torch.cat(logits[1:])  # logits[1:]: the decode steps (batch 1)
-
-    calls: dict[str, int] = {}
-
-    class Counting:  # the real module, counting which kernels the decode steps call
-        def __getattr__(self, name):
-            fn = getattr(ext._C, name)
-
-            def call(*a):
-                calls[name] = calls.get(name, 0) + 1
-                return fn(*a)
-            return call
-
-    monkeypatch.setattr(mr, "_C", Counting())
-    monkeypatch.setattr(emoe, "_C", Counting())
-    toks, logits = decode(12)
-    for kernel in ("gemv_f32_ptr", "moe_pairs_f32_ptr", "rms_norm_f32_ptr", "route_topk_f32_ptr", "mla_decode_f32_ptr"):
-        assert calls.get(kernel, 0) >= 12, (kernel, calls)
+    counting = _Counting()
+    monkeypatch.setattr(mr, "_C", counting)
+    monkeypatch.setattr(emoe, "_C", counting)
+    toks, logits = _engine_decode(cfg, 12, fused=fused)
+    calls = counting.calls
+    if fused:
+        assert calls.get("decode_layers_f32_ptr", 0) == logits.shape[0] >= 11, calls  # every decode step
+        assert "mla_decode_f32_ptr" not in calls and "moe_pairs_f32_ptr" not in calls, calls
+    else:
+        assert "decode_layers_f32_ptr" not in calls, calls
+        for kernel in ("gemv_f32_ptr", "moe_pairs_f32_ptr", "rms_norm_f32_ptr", "route_topk_f32_ptr",
+                       "mla_decode_f32_ptr"):
+            assert calls.get(kernel, 0) >= 12, (kernel, calls)
     monkeypatch.setattr(mr, "_C", None)
     monkeypatch.setattr(emoe, "_C", None)
-    toks_ref, logits_ref = decode(12)
+    toks_ref, logits_ref = _engine_decode(cfg, 12)
     assert toks == toks_ref
     assert logits.shape == logits_ref.shape and logits.shape[0] >= 11
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["no_q_lora", "no_shared_half_split_bias", "dense_only_one_group",
+                                     "top1_unnormalized"])
+def test_fused_decode_matches_per_op_path_across_configs(monkeypatch, variant):
+    """The fused C++ decode stack against the engine's torch path on model shapes the tiny preset does
+    not have: no q_lora (q_proj), no shared experts with half-split RoPE and attention biases, all dense
+    layers, top-1 routing without normalization; a 40-token decode crosses cache blocks."""
+    import dataclasses
+
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.engine.core import moe as emoe
+    from k2sys.models import preset
+
+    base = preset("k2-tiny", eos_token_id=None)
+    changes = {"no_q_lora": dict(q_lora_rank=None),
+               "no_shared_half_split_bias": dict(n_shared_experts=0, rope_interleave=False, attention_bias=True),
+               "dense_only_one_group": dict(first_k_dense_replace=base.num_hidden_layers, n_group=1, topk_group=1),
+               "top1_unnormalized": dict(num_experts_per_tok=1, norm_topk_prob=False, n_group=1, topk_group=1,
+                                         routed_scaling_factor=1.7)}[variant]
+    cfg = dataclasses.replace(base, **changes)
+    counting = _Counting()
+    monkeypatch.setattr(mr, "_C", counting)
+    toks, logits = _engine_decode(cfg, 40, prompt=(4, 8, 15, 16, 23, 42, 7))
+    assert counting.calls.get("decode_layers_f32_ptr", 0) == logits.shape[0] >= 39, counting.calls
+    monkeypatch.setattr(mr, "_C", None)
+    monkeypatch.setattr(emoe, "_C", None)
+    toks_ref, logits_ref = _engine_decode(cfg, 40, prompt=(4, 8, 15, 16, 23, 42, 7))
+    assert toks == toks_ref
     torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)

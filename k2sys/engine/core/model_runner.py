@@ -284,6 +284,11 @@ class ModelRunner:
         n_pos = max_positions or cfg.max_position_embeddings
         cos, sin = self.rope.cos_sin(torch.arange(n_pos, device=self.device), dtype)
         self.cos_table, self.sin_table = cos, sin
+        # Batch-1 decode through csrc/decode_layer.h (every layer in one C++ call) where it applies;
+        # False keeps the per-op path (tests and benchmarks compare the two).
+        self.fused_decode = True
+        self._plan_key: tuple | None = None
+        self._plans: list | None = None
 
     def _fp8_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The release layout of `state`: FP8 entries with their scales are kept as they are,
@@ -548,16 +553,24 @@ class ModelRunner:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.embed)
-        # [T, 1, R/2]: broadcast over the query heads and the rope key (see _rope_qk)
-        cos, sin = self.cos_table[batch.positions][:, None], self.sin_table[batch.positions][:, None]
-        # The causal + length mask is the same in every layer: build it once per step.
-        groups = [(g, self._attn_bias(g, cache.block_size, x.dtype), self._in_order(batch, g, x.shape[0]))
-                  for g in batch.groups]
-        for li, L in enumerate(self.layers):
-            h = self._rms(x, L.in_norm, eps)
-            x = x + self._attention(li, L, h, cos, sin, batch, cache, groups)
-            h = self._rms(x, L.post_norm, eps)
-            x = x + (self._moe(L, h) if L.moe else self._swiglu(h, L.gate_up, L.down))
+        plans = self._fused_plans(batch, cache) if x.shape[0] == 1 and self.fused_decode else None
+        if plans is not None:  # a lone in-order decode token: every layer in one C++ call, in place on x
+            g, pos = batch.groups[0], int(batch.positions[0])
+            blocks = g.block_tables[0].contiguous()
+            _C.decode_layers_f32_ptr(plans, x.data_ptr(), self.cos_table[pos].data_ptr(), self.sin_table[pos].data_ptr(),
+                                     int(batch.slots[0]), blocks.data_ptr(), cache.block_size, int(g.ctx_len[0]),
+                                     torch.get_num_threads())
+        else:
+            # [T, 1, R/2]: broadcast over the query heads and the rope key (see _rope_qk)
+            cos, sin = self.cos_table[batch.positions][:, None], self.sin_table[batch.positions][:, None]
+            # The causal + length mask is the same in every layer: build it once per step.
+            groups = [(g, self._attn_bias(g, cache.block_size, x.dtype), self._in_order(batch, g, x.shape[0]))
+                      for g in batch.groups]
+            for li, L in enumerate(self.layers):
+                h = self._rms(x, L.in_norm, eps)
+                x = x + self._attention(li, L, h, cos, sin, batch, cache, groups)
+                h = self._rms(x, L.post_norm, eps)
+                x = x + (self._moe(L, h) if L.moe else self._swiglu(h, L.gate_up, L.down))
         spec = batch.prompt_logprobs
         prompt = None
         if spec is not None and spec.rows.numel():
@@ -566,6 +579,84 @@ class ModelRunner:
             x = x.index_select(0, batch.logit_rows)
         x = self._rms(x, self.final_norm, eps)
         return self.lm_head(x).float(), prompt
+
+    def _fused_plans(self, batch: StepBatch, cache: PagedLatentCache) -> list | None:
+        """The per-layer plans of the C++ decode stack (csrc/decode_layer.h) for this one-token step, or
+        None where it does not apply: not fp32 on the CPU, FP8, the Triton MoE, moe_impl="loop", a weight
+        or cache not laid out as the kernels read it, or a step that is not one in-order decode token.
+        Plans hold addresses: they are rebuilt whenever a weight base or a cache layer moved (released
+        and resumed storage)."""
+        if (_C is None or not hasattr(_C, "decode_layers_f32_ptr") or self.device.type != "cpu"
+                or self.dtype != torch.float32 or self.fp8 or self.triton_moe or self.moe_impl != "grouped"):
+            return None
+        if len(batch.groups) != 1 or batch.prompt_logprobs is not None and batch.prompt_logprobs.rows.numel():
+            return None
+        g = batch.groups[0]
+        if (g.rows.shape != (1, 1) or int(g.rows[0, 0]) != 0 or g.block_tables.dtype != torch.int64
+                or int(batch.positions[0]) >= self.cos_table.shape[0] or cache.dtype != torch.float32):
+            return None
+        key = (id(cache), tuple(b.data_ptr() for b in self.bases), tuple(t.data_ptr() for t in cache.layers))
+        if key != self._plan_key:
+            self._plans, self._plan_key = self._build_plans(cache), key
+        return self._plans
+
+    def _build_plans(self, cache: PagedLatentCache) -> list | None:
+        cfg, D = self.cfg, self.cfg.hidden_size
+        if not (self.cos_table.is_contiguous() and self.sin_table.is_contiguous()
+                and self.cos_table.dtype == torch.float32 and self.cos_table.shape[-1] * 2 == self.R):
+            return None
+
+        def rows(lin) -> int:  # a plain fp32 linear with contiguous rows: its weight's address, else 0
+            w = getattr(lin, "w", None)
+            if (not isinstance(lin, _Linear) or w.dtype != torch.float32 or w.dim() != 2 or w.stride(1) != 1
+                    or w.stride(0) != w.shape[1] or lin.bias is not None and not lin.bias.is_contiguous()):
+                return 0
+            return w.data_ptr()
+
+        def ptr(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.data_ptr()
+
+        plans = []
+        for li, L in enumerate(self.layers):
+            P = _C.DecodeLayer()
+            P.D, P.H, P.N, P.R, P.C, P.V, P.q_in = D, self.H, self.N, self.R, self.C, self.V, L.q_in
+            P.q_lora, P.interleave = bool(cfg.q_lora_rank), bool(self.rope.interleave)
+            P.eps, P.q_eps, P.kv_eps, P.scale = cfg.rms_norm_eps, 1e-6, 1e-6, self.scale
+            P.in_norm, P.post_norm, P.kv_norm = ptr(L.in_norm), ptr(L.post_norm), ptr(L.kv_norm)
+            P.attn_in, P.attn_in_bias = rows(L.attn_in), ptr(L.attn_in.bias)
+            P.o_proj, P.o_bias = rows(L.o_proj), ptr(L.o_proj.bias)
+            need = [P.attn_in, P.o_proj]
+            if cfg.q_lora_rank:
+                P.q_norm, P.q_b = ptr(L.q_norm), rows(L.q_b)
+                need.append(P.q_b)
+            w_uk, w_uv = L.w_uk, L.w_uv
+            if (w_uk.stride(2) != 1 or w_uk.stride(1) != self.C or w_uv.stride(2) != 1 or w_uv.stride(1) != self.C):
+                return None
+            P.w_uk, P.w_uv, P.uk_stride, P.uv_stride = ptr(w_uk), ptr(w_uv), w_uk.stride(0), w_uv.stride(0)
+            kvc = cache.layers[li]
+            if not kvc.is_contiguous() or kvc.shape[-1] != self.C + self.R:
+                return None
+            P.cache, P.num_blocks = kvc.data_ptr(), kvc.shape[0]
+            P.moe = bool(L.moe)
+            mlp = (L.gate_up, L.down) if not L.moe else L.shared
+            if mlp is not None:
+                P.gate_up, P.down, P.inter = rows(mlp[0]), rows(mlp[1]), mlp[1].w.shape[1]
+                need += [P.gate_up, P.down]
+                if mlp[0].bias is not None or mlp[1].bias is not None:
+                    return None
+            if L.moe:
+                w13, w2 = L.w13, L.w2
+                if (w13.stride(2) != 1 or w13.stride(1) != D or w2.stride(2) != 1 or w2.stride(1) != w2.shape[2]
+                        or not L.router.is_contiguous() or not L.router_bias.is_contiguous()):
+                    return None
+                P.router, P.router_bias, P.w13, P.w2 = ptr(L.router), ptr(L.router_bias), ptr(w13), ptr(w2)
+                P.E, P.I, P.stride13, P.stride2 = w13.shape[0], w2.shape[2], w13.stride(0), w2.stride(0)
+                P.top_k, P.n_group, P.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+                P.routed_scale, P.norm_topk = cfg.routed_scaling_factor, bool(cfg.norm_topk_prob)
+            if not all(need):
+                return None
+            plans.append(P)
+        return plans
 
     PROMPT_LOGPROB_ELEMENTS = 1 << 24
     """Logits held at once while reducing prompt rows to log-probs (64 MiB of fp32)."""
