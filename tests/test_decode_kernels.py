@@ -96,9 +96,12 @@ def test_gemv_isa_cap_rejects_unknown_value():
     assert "K2SYS_GEMV_ISA must be avx512f, avx2_fma or generic" in res.stderr
 
 
-@pytest.mark.parametrize("T,k,E,D,inter", [(1, 4, 16, 512, 256), (3, 2, 8, 64, 48), (5, 8, 32, 100, 36)])
+@pytest.mark.parametrize("T,k,E,D,inter", [(1, 4, 16, 512, 256), (3, 2, 8, 64, 48), (5, 8, 32, 100, 36),
+                                           (32, 4, 16, 512, 256), (40, 3, 5, 77, 19), (64, 8, 8, 33, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_moe_pairs_matches_reference(T, k, E, D, inter, threads):
+    """Pairs grouped by expert: one GEMV per lone pair, several tokens of an expert through one pass over
+    its weights (1 to 8 at a time; T=64 k=8 E=8 gives ~64 tokens per expert), odd widths, skipped ids."""
     g = torch.Generator().manual_seed(T * 31 + E)
     x = torch.randn(T, D, generator=g)
     w13 = torch.randn(E, 2 * inter, D, generator=g) / D ** 0.5
@@ -257,7 +260,9 @@ def test_engine_decode_with_cpp_kernels_matches_torch_ops(monkeypatch, fused):
     calls = counting.calls
     if fused:
         assert calls.get("decode_layers_f32_ptr", 0) == logits.shape[0] >= 11, calls  # every decode step
-        assert "mla_decode_f32_ptr" not in calls and "moe_pairs_f32_ptr" not in calls, calls
+        n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        # per-op kernels: only the prefill's routed experts (one C++ call per MoE layer); no decode step's
+        assert "mla_decode_f32_ptr" not in calls and calls.get("moe_pairs_f32_ptr", 0) == n_moe, calls
     else:
         assert "decode_layers_f32_ptr" not in calls, calls
         for kernel in ("gemv_f32_ptr", "moe_pairs_f32_ptr", "rms_norm_f32_ptr", "route_topk_f32_ptr",

@@ -17,6 +17,9 @@ Batch-1 decode on CPU in fp32 runs through k2sys's C++ kernels (csrc/gemv.cpp): 
 (GEMV), the routed experts' GEMV pairs, RMSNorm and the router of small steps, and the absorbed
 attention of a lone decode token (`mla_decode_f32`). They equal the torch ops to fp32 rounding
 (tests/test_decode_kernels.py); torch's fp32 GEMV reads a third of the memory bandwidth here.
+A lone in-order decode token goes further: every layer runs in one C++ call (`decode_layers_f32`,
+csrc/decode_layer.h; `_fused_plans`), since ~100 Python-dispatched ops per step cost about as much
+as a third of k2-small's weight stream. `fused_decode = False` keeps the per-op path.
 
 FP8 serving (EngineConfig.quantization="fp8"): every linear weight the DeepSeek-V3 / Kimi-K2
 release quantizes (`k2sys.quant.is_fp8_weight_name`) lives in float8_e4m3fn bases with fp32
