@@ -41,6 +41,7 @@ import re
 import sys
 import time
 
+import k2sys  # noqa: E402,F401  (before torch: its host-allocation settings, k2sys/__init__.py)
 import torch
 import torch.nn.functional as F
 

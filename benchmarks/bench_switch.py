@@ -32,6 +32,7 @@ import warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import k2sys  # noqa: E402,F401  (before torch: its host-allocation settings, k2sys/__init__.py)
 import torch  # noqa: E402
 
 from common import (MIN_REPS, CopyBound, add_common_args, diagnostic, env_info, interleaved,  # noqa: E402

@@ -26,6 +26,7 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
+import k2sys  # noqa: E402,F401  (before torch: its host-allocation settings, k2sys/__init__.py)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+import k2sys  # noqa: E402,F401  (before torch: its host-allocation settings, k2sys/__init__.py)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
