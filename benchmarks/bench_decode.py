@@ -3,8 +3,10 @@
 System: one decode step of the native engine exactly as its scheduler thread runs it
 (`Scheduler.step()`: plan, batch tensors, `ModelRunner` forward, sampling), greedy, every sequence
 decoding (32-token prompts prefilled first, untimed), on a random model of the preset (k2-small).
-Two runners of the same weights run side by side: moe_impl="grouped" (the engine's default) and
-moe_impl="loop" (the per-expert loop it replaced, with its packed expert weights).
+Runners of the same weights run side by side: moe_impl="grouped" (the engine's default; at batch 1
+in fp32 its whole layer stack is one C++ call, csrc/decode_layer.h), moe_impl="loop" (the
+per-expert loop it replaced, with its packed expert weights, op by op), and at batch 1 "per_op"
+(grouped with ModelRunner.fused_decode=False: the same C++ kernels called op by op from Python).
 
 Bound (batch 1): the memory roofline of a step = the weight bytes the step must read / the memory
 bandwidth of a plain copy measured in this run (`common.CopyBound`: the engine's own weight
@@ -18,9 +20,10 @@ t_copy / 2; counting only N / t would give a "bound" that a read-only pass such 
 rows also carry that ratio as `ratio_copy_bytes`). Rows at 1 thread and at all cores, engine and
 copy on the same thread count.
 
-Peers: step seconds and routed-expert seconds of "loop" vs "grouped" in the same rounds (ratio =
-loop / grouped, higher = grouped faster); the routed experts' share of the step for each
-(diagnostic). Diagnostic: the batch-1 step's weight GEMVs alone (the same weight bytes, one row
+Peers: step seconds of "loop" vs "grouped" and, at batch 1, of "per_op" vs the fused stack, in the
+same rounds (ratio = peer / system, higher = the engine's path faster); routed-expert seconds of
+"loop" vs "grouped" where both run them from Python (batch 32), and each per-op path's routed share
+of the step (diagnostic). Diagnostic: the batch-1 step's weight GEMVs alone (the same weight bytes, one row
 through each matrix, no other op) as a share of the step: what is left after it is the engine's
 own work (attention over the cache, routing, norms, Python, sampling).
 
