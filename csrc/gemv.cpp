@@ -284,7 +284,7 @@ void gemv_f32(float* y, const float* w, const float* x, const float* bias, std::
   ThreadPool::global(threads).run(static_cast<std::size_t>(tasks), [&](std::size_t t) {
     const std::int64_t r0 = static_cast<std::int64_t>(t) * per, r1 = std::min(rows, r0 + per);
     if (r0 < r1) fn(y + r0, w + r0 * ldw, x, bias ? bias + r0 : nullptr, r1 - r0, cols, ldw);
-  });
+  }, /*spin=*/true);
 }
 
 void moe_pairs_f32(float* out, const float* x, const float* w13, const float* w2, const std::int64_t* ids,
@@ -330,7 +330,7 @@ void moe_pairs_f32(float* out, const float* x, const float* w13, const float* w2
     if (threads <= 1 || n <= 1) {
       for (std::int64_t i = 0; i < n; ++i) body(i);
     } else {
-      ThreadPool::global(threads).run(static_cast<std::size_t>(n), [&](std::size_t i) { body(static_cast<std::int64_t>(i)); });
+      ThreadPool::global(threads).run(static_cast<std::size_t>(n), [&](std::size_t i) { body(static_cast<std::int64_t>(i)); }, /*spin=*/true);
     }
   };
   auto product = [&](float* out_rows, std::int64_t ld, const float* w, std::int64_t r0, std::int64_t r1,
@@ -509,7 +509,7 @@ void mla_decode_f32(float* o, const float* q_nope, std::int64_t qs, const float*
              ctx_len, N, C, R, V, scale, gemv);
   };
   if (threads > 1 && H > 1 && ctx_len * (C + R) * 4 >= kMinTaskBytes) {
-    ThreadPool::global(threads).run(static_cast<std::size_t>(H), [&](std::size_t h) { head(static_cast<std::int64_t>(h)); });
+    ThreadPool::global(threads).run(static_cast<std::size_t>(H), [&](std::size_t h) { head(static_cast<std::int64_t>(h)); }, /*spin=*/true);
   } else {
     for (std::int64_t h = 0; h < H; ++h) head(h);
   }

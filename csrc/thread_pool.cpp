@@ -65,7 +65,8 @@ void ThreadPool::worker_loop() {
   std::size_t seen = 0;
   for (;;) {
     const std::function<void(std::size_t)>* fn;
-    spin_until([&] { return stop_.load(std::memory_order_relaxed) || generation_.load(std::memory_order_acquire) != seen; });
+    if (spin_.load(std::memory_order_relaxed))
+      spin_until([&] { return stop_.load(std::memory_order_relaxed) || generation_.load(std::memory_order_acquire) != seen; });
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_work_.wait(lk, [&] { return stop_ || (job_ != nullptr && generation_ != seen); });
@@ -77,7 +78,7 @@ void ThreadPool::worker_loop() {
   }
 }
 
-void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn) {
+void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn, bool spin) {
   if (num_tasks == 0) return;
   // One job owns the workers at a time. A second concurrent caller (e.g. the pipeline's stage
   // thread while its apply thread holds the pool) runs its job inline instead of queueing, so
@@ -94,12 +95,13 @@ void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t
     next_task_ = 0;
     done_tasks_ = 0;
     error_ = nullptr;
+    spin_.store(spin, std::memory_order_relaxed);
     ++generation_;
   }
   cv_work_.notify_all();
   drain(&fn);
   std::exception_ptr err;
-  spin_until([&] { return done_tasks_.load(std::memory_order_acquire) == num_tasks; });
+  if (spin) spin_until([&] { return done_tasks_.load(std::memory_order_acquire) == num_tasks; });
   {
     std::unique_lock<std::mutex> lk(mu_);
     cv_done_.wait(lk, [&] { return done_tasks_ == num_tasks_; });
