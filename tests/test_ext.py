@@ -169,3 +169,19 @@ def test_streaming_copy_and_zero_are_exact_at_odd_offsets():
         ext.require_cpp().batched_zero_ptr([dst.data_ptr() + off_d], [n], 2)
         assert int(dst[off_d:off_d + n].count_nonzero()) == 0
         assert int(dst[:off_d].ne(9).sum()) == 0 and int(dst[off_d + n:].ne(9).sum()) == 0
+
+
+def test_import_k2sys_sets_thp_allocation_default_and_keeps_user_choice():
+    """k2sys turns on torch's huge-page host allocations before torch loads (k2sys/__init__.py), and a
+    user's own THP_MEM_ALLOC_ENABLE wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, k2sys; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
