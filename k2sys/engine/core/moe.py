@@ -9,10 +9,10 @@ weights the engine already stores ([E, 2I, D] and [E, D, I], read through transp
 copy). The GEMM is `torch.nn.functional.grouped_mm` (jagged row groups, one weight per group)
 where it runs for the device and dtype (`grouped_mm_works`), else one bmm over the groups padded to
 the largest. On CPU grouped_mm is a C++ loop that visits every group (~3 us each, empty or not),
-so a step with fewer (token, slot) pairs than experts - batch-1 decode - instead runs one GEMV
-pair per pair (`_per_pair`): fewest ops, and only the selected experts' weights are read. In fp32
-on CPU, decode-sized steps (<= CPP_PAIRS_PER_EXPERT pairs per expert) run all of it in one C++
-call that groups the pairs by expert and streams each selected expert's weights once.
+so decode-sized steps on CPU go another way: in fp32 (<= CPP_PAIRS_PER_EXPERT pairs per expert) all
+of it in one C++ call that groups the pairs by expert and streams each selected expert's weights
+once (`_cpp_pairs`); otherwise, with fewer (token, slot) pairs than experts, one GEMV pair per pair
+(`_per_pair`). Either way only the selected experts' weights are read.
 
 The per-expert loop the grouped path replaced is the torch reference itself,
 `k2sys.models.moe_experts`: one GEMM pair per expert through per-expert callables (the engine's
@@ -120,12 +120,11 @@ def _cpp_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
 
 def _per_pair(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
-    """Fewer (token, slot) pairs than experts on CPU (batch-1 decode): one GEMV pair per pair
-    through its expert's weights. CPU grouped_mm walks every group, empty or not, so here it would
-    cost more than the GEMVs; this reads only the selected experts and needs no sort."""
+    """Fewer (token, slot) pairs than experts on CPU where the C++ call does not serve (not fp32, or
+    no extension): one GEMV pair per pair through its expert's weights. CPU grouped_mm walks every
+    group, empty or not, so here it would cost more than the GEMVs; this reads only the selected
+    experts and needs no sort."""
     T, k = ids.shape
-    if _cpp_pairs_ok(x, w13, w2):
-        return _cpp_pairs(x, w13, w2, weights, ids)
     ys = []
     for j, e in enumerate(ids.reshape(-1).tolist()):
         g, u = torch.mv(w13[e], x[j // k]).chunk(2)
