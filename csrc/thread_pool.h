@@ -34,8 +34,7 @@ class ThreadPool {
   // destroyed, so a reference stays valid while other threads ask for other sizes.
   static ThreadPool& global(int threads);
 
- public:
-  static constexpr int kSpinMicros = 100;
+  static constexpr int kSpinMicros = 100;  // how long a spin = true job's workers wait busily
 
  private:
   void worker_loop();

@@ -610,9 +610,11 @@ class ModelRunner:
             return None
 
         def rows(lin) -> int:  # a plain fp32 linear with contiguous rows: its weight's address, else 0
-            w = getattr(lin, "w", None)
-            if (not isinstance(lin, _Linear) or w.dtype != torch.float32 or w.dim() != 2 or w.stride(1) != 1
-                    or w.stride(0) != w.shape[1] or lin.bias is not None and not lin.bias.is_contiguous()):
+            if not isinstance(lin, _Linear):
+                return 0
+            w = lin.w
+            if (w.dtype != torch.float32 or w.dim() != 2 or w.stride(1) != 1 or w.stride(0) != w.shape[1]
+                    or lin.bias is not None and not lin.bias.is_contiguous()):
                 return 0
             return w.data_ptr()
 
