@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "blocked_pack.h"
 #include "buffer_pool.h"
 #include "crc32c.h"
 #include "decode_layer.h"
@@ -114,6 +115,34 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("rows"), py::arg("n"), py::arg("threads") = 0, py::arg("chunk_bytes") = 0,
       "Apply n strided box copies described by an int64 [n, 12] row table at address `rows`.");
+
+  // ---- blocked weight packing (oneDNN's inner-product layouts, written in place) ----
+  m.def(
+      "pack_blocked_f32_ptr",
+      [](std::uintptr_t dst, std::uintptr_t src, std::int64_t n, std::int64_t k, std::int64_t ld, std::int64_t bn,
+         std::int64_t bk, bool n_fastest, bool outer_n_major, int threads) {
+        if (!dst || !src) throw std::invalid_argument("pack_blocked_f32_ptr: null address");
+        k2sys::BlockedLayout lay{bn, bk, n_fastest, outer_n_major};
+        py::gil_scoped_release nogil;
+        k2sys::pack_blocked_f32(reinterpret_cast<float*>(dst), reinterpret_cast<const float*>(src), n, k, ld, lay,
+                                threads);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("n"), py::arg("k"), py::arg("ld"), py::arg("bn"), py::arg("bk"),
+      py::arg("n_fastest"), py::arg("outer_n_major"), py::arg("threads") = 0,
+      "Pack fp32 W [n, k] (row stride ld) into the blocked layout (bn x bk blocks) at dst, padding zeroed.");
+  m.def(
+      "blocked_numel",
+      [](std::int64_t n, std::int64_t k, std::int64_t bn, std::int64_t bk) {
+        return k2sys::blocked_numel(n, k, k2sys::BlockedLayout{bn, bk, true, true});
+      },
+      py::arg("n"), py::arg("k"), py::arg("bn"), py::arg("bk"));
+  m.def(
+      "discard_pages_ptr",
+      [](std::uintptr_t ptr, std::uint64_t nbytes) {
+        return k2sys::discard_pages(reinterpret_cast<void*>(ptr), nbytes);
+      },
+      py::arg("ptr"), py::arg("nbytes"),
+      "madvise(MADV_DONTNEED) the whole pages inside [ptr, ptr + nbytes); returns the bytes dropped.");
 
   // ---- crc32c ----
   m.def("crc32c_hw_available", &k2sys::crc32c_hw_available);

@@ -168,6 +168,11 @@ class HostArena:
                 rep.reused_bytes += n
         return rep
 
+    def shared(self) -> bool:
+        """Whether released memory is kept for another side of this process (two or more live users)."""
+        with self._lock:
+            return self._live_users() >= 2
+
     def trim(self) -> int:
         """Free every chunk nobody leases from (back to the OS); returns the bytes freed."""
         with self._lock:

@@ -48,7 +48,8 @@ def test_deferred_pack_serves_the_new_weights_and_packs_on_first_multi_row_use()
     eager = ModelRunner(CFG, new, torch.float32, "cpu", max_positions=64, moe_kernels="torch")
     r.load_weights(new, pack="defer")
     lins, ref_lins = kept_packed(r), kept_packed(eager)
-    assert r.packs_pending and lins and all(lin.packed is None and lin.pending for lin in lins)
+    # stale copies: freed, or kept only to be rewritten in place (a shape whose layout k2sys can write)
+    assert r.packs_pending and lins and all(lin.pending and (lin.packed is None or lin.layout) for lin in lins)
     g = torch.Generator().manual_seed(0)
     lin, ref = lins[0], ref_lins[0]
     one = torch.randn(1, lin.w.shape[1], generator=g)
@@ -57,10 +58,12 @@ def test_deferred_pack_serves_the_new_weights_and_packs_on_first_multi_row_use()
     plain = ext.gemv(new_w, one) if lin.gemv else F.linear(one, new_w)
     torch.testing.assert_close(lin(one), plain, rtol=0, atol=0)
     torch.testing.assert_close(lin(one), F.linear(one, new_w), rtol=1e-5, atol=1e-5)
-    assert lin.pending and lin.packed is None
+    assert lin.pending
+    stale = lin.packed
     x = torch.randn(5, lin.w.shape[1], generator=g)
     got = lin(x)  # first multi-row call packs the new weight, then runs packed
     assert not lin.pending and lin.packed is not None
+    assert stale is None or lin.packed is stale  # rewritten in place where it was kept
     assert torch.equal(got, ref(x))  # same packed kernel on the same (new) weight as an eager runner
     torch.testing.assert_close(got, F.linear(x, new_w), rtol=1e-5, atol=1e-5)
     r.pack_pending(2)

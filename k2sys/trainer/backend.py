@@ -45,6 +45,7 @@ from k2sys.models.hf_io import write_json_atomic
 from k2sys.trainer.cpu_compat import ensure_cpu_shims
 from k2sys.trainer.formats import FORMAT_DIST, FORMAT_MODEL_DIST, META
 from k2sys.trainer.naming import load_hf_into, local_names, megatron_layout, megatron_to_hf
+from k2sys.trainer.flat_state import flatten_state
 from k2sys.trainer.offload import StateOffloader
 from k2sys.trainer.config import TrainerConfig  # defined apart from megatron; re-exported here
 from k2sys.trainer.optim import OptimConfig, build_optimizer, set_lr
@@ -185,6 +186,7 @@ class MegatronBackend:
         set_lr(self.optimizer, self.train.optim.lr, self.train.optim.weight_decay)
         self.step = 0
         self._offloader: StateOffloader | None = None
+        self._state_flat = False  # optimizer state moved into flat buffers (k2sys.trainer.flat_state)
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -389,12 +391,18 @@ class MegatronBackend:
     # ---- ownership switching ----------------------------------------------------------------
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every tensor of trainer state: params, buffers, grad buffers, optimizer state."""
-        ts: list[torch.Tensor] = list(self.model.module.parameters()) + list(self.model.module.buffers())
-        for buf in list(self.model.buffers) + list(self.model.expert_parallel_buffers):
-            for name in ("param_data", "grad_data"):
-                t = getattr(buf, name, None)
-                if t is not None:
-                    ts.append(t)
+        # the module's tensors are the same objects for the model's life (walking its ~1000 modules
+        # costs ~1 ms of every switch); their storages are read at each offload
+        mod = getattr(self, "_module_tensors", None)
+        if mod is None:
+            mod = list(self.model.module.parameters()) + list(self.model.module.buffers())
+            for buf in list(self.model.buffers) + list(self.model.expert_parallel_buffers):
+                for name in ("param_data", "grad_data"):
+                    t = getattr(buf, name, None)
+                    if t is not None:
+                        mod.append(t)
+            self._module_tensors = mod
+        ts = list(mod)
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         for opt in opts:
             inner = opt.optimizer
@@ -408,7 +416,19 @@ class MegatronBackend:
         """Params, grads and optimizer state -> host DRAM (pinned with CUDA); device storage freed."""
         if self._offloader is None:
             self._offloader = StateOffloader()
+        self._flatten_state()
         return self._offloader.offload(self._state_tensors())
+
+    def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+
+    def _flatten_state(self) -> None:
+        """Once the optimizer has state (its first step, or a loaded checkpoint), move the per-parameter
+        moments into flat buffers: an offload then moves a few large storages instead of ~2 per
+        parameter (k2sys.trainer.flat_state)."""
+        if not self._state_flat and any(o.state for o in self._inner_optimizers()):
+            flatten_state(self._inner_optimizers())
+            self._state_flat = True
 
     def onload(self) -> dict[str, float]:
         """Bring everything offload() moved back, bit-exact, into the same tensors."""
@@ -427,8 +447,11 @@ class MegatronBackend:
     # ---- weights out ------------------------------------------------------------------------
     def local_state(self) -> dict[str, torch.Tensor]:
         """This rank's Megatron tensors (live, detached), named as in naming.megatron_layout."""
-        return {k: v.detach() for k, v in self.model.module.state_dict(keep_vars=True).items()
-                if not k.endswith("_extra_state")}
+        named = getattr(self, "_named_tensors", None)
+        if named is None:  # the module's parameter and buffer objects, fixed for its life
+            named = self._named_tensors = {k: v for k, v in self.model.module.state_dict(keep_vars=True).items()
+                                           if not k.endswith("_extra_state")}
+        return {k: v.detach() for k, v in named.items()}
 
     def export_shards(self):
         """(local tensors, Layout) of this rank, for the checkpoint engine's reshard planner.
@@ -520,6 +543,8 @@ class MegatronBackend:
             sd["optimizer"] = self.optimizer.sharded_state_dict(sd["model"], is_loading=True)
         state = dist_checkpointing.load(sd, str(path))
         self.model.module.load_state_dict(state["model"], strict=False)
+        self._module_tensors = self._named_tensors = None  # walked again (load_state_dict copies in place)
         if optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
+            self._state_flat = False  # the loaded state is fresh tensors: flattened again at the next offload
         self.step = int(meta.get("step", 0))

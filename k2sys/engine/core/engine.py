@@ -622,11 +622,14 @@ class NativeEngine(WeightUpdates):
                     self.cache.release(user=self)
                 elif tag == "weights":
                     # CPU: the storages' memory goes to the process's host arena (a colocated trainer
-                    # onloads into it, touched); then the runner drops its packed copies
+                    # onloads into it, touched). The packed copies: kept (parked, stale) while the arena
+                    # keeps memory for another side of this process, so the update after the switch
+                    # rewrites them in place instead of page-faulting new ones; freed otherwise.
                     from k2sys.host_arena import host_arena
 
-                    host_arena().release([b.untyped_storage() for b in self.runner.bases], user=self)
-                    self.runner.release_weights()
+                    arena = host_arena()
+                    arena.release([b.untyped_storage() for b in self.runner.bases], user=self)
+                    self.runner.release_weights(keep_packed=arena.shared())
                 self._released.add(tag)
             self._empty_device_cache()
         self._call(run)
@@ -662,9 +665,15 @@ class NativeEngine(WeightUpdates):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held, with the packed copies a weight update deferred built first (the footprint
-        the engine settles at, not a moment of it)."""
+        the engine settles at, not a moment of it). While the weights are released in a colocated
+        CPU process, "packed_parked" counts the packed copies kept for the next update (see
+        release_memory); the key is present only then."""
         self.settle()
-        return {"weights": self.runner.weight_bytes, "kv_cache": self.cache.nbytes}
+        out = {"weights": self.runner.weight_bytes, "kv_cache": self.cache.nbytes}
+        parked = self.runner.parked_bytes
+        if parked:
+            out["packed_parked"] = parked
+        return out
 
     def settle(self) -> None:
         """Finish the work a weight update deferred (the CPU packed copies of the new weights), now,

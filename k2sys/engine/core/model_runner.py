@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from k2sys.engine.core import packed_layout
 from k2sys.engine.core.kv_cache import PagedLatentCache
 from k2sys.engine.core.moe import grouped_moe
 from k2sys.models import K2Config, moe_experts, param_shapes, route
@@ -135,14 +136,20 @@ class _Linear:
     GEMM, which dominates the few-row GEMMs of decode; packing once makes them 1.1-1.7x faster
     and the 16k-vocab lm_head 1.6-2.4x (k2-small shapes, 1-32 rows, measured). The copy is a
     cache: `pack()` refreshes it after the weight changes, `unpack()` frees it, `invalidate()`
-    drops a stale one and packs again on the first call that uses it (or when the runner's
+    marks it stale and packs again on the first call that uses it (or when the runner's
     `pack_pending` gets to it first); until then the plain GEMM serves the current weight.
+
+    Where k2sys.engine.core.packed_layout knows the layout oneDNN chose for this shape, a refresh
+    rewrites the existing packed buffer in place with the C++ packer (~2-3x faster than oneDNN's
+    reorder into a new tensor); a stale copy is kept for that, never read. `park()` keeps the
+    copy's memory through a weight release (colocated CPU runs, ModelRunner.release_weights).
     """
 
-    __slots__ = ("w", "bias", "packed", "pending", "gemv")
+    __slots__ = ("w", "bias", "packed", "pending", "gemv", "layout", "parked")
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None):
-        self.w, self.bias, self.packed, self.pending = w, bias, None, False
+        self.w, self.bias, self.packed, self.pending, self.parked = w, bias, None, False, False
+        self.layout = None  # packed_layout.BlockedLayout once probed; False: oneDNN's reorder only
         # One row on CPU in fp32: k2sys's C++ GEMV (csrc/gemv.h) streams the weight at ~1.5-3x the
         # read bandwidth of torch's GEMV, which neither beats a plain read nor scales with threads
         # (k2-small shapes, 1 and 2 threads, measured); decode at batch 1 is these GEMVs.
@@ -166,13 +173,30 @@ class _Linear:
         return F.linear(x, self.w, self.bias)
 
     def pack(self) -> None:
-        self.packed, self.pending = _onednn_pack(self.w.contiguous(), PACK_ROWS), False
+        if self.layout is None:
+            lay = packed_layout.layout_for(*self.w.shape, PACK_ROWS) if self.gemv else None
+            self.layout = lay if lay is not None else False
+        if self.packed is not None and self.layout:
+            packed_layout.repack_(self.packed, self.w, self.layout, torch.get_num_threads())
+        else:
+            self.packed = _onednn_pack(self.w.contiguous(), PACK_ROWS)
+        self.pending = self.parked = False
 
     def unpack(self) -> None:
-        self.packed, self.pending = None, False
+        self.packed, self.pending, self.parked = None, False, False
 
     def invalidate(self) -> None:
-        self.packed, self.pending = None, True
+        if not self.layout:  # no in-place refresh for this shape: free the stale copy now
+            self.packed = None
+        self.pending = True
+
+    def park(self) -> None:
+        """Weights released: keep the packed copy's memory (stale) for an in-place refresh after the
+        next update, where one is possible; else free it."""
+        if self.packed is not None and self.layout:
+            self.pending = self.parked = True
+        else:
+            self.unpack()
 
 
 class _Fp8Linear:
@@ -212,6 +236,9 @@ class _Fp8Linear:
         pass
 
     def invalidate(self) -> None:
+        pass
+
+    def park(self) -> None:
         pass
 
 
@@ -263,7 +290,7 @@ class ModelRunner:
         self.linears: list[_Linear | _Fp8Linear] = []
         self._consumers: dict[str, _Linear | _Fp8Linear] = {}   # HF name -> the linear whose packed copy it feeds
         self._expert_linears: set[int] = set()  # ids of the per-expert linears (packed only for moe_impl="loop")
-        self._pending: list[_Linear] = []  # invalidated linears pack_pending() packs (any already packed on use: skipped)
+        self._pending: dict[int, _Linear] = {}  # id -> invalidated linear pack_pending() packs (any packed on use: skipped)
         self.packed = _packing_works(self.device, dtype)
         self._build_storage()
         self.expected = {n: tuple(s) for n, s in param_shapes(cfg).items()}
@@ -442,8 +469,15 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Resident weight bytes: the bases and the packed copies (call pack_pending() first for the
         footprint with every deferred copy built)."""
-        packed = sum(lin.packed.numel() * lin.packed.element_size() for lin in self.linears if lin.packed is not None)
+        packed = sum(lin.packed.numel() * lin.packed.element_size() for lin in self.linears
+                     if lin.packed is not None and not getattr(lin, "parked", False))
         return sum(b.untyped_storage().nbytes() for b in self.bases) + packed
+
+    @property
+    def parked_bytes(self) -> int:
+        """Bytes of packed copies kept through a weight release (release_weights(keep_packed=True))."""
+        return sum(lin.packed.numel() * lin.packed.element_size() for lin in self.linears
+                   if lin.packed is not None and getattr(lin, "parked", False))
 
     def load_weights(self, named: dict[str, torch.Tensor], pack: str = "now") -> None:
         """Copy HF-named tensors into their views, then refresh the packed copies they feed: now
@@ -473,9 +507,9 @@ class ModelRunner:
                     continue
                 if pack == "now":
                     lin.pack()
-                elif not lin.pending:
+                else:
                     lin.invalidate()
-                    self._pending.append(lin)
+                    self._pending[id(lin)] = lin
 
     @property
     def packs_pending(self) -> bool:
@@ -486,7 +520,7 @@ class ModelRunner:
         """Build up to `limit` (None: all) of the packed copies load_weights(pack="defer") left."""
         n = 0
         while self._pending and (limit is None or n < limit):
-            lin = self._pending.pop()
+            _, lin = self._pending.popitem()
             if lin.pending:  # else packed on use meanwhile, or dropped by unpack()
                 lin.pack()
                 n += 1
@@ -510,10 +544,15 @@ class ModelRunner:
                 else:
                     lin.unpack()
 
-    def release_weights(self) -> None:
-        """Free every base's storage (views stay attached to the emptied storage) and the packed copies."""
+    def release_weights(self, keep_packed: bool = False) -> None:
+        """Free every base's storage (views stay attached to the emptied storage) and the packed
+        copies; keep_packed=True keeps the packed copies that can be refreshed in place (stale until
+        the next update rewrites them: `parked_bytes`), the rest are freed."""
         for lin in self.linears:
-            lin.unpack()
+            if keep_packed:
+                lin.park()
+            else:
+                lin.unpack()
         self._pending.clear()
         for b in self.bases:
             b.untyped_storage().resize_(0)
