@@ -6,8 +6,9 @@ the bound's threads and rounds in the row (the rule: benchmarks/common.py, docs/
               1 thread and with all cores (N threads on one work queue of pieces; target 0.85 at all cores)
   apply       reshard apply (batched strided copy of a real TP2->TP1 plan, all cores) vs a plain copy of
               the same bytes from the same bucket buffers into the same destination tensors
-  update      2-rank gloo update of a TP=2 trainer into a TP=1 engine, pipelined vs serial (peer,
-              target 1.25) and vs a gloo broadcast of the same bytes between the same ranks (bound)
+  update      2-rank update of a TP=2 trainer into a TP=1 engine, pipelined vs serial over the default
+              transport between ranks on one host (shared-memory rings: peer, target 1.25) and over gloo
+              broadcasts (peer); shm vs gloo; gloo pipelined vs a gloo broadcast of the same bytes (bound)
   shm         cross-process update of a `k2sys serve` subprocess: shm vs base64 HTTP bodies (peer), and
               vs two plain copies of the same bytes (pack into the segment + server copy: the bound)
   copies      bytes copied per update: value = bytes copied / model bytes, ratio = model bytes / bytes
@@ -102,8 +103,11 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
     # final memcpy that both modes would pay alike.
     recv = TensorSink(engine_tp_layout(BENCH_MODEL, 1, 0), in_place=False)
     cfg = dict(bucket_bytes=bucket_mib * MiB, checksum=True)
-    runners = {"pipelined": WeightUpdater(None, UpdateConfig(pipeline=True, **cfg)),
-               "serial": WeightUpdater(None, UpdateConfig(pipeline=False, **cfg))}
+    # the default transport between ranks on one host (shared-memory rings) and gloo broadcasts
+    runners = {"pipelined": WeightUpdater(None, UpdateConfig(pipeline=True, transport="shm", **cfg)),
+               "serial": WeightUpdater(None, UpdateConfig(pipeline=False, transport="shm", **cfg)),
+               "gloo_pipelined": WeightUpdater(None, UpdateConfig(pipeline=True, transport="collective", **cfg)),
+               "gloo_serial": WeightUpdater(None, UpdateConfig(pipeline=False, transport="collective", **cfg))}
     reports = {k: upd.update(shards, recv) for k, upd in runners.items()}  # warm: plans, staging, pages
     # the transport bound: each rank broadcasts its share of the same bytes in one message
     sent = reports["pipelined"].bytes_sent
@@ -113,10 +117,10 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
         for r in range(2):
             dist.broadcast(flats[r], src=r)
 
-    names = ["pipelined", "serial", "broadcast"]
+    names = ["pipelined", "serial", "gloo_pipelined", "gloo_serial", "broadcast"]
     times = {k: [] for k in names}
     for i in range(repeats):
-        for k in names[i % 3:] + names[:i % 3]:  # rotated, as common.interleaved does
+        for k in names[i % len(names):] + names[:i % len(names)]:  # rotated, as common.interleaved does
             dist.barrier()
             t0 = time.perf_counter()
             if k == "broadcast":
@@ -131,10 +135,10 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
         barrier.append(time.perf_counter() - t0)
     if rank == 0:
         summary = {"times": times, "barrier_s": statistics.median(barrier)}
-        for k in ("pipelined", "serial"):
+        for k in runners:
             r = reports[k]
             summary[k] = {f: getattr(r, f) for f in ("wall_s", "stage_s", "broadcast_s", "apply_s", "checksum_s",
-                                                     "bytes_sent", "n_buckets", "mode")}
+                                                     "bytes_sent", "bytes_copied", "n_buckets", "mode", "transport")}
         with open(out_path, "w") as f:
             json.dump(summary, f)
     dist.barrier()
@@ -155,12 +159,21 @@ def bench_update(repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
     nbytes = s["pipelined"]["bytes_sent"]
     common = dict(threads=1, system_threads=1, work=nbytes, unit="GB/s", scale=1e9,
                   ranks=2, bucket_mib=bucket_mib)
-    out = [paired_row("update_2rank_gloo_pipelined_vs_serial", t["pipelined"], t["serial"], kind="peer",
-                      bound="the serial update (pipeline=False): same 2 gloo ranks, shards, buckets, checksums",
-                      target=1.25, **common),
-           paired_row("update_2rank_gloo_pipelined_vs_broadcast", t["pipelined"], t["broadcast"],
+    out = [paired_row("update_2rank_pipelined_vs_serial", t["pipelined"], t["serial"], kind="peer",
+                      bound="the serial update (pipeline=False): same 2 ranks, shards, buckets, checksums and "
+                            "transport (shared-memory rings, the default between ranks on one host)",
+                      target=1.25, transport="shm", **common),
+           paired_row("update_2rank_gloo_pipelined_vs_serial", t["gloo_pipelined"], t["gloo_serial"], kind="peer",
+                      bound="the serial update over the same gloo broadcasts (transport='collective')",
+                      transport="collective", **common),
+           paired_row("update_2rank_shm_vs_gloo_pipelined", t["pipelined"], t["gloo_pipelined"], kind="peer",
+                      bound="the same pipelined update with gloo broadcasts (transport='collective')",
+                      transport="shm", **common),
+           paired_row("update_2rank_gloo_pipelined_vs_broadcast", t["gloo_pipelined"], t["broadcast"],
                       bound=f"gloo broadcast of the same {nbytes / 1e6:.0f} MB between the same 2 ranks (1 thread "
-                            "each), one message per rank: the transport alone", **common)]
+                            "each), one message per rank: the collective transport alone (the shm transport "
+                            "moves no bytes in transit, so this is no bound for it)",
+                      transport="collective", **common)]
     return out, s
 
 
@@ -433,9 +446,9 @@ def main(argv=None) -> int:
     print_results(results, "# checkpoint engine: onload, apply, update, shm, copies, projection")
     write_results(args.json, results, env)
     if stages:
-        for k in ("pipelined", "serial"):
+        for k in ("pipelined", "serial", "gloo_pipelined", "gloo_serial"):
             s = stages[k]
-            print(f"update {k:9s}: wall {s['wall_s']:.3f} s = stage {s['stage_s']:.3f} + broadcast {s['broadcast_s']:.3f}"
+            print(f"update {k:14s}: wall {s['wall_s']:.3f} s = stage {s['stage_s']:.3f} + broadcast {s['broadcast_s']:.3f}"
                   f" + apply {s['apply_s']:.3f} (checksum {s['checksum_s']:.3f}) [{s['mode']}, {s['n_buckets']} buckets,"
                   f" {s['bytes_sent'] / 1e6:.0f} MB] (rank 0, stage sums overlap when pipelined)")
     print("\n".join(lines))

@@ -3,7 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <stdexcept>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <thread>
 #include <vector>
 
@@ -143,6 +147,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("ptr"), py::arg("nbytes"),
       "madvise(MADV_DONTNEED) the whole pages inside [ptr, ptr + nbytes); returns the bytes dropped.");
+
+  m.def(
+      "store_fence",
+      [] {
+#if defined(__x86_64__)
+        _mm_sfence();  // streaming (non-temporal) stores of a finished copy are ordered before what follows
+#endif
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+      },
+      "Order every store this thread made (streaming ones included) before its later stores.");
 
   // ---- crc32c ----
   m.def("crc32c_hw_available", &k2sys::crc32c_hw_available);

@@ -3,6 +3,7 @@ bitwise, pipelined and serial, checksums on; failures abort on every rank and ke
 
 import datetime
 import os
+import time
 import traceback
 
 import pytest
@@ -140,7 +141,7 @@ def worker_main(rank: int, port: int, out_dir: str) -> None:
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def worker_killed(rank: int, port: int, out_dir: str) -> None:
+def worker_killed(rank: int, port: int, out_dir: str, transport: str = "collective") -> None:
     res = {}
     try:
         _init(rank, port)
@@ -148,19 +149,27 @@ def worker_killed(rank: int, port: int, out_dir: str) -> None:
         src = megatron_like_layout(TINY, 2, rank)
         shards = TrainerShards(src, materialize(src, g))
         r = TensorSink(engine_tp_layout(TINY, 1, 0))
-        update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, timeout_s=20))
+        rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, timeout_s=20, transport=transport))
+        res["transport"] = rep.transport
         before = {n: t.clone() for n, t in r.weights.items()}
         g2 = {n: (t.float() * 2).to(t.dtype) for n, t in g.items()}
+        t0 = time.monotonic()
         try:  # rank 1 dies (os._exit) when it reaches bucket 4
             update_weights(TrainerShards(src, materialize(src, g2)), r,
-                           config=UpdateConfig(bucket_bytes=4096, timeout_s=20, fault=FaultInjection("die", 4, 1)))
+                           config=UpdateConfig(bucket_bytes=4096, timeout_s=20, fault=FaultInjection("die", 4, 1),
+                                               transport=transport))
             res["killed"] = ("no error",)
         except UpdateError as e:
             res["killed"] = (str(e), e.bucket, bitwise_equal(r.weights, before), r.version)
+        res["seconds"] = time.monotonic() - t0
     except Exception:
         res["error"] = traceback.format_exc()
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     os._exit(0)  # do not wait in the process group's teardown for the dead peer
+
+
+def worker_killed_shm(rank: int, port: int, out_dir: str) -> None:
+    worker_killed(rank, port, out_dir, transport="shm")
 
 
 def spawn(fn, tmp_path, timeout=240):
@@ -251,3 +260,18 @@ def test_killed_rank_aborts_survivor_with_old_weights(tmp_path):
     # may see it on the completion of bucket 3, which rank 1 issued and never finished
     assert ("bucket 4" in msg or "bucket 3" in msg) and "died or timed out" in msg, msg
     assert bucket in (3, 4) and kept and version == 1
+    assert res["transport"] == "collective"
+
+
+def test_killed_rank_over_shared_memory_is_seen_at_once(tmp_path):
+    """Over the shared-memory rings the survivor notices the peer's process exit (same host), not
+    the 20 s timeout; the update aborts with the previous weights kept."""
+    out, codes = spawn(worker_killed_shm, tmp_path, timeout=120)
+    assert codes[1] == 17
+    res = out[0]
+    assert res is not None and "error" not in res, res and res.get("error")
+    assert res["transport"] == "shm"
+    msg, bucket, kept, version = res["killed"]
+    assert "rank 1" in msg and "has exited" in msg and bucket >= 3, msg
+    assert kept and version == 1
+    assert res["seconds"] < 10, res["seconds"]

@@ -48,6 +48,7 @@ from k2sys.ckpt.bucket import fill_bucket, interleave_owners
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.plan import ReshardPlan, plan_reshard, select_sources
 from k2sys.ckpt.schedule import run_ring, run_serial
+from k2sys.ckpt.shm_ring import ShmRings, open_rings
 from k2sys.ckpt.sink import NullSink, WeightSink, global_specs
 from k2sys.ckpt.transport import TRAILER_BYTES, BucketTransport, Failure, payload_crc, read_trailer, write_trailer
 from k2sys.ckpt.types import Bucket, PlanError, TensorSpec, UpdateConfig, UpdateError
@@ -97,6 +98,9 @@ class UpdateReport:
     depth: int = 0
     version: Any = 0
     mode: str = ""
+    transport: str = ""
+    """How bucket bytes travelled between ranks: "collective" (broadcasts) or "shm" (UpdateConfig.transport);
+    "" for an update within one process."""
 
     @property
     def copy_ratio(self) -> float:
@@ -146,6 +150,9 @@ class WeightUpdater:
         self._pool = ext.StagingPool() if self.device.type == "cpu" else None
         self._onloader = ext.Onloader(self.device) if self.device.type == "cuda" else None
         self._slots: list[Any] = []
+        self._shm: Optional[ShmRings] = None  # k2sys.ckpt.shm_ring, for ranks on one host
+        self._shm_key: Optional[tuple] = None
+        self._shm_why = ""
 
     # ------------------------------------------------------------------ planning
     def _prepare(self, tr: BucketTransport, shards: TrainerShards, sink: WeightSink) -> _Prepared:
@@ -200,6 +207,28 @@ class WeightUpdater:
             return [s.tensor for s in self._slots]
         return [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(depth)]
 
+    def _rings(self, tr: BucketTransport, depth: int, slot_bytes: int) -> Optional[ShmRings]:
+        """The shared-memory rings of this group (UpdateConfig.transport), or None for broadcasts.
+        Collective: every rank decides alike (the rings are opened, or refused, on all of them)."""
+        mode = self.config.transport
+        if mode == "collective" or (mode == "auto" and self.device.type != "cpu"):
+            return None
+        if self.device.type != "cpu":
+            raise UpdateError(f"UpdateConfig.transport='shm' moves CPU buckets; this update stages on "
+                              f"{self.device} (use 'auto' or 'collective': NCCL)")
+        key = (tr.world, depth, (slot_bytes + 63) // 64 * 64)
+        if self._shm_key != key:
+            if self._shm is not None:
+                self._shm.close()
+            self._shm, why = open_rings(tr, depth, slot_bytes)
+            self._shm_key = key
+            if self._shm is None:
+                log.info("weight update: shared-memory transport unavailable (%s); broadcasting", why)
+                self._shm_why = why
+        if self._shm is None and mode == "shm":
+            raise UpdateError(f"UpdateConfig.transport='shm': {self._shm_why}; use 'auto' or 'collective'")
+        return self._shm
+
     # ------------------------------------------------------------------ the update
     def update(self, shards: TrainerShards, sink: Optional[WeightSink]) -> UpdateReport:
         cfg = self.config
@@ -214,10 +243,17 @@ class WeightUpdater:
         tr = BucketTransport(self.group, cfg.timeout_s)
         prep = self._prepare(tr, shards, sink)
         depth = self._depth(prep.slot_bytes)
-        bufs = self._buffers(depth, prep.slot_bytes)
+        rings = self._rings(tr, depth, prep.slot_bytes)
+        bufs = self._buffers(depth, prep.slot_bytes) if rings is None else []
+        if rings is not None:
+            rings.begin()
+
+        def buf_of(i: int) -> torch.Tensor:  # bucket i's buffer: the owner's shared slot, or this rank's own
+            return rings.slot(prep.buckets[i].owner, i) if rings is not None else bufs[i % depth]
         threads = cfg.copy_threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", tr.world)))
         rep = UpdateReport(n_buckets=len(prep.buckets), depth=depth,
                            mode="serial" if depth == 1 else "2-stage" if depth == 2 else "3-stage",
+                           transport="collective" if rings is None else "shm",
                            bytes_sent=sum(b.nbytes for b in prep.buckets), model_bytes=prep.dst.nbytes)
         failure: list[Optional[Failure]] = [None]
         staged, received = [0], [0]  # bytes packed (stage thread) / received (broadcast thread) on this rank
@@ -243,8 +279,10 @@ class WeightUpdater:
                 if b.owner != tr.rank:
                     return
                 t0 = time.perf_counter()
-                buf = bufs[i % depth]
+                buf = buf_of(i)
                 try:
+                    if rings is not None:  # the slot's previous bucket has been applied everywhere
+                        rings.wait_slot_free(i, cfg.timeout_s)
                     self._pack(b, shards.tensors, buf, threads)
                     staged[0] += b.nbytes
                     t1 = time.perf_counter()
@@ -260,23 +298,30 @@ class WeightUpdater:
                     log.error("fault drill: rank %d exits before broadcast of bucket %d", tr.rank, i)
                     os._exit(17)
                 if drill(i) and b.owner == tr.rank:
-                    bufs[i % depth][0] ^= 0xFF  # drill: corrupted after the checksum, before sending
+                    buf_of(i)[0] ^= 0xFF  # drill: corrupted after the checksum, before sending
                 issued[i] = time.perf_counter()
+                if rings is not None:
+                    if b.owner == tr.rank:
+                        rings.publish(i)
+                    return None
                 return tr.broadcast_async(bufs[i % depth][:b.nbytes + TRAILER_BYTES], b.owner)
 
             def land(i: int, work) -> None:
                 b = prep.buckets[i]
-                tr.wait(work, i, b.owner)
+                if rings is None:
+                    tr.wait(work, i, b.owner)
+                elif b.owner != tr.rank:
+                    rings.wait_published(b.owner, i, cfg.timeout_s)
                 # from issue to landing: with several in flight this counts overlapping time once each
                 rep.broadcast_s += time.perf_counter() - issued[i]
-                if b.owner != tr.rank:
-                    received[0] += b.nbytes  # landed in this rank's buffer
+                if b.owner != tr.rank and rings is None:
+                    received[0] += b.nbytes  # landed in this rank's buffer (shm: read where the owner wrote it)
                 if drill(i) and b.owner != tr.rank:
-                    bufs[i % depth][0] ^= 0xFF  # drill: a bit flipped in transit
+                    buf_of(i)[0] ^= 0xFF  # drill: a bit flipped in transit
 
             def apply(i: int) -> None:
                 b, comp = prep.buckets[i], prep.compiled[i]
-                buf = bufs[i % depth]
+                buf = buf_of(i)
                 t0 = time.perf_counter()
                 try:
                     # The owner's buffer never travelled: only receivers verify.
@@ -306,6 +351,8 @@ class WeightUpdater:
                     fail(b, f"apply failed: {type(e).__name__}: {e}")
                 finally:
                     rep.apply_s += time.perf_counter() - t0
+                    if rings is not None:
+                        rings.ack(i)  # the owner may reuse the slot once every rank has said so
 
             issued: dict[int, float] = {}
             if depth == 1:

@@ -256,6 +256,9 @@ class FaultInjection:
             raise ValueError(f"FaultInjection.kind must be 'corrupt' or 'die', got {self.kind!r}")
 
 
+TRANSPORTS = ("auto", "collective", "shm")
+
+
 @dataclass(kw_only=True)
 class UpdateConfig:
     """Knobs of a weight update (all ranks must pass equal values)."""
@@ -274,6 +277,10 @@ class UpdateConfig:
     """C++ threads per rank for pack/checksum/apply; 0 = this host's cores / local ranks."""
     fault: Optional[FaultInjection] = None
     """Failure drill for tests and chaos runs; None in production."""
+    transport: str = "auto"
+    """How bucket bytes travel between ranks: "collective" (torch.distributed broadcast: gloo on CPU,
+    NCCL on GPU), "shm" (CPU ranks on one host: rings in shared memory, k2sys.ckpt.shm_ring; an error
+    where that is impossible) or "auto" (shm where possible, else collective)."""
 
     def __post_init__(self):
         if self.bucket_bytes < 256:
@@ -282,6 +289,8 @@ class UpdateConfig:
             raise ValueError(f"UpdateConfig.max_staging_bytes must be >= 0, got {self.max_staging_bytes}")
         if self.copy_threads < 0:
             raise ValueError(f"UpdateConfig.copy_threads must be >= 0 (0 = automatic), got {self.copy_threads}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"UpdateConfig.transport: use one of {TRANSPORTS}, got {self.transport!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"UpdateConfig.timeout_s must be > 0, got {self.timeout_s}")
 

@@ -1,0 +1,205 @@
+"""Bucket rings in shared memory: the data path of a weight update between ranks on one host (CPU).
+
+gloo moves a broadcast between processes on one host through TCP loopback: the sender's kernel
+copies every byte into a socket buffer and every receiver's kernel copies it out again, on the
+same cores that stage and apply the buckets (a 2-rank update on 2 cores spent ~60% of its time
+there, docs/benchmarks.md). Here each rank owns a ring of `depth` bucket slots in a shared-memory
+file that every rank of the group maps:
+
+    owner     waits until every rank has applied the bucket that last used the slot, packs the bucket
+              into its own slot (+ the crc32c trailer), then publishes it (a tag in its ring header)
+    receiver  waits for the tag, verifies the crc and applies straight from the owner's slot
+    everyone  acknowledges each applied bucket (a counter in its own ring header)
+
+so a byte is written once on the way (the owner's pack) and read by each rank's apply: no copy in
+transit. Tags and counters carry the update's epoch (every rank counts its updates alike), so a
+value left by the previous update is never taken for this one. Waits poll with a short backoff
+and give up after the update's timeout, naming the rank that did not answer: a dead peer ends the
+update on every rank, as a failed collective does.
+
+The files are created in /dev/shm with their full size reserved (posix_fallocate: a too-small
+/dev/shm fails here, not with SIGBUS later), mapped by every rank, then unlinked by their owner
+once every rank has mapped them: nothing is left behind when a process dies. GPU buckets keep
+NCCL: this is the CPU path only (UpdateConfig.transport).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from typing import Optional
+
+import torch
+
+from k2sys import ext
+from k2sys.ckpt.types import UpdateError
+
+HEADER_BYTES = 4096  # tags (one int64 per slot) + the applied counter; slots start page-aligned
+SHM_DIR = "/dev/shm"
+_EPOCH_SHIFT = 32
+
+
+def host_id() -> str:
+    """Ranks with equal ids share this host's /dev/shm."""
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        pass
+    return f"{socket.gethostname()}/{boot}"
+
+
+class ShmRings:
+    """Every rank's ring of bucket slots, mapped in this process (create with `open_rings`)."""
+
+    def __init__(self, rank: int, world: int, depth: int, slot_bytes: int, maps: list[torch.Tensor]):
+        self.rank, self.world, self.depth, self.slot_bytes = rank, world, depth, slot_bytes
+        self.maps = maps
+        self.headers = [m[:HEADER_BYTES].view(torch.int64) for m in maps]  # [tags..., applied]
+        self.epoch = 0
+        self.peers: dict[int, tuple[int, str]] = {}  # rank -> (pid, start time) where visible from here
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.world, self.depth, self.slot_bytes
+
+    def slot(self, owner: int, bucket: int) -> torch.Tensor:
+        off = HEADER_BYTES + (bucket % self.depth) * self.slot_bytes
+        return self.maps[owner][off:off + self.slot_bytes]
+
+    def begin(self) -> None:
+        """A new update: values of this epoch are the ones to wait for."""
+        self.epoch += 1
+
+    def _tag(self, bucket: int) -> int:
+        return (self.epoch << _EPOCH_SHIFT) | (bucket + 1)
+
+    def publish(self, bucket: int) -> None:
+        """Bucket `bucket` is complete in this rank's slot (its bytes are visible before the tag)."""
+        ext.require_cpp().store_fence()
+        self.headers[self.rank][bucket % self.depth] = self._tag(bucket)
+
+    def ack(self, bucket: int) -> None:
+        """This rank has applied every bucket up to and including `bucket`."""
+        self.headers[self.rank][self.depth] = self._tag(bucket)
+
+    def _alive(self, rank: int) -> bool:
+        peer = self.peers.get(rank)
+        return peer is None or _proc_start(peer[0]) == peer[1]
+
+    def _wait(self, ready, what: str, rank: int, bucket: int, timeout_s: float) -> None:
+        t0 = last_check = time.monotonic()
+        pause = 2e-5
+        while not ready():
+            now = time.monotonic()
+            if now - last_check > 0.05:
+                last_check = now
+                if not self._alive(rank) and not ready():
+                    raise UpdateError(f"weight update aborted: rank {self.rank} waited for rank {rank} to {what} "
+                                      f"bucket {bucket} (shared-memory transport), and rank {rank}'s process "
+                                      f"(pid {self.peers[rank][0]}) has exited: a peer rank died",
+                                      bucket=bucket, rank=rank)
+            if now - t0 > timeout_s:
+                raise UpdateError(f"weight update aborted: rank {self.rank} waited {timeout_s:.0f} s for rank {rank} "
+                                  f"to {what} bucket {bucket} (shared-memory transport); a peer rank died or timed "
+                                  "out", bucket=bucket, rank=rank)
+            time.sleep(pause)
+            pause = min(pause * 2, 5e-4)
+
+    def wait_published(self, owner: int, bucket: int, timeout_s: float) -> None:
+        tags, want = self.headers[owner], self._tag(bucket)
+        self._wait(lambda: int(tags[bucket % self.depth]) == want, "publish", owner, bucket, timeout_s)
+
+    def wait_slot_free(self, bucket: int, timeout_s: float) -> None:
+        """Every rank has applied bucket - depth (the last one that can have used this slot)."""
+        need = bucket - self.depth
+        if need < 0:
+            return
+        want = self._tag(need)
+        for r in range(self.world):
+            counter = self.headers[r]
+            self._wait(lambda: int(counter[self.depth]) >= want, "apply", r, need, timeout_s)
+
+    def close(self) -> None:
+        self.maps = self.headers = []
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """The start time of process `pid` as this process sees it (/proc/<pid>/stat field 22), or None
+    where there is no such running process (an exited one, a zombie included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X", "x"):
+        return None
+    return fields[19]
+
+
+def _create(path: str, nbytes: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # ENOSPC now rather than SIGBUS on first touch
+    finally:
+        os.close(fd)
+
+
+def open_rings(tr, depth: int, slot_bytes: int) -> tuple[Optional[ShmRings], str]:
+    """Collective over the transport's group: every rank creates its ring and maps all of them.
+    Returns (rings, "") on every rank, or (None, why) on every rank unless every rank is on this
+    host and succeeded."""
+    slot_bytes = (slot_bytes + 63) // 64 * 64
+    nbytes = HEADER_BYTES + depth * slot_bytes
+    path, err = None, None
+    try:
+        if not os.path.isdir(SHM_DIR):
+            raise OSError(f"{SHM_DIR} is missing")
+        path = os.path.join(SHM_DIR, f"k2sys-update-{uuid.uuid4().hex}-r{tr.rank}")
+        _create(path, nbytes)
+    except OSError as e:
+        err, path = f"{type(e).__name__}: {e}", None
+    token = int.from_bytes(os.urandom(7), "little")
+    me = (host_id(), path, err, os.getpid(), _proc_start(os.getpid()), token)
+    infos = tr.gather_objects(me)
+    same_host = len({i[0] for i in infos}) == 1
+    ok = same_host and all(i[1] is not None for i in infos)
+    maps: list[torch.Tensor] = []
+    if ok:
+        try:
+            for i in infos:
+                if not os.path.isfile(i[1]) or os.path.getsize(i[1]) != nbytes:
+                    raise OSError(f"{i[1]} is not visible here (another /dev/shm)")
+            maps = [torch.from_file(i[1], shared=True, size=nbytes, dtype=torch.uint8) for i in infos]
+            maps[tr.rank][HEADER_BYTES - 8:HEADER_BYTES].view(torch.int64)[0] = token
+        except (OSError, RuntimeError) as e:
+            err, maps = f"{type(e).__name__}: {e}", []
+    tr.gather_objects(None)  # every rank has written its token
+    if maps:  # the same memory on every rank: each peer's token reads back through its mapping
+        seen = [int(m[HEADER_BYTES - 8:HEADER_BYTES].view(torch.int64)[0]) for m in maps]
+        if seen != [i[5] for i in infos]:
+            err, maps = "the ranks' shared-memory files are not the same memory", []
+    mapped = tr.gather_objects(bool(maps))  # everyone has mapped (or failed) before anyone unlinks
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    if not same_host:
+        return None, f"the ranks are on {len({i[0] for i in infos})} hosts"
+    if not ok or not all(mapped):
+        why = [f"rank {r}: {i[2]}" for r, i in enumerate(infos) if i[2]] or [err or "a rank could not map the rings"]
+        return None, "; ".join(why)
+    for r in range(len(maps)):
+        if r == tr.rank:
+            maps[r][:HEADER_BYTES].zero_()
+    tr.gather_objects(None)  # headers zeroed everywhere before the first update reads them
+    rings = ShmRings(tr.rank, tr.world, depth, slot_bytes, maps)
+    # peers whose process this one can see (same pid namespace: pid and start time agree) are
+    # checked for exit while waiting, so a dead rank is reported at once instead of at the timeout
+    rings.peers = {r: (i[3], i[4]) for r, i in enumerate(infos) if r != tr.rank and i[4] is not None
+                   and _proc_start(i[3]) == i[4]}
+    return rings, ""
