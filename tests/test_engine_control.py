@@ -170,7 +170,11 @@ def test_release_and_resume_memory_cycle(engine):
     full = engine.memory_bytes()
     assert full["weights"] > 0 and full["kv_cache"] > 0
     engine.release_memory(None)  # kv_cache, weights, cuda_graph
-    assert engine.memory_bytes() == {"weights": 0, "kv_cache": 0}
+    mem = engine.memory_bytes()  # all released; a packed-copy cache is kept only for another side of
+    # this process (another arena user alive, k2sys.host_arena), and then it is reported
+    from k2sys.host_arena import host_arena
+    assert mem.pop("packed_parked", 0) == 0 or host_arena().shared()
+    assert mem == {"weights": 0, "kv_cache": 0}
     h = engine.submit([1, 2], SamplingParams(temperature=0, max_new_tokens=4))
     time.sleep(0.1)
     assert not h.done.is_set()  # waits while memory is released

@@ -153,7 +153,11 @@ def test_http_engine_client_colocated_cycle(server, ckpt):
     assert before.finish_reason == "length" and len(before.output_logprobs) == 5
     assert client.pause("retract") == []
     client.release_memory(None)
-    assert engine.memory_bytes() == {"weights": 0, "kv_cache": 0}
+    mem = engine.memory_bytes()  # all released; a packed-copy cache is kept only for another side of
+    # this process (another arena user alive, k2sys.host_arena), and then it is reported
+    from k2sys.host_arena import host_arena
+    assert mem.pop("packed_parked", 0) == 0 or host_arena().shared()
+    assert mem == {"weights": 0, "kv_cache": 0}
     client.resume_memory(["weights"])
     new = build_model(engine.model_config, seed=11)
     client.begin_weight_update()
