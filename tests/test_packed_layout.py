@@ -153,3 +153,24 @@ def test_colocated_engine_parks_packed_copies_and_serves_the_update():
     finally:
         eng.shutdown()
         del other
+
+
+def test_a_shape_without_a_known_layout_keeps_onednns_reorder(monkeypatch):
+    from k2sys.engine.core.model_runner import _Linear
+
+    monkeypatch.setattr(pl, "MAX_PROBE_NUMEL", 100)  # too big to probe: no in-place refresh for it
+    assert pl.layout_for(64, 32, PACK_ROWS) is None
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 32, generator=g)
+    lin = _Linear(w)
+    lin.pack()
+    first = lin.packed
+    assert lin.layout is False and first is not None
+    w.copy_(torch.randn(64, 32, generator=g))
+    lin.invalidate()
+    assert lin.packed is None and lin.pending  # the stale copy is dropped at once
+    lin.park()
+    assert lin.packed is None
+    x = torch.randn(3, 32, generator=g)
+    torch.testing.assert_close(lin(x), x @ w.T, rtol=1e-5, atol=1e-5)  # repacked from the new weight
+    assert lin.packed is not None and lin.packed is not first

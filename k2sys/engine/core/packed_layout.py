@@ -35,6 +35,8 @@ except (AttributeError, RuntimeError):  # torch without oneDNN (or without these
 __all__ = ["BlockedLayout", "layout_for", "repack_", "packed_nbytes", "discard_"]
 
 _EXACT = 1 << 24  # float32 holds every integer up to 2**24 exactly
+MAX_PROBE_NUMEL = 1 << 26
+"""Largest weight (elements) whose layout is probed; larger ones keep oneDNN's own reorder."""
 
 
 class BlockedLayout(NamedTuple):
@@ -108,6 +110,8 @@ def layout_for(n: int, k: int, rows: int) -> Optional[BlockedLayout]:
     """The blocked layout oneDNN packs an fp32 [n, k] linear weight into (for `rows`-row GEMMs), or
     None when it is not one this module can write (or oneDNN / the C++ core is missing)."""
     if _pack is None or _C is None or not hasattr(_C, "pack_blocked_f32_ptr"):
+        return None
+    if n * k > MAX_PROBE_NUMEL:  # the probe's index weights would take > 1.5 GB: oneDNN's reorder stays
         return None
     key = (n, k, rows)
     with _lock:
