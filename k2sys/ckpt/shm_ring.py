@@ -107,7 +107,7 @@ class ShmRings:
                                   f"to {what} bucket {bucket} (shared-memory transport); a peer rank died or timed "
                                   "out", bucket=bucket, rank=rank)
             time.sleep(pause)
-            pause = min(pause * 2, 5e-4)
+            pause = min(pause * 2, 2e-4)
 
     def wait_published(self, owner: int, bucket: int, timeout_s: float) -> None:
         tags, want = self.headers[owner], self._tag(bucket)
