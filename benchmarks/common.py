@@ -458,9 +458,24 @@ def env_info(**extra) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
             "cpus": os.cpu_count(), "cpus_usable": all_cores(), "torch_threads": torch.get_num_threads(),
             "load_avg": os.getloadavg(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "extensions": ext.summary(), "bound_rule": "docs/benchmarks.md"}
+            "extensions": ext.summary(), "bound_rule": "docs/benchmarks.md", **_git_state()}
     info.update(extra)
     return info
+
+
+def _git_state() -> dict:
+    """The commit the benchmark ran from and whether the tree had uncommitted changes (None outside git)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(dirty) if commit else None}
 
 
 def add_common_args(ap) -> None:
@@ -473,6 +488,7 @@ def write_json(path: str, body: dict) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench.")
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; results are for everyone
     with os.fdopen(fd, "w") as f:
         json.dump(body, f, indent=2, default=float)
         f.write("\n")
