@@ -10,7 +10,9 @@
 
 stage:     the owner packs its tensors into a staging buffer (CPU: one batched C++ copy into a
            pooled aligned buffer; GPU: H2D through the pinned ring) and writes the crc32c trailer.
-broadcast: one torch.distributed broadcast per bucket (gloo on CPU, NCCL on GPU).
+broadcast: one torch.distributed broadcast per bucket (gloo on CPU, NCCL on GPU); between CPU ranks
+           on one host (UpdateConfig.transport="auto" or "shm") the owner packs into its slot of a
+           shared-memory ring and publishes it, and receivers apply from there (k2sys.ckpt.shm_ring).
 apply:     into the sink's memory: the engine's weights (in-process native engine), or the
            out-buckets a forwarding sink sends on as they complete, so the engine applies bucket i
            while bucket i+1 is broadcast; there is no full-model staging copy on the way.
