@@ -603,7 +603,11 @@ class NativeEngine(WeightUpdates):
 
     # ---- memory ------------------------------------------------------------------------------
     def release_memory(self, tags: Iterable[str] | None = None) -> None:
-        """Free KV cache and/or weight storage for real (tags: kv_cache, weights; cuda_graph is a no-op)."""
+        """Free KV cache and/or weight storage for real (tags: kv_cache, weights; cuda_graph is a no-op).
+
+        CPU: the storages go to the process's host arena (k2sys.host_arena), and while another side
+        of this process uses the arena the engine also keeps its oneDNN-packed weight copies (stale
+        until the next update rewrites them in place; `memory_bytes()["packed_parked"]`)."""
         tags = validate_tags(tags)
 
         with self._session_lock:
