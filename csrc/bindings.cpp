@@ -134,19 +134,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dst"), py::arg("src"), py::arg("n"), py::arg("k"), py::arg("ld"), py::arg("bn"), py::arg("bk"),
       py::arg("n_fastest"), py::arg("outer_n_major"), py::arg("threads") = 0,
       "Pack fp32 W [n, k] (row stride ld) into the blocked layout (bn x bk blocks) at dst, padding zeroed.");
-  m.def(
-      "blocked_numel",
-      [](std::int64_t n, std::int64_t k, std::int64_t bn, std::int64_t bk) {
-        return k2sys::blocked_numel(n, k, k2sys::BlockedLayout{bn, bk, true, true});
-      },
-      py::arg("n"), py::arg("k"), py::arg("bn"), py::arg("bk"));
-  m.def(
-      "discard_pages_ptr",
-      [](std::uintptr_t ptr, std::uint64_t nbytes) {
-        return k2sys::discard_pages(reinterpret_cast<void*>(ptr), nbytes);
-      },
-      py::arg("ptr"), py::arg("nbytes"),
-      "madvise(MADV_DONTNEED) the whole pages inside [ptr, ptr + nbytes); returns the bytes dropped.");
 
   m.def(
       "store_fence",

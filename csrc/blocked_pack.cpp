@@ -1,8 +1,6 @@
 #include "blocked_pack.h"
 
 #include <immintrin.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -118,15 +116,6 @@ void pack_blocked_f32(float* dst, const float* src, std::int64_t n, std::int64_t
         block_k_fastest(d, s, ld, nv, kv, lay.bn, lay.bk);
     }
   });
-}
-
-std::uint64_t discard_pages(void* ptr, std::uint64_t nbytes) {
-  const std::uintptr_t page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
-  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(ptr);
-  const std::uintptr_t lo = (a + page - 1) / page * page, hi = (a + nbytes) / page * page;
-  if (!ptr || hi <= lo) return 0;
-  if (madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED) != 0) return 0;
-  return hi - lo;
 }
 
 }  // namespace k2sys

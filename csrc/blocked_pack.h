@@ -24,8 +24,4 @@ std::int64_t blocked_numel(std::int64_t n, std::int64_t k, const BlockedLayout& 
 void pack_blocked_f32(float* dst, const float* src, std::int64_t n, std::int64_t k, std::int64_t ld,
                       const BlockedLayout& lay, int threads);
 
-// Drop the physical pages wholly inside [ptr, ptr + nbytes) (madvise MADV_DONTNEED): the range stays
-// mapped and reads as zeros until written. Returns the bytes dropped (0 where unsupported).
-std::uint64_t discard_pages(void* ptr, std::uint64_t nbytes);
-
 }  // namespace k2sys

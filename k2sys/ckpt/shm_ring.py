@@ -62,10 +62,6 @@ class ShmRings:
         self.epoch = 0
         self.peers: dict[int, tuple[int, str]] = {}  # rank -> (pid, start time) where visible from here
 
-    @property
-    def key(self) -> tuple[int, int, int]:
-        return self.world, self.depth, self.slot_bytes
-
     def slot(self, owner: int, bucket: int) -> torch.Tensor:
         off = HEADER_BYTES + (bucket % self.depth) * self.slot_bytes
         return self.maps[owner][off:off + self.slot_bytes]
@@ -193,9 +189,7 @@ def open_rings(tr, depth: int, slot_bytes: int) -> tuple[Optional[ShmRings], str
     if not ok or not all(mapped):
         why = [f"rank {r}: {i[2]}" for r, i in enumerate(infos) if i[2]] or [err or "a rank could not map the rings"]
         return None, "; ".join(why)
-    for r in range(len(maps)):
-        if r == tr.rank:
-            maps[r][:HEADER_BYTES].zero_()
+    maps[tr.rank][:HEADER_BYTES].zero_()  # this rank's tags and counter (each rank writes only its own)
     tr.gather_objects(None)  # headers zeroed everywhere before the first update reads them
     rings = ShmRings(tr.rank, tr.world, depth, slot_bytes, maps)
     # peers whose process this one can see (same pid namespace: pid and start time agree) are

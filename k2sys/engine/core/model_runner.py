@@ -469,15 +469,16 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Resident weight bytes: the bases and the packed copies (call pack_pending() first for the
         footprint with every deferred copy built)."""
-        packed = sum(lin.packed.numel() * lin.packed.element_size() for lin in self.linears
-                     if lin.packed is not None and not getattr(lin, "parked", False))
-        return sum(b.untyped_storage().nbytes() for b in self.bases) + packed
+        return sum(b.untyped_storage().nbytes() for b in self.bases) + self._packed_bytes(parked=False)
 
     @property
     def parked_bytes(self) -> int:
         """Bytes of packed copies kept through a weight release (release_weights(keep_packed=True))."""
+        return self._packed_bytes(parked=True)
+
+    def _packed_bytes(self, parked: bool) -> int:
         return sum(lin.packed.numel() * lin.packed.element_size() for lin in self.linears
-                   if lin.packed is not None and getattr(lin, "parked", False))
+                   if lin.packed is not None and getattr(lin, "parked", False) == parked)
 
     def load_weights(self, named: dict[str, torch.Tensor], pack: str = "now") -> None:
         """Copy HF-named tensors into their views, then refresh the packed copies they feed: now

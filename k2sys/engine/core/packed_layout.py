@@ -32,7 +32,7 @@ try:
 except (AttributeError, RuntimeError):  # torch without oneDNN (or without these ops)
     _pack = _data_ptr = _nbytes = None
 
-__all__ = ["BlockedLayout", "layout_for", "repack_", "packed_nbytes", "discard_"]
+__all__ = ["BlockedLayout", "layout_for", "repack_"]
 
 _EXACT = 1 << 24  # float32 holds every integer up to 2**24 exactly
 MAX_PROBE_NUMEL = 1 << 26
@@ -123,10 +123,6 @@ def layout_for(n: int, k: int, rows: int) -> Optional[BlockedLayout]:
         return _cache[key]
 
 
-def packed_nbytes(p: torch.Tensor) -> int:
-    return int(_nbytes(p))
-
-
 def repack_(packed: torch.Tensor, w: torch.Tensor, lay: BlockedLayout, threads: int = 0) -> None:
     """Write the fp32 weight `w` [n, k] (row stride >= k, unit column stride) into `packed`, a
     oneDNN-packed tensor of w's shape whose layout is `lay`."""
@@ -139,9 +135,3 @@ def repack_(packed: torch.Tensor, w: torch.Tensor, lay: BlockedLayout, threads: 
                          f"a {lay} packing of [{n}, {k}]")
     _C.pack_blocked_f32_ptr(_data_ptr(packed), w.data_ptr(), n, k, w.stride(0), lay.bn, lay.bk, lay.n_fastest,
                             lay.outer_n_major, threads)
-
-
-def discard_(packed: torch.Tensor) -> int:
-    """Return the packed buffer's whole pages to the OS (contents read as zeros until rewritten);
-    the tensor stays valid for repack_. Returns the bytes dropped."""
-    return int(_C.discard_pages_ptr(_data_ptr(packed), _nbytes(packed)))
