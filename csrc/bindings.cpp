@@ -119,6 +119,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("rows"), py::arg("n"), py::arg("threads") = 0, py::arg("chunk_bytes") = 0,
       "Apply n strided box copies described by an int64 [n, 12] row table at address `rows`.");
+  m.def(
+      "batched_strided_copy_crc_ptr",
+      [](std::uintptr_t rows, std::size_t n, int threads, std::int64_t chunk_bytes, std::uintptr_t base,
+         std::uint64_t len, bool crc_source) -> py::object {
+        if (n && !rows) throw std::invalid_argument("batched_strided_copy_crc_ptr: null rows address");
+        if (len && !base) throw std::invalid_argument("batched_strided_copy_crc_ptr: null region address");
+        std::uint32_t crc = 0;
+        bool ok;
+        {
+          py::gil_scoped_release nogil;
+          ok = k2sys::batched_strided_copy_crc(reinterpret_cast<const k2sys::StridedRow*>(rows), n, threads,
+                                               chunk_bytes, base, len, crc_source, &crc);
+        }
+        if (!ok) return py::none();
+        return py::int_(crc);
+      },
+      py::arg("rows"), py::arg("n"), py::arg("threads"), py::arg("chunk_bytes"), py::arg("base"), py::arg("len"),
+      py::arg("crc_source"),
+      "The strided copies with the crc32c of the region [base, base+len) on their source (crc_source) or "
+      "destination side fused in; None (nothing copied) when the rows do not tile the region contiguously.");
 
   // ---- blocked weight packing (oneDNN's inner-product layouts, written in place) ----
   m.def(

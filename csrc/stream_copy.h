@@ -103,6 +103,22 @@ inline void copy_bytes(void* dst, const void* src, std::size_t n) {
   std::memcpy(dst, src, n);
 }
 
+// Streams whatever the size (a piece of a larger copy whose destination will not be read back
+// soon); memcpy where the CPU has no streaming stores.
+inline void copy_bytes_streamed(void* dst, const void* src, std::size_t n) {
+#ifdef K2_STREAM_X86
+  switch (stream_copy_isa()) {
+    case 2:
+      return stream_copy_avx512(static_cast<char*>(dst), static_cast<const char*>(src), n);
+    case 1:
+      return stream_copy_avx2(static_cast<char*>(dst), static_cast<const char*>(src), n);
+    default:
+      break;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
 // memset(dst, 0, n), streamed from kStreamCopyMin bytes on (a resumed KV cache is zeroed whole).
 inline void zero_bytes(void* dst, std::size_t n) {
 #ifdef K2_STREAM_X86

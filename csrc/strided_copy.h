@@ -25,4 +25,14 @@ std::uint64_t strided_rows_bytes(const StridedRow* rows, std::size_t n);
 // Applies n rows over the thread pool, balanced by bytes. Destinations must not overlap.
 void batched_strided_copy(const StridedRow* rows, std::size_t n, int threads, std::int64_t chunk_bytes);
 
+// The same copies with the crc32c of a byte region [base, base + len) fused in: the region is
+// either the rows' source (`crc_source`: every piece is hashed, then copied while it is still in
+// cache: a verify-then-apply that reads the bucket once) or their destination (hashed right after
+// it is written: a pack whose checksum reads no memory twice). Pieces are <= chunk_bytes (256 KiB
+// when 0). The rows' side in the region must be contiguous per row (packed strides), inside the
+// region and non-overlapping; region bytes no row touches are hashed on their own. Returns false
+// (copying nothing) when the rows do not qualify; the caller then copies and hashes separately.
+bool batched_strided_copy_crc(const StridedRow* rows, std::size_t n, int threads, std::int64_t chunk_bytes,
+                              std::uintptr_t base, std::uint64_t len, bool crc_source, std::uint32_t* crc_out);
+
 }  // namespace k2sys

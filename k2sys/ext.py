@@ -10,6 +10,8 @@ with the rebuild command instead of silently running a slow path.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 try:
@@ -412,6 +414,25 @@ def batched_strided_copy_(rows: torch.Tensor, device: str | torch.device = "cpu"
         require_cuda().batched_strided_copy_ptr(rows.data_ptr(), rows.shape[0], dev.index or 0, 0)
     else:
         require_cpp().batched_strided_copy_ptr(rows.data_ptr(), rows.shape[0], threads, 0)
+
+
+def batched_strided_copy_crc_(rows: torch.Tensor, region: torch.Tensor, crc_source: bool, threads: int = 0,
+                              chunk_bytes: int = 0) -> Optional[int]:
+    """batched_strided_copy_ (CPU) with the crc32c of `region` (a contiguous CPU tensor holding one
+    side of every row) computed in the same pass: crc_source=True hashes each piece of the rows'
+    sources just before copying it (verify and apply reading the bytes once), False hashes each piece
+    of their destinations right after writing it (a pack and its checksum). Region bytes no row
+    touches are hashed too, so the result is crc32c(region). Returns None, having copied nothing,
+    when the rows' side in the region is not contiguous per row, outside it, or overlapping."""
+    if rows.dtype != torch.int64 or rows.dim() != 2 or rows.shape[1] != STRIDED_COLS or rows.device.type != "cpu":
+        raise ValueError(f"batched_strided_copy_crc_: rows must be a CPU int64 tensor [n, {STRIDED_COLS}], "
+                         f"got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
+    if region.device.type != "cpu" or not region.is_contiguous():
+        raise ValueError("batched_strided_copy_crc_: region must be a contiguous CPU tensor")
+    rows = rows.contiguous()
+    return require_cpp().batched_strided_copy_crc_ptr(rows.data_ptr(), rows.shape[0], threads, chunk_bytes,
+                                                      region.data_ptr(), region.numel() * region.element_size(),
+                                                      crc_source)
 
 
 def batched_view_copy_(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 0) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -81,10 +81,16 @@ def bucket_of(named: Sequence[tuple[str, torch.Tensor]], align: int = 64) -> Buc
     return planned[0] if planned else Bucket(0, 0, (), 0)
 
 
-def fill_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int = 0) -> None:
+def fill_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int = 0,
+                checksum: bool = False) -> Optional[int]:
     """Copy every entry's tensor into its slot of `buf` (uint8, at least bucket.nbytes): the one packer
     of every transport. CPU to CPU is one batched C++ copy over the pool's threads (0 = all); any
-    other pair of devices copies entry by entry (one H2D/D2H/D2D each)."""
+    other pair of devices copies entry by entry (one H2D/D2H/D2D each).
+
+    checksum=True also returns crc32c(buf[:bucket.nbytes]) where the whole bucket is packed on the
+    CPU: each piece is hashed right after it is written, while it is in cache (padding between
+    entries included, as the receivers hash it). None when not asked for or not fused (the
+    caller hashes the buffer itself)."""
     dsts, srcs = [], []
     for e in bucket.entries:
         if not e.nbytes:
@@ -100,10 +106,18 @@ def fill_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.
             srcs.append(src)
         else:
             dst.copy_(src)
-    if dsts:
-        from k2sys import ext
+            checksum = False
+    from k2sys import ext
 
+    if checksum and buf.device.type == "cpu":
+        rows = torch.tensor([[d.data_ptr(), s.data_ptr(), d.numel(), 1, 1, 1, 0, 0, 0, 0, 0, 0]
+                             for d, s in zip(dsts, srcs)], dtype=torch.int64).reshape(-1, ext.STRIDED_COLS)
+        crc = ext.batched_strided_copy_crc_(rows, buf[:bucket.nbytes], False, threads)
+        if crc is not None:
+            return crc
+    if dsts:
         ext.batched_host_copy(dsts, srcs, threads)
+    return None
 
 
 def interleave_owners(per_owner: Mapping[int, Sequence[TensorSpec]], cap_bytes: int, align: int = 256) -> list[Bucket]:

@@ -49,7 +49,7 @@ from k2sys.ckpt.apply import BucketApply, compile_buckets, completions, op_slice
 from k2sys.ckpt.bucket import fill_bucket, interleave_owners
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.plan import ReshardPlan, plan_reshard, select_sources
-from k2sys.ckpt.schedule import run_ring, run_serial
+from k2sys.ckpt.schedule import run_coop, run_ring, run_serial
 from k2sys.ckpt.shm_ring import ShmRings, open_rings
 from k2sys.ckpt.sink import NullSink, WeightSink, global_specs
 from k2sys.ckpt.transport import TRAILER_BYTES, BucketTransport, Failure, payload_crc, read_trailer, write_trailer
@@ -249,6 +249,7 @@ class WeightUpdater:
         bufs = self._buffers(depth, prep.slot_bytes) if rings is None else []
         if rings is not None:
             rings.begin()
+            rings.set_owners([b.owner for b in prep.buckets])
 
         def buf_of(i: int) -> torch.Tensor:  # bucket i's buffer: the owner's shared slot, or this rank's own
             return rings.slot(prep.buckets[i].owner, i) if rings is not None else bufs[i % depth]
@@ -285,10 +286,13 @@ class WeightUpdater:
                 try:
                     if rings is not None:  # the slot's previous bucket has been applied everywhere
                         rings.wait_slot_free(i, cfg.timeout_s)
-                    self._pack(b, shards.tensors, buf, threads)
+                        t0 = time.perf_counter()  # stage_s: packing time, not waiting for the peers
+                    crc = self._pack(b, shards.tensors, buf, threads, cfg.checksum)  # CPU: crc fused in
                     staged[0] += b.nbytes
                     t1 = time.perf_counter()
-                    write_trailer(buf, b.nbytes, payload_crc(buf, b.nbytes, threads) if cfg.checksum else 0)
+                    if cfg.checksum and crc is None:
+                        crc = payload_crc(buf, b.nbytes, threads)
+                    write_trailer(buf, b.nbytes, crc or 0)
                     rep.checksum_s += time.perf_counter() - t1
                 except Exception as e:  # keep broadcasting: the receivers' checksums will fail
                     fail(b, f"staging failed on the owner: {type(e).__name__}: {e}")
@@ -326,26 +330,41 @@ class WeightUpdater:
                 buf = buf_of(i)
                 t0 = time.perf_counter()
                 try:
+                    if failure[0] is not None:
+                        return  # the update is lost anyway; do not spend time applying
                     # The owner's buffer never travelled: only receivers verify.
-                    if cfg.checksum and b.owner != tr.rank:
-                        got, want = payload_crc(buf, b.nbytes, threads), read_trailer(buf, b.nbytes)
-                        rep.checksum_s += time.perf_counter() - t0
+                    verify = cfg.checksum and b.owner != tr.rank
+                    targets = [sink.target(n) for n in comp.dst_names] if comp.rows.shape[0] else []
+                    local = bool(targets) and all(t.device == buf.device for t in targets)
+                    rows = None
+                    if local:
+                        addrs = torch.tensor([t.data_ptr() for t in targets], dtype=torch.int64)
+                        rows = comp.absolute_rows(buf.data_ptr(), addrs)
+                    got = None
+                    if verify and rows is not None and buf.device.type == "cpu":
+                        # verify and apply in one pass over the bucket: each piece is hashed, then
+                        # copied from cache. A mismatch then leaves bytes in the sink's memory, as a
+                        # failure in a later bucket would: the update is aborted and these tensors are
+                        # never reported ready (sinks keep their live weights, or mark them stale).
+                        got = ext.batched_strided_copy_crc_(rows, buf[:b.nbytes], True, threads)
+                        applied = got is not None
+                    else:
+                        applied = False
+                    if verify:
+                        if got is None:
+                            got = payload_crc(buf, b.nbytes, threads)
+                            rep.checksum_s += time.perf_counter() - t0
+                        want = read_trailer(buf, b.nbytes)
                         if got != want:
                             fail(b, f"checksum mismatch (crc32c {got:#010x} != sent {want:#010x}, {b.nbytes} bytes)")
                             return
-                    if failure[0] is not None:
-                        return  # the update is lost anyway; do not spend time applying
-                    if comp.rows.shape[0]:
-                        targets = [sink.target(n) for n in comp.dst_names]
-                        if all(t.device == buf.device for t in targets):
-                            addrs = torch.tensor([t.data_ptr() for t in targets], dtype=torch.int64)
-                            ext.batched_strided_copy_(comp.absolute_rows(buf.data_ptr(), addrs), self.device,
-                                                      threads)
-                        else:  # sink memory on another device than the bucket (e.g. CPU buckets, CUDA engine)
-                            by_name = dict(zip(comp.dst_names, targets))
-                            for name, slices in op_slices(b, buf, comp.ops).items():
-                                for box, src in slices:
-                                    box.view(by_name[name]).copy_(src)
+                    if rows is not None and not applied:
+                        ext.batched_strided_copy_(rows, self.device, threads)
+                    elif targets and not local:  # sink memory on another device (e.g. CPU buckets, CUDA engine)
+                        by_name = dict(zip(comp.dst_names, targets))
+                        for name, slices in op_slices(b, buf, comp.ops).items():
+                            for box, src in slices:
+                                box.view(by_name[name]).copy_(src)
                     rep.bytes_applied += comp.nbytes
                     if prep.done[i]:
                         sink.ready(prep.done[i])
@@ -357,8 +376,26 @@ class WeightUpdater:
                         rings.ack(i)  # the owner may reuse the slot once every rank has said so
 
             issued: dict[int, float] = {}
+
+            def stage_publish(i: int) -> None:  # shm: the owner publishes as soon as it has staged
+                stage(i)
+                issue(i)
+
+            def before(i: int) -> None:  # shm: a receiver's issue (timing, the die drill) as bucket i comes up
+                if prep.buckets[i].owner != tr.rank:
+                    issue(i)
+
+            def land_apply(i: int) -> None:
+                land(i, None)
+                apply(i)
+
             if depth == 1:
                 run_serial(len(prep.buckets), stage, issue, land, apply)
+            elif rings is not None:
+                run_coop(len(prep.buckets), lambda i: prep.buckets[i].owner == tr.rank, rings.slot_free,
+                         stage_publish, lambda i: rings.published(prep.buckets[i].owner, i), land_apply,
+                         lambda pred, i: rings.wait_until(pred, "publish (or free a slot before)", i, cfg.timeout_s),
+                         before)
             else:
                 run_ring(len(prep.buckets), depth, lambda i: prep.buckets[i].owner == tr.rank, stage, issue, land,
                          apply)
@@ -441,15 +478,18 @@ class WeightUpdater:
                 torch.cuda.synchronize(dev)
         sink.ready(c.names)
 
-    def _pack(self, b: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int) -> None:
+    def _pack(self, b: Bucket, tensors: Mapping[str, torch.Tensor], buf: torch.Tensor, threads: int,
+              checksum: bool = False) -> Optional[int]:
+        """Pack bucket b into buf; on CPU with `checksum`, the payload's crc32c computed in the same
+        pass (None otherwise: the caller hashes)."""
         if self.device.type == "cpu":
-            fill_bucket(b, tensors, buf, threads)
-            return
+            return fill_bucket(b, tensors, buf, threads, checksum=checksum)
         for e in b.entries:  # GPU: H2D each tensor into its slot through the pinned ring
             if e.nbytes:
                 src = tensors[e.name].contiguous().view(-1).view(torch.uint8)
                 self._onloader.submit(buf[e.offset:e.offset + e.nbytes], src)
         self._onloader.synchronize()
+        return None
 
 
 _UPDATERS: dict[tuple, WeightUpdater] = {}

@@ -7,9 +7,16 @@ there, docs/benchmarks.md). Here each rank owns a ring of `depth` bucket slots i
 file that every rank of the group maps:
 
     owner     waits until every rank has applied the bucket that last used the slot, packs the bucket
-              into its own slot (+ the crc32c trailer), then publishes it (a tag in its ring header)
-    receiver  waits for the tag, verifies the crc and applies straight from the owner's slot
+              into its own slot (+ the crc32c trailer, hashed in the same pass), then publishes it (a
+              tag in its ring header)
+    receiver  waits for the tag, then verifies and applies straight from the owner's slot in one pass
+              (each piece hashed, then copied from cache)
     everyone  acknowledges each applied bucket (a counter in its own ring header)
+
+An owner's k-th bucket takes slot k % depth of its ring (set_owners), so each owner cycles through
+all of its slots whatever the interleaving of owners. One thread per rank runs the update
+(k2sys.ckpt.schedule.run_coop): it packs its next buckets between applies, so the processes of the
+ranks overlap with each other rather than threads of one rank competing for the same core.
 
 so a byte is written once on the way (the owner's pack) and read by each rank's apply: no copy in
 transit. Tags and counters carry the update's epoch (every rank counts its updates alike), so a
@@ -58,12 +65,40 @@ class ShmRings:
     def __init__(self, rank: int, world: int, depth: int, slot_bytes: int, maps: list[torch.Tensor]):
         self.rank, self.world, self.depth, self.slot_bytes = rank, world, depth, slot_bytes
         self.maps = maps
-        self.headers = [m[:HEADER_BYTES].view(torch.int64) for m in maps]  # [tags..., applied]
+        # [tags..., applied] as numpy views of the mappings: a tag read or write is one 8-byte load
+        # or store (aligned, so atomic on the hosts this runs on) without a tensor op around it
+        self.headers = [m[:HEADER_BYTES].view(torch.int64).numpy() for m in maps]
         self.epoch = 0
         self.peers: dict[int, tuple[int, str]] = {}  # rank -> (pid, start time) where visible from here
+        self._owners: tuple[int, ...] = ()
+        self._ordinal: list[int] = []  # bucket -> its index among its owner's buckets
+        self._owned: list[int] = []  # this rank's buckets, in order
+
+    def set_owners(self, owners: "list[int] | tuple[int, ...]") -> None:
+        """The owner of every bucket of the update, in bucket order (the same on every rank). A
+        bucket's slot is its index among its owner's buckets modulo the depth, so every owner cycles
+        through all `depth` slots of its ring whatever the interleaving of owners; without this,
+        bucket i takes slot i % depth."""
+        owners = tuple(int(o) for o in owners)
+        if owners == self._owners:
+            return
+        bad = [o for o in owners if not 0 <= o < self.world]
+        if bad:
+            raise ValueError(f"ShmRings.set_owners: owner rank {bad[0]} outside the group of {self.world}")
+        seen = [0] * self.world
+        self._ordinal = []
+        for o in owners:
+            self._ordinal.append(seen[o])
+            seen[o] += 1
+        self._owned = [i for i, o in enumerate(owners) if o == self.rank]
+        self._owners = owners
+
+    def _index(self, bucket: int) -> int:
+        k = self._ordinal[bucket] if bucket < len(self._ordinal) else bucket
+        return k % self.depth
 
     def slot(self, owner: int, bucket: int) -> torch.Tensor:
-        off = HEADER_BYTES + (bucket % self.depth) * self.slot_bytes
+        off = HEADER_BYTES + self._index(bucket) * self.slot_bytes
         return self.maps[owner][off:off + self.slot_bytes]
 
     def begin(self) -> None:
@@ -76,7 +111,7 @@ class ShmRings:
     def publish(self, bucket: int) -> None:
         """Bucket `bucket` is complete in this rank's slot (its bytes are visible before the tag)."""
         ext.require_cpp().store_fence()
-        self.headers[self.rank][bucket % self.depth] = self._tag(bucket)
+        self.headers[self.rank][self._index(bucket)] = self._tag(bucket)
 
     def ack(self, bucket: int) -> None:
         """This rank has applied every bucket up to and including `bucket`."""
@@ -86,38 +121,65 @@ class ShmRings:
         peer = self.peers.get(rank)
         return peer is None or _proc_start(peer[0]) == peer[1]
 
-    def _wait(self, ready, what: str, rank: int, bucket: int, timeout_s: float) -> None:
+    def _wait(self, ready, what: str, rank: Optional[int], bucket: int, timeout_s: float) -> None:
+        """Poll `ready` (short backoff) until it holds. `rank` is the rank waited for (None: any
+        peer); a dead one (or the timeout) raises UpdateError."""
         t0 = last_check = time.monotonic()
         pause = 2e-5
+        who = f"rank {rank}" if rank is not None else "a peer rank"
         while not ready():
             now = time.monotonic()
             if now - last_check > 0.05:
                 last_check = now
-                if not self._alive(rank) and not ready():
-                    raise UpdateError(f"weight update aborted: rank {self.rank} waited for rank {rank} to {what} "
-                                      f"bucket {bucket} (shared-memory transport), and rank {rank}'s process "
-                                      f"(pid {self.peers[rank][0]}) has exited: a peer rank died",
-                                      bucket=bucket, rank=rank)
+                for r in ([rank] if rank is not None else [r for r in range(self.world) if r != self.rank]):
+                    if not self._alive(r) and not ready():
+                        raise UpdateError(f"weight update aborted: rank {self.rank} waited for {who} to {what} "
+                                          f"bucket {bucket} (shared-memory transport), and rank {r}'s process "
+                                          f"(pid {self.peers[r][0]}) has exited: a peer rank died",
+                                          bucket=bucket, rank=r)
             if now - t0 > timeout_s:
-                raise UpdateError(f"weight update aborted: rank {self.rank} waited {timeout_s:.0f} s for rank {rank} "
+                raise UpdateError(f"weight update aborted: rank {self.rank} waited {timeout_s:.0f} s for {who} "
                                   f"to {what} bucket {bucket} (shared-memory transport); a peer rank died or timed "
                                   "out", bucket=bucket, rank=rank)
             time.sleep(pause)
             pause = min(pause * 2, 2e-4)
 
+    def published(self, owner: int, bucket: int) -> bool:
+        """Rank `owner` has published `bucket` (of this update) in its slot."""
+        return int(self.headers[owner][self._index(bucket)]) == self._tag(bucket)
+
+    def _slot_need(self, bucket: int) -> int:
+        """The bucket every rank must have applied before this rank packs `bucket` into its slot
+        (the one `depth` places earlier in this rank's order; bucket - depth without set_owners)."""
+        if self._owners:
+            k = self._ordinal[bucket] - self.depth
+            return self._owned[k] if k >= 0 else -1
+        return bucket - self.depth
+
+    def slot_free(self, bucket: int) -> bool:
+        """This rank's slot for `bucket` is free: every rank has applied its previous bucket."""
+        need = self._slot_need(bucket)
+        if need < 0:
+            return True
+        want = self._tag(need)
+        return all(int(h[self.depth]) >= want for h in self.headers)
+
     def wait_published(self, owner: int, bucket: int, timeout_s: float) -> None:
-        tags, want = self.headers[owner], self._tag(bucket)
-        self._wait(lambda: int(tags[bucket % self.depth]) == want, "publish", owner, bucket, timeout_s)
+        self._wait(lambda: self.published(owner, bucket), "publish", owner, bucket, timeout_s)
 
     def wait_slot_free(self, bucket: int, timeout_s: float) -> None:
-        """Every rank has applied bucket - depth (the last one that can have used this slot)."""
-        need = bucket - self.depth
+        """Every rank has applied the bucket that last used this rank's slot for `bucket`."""
+        need = self._slot_need(bucket)
         if need < 0:
             return
         want = self._tag(need)
         for r in range(self.world):
             counter = self.headers[r]
             self._wait(lambda: int(counter[self.depth]) >= want, "apply", r, need, timeout_s)
+
+    def wait_until(self, ready, what: str, bucket: int, timeout_s: float) -> None:
+        """Poll `ready` as the other waits do, watching every peer."""
+        self._wait(ready, what, None, bucket, timeout_s)
 
     def close(self) -> None:
         self.maps = self.headers = []
