@@ -304,6 +304,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layers"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slot"), py::arg("blocks"),
       py::arg("block_size"), py::arg("ctx_len"), py::arg("threads"),
       "every decoder layer of one batch-1 decode token, in place on the residual x [D]; fp32 addresses");
+  m.def(
+      "decode_tokens_f32_ptr",
+      [](const std::vector<const k2sys::DecodeLayer*>& layers, std::uintptr_t x, std::int64_t B, std::int64_t x_stride,
+         std::uintptr_t cos_table, std::uintptr_t sin_table, std::int64_t rope_stride, std::uintptr_t positions,
+         std::uintptr_t slots, std::uintptr_t blocks, std::int64_t blocks_stride, std::int64_t block_size,
+         std::uintptr_t ctx_lens, int threads) {
+        for (const auto* L : layers)
+          if (!L) throw std::invalid_argument("decode_tokens_f32_ptr: None in layers");
+        py::gil_scoped_release nogil;
+        k2sys::decode_tokens_f32(layers, reinterpret_cast<float*>(x), B, x_stride,
+                                 reinterpret_cast<const float*>(cos_table), reinterpret_cast<const float*>(sin_table),
+                                 rope_stride, reinterpret_cast<const std::int64_t*>(positions),
+                                 reinterpret_cast<const std::int64_t*>(slots),
+                                 reinterpret_cast<const std::int64_t*>(blocks), blocks_stride, block_size,
+                                 reinterpret_cast<const std::int64_t*>(ctx_lens), threads);
+      },
+      py::arg("layers"), py::arg("x"), py::arg("B"), py::arg("x_stride"), py::arg("cos_table"), py::arg("sin_table"),
+      py::arg("rope_stride"), py::arg("positions"), py::arg("slots"), py::arg("blocks"), py::arg("blocks_stride"),
+      py::arg("block_size"), py::arg("ctx_lens"), py::arg("threads"),
+      "every decoder layer for B in-order decode tokens of different sequences, in place on x [B, x_stride]; "
+      "int64 positions / slots / ctx_lens [B], block tables [B, blocks_stride]; fp32 addresses");
 
   // ---- FP8 e4m3fn block quantization (csrc/fp8_quant.h) ----
   m.def(

@@ -1,5 +1,5 @@
-// The whole decoder stack of a batch-1 decode step in one call (fp32, CPU): the native engine's
-// fast path for a lone in-order decode token (k2sys/engine/core/model_runner.py).
+// The whole decoder stack of a decode step in one call (fp32, CPU): the native engine's fast path
+// for in-order decode tokens of a small batch (k2sys/engine/core/model_runner.py).
 //
 // At batch 1 a step is ~100 small ops per 8 layers; run from Python each costs a dispatch of a few
 // microseconds (about a third of k2-small's step on the CI machine, measured), while the bytes the
@@ -49,6 +49,17 @@ struct DecodeLayer {
 // included) through blocks[ceil(ctx_len / block_size)]; cos / sin: its position's [R / 2] rows.
 void decode_layers_f32(const std::vector<const DecodeLayer*>& layers, float* x, const float* cos, const float* sin,
                        std::int64_t slot, const std::int64_t* blocks, std::int64_t block_size, std::int64_t ctx_len,
+                       int threads);
+
+// The same for B in-order decode tokens of different sequences, layer by layer (each layer runs for
+// every token while its weights are still in cache; a token's math is exactly decode_layers_f32's):
+// token b's residual is x + b * x_stride, its RoPE rows cos_table / sin_table + positions[b] *
+// rope_stride, its cache slot slots[b], its block table blocks + b * blocks_stride, its context
+// ctx_lens[b]. Every layer and token is checked before any is computed.
+void decode_tokens_f32(const std::vector<const DecodeLayer*>& layers, float* x, std::int64_t B, std::int64_t x_stride,
+                       const float* cos_table, const float* sin_table, std::int64_t rope_stride,
+                       const std::int64_t* positions, const std::int64_t* slots, const std::int64_t* blocks,
+                       std::int64_t blocks_stride, std::int64_t block_size, const std::int64_t* ctx_lens,
                        int threads);
 
 }  // namespace k2sys

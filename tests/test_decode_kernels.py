@@ -304,3 +304,101 @@ def test_fused_decode_matches_per_op_path_across_configs(monkeypatch, variant):
     toks_ref, logits_ref = _engine_decode(cfg, 40, prompt=(4, 8, 15, 16, 23, 42, 7))
     assert toks == toks_ref
     torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
+
+
+def _engine_decode_many(cfg, prompts, steps: int, max_batch: int):
+    """Greedy decode of several requests at once through the native scheduler and runner (the runner's
+    fused_max_batch set to max_batch): (tokens per request, logits of the steps where every request
+    decodes, stacked)."""
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.kv_cache import PagedLatentCache
+    from k2sys.engine.core.scheduler import Request, Scheduler
+    from k2sys.models import build_model, param_shapes
+
+    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
+    g = torch.Generator().manual_seed(3)
+    for name, t in state.items():
+        if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("correction_bias"):
+            t.add_(0.1 * torch.randn(t.shape, generator=g))
+    ecfg = EngineConfig(max_total_tokens=4096, max_num_batched_tokens=1024)
+    runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=cfg.max_position_embeddings,
+                            moe_kernels="torch")
+    runner.fused_max_batch = max_batch
+    cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
+                             cfg.qk_rope_head_dim, torch.float32)
+    logits = []
+    forward = runner.forward_with_prompt_logprobs
+
+    def keep(batch, cache_):
+        out = forward(batch, cache_)
+        if batch.input_ids.shape[0] == len(prompts) and all(gr.rows.shape[1] == 1 for gr in batch.groups):
+            logits.append(out[0].clone())
+        return out
+
+    runner.forward_with_prompt_logprobs = keep
+    sched = Scheduler(ecfg, runner, cache, cfg.max_position_embeddings, None)
+    reqs = [Request(rid=f"r{i}", input_ids=list(p),
+                    params=SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    for r in reqs:
+        sched.add(r)
+    for _ in range(steps + 2):
+        sched.step()
+    return [list(r.seqs[0].output_ids) for r in reqs], torch.stack(logits) if logits else None
+
+
+@pytest.mark.parametrize("variant", ["tiny", "no_q_lora_half_split"])
+def test_fused_decode_of_several_tokens_matches_per_op_and_batch_one(monkeypatch, variant):
+    """Decode steps of 5 requests (contexts of different lengths, crossing cache blocks) through
+    decode_tokens_f32 (one C++ call per step for every token) against the torch path with the C++ core
+    hidden, and each request decoded alone (batch 1): same greedy tokens, logits within fp32 noise.
+    With fused_max_batch=1 the same steps take the per-op path."""
+    import dataclasses
+
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.engine.core import moe as emoe
+    from k2sys.models import preset
+
+    cfg = preset("k2-tiny", eos_token_id=None)
+    if variant != "tiny":
+        cfg = dataclasses.replace(cfg, q_lora_rank=None, rope_interleave=False, attention_bias=True)
+    prompts = [(5, 9, 2), tuple(range(3, 40)), (11, 3, 7, 1, 8), tuple(range(50, 67)), (4,)]
+    counting = _Counting()
+    monkeypatch.setattr(mr, "_C", counting)
+    toks, logits = _engine_decode_many(cfg, prompts, 24, max_batch=8)
+    assert counting.calls.get("decode_tokens_f32_ptr", 0) == logits.shape[0] >= 20, counting.calls
+    per_op = _Counting()
+    monkeypatch.setattr(mr, "_C", per_op)
+    toks_off, logits_off = _engine_decode_many(cfg, prompts, 24, max_batch=1)
+    assert "decode_tokens_f32_ptr" not in per_op.calls and per_op.calls.get("rms_norm_f32_ptr", 0) > 0
+    assert toks_off == toks
+    torch.testing.assert_close(logits_off, logits, rtol=1e-4, atol=1e-4)
+    for p, want in zip(prompts, toks):  # each alone: batch-1 fused steps
+        alone, _ = _engine_decode_many(cfg, [p], 24, max_batch=8)
+        assert alone == [want]
+    monkeypatch.setattr(mr, "_C", None)
+    monkeypatch.setattr(emoe, "_C", None)
+    toks_ref, logits_ref = _engine_decode_many(cfg, prompts, 24, max_batch=8)
+    assert toks_ref == toks
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_batch_limit_follows_the_cache():
+    """fused_max_batch: FUSED_MAX_BATCH where the decoder layers fit in half the last-level cache."""
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.models import build_model, param_shapes, preset
+
+    cfg = preset("k2-tiny")
+    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
+    stack = sum(t.numel() * 4 for n, t in state.items() if ".layers." in n)
+    for llc, want in ((4 * stack, mr.FUSED_MAX_BATCH), (stack, 1)):
+        mr_llc = llc
+        orig = mr.last_level_cache_bytes
+        try:
+            mr.last_level_cache_bytes = lambda default=0, v=mr_llc: v
+            runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=64, moe_kernels="torch")
+        finally:
+            mr.last_level_cache_bytes = orig
+        assert runner.fused_max_batch == want
+    assert mr.last_level_cache_bytes() > 0
