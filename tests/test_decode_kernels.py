@@ -306,7 +306,7 @@ def test_fused_decode_matches_per_op_path_across_configs(monkeypatch, variant):
     torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
 
 
-def _engine_decode_many(cfg, prompts, steps: int, max_batch: int):
+def _engine_decode_many(cfg, prompts, steps: int, max_batch: int, every_step: bool = False):
     """Greedy decode of several requests at once through the native scheduler and runner (the runner's
     fused_max_batch set to max_batch): (tokens per request, logits of the steps where every request
     decodes, stacked)."""
@@ -332,7 +332,7 @@ def _engine_decode_many(cfg, prompts, steps: int, max_batch: int):
 
     def keep(batch, cache_):
         out = forward(batch, cache_)
-        if batch.input_ids.shape[0] == len(prompts) and all(gr.rows.shape[1] == 1 for gr in batch.groups):
+        if every_step or (batch.input_ids.shape[0] == len(prompts) and all(gr.rows.shape[1] == 1 for gr in batch.groups)):
             logits.append(out[0].clone())
         return out
 
@@ -345,6 +345,8 @@ def _engine_decode_many(cfg, prompts, steps: int, max_batch: int):
         sched.add(r)
     for _ in range(steps + 2):
         sched.step()
+    if every_step:
+        return [list(r.seqs[0].output_ids) for r in reqs], torch.cat(logits)
     return [list(r.seqs[0].output_ids) for r in reqs], torch.stack(logits) if logits else None
 
 
@@ -402,3 +404,35 @@ def test_fused_batch_limit_follows_the_cache():
             mr.last_level_cache_bytes = orig
         assert runner.fused_max_batch == want
     assert mr.last_level_cache_bytes() > 0
+
+
+def test_padded_prefill_attends_sequence_by_sequence(monkeypatch):
+    """A prefill group of prompts of very different lengths (padding > PAD_WASTE) attends one sequence
+    at a time (exact-size GEMMs, _seq_plan), a group of equal ones stays padded; either way the logits
+    of every step (prefill and decode) and the greedy tokens equal the padded batch's."""
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.models import preset
+
+    cfg = preset("k2-tiny", eos_token_id=None)
+    prompts = [(5, 9, 2), tuple(range(3, 70)), (11, 3, 7, 1, 8), tuple(range(50, 90))]
+    plans = []
+    orig = mr.ModelRunner._seq_plan
+
+    def spy(self, g, block_size, dtype):
+        plan = orig(self, g, block_size, dtype)
+        plans.append((tuple(g.rows.shape), plan is not None))
+        return plan
+
+    monkeypatch.setattr(mr.ModelRunner, "_seq_plan", spy)
+    toks, logits = _engine_decode_many(cfg, prompts, 6, max_batch=1, every_step=True)
+    assert ((4, 67), True) in plans, plans  # the prefill of all four: padded to 67 of 115 real queries
+    monkeypatch.setattr(mr, "PAD_WASTE", float("inf"))
+    plans.clear()
+    toks_pad, logits_pad = _engine_decode_many(cfg, prompts, 6, max_batch=1, every_step=True)
+    assert not any(p for _, p in plans)
+    assert toks == toks_pad
+    torch.testing.assert_close(logits, logits_pad, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(mr, "PAD_WASTE", 1.25)
+    plans.clear()
+    _engine_decode_many(cfg, [tuple(range(3, 30)), tuple(range(40, 67))], 2, max_batch=1, every_step=True)
+    assert ((2, 27), False) in plans, plans  # equal prompts: no padding, the batch stays one GEMM
