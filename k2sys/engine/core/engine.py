@@ -464,31 +464,60 @@ class NativeEngine(WeightUpdates):
 
     def _logprob_meta(self, seq: Seq) -> dict[str, Any]:
         """SGLang's logprob fields of meta_info: [logprob, token_id, text or None] triples; the
-        first prompt entry (and its alternatives) is None, as SGLang reports it."""
+        first prompt entry (and its alternatives) is None, as SGLang reports it.
+
+        Outputs are cumulative and a streaming request gets one per token, so the entries are built
+        once and kept with the sequence (prompt ones with the request), each output getting its own
+        copy of the lists (a pointer copy): rebuilding every triple per token cost O(tokens^2) per
+        request on the scheduler thread (a third of a step of 32 concurrent agent episodes)."""
         req = seq.request
         opts = req.logprobs
         txt = self.decode_token if opts.return_text_in_logprobs else (lambda t: None)
+        out_cache = seq.__dict__.setdefault("_lp_entries", {})
+        in_cache = req.__dict__.setdefault("_lp_entries", {})
 
-        def triples(vals: Sequence[float], ids: Sequence[int]) -> list[list]:
-            return [[v, t, txt(t)] for v, t in zip(vals, ids)]
+        def grown(cache: dict, key: str, n: int, tok_at, make) -> list:
+            """cache[key] extended to n entries (entry i = make(i)); rebuilt if the source was cut
+            or rewritten (its last kept entry's token changed)."""
+            built = cache.get(key)
+            if built is None or len(built) > n or (built and tok_at(len(built) - 1) != built[-1][0]):
+                built = []
+            for i in range(len(built), n):
+                built.append((tok_at(i), make(i)))
+            cache[key] = built
+            return [e for _, e in built]
 
         prompt = req.input_ids
         start = req.input_start
         got = len(req.input_lp)
         shown = [] if start is None else prompt[start:start + 1 + got]
+        head = [[None, t, txt(t)] for t in shown[:1]]
+        outs = seq.output_ids
         meta: dict[str, Any] = {
-            "input_token_logprobs": [[None, t, txt(t)] for t in shown[:1]] + triples(req.input_lp, shown[1:]),
-            "output_token_logprobs": triples(seq.output_logprobs, seq.output_ids),
-            "output_token_logprobs_length": len(seq.output_ids),
+            "input_token_logprobs": head + grown(in_cache, "lp", len(shown) - 1 if shown else 0,
+                                                 lambda i: shown[i + 1],
+                                                 lambda i: [req.input_lp[i], shown[i + 1], txt(shown[i + 1])]),
+            "output_token_logprobs": grown(out_cache, "lp", min(len(outs), len(seq.output_logprobs)),
+                                           lambda i: outs[i], lambda i: [seq.output_logprobs[i], outs[i], txt(outs[i])]),
+            "output_token_logprobs_length": len(outs),
         }
         if opts.top_logprobs_num:
-            meta["input_top_logprobs"] = [None for _ in shown[:1]] + [
-                [[v, t, txt(t)] for v, t in row] for row in req.input_top]
-            meta["output_top_logprobs"] = [[[v, t, txt(t)] for v, t in row] for row in seq.output_top]
+            meta["input_top_logprobs"] = [None for _ in shown[:1]] + grown(
+                in_cache, "top", len(req.input_top), lambda i: shown[i + 1] if i + 1 < len(shown) else None,
+                lambda i: [[v, t, txt(t)] for v, t in req.input_top[i]])
+            meta["output_top_logprobs"] = grown(out_cache, "top", min(len(outs), len(seq.output_top)),
+                                                lambda i: outs[i],
+                                                lambda i: [[v, t, txt(t)] for v, t in seq.output_top[i]])
         if opts.token_ids_logprob is not None:
             ids = list(opts.token_ids_logprob)
-            meta["input_token_ids_logprobs"] = [None for _ in shown[:1]] + [triples(row, ids) for row in req.input_ids_lp]
-            meta["output_token_ids_logprobs"] = [triples(row, ids) for row in seq.output_ids_lp]
+
+            def row(vals: Sequence[float]) -> list[list]:
+                return [[v, t, txt(t)] for v, t in zip(vals, ids)]
+            meta["input_token_ids_logprobs"] = [None for _ in shown[:1]] + grown(
+                in_cache, "ids", len(req.input_ids_lp), lambda i: shown[i + 1] if i + 1 < len(shown) else None,
+                lambda i: row(req.input_ids_lp[i]))
+            meta["output_token_ids_logprobs"] = grown(out_cache, "ids", min(len(outs), len(seq.output_ids_lp)),
+                                                      lambda i: outs[i], lambda i: row(seq.output_ids_lp[i]))
         return meta
 
     def generate_sglang(self, prompts: Sequence[Sequence[int] | str], params: SamplingParams,
