@@ -7,6 +7,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
 #include <nmmintrin.h>
 #define K2_CRC_X86 1
 #endif
@@ -166,7 +167,98 @@ __attribute__((target("sse4.2"))) std::uint32_t three_way(std::uint32_t c, const
   return c;
 }
 
+// Carry-less multiplication folding (AVX-512 VPCLMULQDQ): four 64-byte accumulators over 256-byte
+// strides, folded forward with x^k mod P and reduced to 16 bytes, which the crc32 instruction hashes.
+// Reflected bit order: a 64-bit lane holds x^63..x^0 from bit 0 up, and a clmul of two such lanes is
+// their product times x, so folding 16 bytes [L | H] forward by D bits multiplies L by x^(64+D-1) mod P
+// and H by x^(D-1) mod P (each < x^32), giving a value < x^96 that is xored onto the block D bits on.
+// The folded 16 bytes are congruent to the data mod P, so they have the same crc register. ~2-3x the
+// three-stream crc32 loop on data in cache (measured on the dev VM's EPYC, see tests/test_ext.py).
+std::uint32_t xpow_mod(std::uint64_t e) {  // x^e mod P
+  std::uint32_t p = 1u << 31;  // x^0
+  for (unsigned k = 0; e; e >>= 1, ++k)
+    if (e & 1) p = multmodp(x2n_table()[k & 63], p);
+  return p;
+}
+
+struct FoldKeys {  // per fold distance D: {x^(64+D-1), x^(D-1)} mod P as 64-bit reflected lanes
+  std::uint64_t d2048[2], d512[2], d384[2], d256[2], d128[2];
+  FoldKeys() {
+    auto set = [](std::uint64_t* k, std::uint64_t d) {
+      k[0] = static_cast<std::uint64_t>(xpow_mod(64 + d - 1)) << 32;
+      k[1] = static_cast<std::uint64_t>(xpow_mod(d - 1)) << 32;
+    };
+    set(d2048, 2048);
+    set(d512, 512);
+    set(d384, 384);
+    set(d256, 256);
+    set(d128, 128);
+  }
+};
+
+const FoldKeys& fold_keys() {
+  static const FoldKeys k;
+  return k;
+}
+
+bool clmul_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq") &&
+                         __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.2");
+  return ok;
+}
+
+constexpr std::size_t kClmulMin = 512;  // below this the crc32 loop wins (fold setup and reduction)
+
+#define K2_CLMUL_TARGET __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2")))
+K2_CLMUL_TARGET inline __m512i fold512(__m512i z, __m512i k) {
+  return _mm512_xor_si512(_mm512_clmulepi64_epi128(z, k, 0x00), _mm512_clmulepi64_epi128(z, k, 0x11));
+}
+K2_CLMUL_TARGET inline __m128i fold128(__m128i x, __m128i k) {
+  return _mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11));
+}
+K2_CLMUL_TARGET inline __m128i keys128(const std::uint64_t* k) {
+  return _mm_set_epi64x(static_cast<long long>(k[1]), static_cast<long long>(k[0]));
+}
+K2_CLMUL_TARGET inline __m512i keys512(const std::uint64_t* k) { return _mm512_broadcast_i32x4(keys128(k)); }
+
+K2_CLMUL_TARGET std::uint32_t update_clmul(std::uint32_t c, const unsigned char* p, std::size_t n) {
+  const FoldKeys& K = fold_keys();
+  // the register enters as the first 4 bytes xored (reflected init)
+  __m512i z0 = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_castsi128_si512(_mm_cvtsi32_si128(static_cast<int>(c))));
+  __m512i z1 = _mm512_loadu_si512(p + 64), z2 = _mm512_loadu_si512(p + 128), z3 = _mm512_loadu_si512(p + 192);
+  p += 256;
+  n -= 256;
+  const __m512i k2048 = keys512(K.d2048);
+  while (n >= 256) {
+    z0 = _mm512_xor_si512(fold512(z0, k2048), _mm512_loadu_si512(p));
+    z1 = _mm512_xor_si512(fold512(z1, k2048), _mm512_loadu_si512(p + 64));
+    z2 = _mm512_xor_si512(fold512(z2, k2048), _mm512_loadu_si512(p + 128));
+    z3 = _mm512_xor_si512(fold512(z3, k2048), _mm512_loadu_si512(p + 192));
+    p += 256;
+    n -= 256;
+  }
+  const __m512i k512 = keys512(K.d512);
+  z1 = _mm512_xor_si512(z1, fold512(z0, k512));
+  z2 = _mm512_xor_si512(z2, fold512(z1, k512));
+  z3 = _mm512_xor_si512(z3, fold512(z2, k512));
+  // four 16-byte lanes of the last 64 bytes -> one
+  __m128i x = _mm512_extracti32x4_epi32(z3, 3);
+  x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(z3, 0), keys128(K.d384)));
+  x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(z3, 1), keys128(K.d256)));
+  x = _mm_xor_si128(x, fold128(_mm512_extracti32x4_epi32(z3, 2), keys128(K.d128)));
+  const __m128i k128 = keys128(K.d128);
+  while (n >= 16) {
+    x = _mm_xor_si128(fold128(x, k128), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    p += 16;
+    n -= 16;
+  }
+  std::uint64_t r = _mm_crc32_u64(0, static_cast<std::uint64_t>(_mm_cvtsi128_si64(x)));
+  r = _mm_crc32_u64(r, static_cast<std::uint64_t>(_mm_extract_epi64(x, 1)));
+  return update_hw_serial(static_cast<std::uint32_t>(r), p, n);
+}
+
 std::uint32_t update_hw(std::uint32_t c, const unsigned char* p, std::size_t n) {
+  if (n >= kClmulMin && clmul_supported()) return update_clmul(c, p, n);
   static const ShiftTable long_shift(8192), short_shift(256);
   while (n && (reinterpret_cast<std::uintptr_t>(p) & 7)) {  // align the 8-byte reads
     c = update_hw_serial(c, p, 1);

@@ -156,6 +156,24 @@ def test_crc32c_three_stream_path_matches_table():
             assert ext.crc32c(view) == ext.crc32c(view, impl="table"), (n, off)
 
 
+def test_crc32c_folding_path_matches_table_and_continues():
+    # From 512 bytes the hardware path folds 256-byte strides with carry-less multiplies (AVX-512
+    # VPCLMULQDQ, where the CPU has it), then 16-byte blocks, then a byte tail: lengths around each
+    # boundary, unaligned starts, and a crc carried over from a previous call, against the table path.
+    g = torch.Generator().manual_seed(6)
+    buf = torch.randint(0, 256, (70000,), dtype=torch.uint8, generator=g)
+    lengths = [511, 512, 513, 527, 528, 767, 768, 769, 1023, 1024, 1040, 4096 + 15, 65536, 69000]
+    for n in lengths:
+        for off in [0, 1, 7, 63]:
+            view = buf[off:off + n]
+            want = ext.crc32c(view, impl="table")
+            assert ext.crc32c(view) == want, (n, off)
+            for cut in (1, 300, n // 2):
+                assert ext.crc32c(view[cut:], ext.crc32c(view[:cut])) == want, (n, off, cut)
+    assert ext.crc32c(bytes(600)) == crc32c_bitwise(bytes(600))
+    assert ext.crc32c(b"\xff" * 1000) == crc32c_bitwise(b"\xff" * 1000)
+
+
 def test_streaming_copy_and_zero_are_exact_at_odd_offsets():
     # Copies and zeroing of >= 1 MiB use streaming stores after an unaligned head: every byte lands,
     # and nothing outside the region is touched.
