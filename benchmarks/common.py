@@ -464,15 +464,18 @@ def env_info(**extra) -> dict:
 
 
 def _git_state() -> dict:
-    """The commit the benchmark ran from and whether the tree had uncommitted changes (None outside git)."""
+    """The commit the benchmark ran from and whether its code had uncommitted changes (recorded results and
+    .md files aside; None outside git)."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # Code only: recorded results and docs edited while a regeneration runs do not change what ran.
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout.splitlines()
+        dirty = [ln for ln in status if not (ln[3:].startswith("benchmarks/results/") or ln[3:].endswith(".md"))]
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
     return {"git_commit": commit, "git_dirty": bool(dirty) if commit else None}
