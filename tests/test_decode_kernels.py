@@ -436,3 +436,38 @@ def test_padded_prefill_attends_sequence_by_sequence(monkeypatch):
     plans.clear()
     _engine_decode_many(cfg, [tuple(range(3, 30)), tuple(range(40, 67))], 2, max_batch=1, every_step=True)
     assert ((2, 27), False) in plans, plans  # equal prompts: no padding, the batch stays one GEMM
+
+
+def test_seq_plan_only_takes_the_scheduler_layout():
+    """_seq_plan splits a padded prefill group only when its rows, validity and query positions are the
+    scheduler's layout (each sequence's queries on consecutive rows, its last positions before ctx_len);
+    any other group keeps the padded batch, which reads them as given."""
+    from k2sys.engine.core import model_runner as mr
+    from k2sys.models import build_model, param_shapes, preset
+
+    cfg = preset("k2-tiny")
+    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
+    runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=256, moe_kernels="torch")
+    n, ctx, Q = [2, 9], [40, 9], 9
+    rows = torch.tensor([[0, 1] + [1] * 7, list(range(2, 11))])
+    qpos = torch.tensor([[38, 39] + [0] * 7, list(range(9))])
+    valid = torch.tensor([[True, True] + [False] * 7, [True] * 9])
+    tables = torch.tensor([[3, 4, 5], [6, 0, 0]])
+
+    def group(r=rows, q=qpos, v=valid):
+        return mr.AttnGroup(rows=r, qpos=q, block_tables=tables, ctx_len=torch.tensor(ctx), valid=v)
+
+    plan = runner._seq_plan(group(), 16, torch.float32)
+    assert [(r0, k, c, b.tolist(), tuple(m.shape)) for r0, k, c, b, m in plan] == \
+        [(0, 2, 40, [3, 4, 5], (2 * runner.H, 40)), (2, 9, 9, [6], (9 * runner.H, 9))]
+    m = plan[0][4].view(2, runner.H, 40)[:, 0]
+    assert torch.isinf(m[0, 39]) and m[0, 38] == 0 and m[1, 39] == 0  # causal within the new queries
+    assert runner._seq_plan(group(q=qpos + torch.tensor([[1], [0]])), 16, torch.float32) is None
+    assert runner._seq_plan(group(r=rows.flip(0)), 16, torch.float32) is None
+    assert runner._seq_plan(group(v=valid.flip(1)), 16, torch.float32) is None
+    mr_waste = mr.PAD_WASTE
+    try:
+        mr.PAD_WASTE = 100.0  # padding within the allowance: the padded batch
+        assert runner._seq_plan(group(), 16, torch.float32) is None
+    finally:
+        mr.PAD_WASTE = mr_waste

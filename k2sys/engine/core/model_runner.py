@@ -803,6 +803,14 @@ class ModelRunner:
         L = g.block_tables.shape[1] * block_size
         if B * Q * L <= PAD_WASTE * sum(a * c for a, c in zip(n, ctx)):
             return None
+        # the layout the scheduler builds, which the loop relies on: a sequence's valid queries lead
+        # its row, sit on consecutive step rows and are its last n positions before ctx_len
+        i = torch.arange(Q, device=g.rows.device)
+        nn, cc = g.valid.sum(1, keepdim=True), g.ctx_len[:, None]
+        if not (torch.equal(g.valid, i[None, :] < nn)
+                and torch.equal(g.rows, g.rows[:, :1] + torch.minimum(i[None, :], nn - 1))
+                and torch.equal(torch.where(g.valid, g.qpos, 0), torch.where(g.valid, cc - nn + i[None, :], 0))):
+            return None
         plan = []
         for b in range(B):
             nb, c, q0 = -(-ctx[b] // block_size), ctx[b], ctx[b] - n[b]
