@@ -93,6 +93,10 @@ class Decoder:
         self.runner = TimedRunner(cfg, state, dtype, "cpu", max_positions=cfg.max_position_embeddings,
                                   moe_kernels="torch", moe_impl=moe_impl)
         self.runner.fused_decode = fused
+        # batch 32 compares the routed experts of the per-op path (grouped GEMMs vs the expert loop);
+        # a model whose layers fit in the cache would run the fused stack token by token there
+        # (ModelRunner.fused_max_batch, measured by bench_rollout / bench_agent), k2-small does not
+        self.runner.fused_max_batch = 1
         self.cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype)
         self.sched = Scheduler(ecfg, self.runner, self.cache, cfg.max_position_embeddings, None)

@@ -86,23 +86,6 @@ inline int stream_copy_isa() {  // 2: AVX-512, 1: AVX2, 0: neither (plain memcpy
 }
 #endif
 
-// memcpy semantics (regions must not overlap); streams copies of kStreamCopyMin bytes and more.
-inline void copy_bytes(void* dst, const void* src, std::size_t n) {
-#ifdef K2_STREAM_X86
-  if (n >= kStreamCopyMin) {
-    switch (stream_copy_isa()) {
-      case 2:
-        return stream_copy_avx512(static_cast<char*>(dst), static_cast<const char*>(src), n);
-      case 1:
-        return stream_copy_avx2(static_cast<char*>(dst), static_cast<const char*>(src), n);
-      default:
-        break;
-    }
-  }
-#endif
-  std::memcpy(dst, src, n);
-}
-
 // Streams whatever the size (a piece of a larger copy whose destination will not be read back
 // soon); memcpy where the CPU has no streaming stores.
 inline void copy_bytes_streamed(void* dst, const void* src, std::size_t n) {
@@ -116,6 +99,12 @@ inline void copy_bytes_streamed(void* dst, const void* src, std::size_t n) {
       break;
   }
 #endif
+  std::memcpy(dst, src, n);
+}
+
+// memcpy semantics (regions must not overlap); streams copies of kStreamCopyMin bytes and more.
+inline void copy_bytes(void* dst, const void* src, std::size_t n) {
+  if (n >= kStreamCopyMin) return copy_bytes_streamed(dst, src, n);
   std::memcpy(dst, src, n);
 }
 

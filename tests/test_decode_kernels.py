@@ -190,26 +190,35 @@ def test_mla_decode_matches_torch(ctx_len, threads):
                                   bad.data_ptr(), 96, bs, ctx_len, H, N, C, R, V, scale, threads)
 
 
-def _engine_decode(cfg, steps: int, fused: bool = True, prompt=(5, 9, 2, 11, 3, 7)) -> tuple[list[int], torch.Tensor]:
-    """Greedy decode of one request through the native engine's scheduler and runner: (tokens, the
-    logits of the batch-1 decode steps)."""
+def _decode_runner(cfg, total_tokens: int):
+    """The native engine's runner and latent cache for cfg's random model (seed 0) with non-trivial
+    norms and biases (a model at init has ones and zeros), fp32 on the CPU: (runner, cache, config)."""
     from k2sys.engine.core import model_runner as mr
-    from k2sys.engine.core.config import EngineConfig, SamplingParams
+    from k2sys.engine.core.config import EngineConfig
     from k2sys.engine.core.kv_cache import PagedLatentCache
-    from k2sys.engine.core.scheduler import Request, Scheduler
     from k2sys.models import build_model, param_shapes
 
     state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
     g = torch.Generator().manual_seed(3)
-    for name, t in state.items():  # non-trivial norms and biases (a model at init has ones and zeros)
+    for name, t in state.items():
         if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("correction_bias"):
             t.add_(0.1 * torch.randn(t.shape, generator=g))
-    ecfg = EngineConfig(max_total_tokens=2048, max_num_batched_tokens=1024)
+    ecfg = EngineConfig(max_total_tokens=total_tokens, max_num_batched_tokens=1024)
     runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=cfg.max_position_embeddings,
                             moe_kernels="torch")
-    runner.fused_decode = fused
     cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
                              cfg.qk_rope_head_dim, torch.float32)
+    return runner, cache, ecfg
+
+
+def _engine_decode(cfg, steps: int, fused: bool = True, prompt=(5, 9, 2, 11, 3, 7)) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode of one request through the native engine's scheduler and runner: (tokens, the
+    logits of the batch-1 decode steps)."""
+    from k2sys.engine.core.config import SamplingParams
+    from k2sys.engine.core.scheduler import Request, Scheduler
+
+    runner, cache, ecfg = _decode_runner(cfg, 2048)
+    runner.fused_decode = fused
     logits = []
     forward = runner.forward_with_prompt_logprobs
 
@@ -310,23 +319,11 @@ def _engine_decode_many(cfg, prompts, steps: int, max_batch: int, every_step: bo
     """Greedy decode of several requests at once through the native scheduler and runner (the runner's
     fused_max_batch set to max_batch): (tokens per request, logits of the steps where every request
     decodes, stacked)."""
-    from k2sys.engine.core import model_runner as mr
-    from k2sys.engine.core.config import EngineConfig, SamplingParams
-    from k2sys.engine.core.kv_cache import PagedLatentCache
+    from k2sys.engine.core.config import SamplingParams
     from k2sys.engine.core.scheduler import Request, Scheduler
-    from k2sys.models import build_model, param_shapes
 
-    state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
-    g = torch.Generator().manual_seed(3)
-    for name, t in state.items():
-        if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("correction_bias"):
-            t.add_(0.1 * torch.randn(t.shape, generator=g))
-    ecfg = EngineConfig(max_total_tokens=4096, max_num_batched_tokens=1024)
-    runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=cfg.max_position_embeddings,
-                            moe_kernels="torch")
+    runner, cache, ecfg = _decode_runner(cfg, 4096)
     runner.fused_max_batch = max_batch
-    cache = PagedLatentCache(cfg.num_hidden_layers, ecfg.num_blocks, ecfg.block_size, cfg.kv_lora_rank,
-                             cfg.qk_rope_head_dim, torch.float32)
     logits = []
     forward = runner.forward_with_prompt_logprobs
 
@@ -448,7 +445,7 @@ def test_seq_plan_only_takes_the_scheduler_layout():
     cfg = preset("k2-tiny")
     state = {k: v for k, v in build_model(cfg, seed=0).state_dict().items() if k in param_shapes(cfg)}
     runner = mr.ModelRunner(cfg, state, torch.float32, "cpu", max_positions=256, moe_kernels="torch")
-    n, ctx, Q = [2, 9], [40, 9], 9
+    ctx = [40, 9]  # sequence 0: 2 new queries over 40 positions; sequence 1: a 9-token prompt
     rows = torch.tensor([[0, 1] + [1] * 7, list(range(2, 11))])
     qpos = torch.tensor([[38, 39] + [0] * 7, list(range(9))])
     valid = torch.tensor([[True, True] + [False] * 7, [True] * 9])

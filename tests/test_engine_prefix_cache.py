@@ -116,3 +116,22 @@ def test_block_aligned_prompts_still_compute_the_last_token(n_prompt):
         again = _gen(cached, [prompt])
         assert again[0][2] == ((n_prompt - 1) // BS) * BS
         _same(again, _gen(plain, [prompt]))
+
+
+def test_requests_arriving_together_share_their_common_prefix():
+    """Prompts that share a 3-block prefix, submitted at once: the first computes the prefix, the
+    others wait one step and take it from the cache (cached_tokens = 48) instead of computing it in
+    the same step; outputs equal an engine without the prefix cache. Prompts with nothing in common
+    are computed in full, as before."""
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randint(0, 256, (48,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 256, (5 + i,), generator=g).tolist() for i in range(4)]
+    with _engine(True) as cached, _engine(False) as plain:
+        got = _gen(cached, prompts)
+        assert [c for _, _, c in got] == [0, 48, 48, 48]
+        _same(got, _gen(plain, prompts))
+        assert cached.stats()["prefix_cache"]["hit_tokens"] == 3 * 48
+        others = [torch.randint(0, 256, (40,), generator=g).tolist() for _ in range(3)]
+        got2 = _gen(cached, others)
+        assert [c for _, _, c in got2] == [0, 0, 0]
+        _same(got2, _gen(plain, others))

@@ -319,9 +319,18 @@ class Scheduler:
             plan.append((seq, n))
             budget -= n
         # admissions
+        computing = self._blocks_computed_by(plan)
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running_requests:
             seq = self.waiting[0]
             self._match_prefix(seq)
+            if computing and self._next_block_key(seq) in computing:
+                # Its next block is being computed in this step by a planned sequence (requests sharing
+                # a prompt prefix that arrive together, e.g. agent episodes with one system prompt):
+                # wait a step and take it from the prefix cache rather than compute it again.
+                self.cached_tokens -= seq.cached_tokens  # matched again, and counted, when admitted
+                seq.cached_tokens = 0
+                self._release(seq)
+                break
             n = min(len(seq.tokens) - seq.num_computed, budget)
             # keep a block of headroom per running sequence so admissions do not force retractions
             headroom = len(self.running) + 1
@@ -343,7 +352,36 @@ class Scheduler:
             self.running.append(seq)
             plan.append((seq, n))
             budget -= n
+            if computing is not None:
+                computing |= self._blocks_computed_by([(seq, n)])
         return plan
+
+    def _blocks_computed_by(self, plan: list[tuple[Sequence, int]]) -> set[bytes] | None:
+        """Prefix-cache keys of the full blocks the planned prefills complete in this step (None with
+        the prefix cache off)."""
+        if not self.cfg.enable_prefix_caching:
+            return None
+        alloc, bs = self.cache.allocator, self.cache.block_size
+        keys: set[bytes] = set()
+        for seq, n in plan:
+            if n <= 1:
+                continue
+            parent = seq.block_keys[-1] if seq.block_keys else seq.request.cache_root
+            for j in range(len(seq.block_keys), (seq.num_computed + n) // bs):  # blocks this step completes
+                parent = alloc.block_key(parent, seq.tokens[j * bs:(j + 1) * bs])
+                keys.add(parent)
+        return keys
+
+    def _next_block_key(self, seq: Sequence) -> bytes | None:
+        """The key of the first block of `seq` the prefix cache did not give it (None: no full block
+        left before its last token, which always runs)."""
+        bs = self.cache.block_size
+        j = len(seq.block_keys)
+        need_from = seq.request.input_lp_next()  # positions that must run for their log-probs anyway
+        if (j + 1) * bs > len(seq.tokens) - 1 or (need_from is not None and need_from < (j + 1) * bs):
+            return None
+        parent = seq.block_keys[-1] if seq.block_keys else seq.request.cache_root
+        return self.cache.allocator.block_key(parent, seq.tokens[j * bs:(j + 1) * bs])
 
     def step(self) -> int:
         """Run one forward step; returns the number of tokens processed (0 = nothing to do)."""
