@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -26,7 +27,9 @@ from k2sys.ckpt import engine_tp_layout, plan_reshard
 from k2sys.ckpt.apply import compile_buckets
 from k2sys.ckpt.bucket import fill_bucket, interleave_owners
 from k2sys.ckpt.schedule import run_coop
+from k2sys.ckpt import shm_ring
 from k2sys.ckpt.shm_ring import HEADER_BYTES, ShmRings
+from k2sys.ckpt.types import UpdateError
 from k2sys.ckpt.transport import payload_crc
 
 
@@ -155,6 +158,31 @@ def test_each_owner_cycles_through_all_its_slots():
     for r in (r0, r1):
         r.begin()  # a new epoch: last update's tags and counters count for nothing
     assert not r1.published(0, 2) and not r0.slot_free(8)
+
+
+def test_waits_poll_busily_only_where_every_rank_has_a_core(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    (r0, _), _ = rings_for(2, 2)
+    assert r0.spin_s == (shm_ring.SPIN_S if cores >= 2 else 0.0)
+    many = ShmRings(0, cores + 1, 2, 64, [torch.zeros(HEADER_BYTES + 128, dtype=torch.uint8)] * (cores + 1))
+    assert many.spin_s == 0.0
+    # the busy phase yields the core on every poll, then the sleeping phase takes over
+    yields, sleeps, polls = [], [], [0]
+    monkeypatch.setattr(shm_ring.os, "sched_yield", lambda: yields.append(1))
+    monkeypatch.setattr(shm_ring.time, "sleep", lambda s: sleeps.append(s))
+
+    def ready():
+        polls[0] += 1
+        return polls[0] > 5
+
+    r0.spin_s = 3600.0  # never leaves the busy phase here
+    r0.wait_until(ready, "publish", 0, timeout_s=60)
+    assert len(yields) == 5 and not sleeps
+    r0.spin_s, polls[0] = 0.0, 0
+    r0.wait_until(ready, "publish", 0, timeout_s=60)
+    assert len(sleeps) == 5 and len(yields) == 5
+    with pytest.raises(UpdateError, match="waited 0 s"):
+        r0.wait_until(lambda: False, "publish", 0, timeout_s=0.0)
 
 
 class FakeRing:
