@@ -90,6 +90,9 @@ def bench_onload(sizes_gib: list[float], repeats: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------ 2-rank update
+HEADROOM_BYTES = 256 << 20
+
+
 def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=300))
@@ -117,7 +120,12 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
         for r in range(2):
             dist.broadcast(flats[r], src=r)
 
-    names = ["pipelined", "serial", "gloo_pipelined", "gloo_serial", "broadcast"]
+    # memory headroom: one rank copying alone (the other waits) vs both at once, the same bytes
+    # each, 1 thread each, onto touched buffers (what a second core adds to this host's copy bandwidth)
+    csrc = torch.randint(0, 256, (HEADROOM_BYTES,), dtype=torch.uint8, generator=g)
+    cdst = torch.zeros(HEADROOM_BYTES, dtype=torch.uint8)
+
+    names = ["pipelined", "serial", "gloo_pipelined", "gloo_serial", "broadcast", "copy_alone", "copy_both"]
     times = {k: [] for k in names}
     for i in range(repeats):
         for k in names[i % len(names):] + names[:i % len(names)]:  # rotated, as common.interleaved does
@@ -125,6 +133,10 @@ def _update_worker(rank: int, port: int, repeats: int, bucket_mib: int, out_path
             t0 = time.perf_counter()
             if k == "broadcast":
                 broadcast()
+            elif k.startswith("copy_"):
+                if rank == 0 or k == "copy_both":
+                    ext.host_copy_(cdst, csrc, threads=1)
+                dist.barrier()  # rank 1 copies (or idles) before the next round starts
             else:
                 reports[k] = runners[k].update(shards, recv)
             times[k].append(time.perf_counter() - t0)
@@ -174,6 +186,13 @@ def bench_update(repeats: int, bucket_mib: int) -> tuple[list[dict], dict]:
                             "each), one message per rank: the collective transport alone (the shm transport "
                             "moves no bytes in transit, so this is no bound for it)",
                       transport="collective", **common)]
+    alone, both = statistics.median(t["copy_alone"]), statistics.median(t["copy_both"])
+    out.append(diagnostic("update_2rank_copy_headroom", round(2 * alone / both, 4), "x",
+                          f"aggregate copy throughput of the 2 ranks copying at once / of one rank copying alone "
+                          f"({HEADROOM_BYTES >> 20} MiB each, 1 thread per rank, touched buffers, in the same "
+                          f"rounds; medians of {len(t['copy_both'])}): what the second rank's core adds to this "
+                          "host's memory bandwidth. The update is memory-bound, so overlapping the ranks' copies "
+                          "gains at most about this much over running them in turn (not a bound)"))
     # What overlap alone would give: pipelined, each rank still stages its own buckets and applies all
     # of them (S + A); serially the stages of both ranks come one after the other (2S + A). Not a
     # bound: a bucket read soon after it was packed comes from cache, so the pipeline can beat it.

@@ -6,6 +6,12 @@ specs gives SGLang's gap-free NCCL layout); a bucket holds at most `cap_bytes` u
 tensor is larger, then that tensor travels alone; input order is kept, so every rank computes
 identical buckets; every byte of every tensor is in exactly one bucket.
 
+Where k2sys is on both ends (the trainer-to-engine update, k2sys.ckpt.pipeline) a tensor larger
+than the cap is first cut into row pieces (`split_rows`: runs of whole rows along dim 0, each at
+most the cap), so every bucket, and every staging slot, is at most the cap whatever the model's
+largest tensor (a Megatron GroupedMLP weight is GBs). Transports that name whole tensors to an
+engine (SGLang's flattened buckets, the shared-memory segments of the HTTP engine) keep them whole.
+
 `FlattenedBucket` = one contiguous uint8 buffer + `BucketEntry`s (name, dtype, shape, byte
 offset). Every transport carries this one type as it is, without repacking: the broadcast
 pipeline's buffers, a /dev/shm segment (entries as JSON), SGLang's flattened_bucket payload
@@ -18,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -67,6 +74,63 @@ def plan_buckets(specs: Sequence[TensorSpec], cap_bytes: int, align: int = 256, 
             close()
     close()
     return buckets
+
+
+@dataclass(frozen=True)
+class RowPiece:
+    """Rows [r0, r1) (dim 0) of source tensor `tensor`, travelling as the entry `name`."""
+
+    name: str
+    tensor: str
+    r0: int
+    r1: int
+
+
+def split_rows(specs: Sequence[TensorSpec], cap_bytes: int) -> tuple[list[TensorSpec], dict[str, RowPiece]]:
+    """`specs` with every tensor larger than cap_bytes replaced, in place, by its row pieces: runs of
+    whole rows along dim 0 of at most cap_bytes each (a single row larger than the cap is a piece of
+    its own). Returns (specs to bucket, piece name -> RowPiece). A piece is named
+    "<tensor>@rows[<r0>:<r1>]"; a tensor already named like a piece is refused."""
+    if cap_bytes <= 0:
+        raise ValueError(f"split_rows: cap_bytes must be > 0, got {cap_bytes}")
+    names = {s.name for s in specs}
+    out: list[TensorSpec] = []
+    pieces: dict[str, RowPiece] = {}
+    for s in specs:
+        if s.nbytes <= cap_bytes or len(s.shape) == 0 or s.shape[0] <= 1:
+            out.append(s)
+            continue
+        row_bytes = s.nbytes // s.shape[0]
+        per = max(1, cap_bytes // row_bytes)
+        for r0 in range(0, s.shape[0], per):
+            r1 = min(s.shape[0], r0 + per)
+            name = f"{s.name}@rows[{r0}:{r1}]"
+            if name in names:
+                raise ValueError(f"split_rows: tensor name {name!r} collides with a row piece of {s.name!r}; "
+                                 "rename the tensor")
+            pieces[name] = RowPiece(name, s.name, r0, r1)
+            out.append(TensorSpec(name, (r1 - r0,) + tuple(s.shape[1:]), s.dtype))
+    return out, pieces
+
+
+class PieceTensors(Mapping[str, torch.Tensor]):
+    """A rank's tensors by name, row pieces included (a piece is a dim-0 view of its tensor)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, RowPiece]):
+        self.tensors, self.pieces = tensors, pieces
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        p = self.pieces.get(name)
+        if p is None:
+            return self.tensors[name]
+        return self.tensors[p.tensor][p.r0:p.r1]
+
+    def __iter__(self):
+        yield from self.tensors
+        yield from self.pieces
+
+    def __len__(self) -> int:
+        return len(self.tensors) + len(self.pieces)
 
 
 def bucket_of(named: Sequence[tuple[str, torch.Tensor]], align: int = 64) -> Bucket:

@@ -46,9 +46,9 @@ import torch.distributed as dist
 
 from k2sys import ext
 from k2sys.ckpt.apply import BucketApply, compile_buckets, completions, op_slices
-from k2sys.ckpt.bucket import fill_bucket, interleave_owners
+from k2sys.ckpt.bucket import PieceTensors, RowPiece, fill_bucket, interleave_owners, split_rows
 from k2sys.ckpt.layout import Layout
-from k2sys.ckpt.plan import ReshardPlan, plan_reshard, select_sources
+from k2sys.ckpt.plan import ReshardPlan, plan_on_pieces, plan_reshard, select_sources
 from k2sys.ckpt.schedule import run_coop, run_ring, run_serial
 from k2sys.ckpt.shm_ring import ShmRings, open_rings
 from k2sys.ckpt.sink import NullSink, WeightSink, global_specs
@@ -117,6 +117,7 @@ class _Prepared:
     empty: list[str]
     dst: Layout
     slot_bytes: int
+    pieces: Mapping[str, RowPiece]  # this rank's row pieces (bucket entries that are parts of its tensors)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class WeightUpdater:
         self.config = config or UpdateConfig()
         self.device = torch.device(device)
         self._cache: dict[tuple, _Prepared] = {}
-        self._sources: Optional[tuple] = None  # (gathered key, layouts by rank, global specs, buckets)
+        self._sources: Optional[tuple] = None  # (gathered key, layouts by rank, global specs, buckets, row pieces)
         self._local_plan: dict[tuple, tuple[ReshardPlan, list[_LocalChunk]]] = {}
         self._pool = ext.StagingPool() if self.device.type == "cpu" else None
         self._onloader = ext.Onloader(self.device) if self.device.type == "cuda" else None
@@ -167,20 +168,23 @@ class WeightUpdater:
             sources = dict(enumerate(layouts))
             chosen = select_sources(sources)
             per_owner: dict[int, list[TensorSpec]] = {r: [] for r in sources}
+            pieces: dict[int, dict[str, RowPiece]] = {}
             for r, lay in sources.items():  # layout order, so every rank packs identically
-                per_owner[r] = [spec for name, spec in lay.tensors.items() if (r, name) in chosen]
+                # tensors larger than a bucket travel as row pieces: buckets and slots stay within the cap
+                per_owner[r], pieces[r] = split_rows([spec for name, spec in lay.tensors.items()
+                                                      if (r, name) in chosen], self.config.bucket_bytes)
             self._sources = (key, sources, global_specs(layouts),
-                             interleave_owners(per_owner, self.config.bucket_bytes))
-        _, sources, specs, buckets = self._sources
+                             interleave_owners(per_owner, self.config.bucket_bytes), pieces)
+        _, sources, specs, buckets, pieces = self._sources
         dst = sink.destination(specs)
         hit = self._cache.get((key, dst.fingerprint))
         if hit is not None:
             return hit
-        plan = plan_reshard(sources, dst)
+        plan = plan_on_pieces(plan_reshard(sources, dst), pieces)
         compiled = compile_buckets(plan, buckets)
         done, empty = completions(plan, compiled)
         prepared = _Prepared(buckets, compiled, done, empty, dst,
-                             max((b.nbytes for b in buckets), default=0) + TRAILER_BYTES)
+                             max((b.nbytes for b in buckets), default=0) + TRAILER_BYTES, pieces.get(tr.rank, {}))
         self._cache = {(key, dst.fingerprint): prepared}  # one live plan: layouts rarely change between updates
         return prepared
 
@@ -258,6 +262,7 @@ class WeightUpdater:
                            mode="serial" if depth == 1 else "2-stage" if depth == 2 else "3-stage",
                            transport="collective" if rings is None else "shm",
                            bytes_sent=sum(b.nbytes for b in prep.buckets), model_bytes=prep.dst.nbytes)
+        tensors = PieceTensors(shards.tensors, prep.pieces) if prep.pieces else shards.tensors
         failure: list[Optional[Failure]] = [None]
         staged, received = [0], [0]  # bytes packed (stage thread) / received (broadcast thread) on this rank
         sink.begin()
@@ -287,7 +292,7 @@ class WeightUpdater:
                     if rings is not None:  # the slot's previous bucket has been applied everywhere
                         rings.wait_slot_free(i, cfg.timeout_s)
                         t0 = time.perf_counter()  # stage_s: packing time, not waiting for the peers
-                    crc = self._pack(b, shards.tensors, buf, threads, cfg.checksum)  # CPU: crc fused in
+                    crc = self._pack(b, tensors, buf, threads, cfg.checksum)  # CPU: crc fused in
                     staged[0] += b.nbytes
                     t1 = time.perf_counter()
                     if cfg.checksum and crc is None:

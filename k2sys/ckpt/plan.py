@@ -11,10 +11,13 @@ weights (overlapping writes, uncovered bytes, dtype/shape disagreement), naming 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 from k2sys.ckpt.layout import Layout
 from k2sys.ckpt.types import Box, CopyOp, Piece, PlanError, TensorSpec
+
+if TYPE_CHECKING:
+    from k2sys.ckpt.bucket import RowPiece
 
 
 def find_overlap(boxes: Sequence[Box]) -> Optional[tuple[int, int]]:
@@ -156,3 +159,47 @@ def validate_plan(plan: ReshardPlan) -> None:
         if covered != spec.numel:
             raise PlanError(f"destination tensor {name} {spec.shape}: the plan writes {covered} of {spec.numel} "
                             f"elements; a source piece is missing (gap in coverage)")
+
+
+def plan_on_pieces(plan: ReshardPlan, pieces: Mapping[int, Mapping[str, "RowPiece"]]) -> ReshardPlan:
+    """The same copies read from row pieces (k2sys.ckpt.bucket.split_rows) instead of whole source
+    tensors: pieces[rank] maps piece names to RowPieces of that rank's tensors. Each op whose source
+    tensor was cut is cut at the piece boundaries along the source's dim 0; where that dim is wider
+    than 1 in the op's box, it is the box's first such dim, so the destination box is cut along its
+    first dim wider than 1 by the same rows (boxes pair their non-unit dims in order, CopyOp)."""
+    by_tensor: dict[tuple[int, str], list["RowPiece"]] = {}
+    for rank, ps in pieces.items():
+        for p in ps.values():
+            by_tensor.setdefault((rank, p.tensor), []).append(p)
+    if not by_tensor:
+        return plan
+    ops: list[CopyOp] = []
+    src_specs = dict(plan.src_specs)
+    for key, ps in by_tensor.items():
+        spec = src_specs.get(key)
+        if spec is None:
+            continue
+        for p in ps:
+            src_specs[(key[0], p.name)] = TensorSpec(p.name, (p.r1 - p.r0,) + tuple(spec.shape[1:]), spec.dtype)
+    for op in plan.ops:
+        ps = by_tensor.get((op.src_rank, op.src_name))
+        if not ps:
+            ops.append(op)
+            continue
+        lo, n = op.src_box.offsets[0], op.src_box.sizes[0]
+        k = next((d for d, size in enumerate(op.dst_box.sizes) if size != 1), None)
+        for p in ps:
+            a, b = max(lo, p.r0), min(lo + n, p.r1)
+            if a >= b:
+                continue
+            src = Box((a - p.r0,) + op.src_box.offsets[1:], (b - a,) + op.src_box.sizes[1:])
+            dst = op.dst_box
+            if n != 1:  # the source's rows are the destination's first non-unit dim
+                offs, sizes = list(dst.offsets), list(dst.sizes)
+                offs[k] += a - lo
+                sizes[k] = b - a
+                dst = Box(tuple(offs), tuple(sizes))
+            ops.append(CopyOp(op.global_name, op.src_rank, p.name, src, op.dst_name, dst))
+    out = ReshardPlan(tuple(ops), plan.dst, src_specs)
+    validate_plan(out)
+    return out

@@ -264,9 +264,11 @@ class UpdateConfig:
     """Knobs of a weight update (all ranks must pass equal values)."""
 
     bucket_bytes: int = 256 << 20
-    """Cap of one broadcast bucket; a larger tensor travels alone in its own bucket."""
+    """Cap of one broadcast bucket. A larger source tensor travels as row pieces (runs of whole rows
+    along dim 0, each within the cap; k2sys.ckpt.bucket.split_rows), so staging slots are at most
+    this size whatever the model's largest tensor; a single row larger than the cap travels alone."""
     max_staging_bytes: Optional[int] = None
-    """Memory for in-flight buckets; None = enough for the 3-stage pipeline (3 buckets)."""
+    """Memory for in-flight buckets; None = enough for the pipeline's slots (PIPELINE_BUFFERS buckets)."""
     pipeline: bool = True
     """Overlap stage(i+1) || broadcast(i) || apply(i-1); False runs the stages serially."""
     checksum: bool = True
