@@ -14,8 +14,9 @@ Copy bound (benchmarks/common.py): the bytes moved by onload + offload + update 
 plain copy of the trainer's own state buffers (host copy -> live storage, which holds the same
 values, so the copy changes nothing), copied by N threads taking pieces from one work queue, the fastest of
 libc memcpy / torch copy_ / a streaming (non-temporal) copy per round (common.CopyBound). The system copies with all cores (k2sys C++ pool), so the
-all-cores bound carries the target (copy-bound time / switch time >= 0.67, i.e. within 1.5x); the
-1-thread row is a reference. Switch and bound run interleaved round by round (>= 5 rounds).
+all-cores bound carries the target (copy-bound time / switch time >= 0.67, i.e. within 1.5x) where
+issue 16 sets it (k2-small and the synthetic sizes; k2-tiny moves ~9 MB, a switch of fixed costs,
+and has no target); the 1-thread row is a reference. Switch and bound run interleaved round by round (>= 5 rounds).
 Diagnostics (no ratio, no target): the onload priced as a copy into freshly allocated pages (the
 handoff without the arena), and every stage's median time ("stage:part" rows split a stage).
 """
@@ -41,6 +42,11 @@ from k2sys import ext  # noqa: E402
 from k2sys.host_arena import host_arena  # noqa: E402
 
 TARGET = 0.67
+
+
+def targeted(name: str) -> bool:
+    """The cases issue 16 sets the target for: k2-small and the synthetic trainer states."""
+    return name == "k2-small" or name.startswith("synthetic-")
 
 
 def _timed(fn) -> float:
@@ -201,7 +207,7 @@ def run_case(name: str, case, repeats: int) -> tuple[list[dict], list]:
         desc = (f"(onload + offload + update bytes = {total / 1e6:.0f} MB) at the speed of a " + cb.definition(n))
         rows.append(paired_row(f"switch/{name}/bound_over_switch_x{n}", whole, [total * b for b in per_byte],
                                bound=desc, threads=n, system_threads=system_threads, kind=kind,
-                               target=TARGET if kind == "bound" else None, bytes_moved=moved))
+                               target=TARGET if kind == "bound" and targeted(name) else None, bytes_moved=moved))
         if kind == "bound":
             rows.append(paired_row(f"switch/{name}/rollout_to_train_x{n}", r2t, [moved["onload"] * b for b in per_byte],
                                    bound=f"onload bytes ({moved['onload'] / 1e6:.0f} MB) at the same copy speed",

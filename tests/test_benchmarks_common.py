@@ -202,3 +202,13 @@ def test_validate_rows_wants_bound_threads_reps_and_warns_on_few_rounds():
         common.validate_rows([{"name": "old", "ratio": 1.0, "target": None}])
     with pytest.raises(ValueError, match="reference"):
         common.validate_rows([{**r, "kind": "reference", "target": 1.0}])
+
+
+def test_switch_targets_only_the_cases_issue_16_names():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_switch
+    finally:
+        sys.path.pop(0)
+    assert bench_switch.targeted("k2-small") and bench_switch.targeted("synthetic-1GiB")
+    assert bench_switch.targeted("synthetic-4GiB") and not bench_switch.targeted("k2-tiny")
