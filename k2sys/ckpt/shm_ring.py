@@ -21,8 +21,9 @@ ranks overlap with each other rather than threads of one rank competing for the 
 so a byte is written once on the way (the owner's pack) and read by each rank's apply: no copy in
 transit. Tags and counters carry the update's epoch (every rank counts its updates alike), so a
 value left by the previous update is never taken for this one. Waits poll busily for a moment
-(SPIN_S, where each rank can have a core), then with a short backoff, and give up after the update's timeout, naming the rank that did not answer: a dead peer ends the
-update on every rank, as a failed collective does.
+(SPIN_S, where each rank can have a core), then with a short backoff, and give up after the
+update's timeout, naming the rank that did not answer: a dead peer ends the update on every rank,
+as a failed collective does.
 
 The files are created in /dev/shm with their full size reserved (posix_fallocate: a too-small
 /dev/shm fails here, not with SIGBUS later), mapped by every rank, then unlinked by their owner
