@@ -131,3 +131,24 @@ def test_a_plan_without_pieces_is_returned_as_is():
     sources = {r: megatron_like_layout(TINY, 2, r) for r in range(2)}
     plan = plan_reshard(sources, engine_tp_layout(TINY, 1, 0))
     assert plan_on_pieces(plan, {0: {}, 1: {}}) is plan
+
+
+@pytest.mark.parametrize("tp,ep,te", [(2, 1, False), (1, 2, True), (2, 2, False)])
+@pytest.mark.parametrize("cap", [64, 700])
+def test_pieces_of_real_megatron_layouts_into_engine_layouts(tp, ep, te, cap):
+    """The trainer's own Megatron layouts (k2sys.trainer.naming, local and TE specs, EP) into the
+    SGLang-like engine layouts (TP and EP), every source tensor over the cap cut into rows."""
+    from k2sys.ckpt.layout import engine_layout
+    from k2sys.trainer.naming import megatron_layout
+
+    g = random_hf_state(TINY, seed=tp * 7 + ep, dtype=torch.float32)
+    grid = [(t, e) for t in range(tp) for e in range(ep)]
+    sources = {i: megatron_layout(TINY, tp, ep, t, e, torch.float32, te) for i, (t, e) in enumerate(grid)}
+    shards = {i: materialize(lay, g) for i, lay in sources.items()}
+    for dst_tp, dst_ep in ((1, 1), (2, 2)):
+        for rank in range(dst_tp):
+            dst = engine_layout(TINY, dst_tp, dst_ep, rank, torch.float32)
+            got, _, pieces = apply_all(sources, dst, shards, cap)
+            assert any(pieces.values())
+            want = materialize(dst, g)
+            assert all(torch.equal(got[n], want[n]) for n in want), (dst_tp, dst_ep, rank)
