@@ -102,4 +102,4 @@ def test_gloo_tp2ep2_to_engine_ep2_bitwise(tmp_path):
     for r in range(WORLD):
         res = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
         assert "error" not in res, res.get("error")
-        assert res[True][:2] == (True, "3-stage") and res[False][:2] == (True, "serial") and res[True][2] > 2
+        assert res[True][:2] == (True, "coop") and res[False][:2] == (True, "serial") and res[True][2] > 2

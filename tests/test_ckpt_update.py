@@ -91,11 +91,12 @@ def worker_main(rank: int, port: int, out_dir: str) -> None:
         # Short staging memory: 2 buffers -> 2-stage pipeline, still exact.
         slot = 4096 + 8
         rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=4096, max_staging_bytes=2 * slot + 100))
-        res["two_stage"] = (rep.mode, bitwise_equal(r.weights, materialize(dst, g)))
+        res["two_stage"] = (rep.mode, rep.depth, bitwise_equal(r.weights, materialize(dst, g)))
         # Tensors larger than the bucket cap travel as row pieces: a 512-byte cap keeps every slot at
         # 512 bytes (+ trailer), so the pipeline's 4 slots fit where the largest tensor (4 KiB) alone would not.
         rep = update_weights(shards, r, config=UpdateConfig(bucket_bytes=512, max_staging_bytes=4 * (512 + 8)))
-        res["row_pieces"] = (rep.mode, rep.n_buckets, rep.bytes_sent, bitwise_equal(r.weights, materialize(dst, g)))
+        res["row_pieces"] = (rep.mode, rep.depth, rep.n_buckets, rep.bytes_sent,
+                             bitwise_equal(r.weights, materialize(dst, g)))
         # A bit flipped in transit on rank 1, bucket 3: every rank aborts, weights and version kept.
         before = {n: t.clone() for n, t in r.weights.items()}
         v = r.version
@@ -208,7 +209,7 @@ def test_tp2_shards_land_bitwise(main_results, key):
     for r in range(WORLD):
         exact, mode, n_buckets, version = main_results[r][key]
         assert exact, f"rank {r} {key}: weights differ"
-        assert mode == ("3-stage" if key.endswith("True") else "serial")
+        assert mode == ("coop" if key.endswith("True") else "serial")  # shm rings: ranks on one host
         assert n_buckets > 4 and version == 1
 
 
@@ -219,15 +220,15 @@ def test_second_update_in_place(main_results):
 
 def test_short_memory_falls_back_to_two_stages(main_results):
     for r in range(WORLD):
-        assert main_results[r]["two_stage"] == ("2-stage", True)
+        assert main_results[r]["two_stage"] == ("coop", 2, True)
 
 
 def test_tensors_over_the_cap_travel_as_row_pieces(main_results):
     biggest = max(t.numel() * t.element_size() for t in random_hf_state(TINY, seed=1).values())
     assert biggest > 4 * (512 + 8)  # whole, it would not fit the staging memory at all
     for r in range(WORLD):
-        mode, n_buckets, sent, exact = main_results[r]["row_pieces"]
-        assert exact and mode == "3-stage"
+        mode, depth, n_buckets, sent, exact = main_results[r]["row_pieces"]
+        assert exact and mode == "coop" and depth == 4
         assert n_buckets >= sent / 512
 
 

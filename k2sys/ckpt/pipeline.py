@@ -100,6 +100,9 @@ class UpdateReport:
     depth: int = 0
     version: Any = 0
     mode: str = ""
+    """The schedule: "serial" (one bucket at a time), "2-stage" / "3-stage" (the broadcast ring,
+    `depth` buffers), "coop" (shared-memory rings: one thread per rank packs ahead and applies,
+    `depth` slots per rank)."""
     transport: str = ""
     """How bucket bytes travelled between ranks: "collective" (broadcasts) or "shm" (UpdateConfig.transport);
     "" for an update within one process."""
@@ -259,7 +262,8 @@ class WeightUpdater:
             return rings.slot(prep.buckets[i].owner, i) if rings is not None else bufs[i % depth]
         threads = cfg.copy_threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", tr.world)))
         rep = UpdateReport(n_buckets=len(prep.buckets), depth=depth,
-                           mode="serial" if depth == 1 else "2-stage" if depth == 2 else "3-stage",
+                           mode="serial" if depth == 1 else "coop" if rings is not None else
+                           "2-stage" if depth == 2 else "3-stage",
                            transport="collective" if rings is None else "shm",
                            bytes_sent=sum(b.nbytes for b in prep.buckets), model_bytes=prep.dst.nbytes)
         tensors = PieceTensors(shards.tensors, prep.pieces) if prep.pieces else shards.tensors
