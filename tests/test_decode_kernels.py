@@ -211,6 +211,22 @@ def _decode_runner(cfg, total_tokens: int):
     return runner, cache, ecfg
 
 
+def _capture_logits(runner, want) -> list[torch.Tensor]:
+    """Wrap the runner's forward so the logits of every step whose batch passes want(batch) are kept
+    (in order) in the returned list."""
+    logits: list[torch.Tensor] = []
+    forward = runner.forward_with_prompt_logprobs
+
+    def keep(batch, cache_):
+        out = forward(batch, cache_)
+        if want(batch):
+            logits.append(out[0].clone())
+        return out
+
+    runner.forward_with_prompt_logprobs = keep
+    return logits
+
+
 def _engine_decode(cfg, steps: int, fused: bool = True, prompt=(5, 9, 2, 11, 3, 7)) -> tuple[list[int], torch.Tensor]:
     """Greedy decode of one request through the native engine's scheduler and runner: (tokens, the
     logits of the batch-1 decode steps)."""
@@ -219,15 +235,7 @@ def _engine_decode(cfg, steps: int, fused: bool = True, prompt=(5, 9, 2, 11, 3, 
 
     runner, cache, ecfg = _decode_runner(cfg, 2048)
     runner.fused_decode = fused
-    logits = []
-    forward = runner.forward_with_prompt_logprobs
-
-    def keep(batch, cache_):
-        out = forward(batch, cache_)
-        logits.append(out[0].clone())
-        return out
-
-    runner.forward_with_prompt_logprobs = keep
+    logits = _capture_logits(runner, lambda batch: True)
     sched = Scheduler(ecfg, runner, cache, cfg.max_position_embeddings, None)
     req = Request(rid="r", input_ids=list(prompt),
                   params=SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True))
@@ -324,16 +332,8 @@ def _engine_decode_many(cfg, prompts, steps: int, max_batch: int, every_step: bo
 
     runner, cache, ecfg = _decode_runner(cfg, 4096)
     runner.fused_max_batch = max_batch
-    logits = []
-    forward = runner.forward_with_prompt_logprobs
-
-    def keep(batch, cache_):
-        out = forward(batch, cache_)
-        if every_step or (batch.input_ids.shape[0] == len(prompts) and all(gr.rows.shape[1] == 1 for gr in batch.groups)):
-            logits.append(out[0].clone())
-        return out
-
-    runner.forward_with_prompt_logprobs = keep
+    logits = _capture_logits(runner, lambda batch: every_step or (
+        batch.input_ids.shape[0] == len(prompts) and all(gr.rows.shape[1] == 1 for gr in batch.groups)))
     sched = Scheduler(ecfg, runner, cache, cfg.max_position_embeddings, None)
     reqs = [Request(rid=f"r{i}", input_ids=list(p),
                     params=SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True))
